@@ -1,0 +1,685 @@
+"""The job lifecycle: events, state, commands and the decisions between them.
+
+This module is pure: no I/O, no clock of its own.  Time comes in as ``now``
+(seconds since the epoch, float), so every rule here is testable without a
+database and without sleeping, and every storage dialect shares it.
+
+A **stream** is one Celery task (its ``task_id``).  It holds every *delivery*
+of that task -- the first publish, each ``retry()`` re-publish, each requeue --
+and the task's result states.  One delivery moves through::
+
+    published --> ready (or scheduled until not_before)
+    ready     --> claimed                       Claim
+    claimed   --> claimed                       Renew (lease extended)
+    claimed   --> acked                         Ack
+    claimed   --> ready                         Reject(requeue=True), Restore
+    claimed   --> dead                          Reject(requeue=False)
+    claimed   --> ready (lease expired)         a new Claim finds the lease run out
+    ready     --> dead                          a Claim finds ``max_claims`` leases lost
+    ready     --> discarded                     expired, revoked, purged
+
+``acked``, ``dead`` and ``discarded`` are final.  The result states of the task
+(``STARTED``, ``RETRY``, ``SUCCESS``, ``FAILURE``, ``REVOKED``) live beside the
+deliveries; once ``SUCCESS`` is recorded, later result writes are ignored, as
+with Celery's own backends.
+
+:func:`decide` turns a command into events (or raises
+:class:`~celery_eventstore.exceptions.InvalidTransition`); :func:`evolve`
+folds one event into the state; :func:`fold` folds a whole stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Union
+
+from .exceptions import (
+    CorruptStream,
+    InvalidTransition,
+    NotClaimable,
+    StaleClaim,
+    UnknownDelivery,
+)
+
+JSON = Mapping[str, Any]
+
+# ---------------------------------------------------------------------------
+# Events: immutable past-tense facts.  Their field names are the JSON keys
+# stored in the log, so renaming one is a schema migration.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """A message was published to ``queue``; deliverable from ``not_before``."""
+
+    delivery: str
+    queue: str
+    message: JSON
+    priority: int = 0
+    not_before: float | None = None
+    expires: float | None = None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A consumer took the delivery; it is theirs until ``lease_until``."""
+
+    delivery: str
+    claim: str
+    consumer: str
+    lease_until: float
+
+
+@dataclass(frozen=True)
+class LeaseRenewed:
+    """The current claim's holder is still working and extended its lease."""
+
+    delivery: str
+    claim: str
+    lease_until: float
+
+
+@dataclass(frozen=True)
+class Acked:
+    """The current claim's holder acknowledged the delivery: it is done."""
+
+    delivery: str
+    claim: str
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """The claim was given back (``reason``: rejected, restored); ready again."""
+
+    delivery: str
+    claim: str
+    reason: str
+    not_before: float | None = None
+
+
+@dataclass(frozen=True)
+class LeaseExpired:
+    """A claim's lease ran out without an outcome; the holder is presumed dead."""
+
+    delivery: str
+    claim: str
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    """The delivery will not be delivered again; ``reason`` says why."""
+
+    delivery: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discarded:
+    """The delivery was dropped before running (``reason``: expired, revoked, purged)."""
+
+    delivery: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """The task was revoked: none of its pending deliveries will run."""
+
+    reason: str = "revoked"
+
+
+@dataclass(frozen=True)
+class Started:
+    """A worker started executing the task."""
+
+    worker: str | None = None
+    result: JSON | None = None
+
+
+@dataclass(frozen=True)
+class RetryScheduled:
+    """The task raised Retry; it will run again (``countdown`` seconds later)."""
+
+    exc: str
+    countdown: float | None = None
+    result: JSON | None = None
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    """The task returned; ``result`` is the result as the backend encoded it."""
+
+    result: JSON | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The task raised ``exc``."""
+
+    exc: str
+    traceback: str | None = None
+    result: JSON | None = None
+
+
+Event = Union[
+    Published,
+    Claimed,
+    LeaseRenewed,
+    Acked,
+    Requeued,
+    LeaseExpired,
+    DeadLettered,
+    Discarded,
+    Revoked,
+    Started,
+    RetryScheduled,
+    Succeeded,
+    Failed,
+]
+
+EVENT_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (
+        Published,
+        Claimed,
+        LeaseRenewed,
+        Acked,
+        Requeued,
+        LeaseExpired,
+        DeadLettered,
+        Discarded,
+        Revoked,
+        Started,
+        RetryScheduled,
+        Succeeded,
+        Failed,
+    )
+}
+
+
+def event_type(event: Event) -> str:
+    """The name an event is stored under."""
+    return type(event).__name__
+
+
+def event_data(event: Event) -> dict[str, Any]:
+    """The JSON-able fields of an event."""
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
+def event_from(type_name: str, data: Mapping[str, Any]) -> Event:
+    """Rebuild an event from its stored type name and data."""
+    try:
+        cls = EVENT_TYPES[type_name]
+        event: Event = cls(**data)
+    except (KeyError, TypeError) as exc:
+        raise CorruptStream(f"unreadable event {type_name!r}: {exc}") from None
+    return event
+
+
+# ---------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------
+
+
+class DeliveryStatus(str, Enum):
+    READY = "ready"  # waiting; "scheduled" while now < not_before
+    CLAIMED = "claimed"
+    ACKED = "acked"
+    DEAD = "dead"
+    DISCARDED = "discarded"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (DeliveryStatus.ACKED, DeliveryStatus.DEAD, DeliveryStatus.DISCARDED)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One published message of a task, as far as the log tells."""
+
+    id: str
+    queue: str
+    priority: int
+    not_before: float | None
+    expires: float | None
+    status: DeliveryStatus = DeliveryStatus.READY
+    claim: str | None = None
+    consumer: str | None = None
+    lease_until: float | None = None
+    claims: int = 0  # every Claimed
+    lost_claims: int = 0  # claims whose lease ran out without an outcome
+    reason: str | None = None  # why it was requeued, dead-lettered or discarded
+
+    @property
+    def redelivered(self) -> bool:
+        """True once a previous claim of this delivery ended without an ack."""
+        return self.claims > 0
+
+    def is_due(self, now: float) -> bool:
+        return self.not_before is None or self.not_before <= now
+
+    def is_expired(self, now: float) -> bool:
+        return self.expires is not None and self.expires <= now
+
+    def lease_expired(self, now: float) -> bool:
+        return (
+            self.status is DeliveryStatus.CLAIMED
+            and self.lease_until is not None
+            and self.lease_until <= now
+        )
+
+
+class ResultState(str, Enum):
+    """Celery's state names, so the backend can hand them over unchanged."""
+
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    RETRY = "RETRY"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    REVOKED = "REVOKED"
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A stream folded: its version, its deliveries and its result state."""
+
+    stream: str
+    version: int = 0
+    deliveries: Mapping[str, Delivery] = field(default_factory=dict)
+    result_state: ResultState = ResultState.PENDING
+    result: JSON | None = None
+    revoked: bool = False
+
+    def delivery(self, delivery_id: str) -> Delivery:
+        try:
+            return self.deliveries[delivery_id]
+        except KeyError:
+            raise UnknownDelivery(
+                f"stream {self.stream!r} has no delivery {delivery_id!r}"
+            ) from None
+
+    def pending(self) -> list[Delivery]:
+        """Deliveries that are not settled yet (ready, scheduled or claimed)."""
+        return [d for d in self.deliveries.values() if not d.status.is_final]
+
+
+# ---------------------------------------------------------------------------
+# evolve: state + event -> state
+# ---------------------------------------------------------------------------
+
+
+def _with_delivery(state: JobState, delivery: Delivery, **changes: Any) -> JobState:
+    deliveries = dict(state.deliveries)
+    deliveries[delivery.id] = dataclasses.replace(delivery, **changes)
+    return dataclasses.replace(state, deliveries=deliveries)
+
+
+def _claimed_by(state: JobState, event: Event, delivery_id: str, claim: str) -> Delivery:
+    delivery = _known(state, event, delivery_id)
+    if delivery.status is not DeliveryStatus.CLAIMED or delivery.claim != claim:
+        raise CorruptStream(
+            f"{event_type(event)} for claim {claim!r} of delivery {delivery_id!r}, "
+            f"which is {delivery.status.value} under claim {delivery.claim!r}"
+        )
+    return delivery
+
+
+def _known(state: JobState, event: Event, delivery_id: str) -> Delivery:
+    delivery = state.deliveries.get(delivery_id)
+    if delivery is None:
+        raise CorruptStream(
+            f"{event_type(event)} for unknown delivery {delivery_id!r} "
+            f"in stream {state.stream!r}"
+        )
+    return delivery
+
+
+def _pending(state: JobState, event: Event, delivery_id: str) -> Delivery:
+    delivery = _known(state, event, delivery_id)
+    if delivery.status.is_final:
+        raise CorruptStream(
+            f"{event_type(event)} for delivery {delivery_id!r}, "
+            f"already {delivery.status.value}"
+        )
+    return delivery
+
+
+def evolve(state: JobState, event: Event) -> JobState:
+    """Apply one event.  Raises :class:`CorruptStream` for an impossible sequence."""
+    state = _apply(state, event)
+    return dataclasses.replace(state, version=state.version + 1)
+
+
+def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branch per event
+    if isinstance(event, Published):
+        if event.delivery in state.deliveries:
+            raise CorruptStream(f"delivery {event.delivery!r} published twice")
+        deliveries = dict(state.deliveries)
+        deliveries[event.delivery] = Delivery(
+            id=event.delivery,
+            queue=event.queue,
+            priority=event.priority,
+            not_before=event.not_before,
+            expires=event.expires,
+        )
+        return dataclasses.replace(state, deliveries=deliveries)
+    if isinstance(event, Claimed):
+        delivery = _pending(state, event, event.delivery)
+        if delivery.status is DeliveryStatus.CLAIMED:
+            raise CorruptStream(f"delivery {event.delivery!r} claimed twice")
+        return _with_delivery(
+            state,
+            delivery,
+            status=DeliveryStatus.CLAIMED,
+            claim=event.claim,
+            consumer=event.consumer,
+            lease_until=event.lease_until,
+            claims=delivery.claims + 1,
+        )
+    if isinstance(event, LeaseRenewed):
+        delivery = _claimed_by(state, event, event.delivery, event.claim)
+        return _with_delivery(state, delivery, lease_until=event.lease_until)
+    if isinstance(event, Acked):
+        delivery = _claimed_by(state, event, event.delivery, event.claim)
+        return _with_delivery(state, delivery, status=DeliveryStatus.ACKED, lease_until=None)
+    if isinstance(event, Requeued):
+        delivery = _claimed_by(state, event, event.delivery, event.claim)
+        return _with_delivery(
+            state,
+            delivery,
+            status=DeliveryStatus.READY,
+            claim=None,
+            consumer=None,
+            lease_until=None,
+            not_before=event.not_before if event.not_before is not None else delivery.not_before,
+            reason=event.reason,
+        )
+    if isinstance(event, LeaseExpired):
+        delivery = _claimed_by(state, event, event.delivery, event.claim)
+        return _with_delivery(
+            state,
+            delivery,
+            status=DeliveryStatus.READY,
+            claim=None,
+            consumer=None,
+            lease_until=None,
+            lost_claims=delivery.lost_claims + 1,
+            reason="lease expired",
+        )
+    if isinstance(event, DeadLettered):
+        delivery = _pending(state, event, event.delivery)
+        return _with_delivery(
+            state, delivery, status=DeliveryStatus.DEAD, lease_until=None, reason=event.reason
+        )
+    if isinstance(event, Discarded):
+        delivery = _pending(state, event, event.delivery)
+        if delivery.status is DeliveryStatus.CLAIMED:
+            raise CorruptStream(f"claimed delivery {event.delivery!r} discarded")
+        return _with_delivery(
+            state, delivery, status=DeliveryStatus.DISCARDED, reason=event.reason
+        )
+    if isinstance(event, Revoked):
+        return dataclasses.replace(state, revoked=True, result_state=_after(state, ResultState.REVOKED))
+    if isinstance(event, Started):
+        return _result(state, ResultState.STARTED, event.result)
+    if isinstance(event, RetryScheduled):
+        return _result(state, ResultState.RETRY, event.result)
+    if isinstance(event, Succeeded):
+        return _result(state, ResultState.SUCCESS, event.result)
+    if isinstance(event, Failed):
+        return _result(state, ResultState.FAILURE, event.result)
+    raise CorruptStream(f"not an event: {event!r}")
+
+
+def _after(state: JobState, new: ResultState) -> ResultState:
+    return state.result_state if state.result_state is ResultState.SUCCESS else new
+
+
+def _result(state: JobState, new: ResultState, result: JSON | None) -> JobState:
+    if state.result_state is ResultState.SUCCESS:
+        raise CorruptStream(f"{new.value} recorded after SUCCESS in {state.stream!r}")
+    return dataclasses.replace(state, result_state=new, result=result)
+
+
+def fold(stream: str, events: Iterable[Event]) -> JobState:
+    """The state a stream's events add up to."""
+    state = JobState(stream=stream)
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+# ---------------------------------------------------------------------------
+# Commands: what a producer, consumer or worker asks for.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publish:
+    delivery: str
+    queue: str
+    message: JSON
+    priority: int = 0
+    not_before: float | None = None
+    expires: float | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Take a delivery for ``lease_seconds``.
+
+    A delivery whose ``max_claims`` leases already ran out is dead-lettered
+    instead; one past its expiry is discarded.  ``max_claims=None`` means no limit.
+    """
+
+    delivery: str
+    claim: str
+    consumer: str
+    lease_seconds: float
+    max_claims: int | None = None
+
+
+@dataclass(frozen=True)
+class Renew:
+    delivery: str
+    claim: str
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class Ack:
+    delivery: str
+    claim: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Give the delivery back (``requeue``) or dead-letter it."""
+
+    delivery: str
+    claim: str
+    requeue: bool
+    reason: str = "rejected"
+    countdown: float | None = None
+
+
+@dataclass(frozen=True)
+class Restore:
+    """A consumer shut down holding the claim: ready again, no claim counted lost."""
+
+    delivery: str
+    claim: str
+
+
+@dataclass(frozen=True)
+class Discard:
+    """Drop a pending, unclaimed delivery (purge)."""
+
+    delivery: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Revoke:
+    reason: str = "revoked"
+
+
+@dataclass(frozen=True)
+class Start:
+    worker: str | None = None
+    result: JSON | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleRetry:
+    exc: str
+    countdown: float | None = None
+    result: JSON | None = None
+
+
+@dataclass(frozen=True)
+class Succeed:
+    result: JSON | None = None
+
+
+@dataclass(frozen=True)
+class Fail:
+    exc: str
+    traceback: str | None = None
+    result: JSON | None = None
+
+
+Command = Union[
+    Publish, Claim, Renew, Ack, Reject, Restore, Discard, Revoke, Start, ScheduleRetry, Succeed, Fail
+]
+
+
+# ---------------------------------------------------------------------------
+# decide: command + state + now -> events
+# ---------------------------------------------------------------------------
+
+
+def _current_claim(state: JobState, delivery_id: str, claim: str) -> Delivery:
+    delivery = state.deliveries.get(delivery_id)
+    if delivery is None:
+        raise StaleClaim(f"no delivery {delivery_id!r} in stream {state.stream!r}")
+    if delivery.status is not DeliveryStatus.CLAIMED or delivery.claim != claim:
+        raise StaleClaim(
+            f"claim {claim!r} of delivery {delivery_id!r} is not current "
+            f"(delivery is {delivery.status.value}"
+            + (f", claimed as {delivery.claim!r})" if delivery.claim else ")")
+        )
+    return delivery
+
+
+def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noqa: C901
+    """The events ``command`` produces in ``state`` at time ``now``.
+
+    Raises :class:`InvalidTransition` (or a subclass) when the command is not
+    allowed; the state is never partially changed because nothing is written.
+    An empty list means the command is satisfied already (idempotent no-op).
+    """
+    if isinstance(command, Publish):
+        published = Published(
+            delivery=command.delivery,
+            queue=command.queue,
+            message=command.message,
+            priority=command.priority,
+            not_before=command.not_before,
+            expires=command.expires,
+        )
+        if command.delivery in state.deliveries:
+            raise InvalidTransition(f"delivery {command.delivery!r} already published")
+        if state.revoked:
+            return [published, Discarded(command.delivery, "revoked")]
+        return [published]
+
+    if isinstance(command, Claim):
+        delivery = state.delivery(command.delivery)
+        events: list[Event] = []
+        if delivery.status is DeliveryStatus.CLAIMED:
+            if not delivery.lease_expired(now):
+                raise NotClaimable(f"delivery {delivery.id!r} is claimed until its lease ends")
+            assert delivery.claim is not None
+            events.append(LeaseExpired(delivery.id, delivery.claim))
+            lost = delivery.lost_claims + 1
+        elif delivery.status.is_final:
+            raise NotClaimable(f"delivery {delivery.id!r} is {delivery.status.value}")
+        else:
+            lost = delivery.lost_claims
+        if not delivery.is_due(now):
+            raise NotClaimable(f"delivery {delivery.id!r} is scheduled for later")
+        if command.max_claims is not None and lost >= command.max_claims:
+            events.append(
+                DeadLettered(
+                    delivery.id,
+                    f"claimed {lost} times without an outcome (lease expired each time)",
+                )
+            )
+        elif delivery.is_expired(now):
+            events.append(Discarded(delivery.id, "expired"))
+        else:
+            events.append(
+                Claimed(
+                    delivery.id,
+                    command.claim,
+                    command.consumer,
+                    lease_until=now + command.lease_seconds,
+                )
+            )
+        return events
+
+    if isinstance(command, Renew):
+        _current_claim(state, command.delivery, command.claim)
+        return [LeaseRenewed(command.delivery, command.claim, now + command.lease_seconds)]
+
+    if isinstance(command, Ack):
+        _current_claim(state, command.delivery, command.claim)
+        return [Acked(command.delivery, command.claim)]
+
+    if isinstance(command, Reject):
+        _current_claim(state, command.delivery, command.claim)
+        if command.requeue:
+            not_before = now + command.countdown if command.countdown else None
+            return [Requeued(command.delivery, command.claim, command.reason, not_before)]
+        return [DeadLettered(command.delivery, command.reason)]
+
+    if isinstance(command, Restore):
+        _current_claim(state, command.delivery, command.claim)
+        return [Requeued(command.delivery, command.claim, "restored")]
+
+    if isinstance(command, Discard):
+        delivery = state.delivery(command.delivery)
+        if delivery.status.is_final:
+            return []
+        if delivery.status is DeliveryStatus.CLAIMED:
+            raise InvalidTransition(f"delivery {delivery.id!r} is claimed; it cannot be discarded")
+        return [Discarded(delivery.id, command.reason)]
+
+    if isinstance(command, Revoke):
+        if state.revoked:
+            return []
+        return [Revoked(command.reason)] + [
+            Discarded(d.id, "revoked")
+            for d in state.pending()
+            if d.status is not DeliveryStatus.CLAIMED
+        ]
+
+    # Result states: once SUCCESS is recorded later writes are ignored, as in Celery.
+    if state.result_state is ResultState.SUCCESS:
+        return []
+    if isinstance(command, Start):
+        return [Started(command.worker, command.result)]
+    if isinstance(command, ScheduleRetry):
+        return [RetryScheduled(command.exc, command.countdown, command.result)]
+    if isinstance(command, Succeed):
+        return [Succeeded(command.result)]
+    if isinstance(command, Fail):
+        return [Failed(command.exc, command.traceback, command.result)]
+    raise InvalidTransition(f"not a command: {command!r}")
