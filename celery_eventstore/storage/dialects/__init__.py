@@ -1,0 +1,76 @@
+"""What differs between databases, one small module each.
+
+A :class:`Dialect` is the only place that knows which database it talks to:
+engine set-up, how claims nominate rows, how committed work wakes consumers,
+the database clock, and which driver errors mean "lost a race".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+
+from ...exceptions import UnsupportedDatabase
+
+
+class Dialect:
+    """The defaults are portable SQL; subclasses override what their database needs."""
+
+    name = "generic"
+    #: Whether LISTEN/NOTIFY style wake-ups exist.
+    supports_notify = False
+
+    def normalize_url(self, url: sa.URL) -> sa.URL:
+        return url
+
+    def engine_options(self, url: sa.URL) -> dict[str, Any]:
+        return {}
+
+    def configure(self, engine: sa.Engine) -> None:
+        """Install event hooks on a new engine."""
+
+    def read_options(self) -> dict[str, Any]:
+        """Execution options for a read-only transaction."""
+        return {}
+
+    def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+        """Make a claim's candidate query safe against concurrent claimers."""
+        return select
+
+    def lock(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+        """Lock the selected rows until commit (settlement against a racing claim)."""
+        return select
+
+    def lock_log(self, conn: sa.Connection, table: sa.Table) -> None:
+        """Hold off writers to the log for the rest of the transaction (rebuild)."""
+
+    def lock_migrations(self, conn: sa.Connection, key: str) -> None:
+        """Serialise concurrent migrations of the same schema."""
+
+    def notify(self, conn: sa.Connection, channel: str, payloads: Iterable[str]) -> None:
+        """Wake listeners on commit; a no-op where the database cannot."""
+
+    def clock_query(self) -> sa.Select[Any] | None:
+        """A query for the database's clock in epoch seconds, or None to use the host's."""
+        return None
+
+    def is_conflict(self, exc: sa.exc.DBAPIError) -> bool:
+        """True when the error means another transaction won a race; retry."""
+        return isinstance(exc, sa.exc.IntegrityError)
+
+
+def dialect_for(url: sa.URL) -> Dialect:
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        from .postgresql import PostgreSQLDialect
+
+        return PostgreSQLDialect()
+    if backend == "sqlite":
+        from .sqlite import SQLiteDialect
+
+        return SQLiteDialect()
+    raise UnsupportedDatabase(
+        f"unsupported database {backend!r}: the event store runs on postgresql and sqlite"
+    )

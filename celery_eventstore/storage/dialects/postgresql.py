@@ -1,0 +1,69 @@
+"""PostgreSQL: SKIP LOCKED claims, LISTEN/NOTIFY wake-ups, the server's clock.
+
+A plain ``postgresql://`` URL is pinned to psycopg2, the driver this package
+depends on (SQLAlchemy 2.1 would otherwise pick psycopg 3, which is optional
+here).  Name the driver to choose: ``postgresql+psycopg://`` works as well.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+
+from . import Dialect
+
+#: SQLSTATEs that mean "another transaction got there first": retry.
+_RETRYABLE = {
+    "23505",  # unique_violation: (stream, version) taken
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+}
+
+
+class PostgreSQLDialect(Dialect):
+    name = "postgresql"
+    supports_notify = True
+
+    def normalize_url(self, url: sa.URL) -> sa.URL:
+        if url.drivername == "postgresql":
+            return url.set(drivername="postgresql+psycopg2")
+        return url
+
+    def engine_options(self, url: sa.URL) -> dict[str, Any]:
+        options: dict[str, Any] = {"pool_pre_ping": True}
+        if url.get_driver_name() == "psycopg2":
+            # Batch UPDATE/DELETE executemany into few round trips, as INSERTs are.
+            options["executemany_mode"] = "values_plus_batch"
+        return options
+
+    def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+        # SKIP LOCKED nominates rows no one else is claiming; the (stream, version)
+        # key still arbitrates if two claimers reach the same stream.
+        return select.with_for_update(skip_locked=True, of=table)
+
+    def lock(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+        return select.with_for_update(of=table)
+
+    def lock_log(self, conn: sa.Connection, table: sa.Table) -> None:
+        name = conn.dialect.identifier_preparer.format_table(table)
+        conn.exec_driver_sql(f"LOCK TABLE {name} IN EXCLUSIVE MODE")
+
+    def lock_migrations(self, conn: sa.Connection, key: str) -> None:
+        conn.execute(
+            sa.select(sa.func.pg_advisory_xact_lock(zlib.crc32(key.encode()) & 0x7FFFFFFF))
+        )
+
+    def notify(self, conn: sa.Connection, channel: str, payloads: Iterable[str]) -> None:
+        # pg_notify is transactional: listeners hear it only if we commit.
+        for payload in sorted(set(payloads)):
+            conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
+
+    def clock_query(self) -> sa.Select[Any]:
+        return sa.select(sa.extract("epoch", sa.func.clock_timestamp()))
+
+    def is_conflict(self, exc: sa.exc.DBAPIError) -> bool:
+        code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+        return code in _RETRYABLE

@@ -1,0 +1,147 @@
+"""Keeps the derived tables in step with the log.
+
+The same code runs for a live append (in the append's transaction) and for a
+rebuild from the log, which is what makes the projections rebuildable: a row's
+every column comes from the events alone.  Events touching one delivery are
+coalesced first, so a batch of claims costs one statement per kind of change,
+not one per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..lifecycle import (
+    Acked,
+    Claimed,
+    DeadLettered,
+    Discarded,
+    JobState,
+    LeaseExpired,
+    LeaseRenewed,
+    Published,
+    Requeued,
+)
+from .records import RecordedEvent
+from .schema import Tables
+
+#: A row that was inserted earlier and is being changed.
+_UPDATE = "update"
+_INSERT = "insert"
+_DELETE = "delete"
+
+
+def _unclaimed(available_at: float) -> dict[str, Any]:
+    return {
+        "claim_id": None,
+        "consumer": None,
+        "claimed_at": None,
+        "lease_until": None,
+        "available_at": available_at,
+    }
+
+
+def project(
+    conn: sa.Connection,
+    tables: Tables,
+    recorded: Iterable[RecordedEvent],
+    states: Mapping[str, JobState],
+) -> None:
+    """Apply ``recorded`` (in log order) to the derived tables.
+
+    ``states`` holds each touched stream folded up to and including ``recorded``.
+    """
+    changes: dict[str, tuple[str, dict[str, Any]]] = {}
+    dead: list[dict[str, Any]] = []
+    for rec in recorded:
+        ev = rec.event
+        if isinstance(ev, Published):
+            changes[ev.delivery] = (
+                _INSERT,
+                {
+                    "delivery_id": ev.delivery,
+                    "stream_id": rec.stream,
+                    "queue": ev.queue,
+                    "priority": ev.priority,
+                    "seq": rec.position,
+                    "not_before": ev.not_before,
+                    "expires": ev.expires,
+                    **_unclaimed(ev.not_before or 0.0),
+                },
+            )
+        elif isinstance(ev, Claimed):
+            _merge(changes, ev.delivery, {
+                "claim_id": ev.claim,
+                "consumer": ev.consumer,
+                "claimed_at": rec.recorded_at,
+                "lease_until": ev.lease_until,
+                "available_at": ev.lease_until,
+            })
+        elif isinstance(ev, LeaseRenewed):
+            _merge(changes, ev.delivery, {"lease_until": ev.lease_until, "available_at": ev.lease_until})
+        elif isinstance(ev, Requeued):
+            _merge(changes, ev.delivery, {
+                **_unclaimed(ev.not_before or 0.0),
+                "not_before": ev.not_before,
+            })
+        elif isinstance(ev, LeaseExpired):
+            _merge(changes, ev.delivery, _unclaimed(0.0))
+        elif isinstance(ev, (Acked, Discarded)):
+            _delete(changes, ev.delivery)
+        elif isinstance(ev, DeadLettered):
+            _delete(changes, ev.delivery)
+            dead.append({
+                "delivery_id": ev.delivery,
+                "stream_id": rec.stream,
+                "queue": states[rec.stream].delivery(ev.delivery).queue,
+                "reason": ev.reason,
+                "dead_at": rec.recorded_at,
+                "position": rec.position,
+            })
+    _write(conn, tables, changes, dead)
+
+
+def _merge(changes: dict[str, tuple[str, dict[str, Any]]], delivery: str,
+           values: dict[str, Any]) -> None:
+    kind, row = changes.get(delivery, (_UPDATE, {"delivery_id": delivery}))
+    if kind == _DELETE:
+        return
+    changes[delivery] = (kind, {**row, **values})
+
+
+def _delete(changes: dict[str, tuple[str, dict[str, Any]]], delivery: str) -> None:
+    kind, _ = changes.get(delivery, (_UPDATE, {}))
+    if kind == _INSERT:
+        # Published and settled within one batch: the row never needs to exist.
+        del changes[delivery]
+    else:
+        changes[delivery] = (_DELETE, {"delivery_id": delivery})
+
+
+def _write(conn: sa.Connection, tables: Tables, changes: dict[str, tuple[str, dict[str, Any]]],
+           dead: list[dict[str, Any]]) -> None:
+    messages = tables.messages
+    inserts = [row for kind, row in changes.values() if kind == _INSERT]
+    deletes = [row["delivery_id"] for kind, row in changes.values() if kind == _DELETE]
+    updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for kind, row in changes.values():
+        if kind == _UPDATE:
+            updates.setdefault(tuple(sorted(row)), []).append(row)
+
+    if inserts:
+        conn.execute(messages.insert(), inserts)
+    for columns, rows in updates.items():
+        stmt = (
+            messages.update()
+            .where(messages.c.delivery_id == sa.bindparam("b_delivery_id"))
+            .values({c: sa.bindparam(c) for c in columns if c != "delivery_id"})
+        )
+        conn.execute(stmt, [{**r, "b_delivery_id": r["delivery_id"]} for r in rows])
+    if deletes:
+        conn.execute(messages.delete().where(messages.c.delivery_id.in_(deletes)))
+    if dead:
+        conn.execute(tables.dead_letters.insert(), dead)
+

@@ -1,0 +1,119 @@
+"""The event store's tables and their versioned migrations.
+
+``events`` is the log and the only source of truth.  Every other table is a
+projection of it, written in the same transaction as the append and rebuildable
+from the log at any time:
+
+* ``messages`` -- the hot queue: one row per delivery that is not settled yet
+  (ready, scheduled or claimed).  Settled deliveries leave it, so a claim is an
+  index lookup on a small table however long the history grows.
+* ``dead_letters`` -- deliveries that were dead-lettered and not retried.
+
+``schema_version`` records which migrations ran; it is bookkeeping, not state.
+Every name carries the configured prefix and, on PostgreSQL, the schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+#: The schema version this code reads and writes.
+SCHEMA_VERSION = 1
+
+#: Big integers that are also SQLite's rowid alias (so positions autoincrement).
+_Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+#: Times are seconds since the epoch: one portable, index-friendly representation.
+_Time = sa.Float(precision=53).with_variant(postgresql.DOUBLE_PRECISION(), "postgresql")
+_Id = sa.String(255)
+
+
+@dataclass(frozen=True)
+class Tables:
+    metadata: sa.MetaData
+    events: sa.Table
+    messages: sa.Table
+    dead_letters: sa.Table
+    schema_version: sa.Table
+
+    @property
+    def projections(self) -> tuple[sa.Table, ...]:
+        """Tables derived from the log, in the order they may be emptied."""
+        return (self.messages, self.dead_letters)
+
+
+def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Tables:
+    md = sa.MetaData(schema=schema)
+    events = sa.Table(
+        f"{prefix}events",
+        md,
+        sa.Column("position", _Position, primary_key=True, autoincrement=True),
+        sa.Column("stream_id", _Id, nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("type", sa.String(64), nullable=False),
+        sa.Column("data", _Json, nullable=False),
+        sa.Column("metadata", _Json, nullable=True),
+        sa.Column("recorded_at", _Time, nullable=False),
+        # The arbiter of every race: one event per (stream, version).
+        sa.UniqueConstraint("stream_id", "version", name=f"{prefix}events_stream_version"),
+    )
+    sa.Index(f"{prefix}events_recorded_at", events.c.recorded_at)
+
+    messages = sa.Table(
+        f"{prefix}messages",
+        md,
+        sa.Column("delivery_id", _Id, primary_key=True),
+        sa.Column("stream_id", _Id, nullable=False),
+        sa.Column("queue", sa.String(255), nullable=False),
+        sa.Column("priority", sa.SmallInteger, nullable=False),
+        # Position of the Published event: "oldest first" within a priority.
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        # When it may next be claimed: its not_before while ready, its lease's
+        # end while claimed.  One column makes "claimable now" one range test.
+        sa.Column("available_at", _Time, nullable=False),
+        sa.Column("not_before", _Time, nullable=True),
+        sa.Column("expires", _Time, nullable=True),
+        sa.Column("claim_id", _Id, nullable=True),
+        sa.Column("consumer", sa.String(255), nullable=True),
+        sa.Column("claimed_at", _Time, nullable=True),
+        sa.Column("lease_until", _Time, nullable=True),
+    )
+    sa.Index(
+        f"{prefix}messages_claim_order",
+        messages.c.queue,
+        messages.c.priority.desc(),
+        messages.c.seq,
+    )
+    sa.Index(f"{prefix}messages_stream", messages.c.stream_id)
+
+    dead_letters = sa.Table(
+        f"{prefix}dead_letters",
+        md,
+        sa.Column("delivery_id", _Id, primary_key=True),
+        sa.Column("stream_id", _Id, nullable=False),
+        sa.Column("queue", sa.String(255), nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("dead_at", _Time, nullable=False),
+        sa.Column("position", sa.BigInteger, nullable=False),
+    )
+    sa.Index(f"{prefix}dead_letters_queue", dead_letters.c.queue)
+
+    schema_version = sa.Table(
+        f"{prefix}schema_version",
+        md,
+        sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("applied_at", _Time, nullable=False),
+    )
+    return Tables(md, events, messages, dead_letters, schema_version)
+
+
+def migrations(tables: Tables) -> dict[int, list[sa.schema.ExecutableDDLElement]]:
+    """DDL per schema version; version N upgrades a version N-1 database."""
+    ddl: list[sa.schema.ExecutableDDLElement] = []
+    for table in (tables.events, tables.messages, tables.dead_letters):
+        ddl.append(sa.schema.CreateTable(table))
+        ddl.extend(sa.schema.CreateIndex(index) for index in sorted(table.indexes, key=str))
+    return {1: ddl}

@@ -1,0 +1,783 @@
+"""The event store: the log, the queue projection, and the operations on them.
+
+Every write follows one path: read the streams involved, fold them
+(:func:`~celery_eventstore.lifecycle.fold`), ask
+:func:`~celery_eventstore.lifecycle.decide` for the events, append them at the
+next versions -- the unique ``(stream_id, version)`` key makes the loser of any
+race fail -- and update the projections in the same transaction.  A lost race
+is retried from a fresh read; the caller never sees it unless it asked for an
+explicit expected version.
+
+Operations batch across messages: a claim of N messages, or an ack of N claims,
+is one transaction with a handful of statements, whatever N is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from .. import lifecycle as lc
+from ..exceptions import (
+    ConcurrencyConflict,
+    CorruptStream,
+    DatabaseUnavailable,
+    InvalidTransition,
+    InvalidURL,
+    MessageTooLarge,
+    SchemaMissing,
+    SchemaOutdated,
+    SchemaTooNew,
+    StaleClaim,
+)
+from .dialects import Dialect, dialect_for
+from .projection import project
+from .records import (
+    ClaimedMessage,
+    ClaimRef,
+    NewMessage,
+    Outcome,
+    QueueStats,
+    RecordedEvent,
+)
+from .schema import SCHEMA_VERSION, Tables, make_tables, migrations
+
+T = TypeVar("T")
+
+#: Default largest message, as stored JSON, that publish accepts.
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: How often a lost race is retried before ConcurrencyConflict reaches the caller.
+CONFLICT_RETRIES = 20
+#: How often the host/database clock offset is measured again.
+CLOCK_REFRESH_SECONDS = 30.0
+
+
+def parse_url(url: str | sa.URL) -> sa.URL:
+    try:
+        return sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        # The URL may hold a password: say what is wrong without echoing it.
+        raise InvalidURL() from None
+
+
+def redact(url: sa.URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+class EventStore:
+    """An event store on one database.
+
+    :param url: a SQLAlchemy URL (``postgresql://...``, ``sqlite:///jobs.db``).
+    :param table_prefix: prefix of every table, so applications can share a database.
+    :param schema: PostgreSQL schema holding the tables (default: the search path).
+    :param clock: a function returning epoch seconds; by default the database's
+        clock on PostgreSQL (so leases mean the same on every host), the host's on
+        SQLite.  Tests inject one to move time without sleeping.
+    :param auto_migrate: create or upgrade the schema on first use instead of
+        failing with :class:`SchemaMissing`.
+    :param notify: send NOTIFY on commit when messages become ready (PostgreSQL).
+        Turn off behind PgBouncer's transaction pooling, where LISTEN cannot work.
+    :param max_message_size: the largest message accepted by publish, in bytes of JSON.
+    """
+
+    def __init__(
+        self,
+        url: str | sa.URL,
+        *,
+        table_prefix: str = "eventstore_",
+        schema: str | None = None,
+        clock: Callable[[], float] | None = None,
+        auto_migrate: bool = False,
+        notify: bool = True,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        parsed = parse_url(url)
+        self.dialect: Dialect = dialect_for(parsed)
+        self.url = self.dialect.normalize_url(parsed)
+        self.tables: Tables = make_tables(table_prefix, schema)
+        self.table_prefix = table_prefix
+        self.schema = schema
+        self.auto_migrate = auto_migrate
+        self.notify_enabled = notify and self.dialect.supports_notify
+        self.max_message_size = max_message_size
+        #: The NOTIFY channel consumers LISTEN on; the payload is the queue name.
+        self.channel = f"{table_prefix}ready"
+        options = {**self.dialect.engine_options(self.url), **(engine_options or {})}
+        try:
+            self.engine = sa.create_engine(self.url, **options)
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise InvalidURL(f"cannot use {redact(self.url)}: {exc}") from None
+        self.dialect.configure(self.engine)
+        self._clock = clock
+        self._clock_offset: float | None = None
+        self._clock_measured = 0.0
+        self._schema_ready = False
+
+    def __repr__(self) -> str:
+        return f"<EventStore {redact(self.url)} prefix={self.table_prefix!r}>"
+
+    # -- connections, transactions and errors --------------------------------
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def after_fork(self) -> None:
+        """Drop pooled connections inherited from a parent process without closing them."""
+        self.engine.dispose(close=False)
+
+    @contextlib.contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated or isinstance(
+                exc, (sa.exc.OperationalError, sa.exc.InterfaceError)
+            ) and not self.dialect.is_conflict(exc):
+                raise DatabaseUnavailable(
+                    f"database {redact(self.url)} is unavailable: {_first_line(exc.orig)}"
+                ) from exc
+            raise
+
+    @contextlib.contextmanager
+    def _write(self, connection: sa.Connection | None = None) -> Iterator[sa.Connection]:
+        """A write transaction: our own, or a savepoint in the caller's."""
+        self._ensure_schema()
+        with self._translate_errors():
+            if connection is not None:
+                # A savepoint lets a lost race roll back our part alone and retry,
+                # leaving the caller's transaction intact.
+                with connection.begin_nested():
+                    yield connection
+            else:
+                with self.engine.begin() as conn:
+                    yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        self._ensure_schema()
+        with self._translate_errors(), self.engine.connect() as conn:
+            conn = conn.execution_options(**self.dialect.read_options())
+            with conn.begin():
+                yield conn
+
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` (one whole transaction) again while it loses races."""
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                return attempt()
+            except sa.exc.DBAPIError as exc:
+                if not self.dialect.is_conflict(exc):
+                    raise
+        raise ConcurrencyConflict(f"gave up after {CONFLICT_RETRIES} lost races")
+
+    # -- the clock -----------------------------------------------------------
+
+    def now(self) -> float:
+        """Epoch seconds by the store's clock (the database's on PostgreSQL)."""
+        if self._clock is not None:
+            return self._clock()
+        query = self.dialect.clock_query()
+        if query is None:
+            return time.time()
+        local = time.time()
+        if self._clock_offset is None or local - self._clock_measured > CLOCK_REFRESH_SECONDS:
+            with self._translate_errors(), self.engine.connect() as conn:
+                before = time.time()
+                db_now = float(conn.execute(query).scalar_one())
+                after = time.time()
+            self._clock_offset = db_now - (before + after) / 2
+            self._clock_measured = after
+            local = after
+        return local + self._clock_offset
+
+    def clock_skew(self) -> float:
+        """Database clock minus this host's clock, in seconds (0 on SQLite)."""
+        self._clock_offset = None
+        saved, self._clock = self._clock, None
+        try:
+            self.now()
+        finally:
+            self._clock = saved
+        return self._clock_offset or 0.0
+
+    # -- schema --------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The migration level of the database (0 when the tables do not exist)."""
+        table = self.tables.schema_version
+        with self._translate_errors(), self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table(table.name, schema=self.schema):
+                return 0
+            return int(conn.execute(sa.select(sa.func.max(table.c.version))).scalar() or 0)
+
+    def migrate(self) -> list[int]:
+        """Create or upgrade the schema; returns the versions applied."""
+        applied: list[int] = []
+        with self._translate_errors(), self.engine.begin() as conn:
+            self.dialect.lock_migrations(conn, self.table_prefix + (self.schema or ""))
+            self.tables.schema_version.create(conn, checkfirst=True)
+            current = int(
+                conn.execute(sa.select(sa.func.max(self.tables.schema_version.c.version))).scalar()
+                or 0
+            )
+            for version, statements in sorted(migrations(self.tables).items()):
+                if version <= current:
+                    continue
+                for ddl in statements:
+                    conn.execute(ddl)
+                conn.execute(
+                    self.tables.schema_version.insert().values(
+                        version=version, applied_at=time.time()
+                    )
+                )
+                applied.append(version)
+        self._schema_ready = True
+        return applied
+
+    def migration_sql(self, from_version: int = 0) -> str:
+        """The DDL :meth:`migrate` would run from ``from_version``, for a DBA to review."""
+        dialect = self.engine.dialect
+        out = []
+        if from_version == 0:
+            out.append(str(sa.schema.CreateTable(self.tables.schema_version).compile(dialect=dialect)))
+        for version, statements in sorted(migrations(self.tables).items()):
+            if version > from_version:
+                out.extend(str(ddl.compile(dialect=dialect)).strip() for ddl in statements)
+                out.append(
+                    str(
+                        self.tables.schema_version.insert()
+                        .values(version=version, applied_at=0)
+                        .compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+                    )
+                )
+        return ";\n\n".join(s.strip() for s in out) + ";\n"
+
+    def check_schema(self) -> None:
+        """Raise unless the schema is exactly the version this code expects."""
+        version = self.schema_version()
+        if version == 0:
+            raise SchemaMissing()
+        if version < SCHEMA_VERSION:
+            raise SchemaOutdated(
+                f"the event store's schema is at version {version}, this code needs "
+                f"{SCHEMA_VERSION}: run `celery-eventstore migrate --url URL`"
+            )
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew()
+
+    def _ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        if self.auto_migrate:
+            self.migrate()
+        else:
+            self.check_schema()
+        self._schema_ready = True
+
+    # -- reading the log -----------------------------------------------------
+
+    def _recorded(self, row: Any) -> RecordedEvent:
+        return RecordedEvent(
+            position=row.position,
+            stream=row.stream_id,
+            version=row.version,
+            event=lc.event_from(row.type, row.data),
+            metadata=row.metadata,
+            recorded_at=row.recorded_at,
+        )
+
+    def _read_streams(
+        self, conn: sa.Connection, streams: Iterable[str]
+    ) -> dict[str, list[RecordedEvent]]:
+        wanted = sorted(set(streams))
+        found: dict[str, list[RecordedEvent]] = {s: [] for s in wanted}
+        if not wanted:
+            return found
+        ev = self.tables.events
+        rows = conn.execute(
+            sa.select(ev).where(ev.c.stream_id.in_(wanted)).order_by(ev.c.stream_id, ev.c.version)
+        )
+        for row in rows:
+            found[row.stream_id].append(self._recorded(row))
+        return found
+
+    def _load(self, conn: sa.Connection, streams: Iterable[str]) -> dict[str, lc.JobState]:
+        states = {}
+        for stream, recorded in self._read_streams(conn, streams).items():
+            states[stream] = _fold(stream, recorded)
+        return states
+
+    def read_stream(self, stream: str) -> list[RecordedEvent]:
+        """Every event of one stream, oldest first."""
+        with self._read() as conn:
+            return self._read_streams(conn, [stream])[stream]
+
+    def load(self, stream: str) -> lc.JobState:
+        """One stream folded into its current state."""
+        return _fold(stream, self.read_stream(stream))
+
+    def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Events of every stream with a position above ``after``, in log order."""
+        ev = self.tables.events
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(ev).where(ev.c.position > after).order_by(ev.c.position).limit(limit)
+            )
+            return [self._recorded(row) for row in rows]
+
+    # -- appending -----------------------------------------------------------
+
+    def _append(
+        self,
+        conn: sa.Connection,
+        pending: Sequence[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]],
+        now: float,
+    ) -> tuple[list[RecordedEvent], dict[str, lc.JobState]]:
+        """Append each stream's events after the state it was decided on, and project."""
+        rows: list[dict[str, Any]] = []
+        states: dict[str, lc.JobState] = {}
+        for state, events, metadata in pending:
+            for offset, event in enumerate(events, start=1):
+                rows.append(
+                    {
+                        "stream_id": state.stream,
+                        "version": state.version + offset,
+                        "type": lc.event_type(event),
+                        "data": lc.event_data(event),
+                        "metadata": dict(metadata) if metadata else None,
+                        "recorded_at": now,
+                    }
+                )
+            for event in events:
+                state = lc.evolve(state, event)
+            states[state.stream] = state
+        if not rows:
+            return [], states
+        ev = self.tables.events
+        positions = conn.execute(
+            ev.insert().returning(ev.c.position, sort_by_parameter_order=True), rows
+        ).scalars().all()
+        recorded = [
+            RecordedEvent(
+                position=pos,
+                stream=row["stream_id"],
+                version=row["version"],
+                event=event,
+                metadata=row["metadata"],
+                recorded_at=now,
+            )
+            for pos, row, event in zip(
+                positions, rows, (e for _, events, _ in pending for e in events)
+            )
+        ]
+        project(conn, self.tables, recorded, states)
+        if self.notify_enabled:
+            ready = _newly_ready(recorded, states, now)
+            if ready:
+                self.dialect.notify(conn, self.channel, ready)
+        return recorded, states
+
+    def append(
+        self,
+        stream: str,
+        events: Sequence[lc.Event],
+        expected_version: int,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        connection: sa.Connection | None = None,
+    ) -> list[RecordedEvent]:
+        """Append ``events`` to ``stream`` if it is at ``expected_version``.
+
+        Raises :class:`ConcurrencyConflict` when the stream moved on, and
+        :class:`CorruptStream` when the events do not follow from the stream.
+        """
+        try:
+            with self._write(connection) as conn:
+                state = self._load(conn, [stream])[stream]
+                if state.version != expected_version:
+                    raise ConcurrencyConflict(
+                        f"stream {stream!r} is at version {state.version}, "
+                        f"not {expected_version}"
+                    )
+                recorded, _ = self._append(conn, [(state, events, metadata)], self.now())
+                return recorded
+        except sa.exc.DBAPIError as exc:
+            if self.dialect.is_conflict(exc):
+                raise ConcurrencyConflict(
+                    f"stream {stream!r} moved past version {expected_version}"
+                ) from None
+            raise
+
+    def execute(
+        self,
+        stream: str,
+        command: lc.Command,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        connection: sa.Connection | None = None,
+    ) -> list[RecordedEvent]:
+        """Decide ``command`` on the stream's current state and append the result.
+
+        Lost races are retried from a fresh read; an illegal command raises
+        :class:`~celery_eventstore.exceptions.InvalidTransition`.
+        """
+
+        def attempt() -> list[RecordedEvent]:
+            with self._write(connection) as conn:
+                state = self._load(conn, [stream])[stream]
+                now = self.now()
+                events = lc.decide(command, state, now)
+                return self._append(conn, [(state, events, metadata)], now)[0]
+
+        return self._retrying(attempt)
+
+    # -- publishing ----------------------------------------------------------
+
+    def publish(
+        self, messages: Sequence[NewMessage], *, connection: sa.Connection | None = None
+    ) -> list[str]:
+        """Publish messages; returns their delivery ids.
+
+        With ``connection`` the events join the caller's transaction (in a
+        savepoint): they exist if and only if the caller commits.  Without it the
+        store commits them itself before returning.
+        """
+        prepared = []
+        for msg in messages:
+            size = len(json.dumps(msg.message, separators=(",", ":")))
+            if size > self.max_message_size:
+                raise MessageTooLarge(
+                    f"message for queue {msg.queue!r} is {size} bytes; "
+                    f"max_message_size is {self.max_message_size}"
+                )
+            delivery = msg.delivery or uuid.uuid4().hex
+            prepared.append((msg, lc.Publish(
+                delivery=delivery,
+                queue=msg.queue,
+                message=msg.message,
+                priority=msg.priority,
+                not_before=msg.not_before,
+                expires=msg.expires,
+            )))
+
+        def attempt() -> list[str]:
+            with self._write(connection) as conn:
+                states = self._load(conn, (m.stream for m, _ in prepared))
+                now = self.now()
+                pending = []
+                for msg, command in prepared:
+                    state = states[msg.stream]
+                    events = lc.decide(command, state, now)
+                    pending.append((state, events, msg.metadata))
+                    # Several messages of one stream in a batch build on each other.
+                    for event in events:
+                        state = lc.evolve(state, event)
+                    states[msg.stream] = state
+                self._append(conn, _chain(pending), now)
+            return [command.delivery for _, command in prepared]
+
+        return self._retrying(attempt)
+
+    # -- consuming -----------------------------------------------------------
+
+    def claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        consumer: str,
+        lease_seconds: float,
+        *,
+        max_claims: int | None = None,
+    ) -> list[ClaimedMessage]:
+        """Claim up to ``limit`` due messages from ``queues``, highest priority, then oldest.
+
+        Deliveries whose lease ran out are claimable again (recorded as
+        ``LeaseExpired``); one that has lost ``max_claims`` leases is dead-lettered
+        instead, and one past its expiry is discarded -- neither is returned.
+        """
+        if limit <= 0 or not queues:
+            return []
+
+        def attempt() -> list[ClaimedMessage]:
+            msgs = self.tables.messages
+            with self._write() as conn:
+                now = self.now()
+                candidates = conn.execute(
+                    self.dialect.nominate(
+                        sa.select(msgs.c.delivery_id, msgs.c.stream_id)
+                        .where(msgs.c.queue.in_(list(queues)), msgs.c.available_at <= now)
+                        .order_by(msgs.c.priority.desc(), msgs.c.seq)
+                        .limit(limit),
+                        msgs,
+                    )
+                ).all()
+                if not candidates:
+                    return []
+                streams = self._read_streams(conn, (c.stream_id for c in candidates))
+                states = {s: _fold(s, recs) for s, recs in streams.items()}
+                published = _published_messages(r for recs in streams.values() for r in recs)
+                pending = []
+                claims: list[tuple[str, str, str]] = []
+                for delivery, stream in candidates:
+                    claim = uuid.uuid4().hex
+                    command = lc.Claim(delivery, claim, consumer, lease_seconds, max_claims)
+                    try:
+                        events = lc.decide(command, states[stream], now)
+                    except InvalidTransition:
+                        continue  # settled or re-claimed since nomination: move on
+                    pending.append((states[stream], events, None))
+                    states[stream] = _evolve_all(states[stream], events)
+                    if isinstance(events[-1], lc.Claimed):
+                        claims.append((stream, delivery, claim))
+                _, final = self._append(conn, _chain(pending), now)
+            out = []
+            for stream, delivery, claim in claims:
+                d = final[stream].delivery(delivery)
+                out.append(
+                    ClaimedMessage(
+                        delivery=delivery,
+                        claim=claim,
+                        stream=stream,
+                        queue=d.queue,
+                        message=published[delivery],
+                        priority=d.priority,
+                        lease_until=d.lease_until or now,
+                        redelivered=d.claims > 1,
+                    )
+                )
+            return out
+
+        return self._retrying(attempt)
+
+    def _settle(
+        self, refs: Sequence[ClaimRef], command_for: Callable[[ClaimRef], lc.Command]
+    ) -> dict[str, Outcome]:
+        """Apply a claim-fenced command to each ref in one transaction."""
+        if not refs:
+            return {}
+
+        def attempt() -> dict[str, Outcome]:
+            msgs = self.tables.messages
+            outcomes: dict[str, Outcome] = {}
+            with self._write() as conn:
+                # Lock the rows first, so a racing re-claim finishes before we read.
+                conn.execute(
+                    self.dialect.lock(
+                        sa.select(msgs.c.delivery_id)
+                        .where(msgs.c.delivery_id.in_([r.delivery for r in refs]))
+                        .order_by(msgs.c.delivery_id),
+                        msgs,
+                    )
+                ).all()
+                states = self._load(conn, (r.stream for r in refs))
+                now = self.now()
+                pending = []
+                for ref in refs:
+                    state = states[ref.stream]
+                    try:
+                        events = lc.decide(command_for(ref), state, now)
+                    except StaleClaim:
+                        outcomes[ref.delivery] = Outcome.STALE
+                        continue
+                    pending.append((state, events, None))
+                    states[ref.stream] = _evolve_all(state, events)
+                    outcomes[ref.delivery] = Outcome.DONE
+                self._append(conn, _chain(pending), now)
+            return outcomes
+
+        return self._retrying(attempt)
+
+    def ack(self, refs: Sequence[ClaimRef]) -> dict[str, Outcome]:
+        """Record that the claims' holders finished; stale claims write nothing."""
+        return self._settle(refs, lambda r: lc.Ack(r.delivery, r.claim))
+
+    def reject(
+        self, refs: Sequence[ClaimRef], *, requeue: bool, reason: str = "rejected"
+    ) -> dict[str, Outcome]:
+        """Give claims back to their queue (``requeue``) or dead-letter them."""
+        return self._settle(refs, lambda r: lc.Reject(r.delivery, r.claim, requeue, reason))
+
+    def restore(self, refs: Sequence[ClaimRef]) -> dict[str, Outcome]:
+        """Give back claims a consumer holds as it shuts down cleanly."""
+        return self._settle(refs, lambda r: lc.Restore(r.delivery, r.claim))
+
+    def renew(self, refs: Sequence[ClaimRef], lease_seconds: float) -> dict[str, Outcome]:
+        """Extend the leases of claims still current; stale ones are reported."""
+        return self._settle(refs, lambda r: lc.Renew(r.delivery, r.claim, lease_seconds))
+
+    # -- queues --------------------------------------------------------------
+
+    def queue_size(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (ready or scheduled, not claimed)."""
+        msgs = self.tables.messages
+        with self._read() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(
+                        msgs.c.queue == queue, msgs.c.claim_id.is_(None)
+                    )
+                ).scalar_one()
+            )
+
+    def queue_stats(self) -> list[QueueStats]:
+        """Ready, scheduled, claimed and dead counts per queue."""
+        msgs, dead = self.tables.messages, self.tables.dead_letters
+        stats: dict[str, dict[str, Any]] = defaultdict(dict)
+        with self._read() as conn:
+            now = self.now()
+            state = sa.case(
+                (msgs.c.claim_id.is_not(None), "claimed"),
+                (msgs.c.available_at > now, "scheduled"),
+                else_="ready",
+            )
+            for queue, kind, count, oldest in conn.execute(
+                sa.select(msgs.c.queue, state, sa.func.count(), sa.func.min(msgs.c.seq))
+                .group_by(msgs.c.queue, state)
+            ):
+                stats[queue][kind] = count
+                old = stats[queue].get("oldest_seq")
+                stats[queue]["oldest_seq"] = oldest if old is None else min(old, oldest)
+            for queue, count in conn.execute(
+                sa.select(dead.c.queue, sa.func.count()).group_by(dead.c.queue)
+            ):
+                stats[queue]["dead"] = count
+        return [QueueStats(queue=q, **v) for q, v in sorted(stats.items())]
+
+    def purge(self, queue: str, *, reason: str = "purged") -> int:
+        """Discard every unclaimed message in ``queue``; returns how many."""
+        msgs = self.tables.messages
+        total = 0
+        while True:
+
+            def attempt() -> int:
+                with self._write() as conn:
+                    rows = conn.execute(
+                        self.dialect.nominate(
+                            sa.select(msgs.c.delivery_id, msgs.c.stream_id)
+                            .where(msgs.c.queue == queue, msgs.c.claim_id.is_(None))
+                            .limit(500),
+                            msgs,
+                        )
+                    ).all()
+                    states = self._load(conn, (r.stream_id for r in rows))
+                    now = self.now()
+                    pending = []
+                    for delivery, stream in rows:
+                        events = lc.decide(lc.Discard(delivery, reason), states[stream], now)
+                        pending.append((states[stream], events, None))
+                        states[stream] = _evolve_all(states[stream], events)
+                    self._append(conn, _chain(pending), now)
+                    return len(rows)
+
+            done = self._retrying(attempt)
+            total += done
+            if done == 0:
+                return total
+
+    def revoke(self, stream: str, reason: str = "revoked") -> list[RecordedEvent]:
+        """Durably revoke a task: its pending deliveries are discarded, future ones too."""
+        return self.execute(stream, lc.Revoke(reason))
+
+    # -- projections ---------------------------------------------------------
+
+    def rebuild(self, *, batch_streams: int = 1000) -> int:
+        """Empty every derived table and replay the log into it; returns events replayed.
+
+        Writers wait for the rebuild (it holds the log against appends), readers do not.
+        """
+        ev = self.tables.events
+        replayed = 0
+        with self._write() as conn:
+            self.dialect.lock_log(conn, ev)
+            for table in self.tables.projections:
+                table.create(conn, checkfirst=True)  # it may have been dropped
+                conn.execute(table.delete())
+            rows = conn.execute(
+                sa.select(ev)
+                .order_by(ev.c.stream_id, ev.c.version)
+                .execution_options(yield_per=5000)
+            )
+            batch: list[RecordedEvent] = []
+            states: dict[str, lc.JobState] = {}
+            for row in rows:
+                rec = self._recorded(row)
+                if rec.stream not in states:
+                    if len(states) >= batch_streams:
+                        project(conn, self.tables, batch, states)
+                        batch, states = [], {}
+                    states[rec.stream] = lc.JobState(stream=rec.stream)
+                state = states[rec.stream]
+                if rec.version != state.version + 1:
+                    raise CorruptStream(f"stream {rec.stream!r} skips to version {rec.version}")
+                states[rec.stream] = lc.evolve(state, rec.event)
+                batch.append(rec)
+                replayed += 1
+            project(conn, self.tables, batch, states)
+        return replayed
+
+    def projection_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every derived table, sorted: for comparing a rebuild."""
+        out = {}
+        with self._read() as conn:
+            for table in self.tables.projections:
+                key = list(table.primary_key.columns)
+                out[table.name] = [tuple(r) for r in conn.execute(sa.select(table).order_by(*key))]
+        return out
+
+
+# -- helpers ---------------------------------------------------------------
+
+
+def _fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:
+    for expected, rec in enumerate(recorded, start=1):
+        if rec.version != expected:
+            raise CorruptStream(f"stream {stream!r} skips from {expected - 1} to {rec.version}")
+    return lc.fold(stream, (rec.event for rec in recorded))
+
+
+def _evolve_all(state: lc.JobState, events: Iterable[lc.Event]) -> lc.JobState:
+    for event in events:
+        state = lc.evolve(state, event)
+    return state
+
+
+def _chain(
+    pending: Sequence[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]],
+) -> list[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]]:
+    """Drop empty decisions; the states already chain within a stream."""
+    return [p for p in pending if p[1]]
+
+
+def _published_messages(recorded: Iterable[RecordedEvent]) -> dict[str, Mapping[str, Any]]:
+    return {
+        rec.event.delivery: rec.event.message
+        for rec in recorded
+        if isinstance(rec.event, lc.Published)
+    }
+
+
+def _newly_ready(
+    recorded: Iterable[RecordedEvent], states: Mapping[str, lc.JobState], now: float
+) -> set[str]:
+    """Queues that got a message claimable right now (worth waking consumers for)."""
+    ready: set[str] = set()
+    for rec in recorded:
+        ev = rec.event
+        if isinstance(ev, (lc.Published, lc.Requeued)):
+            delivery = states[rec.stream].delivery(ev.delivery)
+            if not delivery.status.is_final and (ev.not_before is None or ev.not_before <= now):
+                ready.add(delivery.queue)
+    return ready
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc or "").strip()
+    return text.splitlines()[0] if text else type(exc).__name__

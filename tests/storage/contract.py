@@ -1,0 +1,325 @@
+"""The store contract: written once, run against every dialect.
+
+A dialect's test module subclasses :class:`StoreContract` and provides a
+``make_store`` fixture returning a factory of migrated stores on one fresh
+database; several stores from one factory share it, like processes do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from celery_eventstore import lifecycle as lc
+from celery_eventstore.exceptions import (
+    ConcurrencyConflict,
+    CorruptStream,
+    MessageTooLarge,
+    SchemaMissing,
+)
+from celery_eventstore.storage import SCHEMA_VERSION, NewMessage, Outcome
+
+
+def msg(stream, queue="q", **kw):
+    return NewMessage(stream=stream, queue=queue, message={"body": stream}, **kw)
+
+
+def types(store, stream):
+    return [rec.type for rec in store.read_stream(stream)]
+
+
+class StoreContract:
+    @pytest.fixture
+    def store(self, make_store, clock):
+        return make_store(clock=clock)
+
+    # -- schema --------------------------------------------------------------
+
+    def test_migrate_is_versioned_and_idempotent(self, make_store):
+        store = make_store(migrate=False)
+        assert store.schema_version() == 0
+        assert store.migrate() == [SCHEMA_VERSION]
+        assert store.migrate() == []
+        assert store.schema_version() == SCHEMA_VERSION
+
+    def test_missing_schema_fails_loudly(self, make_store):
+        store = make_store(migrate=False)
+        with pytest.raises(SchemaMissing, match="migrate"):
+            store.publish([msg("a")])
+
+    def test_auto_migrate_creates_the_schema(self, make_store):
+        store = make_store(migrate=False, auto_migrate=True)
+        store.publish([msg("a")])
+        assert store.queue_size("q") == 1
+
+    def test_migration_sql_names_prefixed_tables(self, make_store):
+        sql = make_store(migrate=False, table_prefix="app1_").migration_sql()
+        assert "app1_events" in sql and "app1_messages" in sql
+
+    def test_table_prefixes_keep_applications_apart(self, make_store):
+        one = make_store(table_prefix="one_")
+        two = make_store(table_prefix="two_")
+        one.publish([msg("a")])
+        assert one.queue_size("q") == 1
+        assert two.queue_size("q") == 0
+        assert two.claim(["q"], 10, "w", 30) == []
+
+    # -- the log -------------------------------------------------------------
+
+    def test_append_and_read_stream(self, store):
+        published = lc.Published("d1", "q", {"b": 1})
+        store.append("s", [published], expected_version=0)
+        store.append("s", [lc.Discarded("d1", "purged")], expected_version=1)
+        recorded = store.read_stream("s")
+        assert [r.version for r in recorded] == [1, 2]
+        assert recorded[0].event == published
+        assert store.load("s").deliveries["d1"].status is lc.DeliveryStatus.DISCARDED
+
+    def test_append_with_a_stale_expected_version_conflicts(self, store):
+        store.append("s", [lc.Published("d1", "q", {})], expected_version=0)
+        with pytest.raises(ConcurrencyConflict):
+            store.append("s", [lc.Published("d2", "q", {})], expected_version=0)
+        with pytest.raises(ConcurrencyConflict):
+            store.append("s", [lc.Published("d2", "q", {})], expected_version=5)
+        assert len(store.read_stream("s")) == 1
+
+    def test_append_refuses_an_impossible_sequence(self, store):
+        with pytest.raises(CorruptStream):
+            store.append("s", [lc.Acked("nope", "c")], expected_version=0)
+        assert store.read_stream("s") == []
+
+    def test_read_all_is_in_log_order_from_a_position(self, store):
+        store.publish([msg("a"), msg("b"), msg("c")])
+        everything = store.read_all()
+        positions = [r.position for r in everything]
+        assert positions == sorted(positions) and len(positions) == 3
+        assert [r.stream for r in store.read_all(after=positions[0])] == ["b", "c"]
+        assert len(store.read_all(limit=2)) == 2
+
+    # -- publish, claim, ack ---------------------------------------------------
+
+    def test_publish_claim_ack(self, store):
+        (delivery,) = store.publish([msg("t1")])
+        assert store.queue_size("q") == 1
+        (claimed,) = store.claim(["q"], 10, "worker-1", 30)
+        assert (claimed.delivery, claimed.stream, claimed.message) == (delivery, "t1", {"body": "t1"})
+        assert not claimed.redelivered
+        assert store.queue_size("q") == 0
+        assert store.ack([claimed.ref]) == {delivery: Outcome.DONE}
+        assert types(store, "t1") == ["Published", "Claimed", "Acked"]
+        assert store.projection_rows()[store.tables.messages.name] == []
+
+    def test_claim_serves_highest_priority_then_oldest(self, store):
+        store.publish([msg("low1", priority=1), msg("high", priority=9), msg("low2", priority=1)])
+        store.publish([msg("mid", priority=5)])
+        got = [m.stream for m in store.claim(["q"], 10, "w", 30)]
+        assert got == ["high", "mid", "low1", "low2"]
+
+    def test_claim_takes_at_most_the_limit_from_the_named_queues(self, store):
+        store.publish([msg(f"a{i}", queue="a") for i in range(5)] + [msg("b0", queue="b")])
+        store.publish([msg("c0", queue="c")])
+        first = store.claim(["a", "b"], 4, "w", 30)
+        assert len(first) == 4
+        rest = store.claim(["a", "b"], 10, "w", 30)
+        assert {m.stream for m in first + rest} == {"a0", "a1", "a2", "a3", "a4", "b0"}
+        assert store.queue_size("c") == 1
+
+    def test_scheduled_message_waits_until_due(self, store, clock):
+        store.publish([msg("later", not_before=clock.now + 60)])
+        assert store.claim(["q"], 10, "w", 30) == []
+        clock.advance(59.9)
+        assert store.claim(["q"], 10, "w", 30) == []
+        clock.advance(0.1)
+        assert [m.stream for m in store.claim(["q"], 10, "w", 30)] == ["later"]
+
+    def test_expired_message_is_never_delivered_and_the_history_says_so(self, store, clock):
+        store.publish([msg("old", expires=clock.now + 10), msg("fresh")])
+        clock.advance(11)
+        assert [m.stream for m in store.claim(["q"], 10, "w", 30)] == ["fresh"]
+        assert types(store, "old") == ["Published", "Discarded"]
+        assert store.read_stream("old")[-1].event.reason == "expired"
+        assert store.queue_size("q") == 0
+
+    def test_several_deliveries_of_one_task_share_its_stream(self, store):
+        store.publish([msg("task"), msg("task")])
+        claimed = store.claim(["q"], 10, "w", 30)
+        assert len(claimed) == 2 and {m.stream for m in claimed} == {"task"}
+        store.ack([m.ref for m in claimed])
+        assert types(store, "task").count("Acked") == 2
+
+    # -- leases and fencing ----------------------------------------------------
+
+    def test_expired_lease_is_claimable_again_and_marked_redelivered(self, store, clock):
+        store.publish([msg("t")])
+        (first,) = store.claim(["q"], 1, "w1", 30)
+        assert store.claim(["q"], 1, "w2", 30) == []
+        clock.advance(30)
+        (second,) = store.claim(["q"], 1, "w2", 30)
+        assert second.delivery == first.delivery and second.claim != first.claim
+        assert second.redelivered
+        assert types(store, "t") == ["Published", "Claimed", "LeaseExpired", "Claimed"]
+
+    def test_stale_claim_writes_nothing_and_says_so(self, store, clock):
+        store.publish([msg("t")])
+        (first,) = store.claim(["q"], 1, "w1", 30)
+        clock.advance(31)
+        (second,) = store.claim(["q"], 1, "w2", 30)
+        version = store.load("t").version
+        assert store.ack([first.ref]) == {first.delivery: Outcome.STALE}
+        assert store.renew([first.ref], 30) == {first.delivery: Outcome.STALE}
+        assert store.reject([first.ref], requeue=True) == {first.delivery: Outcome.STALE}
+        assert store.load("t").version == version
+        assert store.ack([second.ref]) == {second.delivery: Outcome.DONE}
+        # After settlement even the winner's renewal matches nothing: no resurrection.
+        assert store.renew([second.ref], 30) == {second.delivery: Outcome.STALE}
+        assert store.claim(["q"], 1, "w3", 30) == []
+
+    def test_renewal_keeps_a_long_task_from_being_stolen(self, store, clock):
+        store.publish([msg("long")])
+        (held,) = store.claim(["q"], 1, "w1", 30)
+        for _ in range(10):
+            clock.advance(20)
+            assert store.renew([held.ref], 30) == {held.delivery: Outcome.DONE}
+            assert store.claim(["q"], 1, "thief", 30) == []
+        assert store.ack([held.ref]) == {held.delivery: Outcome.DONE}
+
+    def test_dead_letter_after_max_claims_lost(self, store, clock):
+        store.publish([msg("crashy")])
+        for _ in range(3):
+            assert len(store.claim(["q"], 1, "w", 10, max_claims=3)) == 1
+            clock.advance(10)
+        assert store.claim(["q"], 1, "w", 10, max_claims=3) == []
+        last = store.read_stream("crashy")[-1].event
+        assert isinstance(last, lc.DeadLettered) and "3 times" in last.reason
+        (stats,) = store.queue_stats()
+        assert (stats.queue, stats.dead, stats.ready, stats.claimed) == ("q", 1, 0, 0)
+        dead = store.projection_rows()[store.tables.dead_letters.name]
+        assert len(dead) == 1
+
+    def test_reject_requeue_restore_and_dead_letter(self, store):
+        store.publish([msg("a"), msg("b"), msg("c")])
+        a, b, c = store.claim(["q"], 3, "w", 30)
+        store.reject([a.ref], requeue=True)
+        store.restore([b.ref])
+        store.reject([c.ref], requeue=False, reason="bad payload")
+        again = store.claim(["q"], 10, "w", 30)
+        assert sorted(m.stream for m in again) == ["a", "b"]
+        assert all(m.redelivered for m in again)
+        assert store.load("b").deliveries[b.delivery].lost_claims == 0
+        assert store.read_stream("c")[-1].event == lc.DeadLettered(c.delivery, "bad payload")
+
+    # -- atomic publish on the caller's transaction --------------------------------
+
+    def test_publish_on_a_rolled_back_connection_leaves_nothing(self, store):
+        with store.engine.connect() as conn:
+            trans = conn.begin()
+            store.publish([msg("ghost")], connection=conn)
+            trans.rollback()
+        assert store.read_stream("ghost") == []
+        assert store.queue_size("q") == 0
+
+    def test_publish_on_a_committed_connection_leaves_exactly_one(self, store):
+        with store.engine.connect() as conn:
+            with conn.begin():
+                store.publish([msg("real")], connection=conn)
+                # Not visible to others before the caller commits.
+                assert store.queue_size("q") == 0 or store.dialect.name == "sqlite"
+        assert types(store, "real") == ["Published"]
+        assert store.queue_size("q") == 1
+
+    def test_publish_in_a_rolled_back_savepoint_leaves_nothing(self, store):
+        with store.engine.connect() as conn:
+            with conn.begin():
+                savepoint = conn.begin_nested()
+                store.publish([msg("inner")], connection=conn)
+                savepoint.rollback()
+                store.publish([msg("outer")], connection=conn)
+        assert store.read_stream("inner") == []
+        assert types(store, "outer") == ["Published"]
+
+    # -- limits and queues -----------------------------------------------------
+
+    def test_oversized_message_is_refused_and_nothing_written(self, make_store):
+        store = make_store(max_message_size=1000)
+        big = NewMessage(stream="big", queue="q", message={"body": "x" * 2000})
+        with pytest.raises(MessageTooLarge, match="max_message_size"):
+            store.publish([msg("small"), big])
+        assert store.read_all() == []
+
+    def test_purge_discards_waiting_messages_only(self, store):
+        store.publish([msg(f"m{i}") for i in range(7)])
+        (held,) = store.claim(["q"], 1, "w", 30)
+        assert store.purge("q") == 6
+        assert store.queue_size("q") == 0
+        assert store.ack([held.ref]) == {held.delivery: Outcome.DONE}
+        assert types(store, "m1") == ["Published", "Discarded"]
+
+    def test_queue_stats_counts_each_state(self, store, clock):
+        store.publish([msg("r1"), msg("r2"), msg("s", not_before=clock.now + 100)])
+        store.publish([msg("c")])
+        store.claim(["q"], 1, "w", 30)
+        (stats,) = store.queue_stats()
+        assert (stats.ready, stats.scheduled, stats.claimed, stats.dead) == (2, 1, 1, 0)
+
+    def test_revoke_discards_pending_and_future_deliveries(self, store):
+        store.publish([msg("t")])
+        store.revoke("t")
+        assert store.claim(["q"], 10, "w", 30) == []
+        store.publish([msg("t")])  # e.g. a retry published after the revoke
+        assert store.claim(["q"], 10, "w", 30) == []
+        assert types(store, "t") == ["Published", "Revoked", "Discarded", "Published", "Discarded"]
+        assert store.load("t").result_state is lc.ResultState.REVOKED
+
+    def test_results_are_events_and_success_is_final(self, store):
+        store.execute("t", lc.Start(worker="w1"))
+        store.execute("t", lc.Succeed(result={"body": "42"}))
+        store.execute("t", lc.Fail(exc="late"))
+        state = store.load("t")
+        assert state.result_state is lc.ResultState.SUCCESS
+        assert types(store, "t") == ["Started", "Succeeded"]
+
+    # -- rebuild -------------------------------------------------------------------
+
+    def test_rebuild_reproduces_the_live_projections(self, store, clock):
+        store.publish([msg(f"m{i}", priority=i % 3) for i in range(20)])
+        store.publish([msg("later", not_before=clock.now + 500), msg("t", expires=clock.now + 1)])
+        claimed = store.claim(["q"], 8, "w1", 30)
+        store.ack([m.ref for m in claimed[:3]])
+        store.reject([claimed[3].ref], requeue=True)
+        store.reject([claimed[4].ref], requeue=False)
+        store.renew([claimed[5].ref], 60)
+        clock.advance(40)
+        store.claim(["q"], 3, "w2", 30, max_claims=1)
+        store.revoke("m19")
+        live = store.projection_rows()
+        assert live[store.tables.messages.name] and live[store.tables.dead_letters.name]
+
+        # Drop the derived tables outright; the log alone must bring them back.
+        for table in store.tables.projections:
+            table.drop(store.engine)
+        store.rebuild(batch_streams=3)  # several batches while the log is streamed
+        assert store.projection_rows() == live
+
+    # -- errors ----------------------------------------------------------------------
+
+    def test_claim_with_nothing_to_do(self, store):
+        assert store.claim(["q"], 10, "w", 30) == []
+        assert store.claim([], 10, "w", 30) == []
+        assert store.claim(["q"], 0, "w", 30) == []
+
+    def test_unknown_or_settled_delivery_cannot_be_settled(self, store):
+        store.publish([msg("t")])
+        (m,) = store.claim(["q"], 1, "w", 30)
+        store.ack([m.ref])
+        assert store.ack([m.ref]) == {m.delivery: Outcome.STALE}
+        bogus = type(m.ref)("t", "no-such-delivery", "c")
+        assert store.ack([bogus]) == {"no-such-delivery": Outcome.STALE}
+
+    def test_store_never_parses_the_message_body(self, store):
+        body = {"body": "gASVAAAA", "content-encoding": "binary", "headers": {"id": "x"}}
+        store.publish([NewMessage(stream="x", queue="q", message=body)])
+        (m,) = store.claim(["q"], 1, "w", 30)
+        assert m.message == body
+
+    def test_engine_reports_the_dialect(self, store):
+        assert store.dialect.name == sa.make_url(str(store.url)).get_backend_name()

@@ -1,0 +1,60 @@
+"""Helpers shared by the store tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from celery_eventstore.storage import EventStore
+
+
+class FakeClock:
+    """A clock the test moves by hand: lease expiry without sleeping."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+StoreFactory = Callable[..., EventStore]
+
+
+def make_factory(db: tuple[str, dict[str, Any]]) -> Iterator[StoreFactory]:
+    url, base = db
+    made: list[EventStore] = []
+
+    def factory(*, migrate: bool = True, **options: Any) -> EventStore:
+        store = EventStore(url, **{**base, **options})
+        if migrate:
+            store.migrate()
+        made.append(store)
+        return store
+
+    yield factory
+    for store in made:
+        store.close()
+
+
+def claim_and_ack_until_empty(
+    url: str, options: dict[str, Any], queue: str, batch: int, out: Any
+) -> None:
+    """A racing consumer process: claims and acks until the queue stays empty."""
+    store = EventStore(url, **options)
+    delivered: list[str] = []
+    empty_rounds = 0
+    while empty_rounds < 3:
+        claimed = store.claim([queue], batch, f"pid-{id(store)}", 60)
+        if not claimed:
+            empty_rounds += 1
+            continue
+        empty_rounds = 0
+        outcomes = store.ack([m.ref for m in claimed])
+        assert set(outcomes.values()) == {"done"}, outcomes
+        delivered.extend(m.stream for m in claimed)
+    store.close()
+    out.put(delivered)

@@ -1,0 +1,62 @@
+"""Racing OS processes against a real database: every message delivered exactly once."""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+
+import pytest
+import sqlalchemy as sa
+from storehelpers import claim_and_ack_until_empty
+
+from celery_eventstore.storage import EventStore, NewMessage
+
+MESSAGES = 2000
+PROCESSES = 8
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request):
+    return request.getfixturevalue(f"{request.param}_db")
+
+
+def test_racing_consumers_deliver_each_message_exactly_once(db):
+    url, options = db
+    store = EventStore(url, **options)
+    store.migrate()
+    for start in range(0, MESSAGES, 500):
+        store.publish(
+            [NewMessage(stream=f"task-{i}", queue="race", message={"n": i})
+             for i in range(start, start + 500)]
+        )
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=claim_and_ack_until_empty, args=(str(store.url.render_as_string(False)),
+                                                            options, "race", 10, out))
+        for _ in range(PROCESSES)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+
+    delivered = collections.Counter(stream for r in results for stream in r)
+    assert len(delivered) == MESSAGES
+    assert max(delivered.values()) == 1, [s for s, n in delivered.items() if n > 1][:5]
+    assert sum(1 for r in results if r) > 1, "only one process got work: no race happened"
+
+    events = store.read_all(limit=10 * MESSAGES)
+    keys = collections.Counter((e.stream, e.version) for e in events)
+    assert max(keys.values()) == 1
+    by_stream = collections.defaultdict(list)
+    for e in events:
+        by_stream[e.stream].append(e.type)
+    assert len(by_stream) == MESSAGES
+    assert all(t == ["Published", "Claimed", "Acked"] for t in by_stream.values())
+    assert store.queue_size("race") == 0
+    assert store.projection_rows()[store.tables.messages.name] == []
+    store.close()
