@@ -9,6 +9,13 @@ from the log at any time:
   index lookup on a small table however long the history grows.
 * ``dead_letters`` -- deliveries that were dead-lettered and not retried.
 
+Routing state is kept apart from history.  ``queues``, ``bindings`` and
+``transient_messages`` hold what Celery's control plane needs across processes
+(queue declarations, exchange bindings, broadcast and reply messages).  They are
+volatile by design, like Redis pub/sub: re-declared by every client when it
+connects, swept when their queues expire, and never written to the log, so
+``celery inspect`` and worker heartbeats do not bloat the audit history.
+
 ``schema_version`` records which migrations ran; it is bookkeeping, not state.
 Every name carries the configured prefix and, on PostgreSQL, the schema.
 """
@@ -21,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Big integers that are also SQLite's rowid alias (so positions autoincrement).
 _Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -38,6 +45,9 @@ class Tables:
     messages: sa.Table
     dead_letters: sa.Table
     schema_version: sa.Table
+    queues: sa.Table
+    bindings: sa.Table
+    transient_messages: sa.Table
 
     @property
     def projections(self) -> tuple[sa.Table, ...]:
@@ -107,13 +117,62 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("applied_at", _Time, nullable=False),
     )
-    return Tables(md, events, messages, dead_letters, schema_version)
+    queues = sa.Table(
+        f"{prefix}queues",
+        md,
+        sa.Column("name", sa.String(255), primary_key=True),
+        # Transient queues (auto-delete, exclusive, or with a TTL) never touch the log.
+        sa.Column("transient", sa.Boolean, nullable=False),
+        sa.Column("expires", _Time, nullable=True),  # x-expires, seconds idle
+        sa.Column("message_ttl", _Time, nullable=True),  # x-message-ttl, seconds
+        sa.Column("last_active", _Time, nullable=False),
+    )
+
+    bindings = sa.Table(
+        f"{prefix}bindings",
+        md,
+        sa.Column("exchange", sa.String(255), primary_key=True),
+        sa.Column("queue", sa.String(255), primary_key=True),
+        sa.Column("routing_key", sa.String(255), primary_key=True),
+        sa.Column("pattern", sa.String(1024), nullable=True),
+        sa.Column("exchange_type", sa.String(32), nullable=False),
+    )
+    sa.Index(f"{prefix}bindings_queue", bindings.c.queue)
+
+    transient_messages = sa.Table(
+        f"{prefix}transient_messages",
+        md,
+        sa.Column("id", _Position, primary_key=True, autoincrement=True),
+        sa.Column("queue", sa.String(255), nullable=False),
+        sa.Column("priority", sa.SmallInteger, nullable=False),
+        sa.Column("payload", _Json, nullable=False),
+        sa.Column("expires_at", _Time, nullable=True),
+    )
+    sa.Index(
+        f"{prefix}transient_messages_order",
+        transient_messages.c.queue,
+        transient_messages.c.priority.desc(),
+        transient_messages.c.id,
+    )
+    return Tables(
+        md, events, messages, dead_letters, schema_version, queues, bindings, transient_messages
+    )
+
+
+def _create(*tables: sa.Table) -> list[sa.schema.ExecutableDDLElement]:
+    ddl: list[sa.schema.ExecutableDDLElement] = []
+    for table in tables:
+        ddl.append(sa.schema.CreateTable(table))
+        ddl.extend(sa.schema.CreateIndex(index) for index in sorted(table.indexes, key=str))
+    return ddl
 
 
 def migrations(tables: Tables) -> dict[int, list[sa.schema.ExecutableDDLElement]]:
-    """DDL per schema version; version N upgrades a version N-1 database."""
-    ddl: list[sa.schema.ExecutableDDLElement] = []
-    for table in (tables.events, tables.messages, tables.dead_letters):
-        ddl.append(sa.schema.CreateTable(table))
-        ddl.extend(sa.schema.CreateIndex(index) for index in sorted(table.indexes, key=str))
-    return {1: ddl}
+    """DDL per schema version; version N upgrades a version N-1 database.
+
+    Released versions are never edited: a change to the schema is a new version.
+    """
+    return {
+        1: _create(tables.events, tables.messages, tables.dead_letters),
+        2: _create(tables.queues, tables.bindings, tables.transient_messages),
+    }

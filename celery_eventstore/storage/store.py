@@ -37,7 +37,7 @@ from ..exceptions import (
     SchemaTooNew,
     StaleClaim,
 )
-from .dialects import Dialect, dialect_for
+from .dialects import Dialect, Listener, dialect_for
 from .projection import project
 from .records import (
     ClaimedMessage,
@@ -47,6 +47,7 @@ from .records import (
     QueueStats,
     RecordedEvent,
 )
+from .routing import RoutingMixin
 from .schema import SCHEMA_VERSION, Tables, make_tables, migrations
 
 T = TypeVar("T")
@@ -71,7 +72,7 @@ def redact(url: sa.URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-class EventStore:
+class EventStore(RoutingMixin):
     """An event store on one database.
 
     :param url: a SQLAlchemy URL (``postgresql://...``, ``sqlite:///jobs.db``).
@@ -128,6 +129,18 @@ class EventStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def listener(self) -> Listener:
+        """A new :class:`~.dialects.Listener` for "messages may be ready" wake-ups.
+
+        With ``notify`` off (PgBouncer) a PostgreSQL store gives a listener that
+        never wakes: consumers fall back to their periodic poll.
+        """
+        self._ensure_schema()
+        with self._translate_errors():
+            if self.dialect.supports_notify and not self.notify_enabled:
+                return _SilentListener()
+            return self.dialect.listener(self.engine, self.channel)
 
     def after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""
@@ -218,8 +231,8 @@ class EventStore:
                 return 0
             return int(conn.execute(sa.select(sa.func.max(table.c.version))).scalar() or 0)
 
-    def migrate(self) -> list[int]:
-        """Create or upgrade the schema; returns the versions applied."""
+    def migrate(self, to_version: int = SCHEMA_VERSION) -> list[int]:
+        """Create or upgrade the schema (up to ``to_version``); returns the versions applied."""
         applied: list[int] = []
         with self._translate_errors(), self.engine.begin() as conn:
             self.dialect.lock_migrations(conn, self.table_prefix + (self.schema or ""))
@@ -229,7 +242,7 @@ class EventStore:
                 or 0
             )
             for version, statements in sorted(migrations(self.tables).items()):
-                if version <= current:
+                if version <= current or version > to_version:
                     continue
                 for ddl in statements:
                     conn.execute(ddl)
@@ -239,7 +252,7 @@ class EventStore:
                     )
                 )
                 applied.append(version)
-        self._schema_ready = True
+        self._schema_ready = to_version == SCHEMA_VERSION
         return applied
 
     def migration_sql(self, from_version: int = 0) -> str:
@@ -776,6 +789,15 @@ def _newly_ready(
             if not delivery.status.is_final and (ev.not_before is None or ev.not_before <= now):
                 ready.add(delivery.queue)
     return ready
+
+
+class _SilentListener(Listener):
+    def poll(self) -> set[str]:
+        return set()
+
+    def wait(self, timeout: float) -> set[str]:
+        time.sleep(max(timeout, 0.0))
+        return set()
 
 
 def _first_line(exc: BaseException | None) -> str:

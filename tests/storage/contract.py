@@ -16,8 +16,10 @@ from celery_eventstore.exceptions import (
     CorruptStream,
     MessageTooLarge,
     SchemaMissing,
+    SchemaOutdated,
 )
 from celery_eventstore.storage import SCHEMA_VERSION, NewMessage, Outcome
+from celery_eventstore.storage.routing import Binding, QueueInfo
 
 
 def msg(stream, queue="q", **kw):
@@ -38,7 +40,7 @@ class StoreContract:
     def test_migrate_is_versioned_and_idempotent(self, make_store):
         store = make_store(migrate=False)
         assert store.schema_version() == 0
-        assert store.migrate() == [SCHEMA_VERSION]
+        assert store.migrate() == list(range(1, SCHEMA_VERSION + 1))
         assert store.migrate() == []
         assert store.schema_version() == SCHEMA_VERSION
 
@@ -46,6 +48,14 @@ class StoreContract:
         store = make_store(migrate=False)
         with pytest.raises(SchemaMissing, match="migrate"):
             store.publish([msg("a")])
+
+    def test_an_older_schema_is_reported_and_upgraded(self, make_store):
+        store = make_store(migrate=False)
+        assert store.migrate(to_version=1) == [1]
+        with pytest.raises(SchemaOutdated, match="migrate"):
+            store.check_schema()
+        assert store.migrate() == list(range(2, SCHEMA_VERSION + 1))
+        store.check_schema()
 
     def test_auto_migrate_creates_the_schema(self, make_store):
         store = make_store(migrate=False, auto_migrate=True)
@@ -323,3 +333,57 @@ class StoreContract:
 
     def test_engine_reports_the_dialect(self, store):
         assert store.dialect.name == sa.make_url(str(store.url)).get_backend_name()
+
+    # -- routing state ---------------------------------------------------------------
+
+    def test_bindings_are_shared_between_stores(self, make_store):
+        one, two = make_store(), make_store()
+        one.bind(Binding("celery.pidbox", "w1.pidbox", "", None, "fanout"))
+        one.bind(Binding("celery.pidbox", "w1.pidbox", "", None, "fanout"))  # idempotent
+        two.bind(Binding("celery.pidbox", "w2.pidbox", "", None, "fanout"))
+        assert [b.queue for b in one.bindings("celery.pidbox")] == ["w1.pidbox", "w2.pidbox"]
+        two.unbind("celery.pidbox", "w1.pidbox", "")
+        assert [b.queue for b in one.bindings("celery.pidbox")] == ["w2.pidbox"]
+
+    def test_transient_messages_stay_out_of_the_log(self, store, clock):
+        store.declare_queue(QueueInfo("reply", transient=True, expires=10, message_ttl=5))
+        store.put_transient([("reply", {"n": 1}, 0, None), ("reply", {"n": 2}, 5, None),
+                             ("reply", {"n": 3}, 0, clock.now + 1)])
+        assert store.transient_size("reply") == 3
+        clock.advance(2)
+        got = store.take_transient(["reply"], 10)
+        assert [p["n"] for _, p in got] == [2, 1]  # highest priority first; n=3 expired
+        assert store.take_transient(["reply"], 10) == []
+        assert store.read_all() == []
+
+    def test_idle_transient_queue_is_swept_with_its_bindings(self, store, clock):
+        store.declare_queue(QueueInfo("gone", transient=True, expires=10))
+        store.declare_queue(QueueInfo("alive", transient=True, expires=10))
+        store.bind(Binding("celery.pidbox", "gone", "", None, "fanout"))
+        store.put_transient([("gone", {"n": 1}, 0, None)])
+        clock.advance(8)
+        store.touch_queues(["alive"])
+        clock.advance(3)
+        assert store.sweep() == 1
+        assert store.queue_info(["gone", "alive"]).keys() == {"alive"}
+        assert store.bindings("celery.pidbox") == []
+        assert store.transient_size("gone") == 0
+
+    def test_queue_exists_when_declared_or_holding_messages(self, store):
+        assert not store.queue_exists("q")
+        store.publish([msg("a")])
+        assert store.queue_exists("q")
+        store.declare_queue(QueueInfo("declared", transient=False))
+        assert store.queue_exists("declared")
+
+    def test_listener_wakes_on_publish_from_another_store(self, make_store):
+        consumer, producer = make_store(), make_store()
+        listener = consumer.listener()
+        try:
+            listener.poll()
+            assert listener.wait(0.05) == set()
+            producer.publish([msg("wake", queue="tasks")])
+            woken = listener.wait(5)
+            assert woken & {"tasks", "*"}
+        finally:
+            listener.close()

@@ -52,6 +52,16 @@ class Dialect:
     def notify(self, conn: sa.Connection, channel: str, payloads: Iterable[str]) -> None:
         """Wake listeners on commit; a no-op where the database cannot."""
 
+    def upsert(
+        self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], keys: tuple[str, ...]
+    ) -> None:
+        """Insert a row, or update it where its ``keys`` already exist."""
+        raise NotImplementedError
+
+    def listener(self, engine: sa.Engine, channel: str) -> Listener:
+        """Something to wait on for "the store changed"; see :class:`Listener`."""
+        raise NotImplementedError
+
     def clock_query(self) -> sa.Select[Any] | None:
         """A query for the database's clock in epoch seconds, or None to use the host's."""
         return None
@@ -59,6 +69,31 @@ class Dialect:
     def is_conflict(self, exc: sa.exc.DBAPIError) -> bool:
         """True when the error means another transaction won a race; retry."""
         return isinstance(exc, sa.exc.IntegrityError)
+
+
+class Listener:
+    """Wakes consumers when messages may have become ready.
+
+    :meth:`fileno` is a socket an event loop can watch (PostgreSQL LISTEN), or
+    None when the dialect can only poll (then call :meth:`poll` on a timer).
+    :meth:`poll` never blocks and returns the queues woken since the last call
+    (``{"*"}`` when it cannot tell which); :meth:`wait` blocks up to ``timeout``.
+    """
+
+    def fileno(self) -> int | None:
+        return None
+
+    def poll(self) -> set[str]:
+        raise NotImplementedError
+
+    def wait(self, timeout: float) -> set[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the listener's connection."""
+
+
+ANY_QUEUE = "*"
 
 
 def dialect_for(url: sa.URL) -> Dialect:

@@ -7,13 +7,15 @@ here).  Name the driver to choose: ``postgresql+psycopg://`` works as well.
 
 from __future__ import annotations
 
+import select
 import zlib
 from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from . import Dialect
+from . import Dialect, Listener
 
 #: SQLSTATEs that mean "another transaction got there first": retry.
 _RETRYABLE = {
@@ -61,9 +63,64 @@ class PostgreSQLDialect(Dialect):
         for payload in sorted(set(payloads)):
             conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
 
+    def upsert(
+        self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], keys: tuple[str, ...]
+    ) -> None:
+        stmt = pg_insert(table).values(values)
+        update = {k: stmt.excluded[k] for k in values if k not in keys}
+        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
+
+    def listener(self, engine: sa.Engine, channel: str) -> Listener:
+        return NotifyListener(engine, channel)
+
     def clock_query(self) -> sa.Select[Any]:
         return sa.select(sa.extract("epoch", sa.func.clock_timestamp()))
 
     def is_conflict(self, exc: sa.exc.DBAPIError) -> bool:
         code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
         return code in _RETRYABLE
+
+
+class NotifyListener(Listener):
+    """A dedicated autocommit connection that LISTENs on the store's channel.
+
+    It is its own DBAPI connection, outside the pool: a pooled connection would
+    be handed to other work and lose its LISTEN.  Works with psycopg2 and psycopg 3.
+    """
+
+    def __init__(self, engine: sa.Engine, channel: str) -> None:
+        args, kwargs = engine.dialect.create_connect_args(engine.url)
+        self._conn: Any = engine.dialect.connect(*args, **kwargs)
+        self._psycopg2 = engine.dialect.driver == "psycopg2"
+        quoted = '"' + channel.replace('"', '""') + '"'
+        if self._psycopg2:
+            self._conn.set_isolation_level(0)
+            with self._conn.cursor() as cur:
+                cur.execute(f"LISTEN {quoted}")
+        else:
+            self._conn.autocommit = True
+            self._conn.execute(f"LISTEN {quoted}")
+
+    def fileno(self) -> int:
+        return int(self._conn.fileno())
+
+    def poll(self) -> set[str]:
+        if self._psycopg2:
+            self._conn.poll()
+            payloads = {n.payload for n in self._conn.notifies}
+            self._conn.notifies.clear()
+            return payloads
+        return {n.payload for n in self._conn.notifies(timeout=0)}
+
+    def wait(self, timeout: float) -> set[str]:
+        woken = self.poll()
+        if woken or timeout <= 0:
+            return woken
+        readable, _, _ = select.select([self.fileno()], [], [], timeout)
+        return self.poll() if readable else set()
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection is not an error
+            pass

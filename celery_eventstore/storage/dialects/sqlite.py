@@ -8,11 +8,13 @@ Read-only transactions use a plain ``BEGIN`` and run beside the writer (WAL).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from . import Dialect
+from . import ANY_QUEUE, Dialect, Listener
 
 #: How long a writer waits for the write lock before giving up.
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -43,5 +45,62 @@ class SQLiteDialect(Dialect):
             else:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    def upsert(
+        self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], keys: tuple[str, ...]
+    ) -> None:
+        stmt = sqlite_insert(table).values(values)
+        update = {k: stmt.excluded[k] for k in values if k not in keys}
+        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
+
+    def listener(self, engine: sa.Engine, channel: str) -> Listener:
+        return DataVersionListener(engine)
+
     def read_options(self) -> dict[str, Any]:
         return {_READ_ONLY: True}
+
+
+class DataVersionListener(Listener):
+    """Change detection by ``PRAGMA data_version``: no table is read to find out.
+
+    The pragma's value changes whenever another connection commits to the file,
+    so a consumer runs its claim query only after a write, not on every tick.
+    Waiting polls the pragma with an interval that starts short after activity
+    and grows while the database stays quiet.
+    """
+
+    MIN_INTERVAL = 0.005
+    MAX_INTERVAL = 0.1
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._conn: Any = engine.raw_connection()
+        self._version = self._read()
+        self._interval = self.MIN_INTERVAL
+
+    def _read(self) -> int:
+        cur = self._conn.cursor()
+        try:
+            cur.execute("PRAGMA data_version")
+            return int(cur.fetchone()[0])
+        finally:
+            cur.close()
+
+    def poll(self) -> set[str]:
+        version = self._read()
+        if version == self._version:
+            return set()
+        self._version = version
+        self._interval = self.MIN_INTERVAL
+        return {ANY_QUEUE}
+
+    def wait(self, timeout: float) -> set[str]:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            woken = self.poll()
+            remaining = deadline - time.monotonic()
+            if woken or remaining <= 0:
+                return woken
+            time.sleep(min(self._interval, remaining))
+            self._interval = min(self._interval * 2, self.MAX_INTERVAL)
+
+    def close(self) -> None:
+        self._conn.close()
