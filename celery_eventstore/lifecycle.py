@@ -257,8 +257,9 @@ class Delivery:
 
     @property
     def redelivered(self) -> bool:
-        """True once a previous claim of this delivery ended without an ack."""
-        return self.claims > 0
+        """True when a claim before the current (or next) one ended without an ack."""
+        earlier = self.claims - 1 if self.status is DeliveryStatus.CLAIMED else self.claims
+        return earlier > 0
 
     def is_due(self, now: float) -> bool:
         return self.not_before is None or self.not_before <= now
@@ -578,6 +579,13 @@ def _current_claim(state: JobState, delivery_id: str, claim: str) -> Delivery:
     return delivery
 
 
+def _unless_revoked(state: JobState, requeued: Requeued) -> list[Event]:
+    """A delivery given back after its task was revoked is discarded, not re-run."""
+    if state.revoked:
+        return [requeued, Discarded(requeued.delivery, "revoked")]
+    return [requeued]
+
+
 def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noqa: C901
     """The events ``command`` produces in ``state`` at time ``now``.
 
@@ -615,7 +623,10 @@ def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noq
             lost = delivery.lost_claims
         if not delivery.is_due(now):
             raise NotClaimable(f"delivery {delivery.id!r} is scheduled for later")
-        if command.max_claims is not None and lost >= command.max_claims:
+        if state.revoked:
+            # Claimed before the revoke, then given back: it must not run now.
+            events.append(Discarded(delivery.id, "revoked"))
+        elif command.max_claims is not None and lost >= command.max_claims:
             events.append(
                 DeadLettered(
                     delivery.id,
@@ -647,12 +658,14 @@ def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noq
         _current_claim(state, command.delivery, command.claim)
         if command.requeue:
             not_before = now + command.countdown if command.countdown else None
-            return [Requeued(command.delivery, command.claim, command.reason, not_before)]
+            return _unless_revoked(
+                state, Requeued(command.delivery, command.claim, command.reason, not_before)
+            )
         return [DeadLettered(command.delivery, command.reason)]
 
     if isinstance(command, Restore):
         _current_claim(state, command.delivery, command.claim)
-        return [Requeued(command.delivery, command.claim, "restored")]
+        return _unless_revoked(state, Requeued(command.delivery, command.claim, "restored"))
 
     if isinstance(command, Discard):
         delivery = state.delivery(command.delivery)

@@ -130,6 +130,12 @@ class EventStore(RoutingMixin):
     def close(self) -> None:
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """Check that the database answers and the schema is in place."""
+        self._ensure_schema()
+        with self._translate_errors(), self.engine.connect() as conn:
+            conn.execute(sa.select(1)).scalar_one()
+
     def listener(self) -> Listener:
         """A new :class:`~.dialects.Listener` for "messages may be ready" wake-ups.
 
@@ -563,7 +569,7 @@ class EventStore(RoutingMixin):
                         message=published[delivery],
                         priority=d.priority,
                         lease_until=d.lease_until or now,
-                        redelivered=d.claims > 1,
+                        redelivered=d.redelivered,
                     )
                 )
             return out
