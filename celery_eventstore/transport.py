@@ -1,0 +1,673 @@
+"""kombu transport on the celery_eventstore event store.
+
+Connection String
+=================
+
+``eventstore+`` followed by any SQLAlchemy URL::
+
+    eventstore+sqlite:///jobs.db
+    eventstore+postgresql://app@db/app            (psycopg2, the default driver)
+    eventstore+postgresql+psycopg://app@db/app    (psycopg 3)
+
+Features
+========
+
+* Type: virtual, with the store as the broker: every publish, claim, ack, reject
+  and restore of a task message is an event in the task's stream.
+* Supports direct, topic and fanout exchanges; bindings live in the database, so
+  ``celery inspect``, ``celery control`` and broadcast revoke work across hosts.
+* Server-side ETA/countdown: a message is not delivered before it is due.
+* Leases instead of a visibility timeout that fires on live tasks: the worker
+  renews the leases of the messages it holds; a crashed worker's messages come
+  back when their lease runs out, marked redelivered.
+* Priorities 0-9, served in the Redis transport's order by default (0 first).
+* Wake-ups through LISTEN/NOTIFY on PostgreSQL (registered with the worker's
+  event loop), and cheap change detection on SQLite; a periodic poll is the
+  safety net.
+* Broadcast, reply and monitoring traffic (queues that are auto-delete,
+  exclusive or have a TTL) is transient: kept out of the history, dropped with
+  its TTL.
+
+Transport Options
+=================
+
+* ``visibility_timeout``: lease length in seconds (default 60).  Held messages
+  are renewed well before it runs out, so it bounds crash recovery, not task length.
+* ``max_claims``: a message whose lease ran out this many times is dead-lettered
+  (default 5).
+* ``priority_order``: ``"redis"`` (0 is served first, the default) or ``"amqp"``
+  (9 is served first).
+* ``polling_interval``: seconds between safety-net polls (default 1.0).
+* ``ack_flush_interval``: longest time an ack waits to be written with others
+  (default 0.1 s).  A crash inside that window redelivers the message after its
+  lease, as a crash just before the ack would.
+* ``claim_batch``: most messages claimed in one round trip when prefetch is
+  unlimited (default 100).
+* ``table_prefix``, ``schema``, ``auto_migrate`` (default True), ``notify``
+  (default True; turn off behind PgBouncer transaction pooling),
+  ``max_message_size``: passed to the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from queue import Empty
+from typing import Any
+
+import sqlalchemy as sa
+from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
+
+from .exceptions import DatabaseUnavailable
+from .storage import ClaimRef, EventStore, NewMessage, Outcome, redact
+from .storage.dialects import ANY_QUEUE, Listener
+from .storage.routing import Binding, QueueInfo
+from .stores import shared_store
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEASE = 60.0
+DEFAULT_MAX_CLAIMS = 5
+DEFAULT_CLAIM_BATCH = 100
+DEFAULT_ACK_FLUSH_INTERVAL = 0.1
+#: How long a process trusts what it read of other processes' routing state.
+ROUTING_CACHE_SECONDS = 1.0
+#: How often a consuming process sweeps expired transient queues and messages.
+SWEEP_INTERVAL = 10.0
+
+STORE_OPTIONS = ("table_prefix", "schema", "auto_migrate", "notify", "max_message_size")
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [
+        DatabaseUnavailable,
+        sa.exc.OperationalError,
+        sa.exc.InterfaceError,
+        ConnectionError,
+    ]
+    for module, names in (
+        ("psycopg2", ("OperationalError", "InterfaceError")),
+        ("psycopg", ("OperationalError", "InterfaceError")),
+        ("sqlite3", ("OperationalError",)),
+    ):
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+        errors.extend(getattr(mod, name) for name in names)
+    return tuple(errors)
+
+
+def to_epoch(value: Any) -> float | None:
+    """Celery's ``eta``/``expires`` headers (ISO-8601 strings) as epoch seconds."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # Celery sends aware times; naive ones are UTC.
+            value = value.replace(tzinfo=timezone.utc)
+        return value.timestamp()
+    raise ValueError(f"not a time: {value!r}")
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting; unacked claims are released in one batch at shutdown."""
+
+    channel: Channel
+
+    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
+        self.channel.flush_acks()
+        self._flush()
+        refs = []
+        messages = []
+        while self._delivered:
+            tag, message = self._delivered.popitem()
+            ref = self.channel.forget_claim(tag)
+            if ref is not None:
+                refs.append(ref)
+                messages.append(message)
+        self._delivered.clear()
+        if not refs:
+            return []
+        try:
+            self.channel.store.restore(refs)
+        except Exception as exc:  # reported by kombu; the leases bring them back anyway
+            return [(exc, m) for m in messages]
+        return []
+
+
+class Channel(virtual.Channel):
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+
+    from_transport_options = virtual.Channel.from_transport_options + (
+        "visibility_timeout",
+        "max_claims",
+        "priority_order",
+        "claim_batch",
+        "ack_flush_interval",
+    )
+    visibility_timeout = DEFAULT_LEASE
+    max_claims: int | None = DEFAULT_MAX_CLAIMS
+    priority_order = "redis"
+    claim_batch = DEFAULT_CLAIM_BATCH
+    ack_flush_interval = DEFAULT_ACK_FLUSH_INTERVAL
+
+    connection: Transport
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        if self.priority_order not in ("redis", "amqp"):
+            raise ValueError(f"priority_order must be 'redis' or 'amqp', not {self.priority_order!r}")
+        self.store: EventStore = connection.store
+        # delivery tag -> (claim, lease end); touched by the consuming thread and
+        # read by the lease keeper, hence the lock.
+        self._claims: dict[str, tuple[ClaimRef, float]] = {}
+        self._claims_lock = threading.Lock()
+        self._pending_acks: list[ClaimRef] = []
+        self._acks_lock = threading.Lock()
+        self._noack_queues: set[str] = set()
+        self._declared: dict[str, QueueInfo] = {}
+        self._routing_cache: dict[str, tuple[float, Any]] = {}
+        self._last_touch = 0.0
+        #: True when the last claim filled the credit: there may be more waiting.
+        self.maybe_more = False
+
+    # -- queues and routing ----------------------------------------------------
+
+    def prepare_queue_arguments(self, arguments: Mapping[str, Any], **kwargs: Any) -> Any:
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        arguments = kwargs.get("arguments") or {}
+        expires = arguments.get("x-expires")
+        ttl = arguments.get("x-message-ttl")
+        info = QueueInfo(
+            name=queue,
+            transient=bool(
+                kwargs.get("auto_delete") or kwargs.get("exclusive") or expires or ttl
+            ),
+            expires=expires / 1000.0 if expires else None,
+            message_ttl=ttl / 1000.0 if ttl else None,
+        )
+        if self._declared.get(queue) != info:
+            self.store.declare_queue(info)
+            self._declared[queue] = info
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return queue in self._declared or self.store.queue_exists(queue)
+
+    def _queue_info(self, queue: str) -> QueueInfo:
+        if queue in self._declared:
+            return self._declared[queue]
+        info = self._cached(f"queue:{queue}", lambda: self.store.queue_info([queue]).get(queue))
+        return info or QueueInfo(queue, transient=False)
+
+    def _cached(self, key: str, load: Any) -> Any:
+        now = time.monotonic()
+        hit = self._routing_cache.get(key)
+        if hit is not None and now - hit[0] < ROUTING_CACHE_SECONDS:
+            return hit[1]
+        value = load()
+        self._routing_cache[key] = (now, value)
+        return value
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str | None, queue: str) -> None:
+        exchange_type = self.state.exchanges.get(exchange, {}).get("type", "direct")
+        self.store.bind(Binding(exchange, queue, routing_key or "", pattern, exchange_type))
+        self._routing_cache.pop(f"table:{exchange}", None)
+
+    def _bindings(self, exchange: str) -> list[Binding]:
+        return list(self._cached(f"table:{exchange}", lambda: self.store.bindings(exchange)))
+
+    def get_table(self, exchange: str) -> list[tuple[str, str | None, str]]:
+        return [(b.routing_key, b.pattern, b.queue) for b in self._bindings(exchange)]
+
+    def typeof(self, exchange: str, default: str = "direct") -> Any:
+        if exchange in self.state.exchanges:
+            return super().typeof(exchange, default)
+        bindings = self._bindings(exchange)
+        return self.exchange_types[bindings[0].exchange_type if bindings else default]
+
+    def queue_unbind(
+        self, queue: str, exchange: str | None = None, routing_key: str = "",
+        arguments: Any = None, **kwargs: Any,
+    ) -> None:
+        self.store.unbind(exchange or "amq.direct", queue, routing_key or "")
+        self._routing_cache.pop(f"table:{exchange}", None)
+        super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
+
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
+        if if_empty and self._size(queue):
+            return
+        if not self._queue_info(queue).transient:
+            self.store.purge(queue, reason="queue deleted")
+        self.store.forget_queue(queue)
+        self._declared.pop(queue, None)
+        self.state.queue_bindings_delete(queue)
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        self.queue_delete(queue)
+
+    def _purge(self, queue: str) -> int:
+        if self._queue_info(queue).transient:
+            return self.store.purge_transient(queue)
+        return self.store.purge(queue)
+
+    def _size(self, queue: str) -> int:
+        if self._queue_info(queue).transient:
+            return self.store.transient_size(queue)
+        return self.store.queue_size(queue)
+
+    # -- publishing ------------------------------------------------------------
+
+    def _store_priority(self, message: Mapping[str, Any]) -> int:
+        priority = self._get_message_priority(message, reverse=False)
+        # The store serves its highest number first.
+        return priority if self.priority_order == "amqp" else self.max_priority - priority
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        self._put_many([queue], message)
+
+    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
+                    **kwargs: Any) -> None:
+        self._put_many(sorted({b.queue for b in self._bindings(exchange)}), message)
+
+    def _put_many(self, queues: Sequence[str], message: dict[str, Any]) -> None:
+        now = self.store.now()
+        headers = message.get("headers") or {}
+        props = message.get("properties") or {}
+        expires = to_epoch(headers.get("expires"))
+        if props.get("expiration") not in (None, ""):
+            ttl_expiry = now + float(props["expiration"]) / 1000.0
+            expires = ttl_expiry if expires is None else min(expires, ttl_expiry)
+        priority = self._store_priority(message)
+        durable, transient = [], []
+        for queue in queues:
+            info = self._queue_info(queue)
+            if info.transient:
+                queue_expiry = now + info.message_ttl if info.message_ttl else None
+                expiry = min((e for e in (expires, queue_expiry) if e is not None), default=None)
+                transient.append((queue, message, priority, expiry))
+            else:
+                durable.append(
+                    NewMessage(
+                        stream=str(headers.get("id") or uuid.uuid4().hex),
+                        queue=queue,
+                        message=message,
+                        priority=priority,
+                        not_before=to_epoch(headers.get("eta")),
+                        expires=expires,
+                        metadata=_publish_metadata(message),
+                    )
+                )
+        if durable:
+            self.store.publish(durable, connection=self.connection.atomic_connection())
+        if transient:
+            self.store.put_transient(transient)
+
+    # -- consuming -------------------------------------------------------------
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._noack_queues.add(queue)
+        result = super().basic_consume(queue, no_ack, *args, **kwargs)
+        self.connection.on_consume()
+        return result
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        if queue is not None:
+            self._noack_queues.discard(queue)
+        return super().basic_cancel(consumer_tag)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        message = super().basic_get(queue, no_ack=no_ack, **kwargs)
+        if message is not None and no_ack:
+            ref = self.forget_claim(message.delivery_tag)
+            if ref is not None:
+                self.store.ack([ref])
+        return message
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        for payload, _ in self.claim([queue], 1):
+            return payload
+        raise Empty()
+
+    def _get_many(self, queues: Sequence[str], timeout: float | None = None) -> None:
+        if not self.deliver_ready(queues):
+            raise Empty()
+
+    def credit(self) -> int:
+        estimate = self.qos.can_consume_max_estimate()
+        return self.claim_batch if estimate is None else min(estimate, self.claim_batch)
+
+    def deliver_ready(self, queues: Sequence[str] | None = None) -> int:
+        """Claim what the prefetch credit allows and hand it to the consumers."""
+        if queues is None:
+            queues = self._active_queues
+        if not queues or not self._consumers:
+            return 0
+        limit = self.credit()
+        if limit <= 0:
+            self.maybe_more = True
+            return 0
+        batch = self.claim(queues, limit)
+        self.maybe_more = len(batch) >= limit
+        for payload, queue in batch:
+            self.connection._deliver(payload, queue)
+        return len(batch)
+
+    def claim(self, queues: Sequence[str], limit: int) -> list[tuple[dict[str, Any], str]]:
+        """Claim up to ``limit`` messages from ``queues``: one round trip per kind."""
+        self.flush_acks()
+        durable = [q for q in queues if not self._queue_info(q).transient]
+        transient = [q for q in queues if q not in durable]
+        out: list[tuple[dict[str, Any], str]] = []
+        if durable:
+            noack: list[ClaimRef] = []
+            for m in self.store.claim(
+                durable, limit, self.connection.consumer_id, self.visibility_timeout,
+                max_claims=self.max_claims,
+            ):
+                payload = _for_delivery(m.message, m.claim, m.redelivered)
+                if m.queue in self._noack_queues:
+                    noack.append(m.ref)
+                else:
+                    with self._claims_lock:
+                        self._claims[m.claim] = (m.ref, m.lease_until)
+                out.append((payload, m.queue))
+            if noack:
+                self.store.ack(noack)
+        if transient and len(out) < limit:
+            self._touch(transient)
+            for queue, payload in self.store.take_transient(transient, limit - len(out)):
+                out.append((_for_delivery(payload, uuid.uuid4().hex, False), queue))
+        return out
+
+    def _touch(self, queues: Sequence[str]) -> None:
+        expiries = [self._queue_info(q).expires for q in queues]
+        shortest = min((e for e in expiries if e), default=None)
+        now = time.monotonic()
+        if shortest is not None and now - self._last_touch > shortest / 3:
+            self._last_touch = now
+            self.store.touch_queues(list(queues))
+
+    def forget_claim(self, tag: str) -> ClaimRef | None:
+        with self._claims_lock:
+            entry = self._claims.pop(tag, None)
+        return entry[0] if entry else None
+
+    # -- outcomes --------------------------------------------------------------
+
+    def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
+        ref = self.forget_claim(delivery_tag)
+        if ref is not None:
+            with self._acks_lock:
+                self._pending_acks.append(ref)
+                full = len(self._pending_acks) >= self.claim_batch
+            if full:
+                self.flush_acks()
+        super().basic_ack(delivery_tag, multiple)
+
+    def flush_acks(self) -> None:
+        """Write the acks collected since the last flush, in one transaction."""
+        with self._acks_lock:
+            refs, self._pending_acks = self._pending_acks, []
+        if not refs:
+            return
+        try:
+            outcomes = self.store.ack(refs)
+        except Exception:
+            with self._acks_lock:
+                self._pending_acks[:0] = refs
+            raise
+        _warn_stale(outcomes, "ack")
+
+    def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        ref = self.forget_claim(delivery_tag)
+        if ref is not None:
+            self.flush_acks()
+            reason = "rejected and requeued" if requeue else "rejected by the consumer"
+            _warn_stale(self.store.reject([ref], requeue=requeue, reason=reason), "reject")
+        super().basic_reject(delivery_tag, requeue=False)
+
+    def _restore(self, message: Any) -> None:
+        ref = self.forget_claim(message.delivery_tag)
+        if ref is not None:
+            self.store.restore([ref])
+
+    _restore_at_beginning = _restore
+
+    def renew_leases(self) -> None:
+        """Extend the leases of held messages that are past half their lease."""
+        now = self.store.now()
+        with self._claims_lock:
+            due = [
+                (tag, ref) for tag, (ref, until) in self._claims.items()
+                if until - now < self.visibility_timeout / 2
+            ]
+        if not due:
+            return
+        outcomes = self.store.renew([ref for _, ref in due], self.visibility_timeout)
+        with self._claims_lock:
+            for tag, ref in due:
+                if outcomes.get(ref.delivery) is Outcome.DONE and tag in self._claims:
+                    self._claims[tag] = (ref, now + self.visibility_timeout)
+        _warn_stale(outcomes, "lease renewal")
+
+    def close(self) -> None:
+        try:
+            self.flush_acks()
+        except Exception:
+            logger.exception("could not write pending acks; their leases will bring them back")
+        super().close()
+
+
+class Transport(virtual.Transport):
+    Channel = Channel
+
+    can_parse_url = True
+    default_port = None
+    polling_interval = 1.0
+    driver_type = "eventstore"
+    driver_name = "sqlalchemy"
+    #: How often the event loop checks a listener that has no socket (SQLite).
+    listener_poll_interval = 0.01
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+    connection_errors = virtual.Transport.connection_errors + _connection_errors()
+    channel_errors = virtual.Transport.channel_errors
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        options = client.transport_options or {}
+        self.store = shared_store(
+            client.hostname, {k: options[k] for k in STORE_OPTIONS if k in options}
+        )
+        self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._listener: Listener | None = None
+        self._keeper: _Keeper | None = None
+        self._hub: Any = None
+        self._atomic: Any = None
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        url = sa.make_url(uri)
+        text = url.render_as_string(hide_password=not include_password)
+        return f"eventstore+{text}" if include_password else f"eventstore+{redact(url)}"
+
+    # -- connection ------------------------------------------------------------
+
+    def establish_connection(self) -> Any:
+        self.store.ping()
+        return super().establish_connection()
+
+    def close_connection(self, connection: Any) -> None:
+        if self._keeper is not None:
+            self._keeper.stop()
+            self._keeper = None
+        if self._hub is not None:
+            self._hub.on_tick.discard(self._on_tick)
+        super().close_connection(connection)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def atomic_connection(self) -> Any:
+        """The caller's SQLAlchemy connection while inside ``celery_eventstore.atomic``."""
+        from .atomic import current_connection
+
+        return current_connection(self.store)
+
+    @property
+    def listener(self) -> Listener:
+        if self._listener is None:
+            self._listener = self.store.listener()
+        return self._listener
+
+    def on_consume(self) -> None:
+        """The first consumer starts the lease keeper (renewals, ack flushes, sweeps)."""
+        if self._keeper is None:
+            self._keeper = _Keeper(self)
+            self._keeper.start()
+
+    def _deliver_all(self, woken: Iterable[str] = (ANY_QUEUE,)) -> None:
+        woken = set(woken)
+        for channel in list(self.channels):
+            if not channel._consumers:
+                continue
+            if ANY_QUEUE in woken or woken & set(channel._active_queues) or channel.maybe_more:
+                channel.deliver_ready()
+
+    # -- blocking path (celery inspect, synloop, eventlet/gevent) ---------------
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        start = time.monotonic()
+        while True:
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                pass
+            wait = self.polling_interval
+            if timeout is not None:
+                remaining = timeout - (time.monotonic() - start)
+                if remaining <= 0:
+                    raise socket.timeout()
+                wait = min(wait, remaining)
+            self.listener.wait(wait)
+
+    # -- event loop (the worker's hub) --------------------------------------------
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        self._hub = loop
+        fd = self.listener.fileno()
+        if fd is not None:
+            loop.add_reader(fd, self._on_readable)
+        else:
+            loop.call_repeatedly(self.listener_poll_interval, self._on_readable)
+        loop.on_tick.add(self._on_tick)
+        loop.call_repeatedly(self.polling_interval, self._deliver_all)
+        # Messages published before we listened sent their wake-up to no one.
+        loop.call_soon(self._deliver_all)
+
+    def _on_readable(self) -> None:
+        woken = self.listener.poll()
+        if woken:
+            self._deliver_all(woken)
+
+    def _on_tick(self) -> None:
+        for channel in list(self.channels):
+            channel.flush_acks()
+            if channel.maybe_more and channel.qos.can_consume():
+                channel.deliver_ready()
+
+
+class _Keeper(threading.Thread):
+    """Renews leases while tasks run -- even when a task blocks the event loop
+    (solo pool) -- flushes acks written from pool threads, and sweeps expired
+    transient queues."""
+
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(name="celery-eventstore-keeper", daemon=True)
+        self.transport = transport
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        last_renew = last_sweep = time.monotonic()
+        while not self._stopped.wait(DEFAULT_ACK_FLUSH_INTERVAL):
+            now = time.monotonic()
+            try:
+                renew = now - last_renew >= 1.0
+                for channel in list(self.transport.channels):
+                    channel.flush_acks()
+                    if renew:
+                        channel.renew_leases()  # only those past half their lease
+                if renew:
+                    last_renew = now
+                if now - last_sweep >= SWEEP_INTERVAL:
+                    last_sweep = now
+                    self.transport.store.sweep()
+            except Exception as exc:  # the consumer sees the same fault and reconnects
+                logger.warning("event store keeper: %s", exc)
+
+
+def _for_delivery(message: Mapping[str, Any], tag: str, redelivered: bool) -> dict[str, Any]:
+    """A copy of a stored message with this delivery's tag and redelivered flag."""
+    payload = dict(message)
+    props = dict(payload.get("properties") or {})
+    info = dict(props.get("delivery_info") or {})
+    info["redelivered"] = redelivered
+    props["delivery_info"] = info
+    props["delivery_tag"] = tag
+    payload["properties"] = props
+    if redelivered:
+        payload["redelivered"] = True
+    return payload
+
+
+def _publish_metadata(message: Mapping[str, Any]) -> dict[str, Any]:
+    """What the history shows about a publish, from Celery's headers."""
+    headers = message.get("headers") or {}
+    info = (message.get("properties") or {}).get("delivery_info") or {}
+    fields = {
+        "task": headers.get("task"),
+        "retries": headers.get("retries"),
+        "eta": headers.get("eta"),
+        "parent_id": headers.get("parent_id"),
+        "root_id": headers.get("root_id"),
+        "group": headers.get("group"),
+        "origin": headers.get("origin"),
+        "exchange": info.get("exchange"),
+        "routing_key": info.get("routing_key"),
+    }
+    return {k: v for k, v in fields.items() if v not in (None, "")}
+
+
+def _warn_stale(outcomes: Mapping[str, Outcome], what: str) -> None:
+    stale = [d for d, o in outcomes.items() if o is Outcome.STALE]
+    if stale:
+        logger.warning(
+            "%s of %d message(s) came too late: the lease ran out and the message was "
+            "claimed again or settled (%s)", what, len(stale), ", ".join(stale[:5]),
+        )
