@@ -171,9 +171,7 @@ class EventStore(RoutingMixin):
         self._ensure_schema()
         with self._translate_errors():
             if connection is not None:
-                # A savepoint lets a lost race roll back our part alone and retry,
-                # leaving the caller's transaction intact.
-                with connection.begin_nested():
+                with self.dialect.join(connection):
                     yield connection
             else:
                 with self.engine.begin() as conn:

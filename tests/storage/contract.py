@@ -247,6 +247,22 @@ class StoreContract:
         assert store.read_stream("inner") == []
         assert types(store, "outer") == ["Published"]
 
+    def test_publish_first_on_an_application_engine_then_rollback_leaves_nothing(self, store):
+        # The application's own engine, without the store's connection set-up: the
+        # publish is the first statement of the transaction.
+        app_engine = sa.create_engine(store.url, **store.dialect.engine_options(store.url))
+        try:
+            with app_engine.connect() as conn:
+                trans = conn.begin()
+                store.publish([msg("first")], connection=conn)
+                trans.rollback()
+            assert store.read_stream("first") == []
+            with app_engine.connect() as conn, conn.begin():
+                store.publish([msg("kept")], connection=conn)
+            assert types(store, "kept") == ["Published"]
+        finally:
+            app_engine.dispose()
+
     # -- limits and queues -----------------------------------------------------
 
     def test_oversized_message_is_refused_and_nothing_written(self, make_store):

@@ -7,7 +7,8 @@ the database clock, and which driver errors mean "lost a race".
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,6 +35,16 @@ class Dialect:
     def read_options(self) -> dict[str, Any]:
         """Execution options for a read-only transaction."""
         return {}
+
+    @contextlib.contextmanager
+    def join(self, connection: sa.Connection) -> Iterator[sa.Connection]:
+        """Run our writes inside the caller's open transaction.
+
+        A savepoint lets a lost race roll back our part alone and retry, leaving
+        the caller's transaction intact.
+        """
+        with connection.begin_nested():
+            yield connection
 
     def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         """Make a claim's candidate query safe against concurrent claimers."""

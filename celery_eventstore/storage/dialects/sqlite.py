@@ -8,7 +8,9 @@ Read-only transactions use a plain ``BEGIN`` and run beside the writer (WAL).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -54,6 +56,15 @@ class SQLiteDialect(Dialect):
 
     def listener(self, engine: sa.Engine, channel: str) -> Listener:
         return DataVersionListener(engine)
+
+    @contextlib.contextmanager
+    def join(self, connection: sa.Connection) -> Iterator[sa.Connection]:
+        # No savepoint: with the stdlib driver's default transaction handling a
+        # SAVEPOINT opened before the caller's first write starts a transaction of
+        # its own, and RELEASE would commit it -- the job would outlive a rollback.
+        # None is needed either: a failed statement does not poison a SQLite
+        # transaction, so a lost race is retried in place.
+        yield connection
 
     def read_options(self) -> dict[str, Any]:
         return {_READ_ONLY: True}
