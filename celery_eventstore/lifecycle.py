@@ -165,6 +165,38 @@ class Failed:
     result: JSON | None = None
 
 
+@dataclass(frozen=True)
+class Forgotten:
+    """The task's result was forgotten (``AsyncResult.forget()``); the history stays."""
+
+
+@dataclass(frozen=True)
+class GroupSaved:
+    """A group's member results were saved (stream ``group:<id>``)."""
+
+    result: JSON
+
+
+@dataclass(frozen=True)
+class GroupDeleted:
+    """A saved group was deleted."""
+
+
+@dataclass(frozen=True)
+class ChordPartDone:
+    """A header task of a chord finished (stream ``chord:<group id>``)."""
+
+    task_id: str
+    state: str
+
+
+@dataclass(frozen=True)
+class ChordCompleted:
+    """The last header task finished: the chord's callback is due, exactly once."""
+
+    size: int
+
+
 Event = Union[
     Published,
     Claimed,
@@ -179,6 +211,11 @@ Event = Union[
     RetryScheduled,
     Succeeded,
     Failed,
+    Forgotten,
+    GroupSaved,
+    GroupDeleted,
+    ChordPartDone,
+    ChordCompleted,
 ]
 
 EVENT_TYPES: dict[str, type[Any]] = {
@@ -197,6 +234,11 @@ EVENT_TYPES: dict[str, type[Any]] = {
         RetryScheduled,
         Succeeded,
         Failed,
+        Forgotten,
+        GroupSaved,
+        GroupDeleted,
+        ChordPartDone,
+        ChordCompleted,
     )
 }
 
@@ -296,6 +338,10 @@ class JobState:
     result_state: ResultState = ResultState.PENDING
     result: JSON | None = None
     revoked: bool = False
+    forgotten: bool = False
+    #: Header tasks of a chord that finished (chord streams only).
+    chord_parts: frozenset[str] = frozenset()
+    chord_completed: bool = False
 
     def delivery(self, delivery_id: str) -> Delivery:
         try:
@@ -422,11 +468,31 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
         delivery = _pending(state, event, event.delivery)
         if delivery.status is DeliveryStatus.CLAIMED:
             raise CorruptStream(f"claimed delivery {event.delivery!r} discarded")
-        return _with_delivery(
+        state = _with_delivery(
             state, delivery, status=DeliveryStatus.DISCARDED, reason=event.reason
         )
+        if event.reason == "expired" and state.result_state is ResultState.PENDING:
+            # Celery reports a task that expired unrun as REVOKED.
+            state = dataclasses.replace(state, result_state=ResultState.REVOKED)
+        return state
     if isinstance(event, Revoked):
         return dataclasses.replace(state, revoked=True, result_state=_after(state, ResultState.REVOKED))
+    if isinstance(event, Forgotten):
+        return dataclasses.replace(state, forgotten=True)
+    if isinstance(event, GroupSaved):
+        return dataclasses.replace(
+            state, result_state=ResultState.SUCCESS, result=event.result, forgotten=False
+        )
+    if isinstance(event, GroupDeleted):
+        return dataclasses.replace(state, result_state=ResultState.PENDING, result=None)
+    if isinstance(event, ChordPartDone):
+        if event.task_id in state.chord_parts:
+            raise CorruptStream(f"chord part {event.task_id!r} counted twice")
+        return dataclasses.replace(state, chord_parts=state.chord_parts | {event.task_id})
+    if isinstance(event, ChordCompleted):
+        if state.chord_completed:
+            raise CorruptStream(f"chord {state.stream!r} completed twice")
+        return dataclasses.replace(state, chord_completed=True)
     if isinstance(event, Started):
         return _result(state, ResultState.STARTED, event.result)
     if isinstance(event, RetryScheduled):
@@ -445,7 +511,7 @@ def _after(state: JobState, new: ResultState) -> ResultState:
 def _result(state: JobState, new: ResultState, result: JSON | None) -> JobState:
     if state.result_state is ResultState.SUCCESS:
         raise CorruptStream(f"{new.value} recorded after SUCCESS in {state.stream!r}")
-    return dataclasses.replace(state, result_state=new, result=result)
+    return dataclasses.replace(state, result_state=new, result=result, forgotten=False)
 
 
 def fold(stream: str, events: Iterable[Event]) -> JobState:
@@ -556,8 +622,51 @@ class Fail:
     result: JSON | None = None
 
 
+@dataclass(frozen=True)
+class Forget:
+    pass
+
+
+@dataclass(frozen=True)
+class SaveGroup:
+    result: JSON
+
+
+@dataclass(frozen=True)
+class DeleteGroup:
+    pass
+
+
+@dataclass(frozen=True)
+class CountChordPart:
+    """Count a finished header task; the count reaching ``size`` completes the chord.
+
+    Counting the same task twice (a redelivered header task) changes nothing, so
+    the callback is due exactly once whatever the delivery count.
+    """
+
+    task_id: str
+    state: str
+    size: int
+
+
 Command = Union[
-    Publish, Claim, Renew, Ack, Reject, Restore, Discard, Revoke, Start, ScheduleRetry, Succeed, Fail
+    Publish,
+    Claim,
+    Renew,
+    Ack,
+    Reject,
+    Restore,
+    Discard,
+    Revoke,
+    Start,
+    ScheduleRetry,
+    Succeed,
+    Fail,
+    Forget,
+    SaveGroup,
+    DeleteGroup,
+    CountChordPart,
 ]
 
 
@@ -683,6 +792,20 @@ def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noq
             for d in state.pending()
             if d.status is not DeliveryStatus.CLAIMED
         ]
+
+    if isinstance(command, Forget):
+        return [] if state.forgotten else [Forgotten()]
+    if isinstance(command, SaveGroup):
+        return [GroupSaved(command.result)]
+    if isinstance(command, DeleteGroup):
+        return [GroupDeleted()] if state.result is not None else []
+    if isinstance(command, CountChordPart):
+        if command.task_id in state.chord_parts or state.chord_completed:
+            return []
+        done: list[Event] = [ChordPartDone(command.task_id, command.state)]
+        if len(state.chord_parts) + 1 >= command.size:
+            done.append(ChordCompleted(command.size))
+        return done
 
     # Result states: once SUCCESS is recorded later writes are ignored, as in Celery.
     if state.result_state is ResultState.SUCCESS:

@@ -19,14 +19,30 @@ from ..lifecycle import (
     Claimed,
     DeadLettered,
     Discarded,
+    Failed,
+    Forgotten,
+    GroupDeleted,
+    GroupSaved,
     JobState,
     LeaseExpired,
     LeaseRenewed,
     Published,
     Requeued,
+    ResultState,
+    RetryScheduled,
+    Revoked,
+    Started,
+    Succeeded,
 )
+from .dialects import Dialect
 from .records import RecordedEvent
 from .schema import Tables
+
+#: Events that change what the result backend reports.
+_RESULT_EVENTS = (
+    Started, RetryScheduled, Succeeded, Failed, Revoked, Forgotten, GroupSaved, GroupDeleted
+)
+_READY = {ResultState.SUCCESS, ResultState.FAILURE, ResultState.REVOKED}
 
 #: A row that was inserted earlier and is being changed.
 _UPDATE = "update"
@@ -47,6 +63,7 @@ def _unclaimed(available_at: float) -> dict[str, Any]:
 def project(
     conn: sa.Connection,
     tables: Tables,
+    dialect: Dialect,
     recorded: Iterable[RecordedEvent],
     states: Mapping[str, JobState],
 ) -> None:
@@ -56,8 +73,13 @@ def project(
     """
     changes: dict[str, tuple[str, dict[str, Any]]] = {}
     dead: list[dict[str, Any]] = []
+    results: dict[str, float] = {}  # stream -> time of its last result change
     for rec in recorded:
         ev = rec.event
+        if isinstance(ev, _RESULT_EVENTS) or (
+            isinstance(ev, Discarded) and ev.reason == "expired"
+        ):
+            results[rec.stream] = rec.recorded_at
         if isinstance(ev, Published):
             changes[ev.delivery] = (
                 _INSERT,
@@ -102,6 +124,7 @@ def project(
                 "position": rec.position,
             })
     _write(conn, tables, changes, dead)
+    _write_results(conn, tables, dialect, results, states)
 
 
 def _merge(changes: dict[str, tuple[str, dict[str, Any]]], delivery: str,
@@ -145,3 +168,29 @@ def _write(conn: sa.Connection, tables: Tables, changes: dict[str, tuple[str, di
     if dead:
         conn.execute(tables.dead_letters.insert(), dead)
 
+
+
+def _write_results(
+    conn: sa.Connection, tables: Tables, dialect: Dialect, touched: Mapping[str, float],
+    states: Mapping[str, JobState],
+) -> None:
+    table = tables.results
+    gone = []
+    for stream, at in touched.items():
+        state = states[stream]
+        if state.forgotten or (state.result_state is ResultState.PENDING and state.result is None):
+            gone.append(stream)
+            continue
+        dialect.upsert(
+            conn,
+            table,
+            {
+                "stream_id": stream,
+                "state": state.result_state.value,
+                "result": dict(state.result) if state.result is not None else None,
+                "date_done": at if state.result_state in _READY else None,
+            },
+            keys=("stream_id",),
+        )
+    if gone:
+        conn.execute(table.delete().where(table.c.stream_id.in_(gone)))

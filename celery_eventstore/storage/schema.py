@@ -8,6 +8,8 @@ from the log at any time:
   (ready, scheduled or claimed).  Settled deliveries leave it, so a claim is an
   index lookup on a small table however long the history grows.
 * ``dead_letters`` -- deliveries that were dead-lettered and not retried.
+* ``results`` -- each task's (or group's) latest result state, for the result
+  backend: one indexed read per ``AsyncResult``, however long the stream.
 
 Routing state is kept apart from history.  ``queues``, ``bindings`` and
 ``transient_messages`` hold what Celery's control plane needs across processes
@@ -28,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Big integers that are also SQLite's rowid alias (so positions autoincrement).
 _Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -48,11 +50,12 @@ class Tables:
     queues: sa.Table
     bindings: sa.Table
     transient_messages: sa.Table
+    results: sa.Table
 
     @property
     def projections(self) -> tuple[sa.Table, ...]:
         """Tables derived from the log, in the order they may be emptied."""
-        return (self.messages, self.dead_letters)
+        return (self.messages, self.dead_letters, self.results)
 
 
 def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Tables:
@@ -154,8 +157,26 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         transient_messages.c.priority.desc(),
         transient_messages.c.id,
     )
+    results = sa.Table(
+        f"{prefix}results",
+        md,
+        sa.Column("stream_id", _Id, primary_key=True),
+        sa.Column("state", sa.String(16), nullable=False),
+        # The result as the Celery backend encoded it: the store never decodes it.
+        sa.Column("result", _Json, nullable=True),
+        sa.Column("date_done", _Time, nullable=True),
+    )
+    sa.Index(f"{prefix}results_date_done", results.c.date_done)
     return Tables(
-        md, events, messages, dead_letters, schema_version, queues, bindings, transient_messages
+        md,
+        events,
+        messages,
+        dead_letters,
+        schema_version,
+        queues,
+        bindings,
+        transient_messages,
+        results,
     )
 
 
@@ -175,4 +196,5 @@ def migrations(tables: Tables) -> dict[int, list[sa.schema.ExecutableDDLElement]
     return {
         1: _create(tables.events, tables.messages, tables.dead_letters),
         2: _create(tables.queues, tables.bindings, tables.transient_messages),
+        3: _create(tables.results),
     }

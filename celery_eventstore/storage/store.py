@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import time
 import uuid
 from collections import defaultdict
@@ -111,6 +112,8 @@ class EventStore(RoutingMixin):
         self.max_message_size = max_message_size
         #: The NOTIFY channel consumers LISTEN on; the payload is the queue name.
         self.channel = f"{table_prefix}ready"
+        #: The NOTIFY channel result waiters LISTEN on; the payload is the stream id.
+        self.results_channel = f"{table_prefix}results"
         options = {**self.dialect.engine_options(self.url), **(engine_options or {})}
         try:
             self.engine = sa.create_engine(self.url, **options)
@@ -136,8 +139,9 @@ class EventStore(RoutingMixin):
         with self._translate_errors(), self.engine.connect() as conn:
             conn.execute(sa.select(1)).scalar_one()
 
-    def listener(self) -> Listener:
-        """A new :class:`~.dialects.Listener` for "messages may be ready" wake-ups.
+    def listener(self, *, results: bool = False) -> Listener:
+        """A new :class:`~.dialects.Listener` for "messages may be ready" wake-ups
+        (or, with ``results``, for "a result was recorded").
 
         With ``notify`` off (PgBouncer) a PostgreSQL store gives a listener that
         never wakes: consumers fall back to their periodic poll.
@@ -146,7 +150,8 @@ class EventStore(RoutingMixin):
         with self._translate_errors():
             if self.dialect.supports_notify and not self.notify_enabled:
                 return _SilentListener()
-            return self.dialect.listener(self.engine, self.channel)
+            channel = self.results_channel if results else self.channel
+            return self.dialect.listener(self.engine, [channel])
 
     def after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""
@@ -187,12 +192,14 @@ class EventStore(RoutingMixin):
 
     def _retrying(self, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` (one whole transaction) again while it loses races."""
-        for _ in range(CONFLICT_RETRIES):
+        for tries in range(CONFLICT_RETRIES):
             try:
                 return attempt()
             except sa.exc.DBAPIError as exc:
                 if not self.dialect.is_conflict(exc):
                     raise
+                # Jittered backoff, so racers stop colliding in lock-step.
+                time.sleep(random.uniform(0, 0.002 * 2 ** min(tries, 6)))
         raise ConcurrencyConflict(f"gave up after {CONFLICT_RETRIES} lost races")
 
     # -- the clock -----------------------------------------------------------
@@ -395,11 +402,14 @@ class EventStore(RoutingMixin):
                 positions, rows, (e for _, events, _ in pending for e in events)
             )
         ]
-        project(conn, self.tables, recorded, states)
+        project(conn, self.tables, self.dialect, recorded, states)
         if self.notify_enabled:
             ready = _newly_ready(recorded, states, now)
             if ready:
                 self.dialect.notify(conn, self.channel, ready)
+            finished = {r.stream for r in recorded if isinstance(r.event, _FINISHING)}
+            if finished:
+                self.dialect.notify(conn, self.results_channel, finished)
         return recorded, states
 
     def append(
@@ -449,6 +459,7 @@ class EventStore(RoutingMixin):
 
         def attempt() -> list[RecordedEvent]:
             with self._write(connection) as conn:
+                self.dialect.lock_stream(conn, self.table_prefix + stream)
                 state = self._load(conn, [stream])[stream]
                 now = self.now()
                 events = lc.decide(command, state, now)
@@ -703,6 +714,64 @@ class EventStore(RoutingMixin):
         """Durably revoke a task: its pending deliveries are discarded, future ones too."""
         return self.execute(stream, lc.Revoke(reason))
 
+    # -- results -------------------------------------------------------------
+
+    def results(self, streams: Iterable[str]) -> dict[str, tuple[str, Any, float | None]]:
+        """``stream -> (state, encoded result, date_done)`` for streams with a result."""
+        wanted = sorted(set(streams))
+        if not wanted:
+            return {}
+        table = self.tables.results
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(table.c.stream_id, table.c.state, table.c.result, table.c.date_done)
+                .where(table.c.stream_id.in_(wanted))
+            )
+            return {r.stream_id: (r.state, r.result, r.date_done) for r in rows}
+
+    def prune(self, before: float, *, batch: int = 500) -> int:
+        """Delete whole streams whose last event is older than ``before``; returns how many.
+
+        A stream with a message still pending (ready, scheduled or claimed) is kept.
+        Each batch deletes events and derived rows in one short transaction, so
+        workers are never held up for long.
+        """
+        ev, msgs = self.tables.events, self.tables.messages
+        pruned = 0
+        after = ""
+        while True:
+            with self._write() as conn:
+                candidates = list(
+                    conn.execute(
+                        sa.select(ev.c.stream_id)
+                        .where(ev.c.recorded_at < before, ev.c.stream_id > after)
+                        .group_by(ev.c.stream_id)
+                        .order_by(ev.c.stream_id)
+                        .limit(batch)
+                    ).scalars()
+                )
+                if not candidates:
+                    return pruned
+                after = candidates[-1]
+                recent = set(
+                    conn.execute(
+                        sa.select(ev.c.stream_id)
+                        .where(ev.c.stream_id.in_(candidates), ev.c.recorded_at >= before)
+                        .distinct()
+                    ).scalars()
+                )
+                pending = set(
+                    conn.execute(
+                        sa.select(msgs.c.stream_id).where(msgs.c.stream_id.in_(candidates))
+                    ).scalars()
+                )
+                doomed = [s for s in candidates if s not in recent and s not in pending]
+                if doomed:
+                    conn.execute(ev.delete().where(ev.c.stream_id.in_(doomed)))
+                    for table in self.tables.projections:
+                        conn.execute(table.delete().where(table.c.stream_id.in_(doomed)))
+                    pruned += len(doomed)
+
     # -- projections ---------------------------------------------------------
 
     def rebuild(self, *, batch_streams: int = 1000) -> int:
@@ -728,7 +797,7 @@ class EventStore(RoutingMixin):
                 rec = self._recorded(row)
                 if rec.stream not in states:
                     if len(states) >= batch_streams:
-                        project(conn, self.tables, batch, states)
+                        project(conn, self.tables, self.dialect, batch, states)
                         batch, states = [], {}
                     states[rec.stream] = lc.JobState(stream=rec.stream)
                 state = states[rec.stream]
@@ -737,7 +806,7 @@ class EventStore(RoutingMixin):
                 states[rec.stream] = lc.evolve(state, rec.event)
                 batch.append(rec)
                 replayed += 1
-            project(conn, self.tables, batch, states)
+            project(conn, self.tables, self.dialect, batch, states)
         return replayed
 
     def projection_rows(self) -> dict[str, list[tuple[Any, ...]]]:
@@ -751,6 +820,10 @@ class EventStore(RoutingMixin):
 
 
 # -- helpers ---------------------------------------------------------------
+
+#: Events a result waiter may be waiting for.
+_FINISHING = (lc.Succeeded, lc.Failed, lc.Revoked, lc.Discarded, lc.GroupSaved)
+
 
 
 def _fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:

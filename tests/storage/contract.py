@@ -296,13 +296,50 @@ class StoreContract:
         assert types(store, "t") == ["Published", "Revoked", "Discarded", "Published", "Discarded"]
         assert store.load("t").result_state is lc.ResultState.REVOKED
 
-    def test_results_are_events_and_success_is_final(self, store):
+    def test_results_are_events_and_success_is_final(self, store, clock):
         store.execute("t", lc.Start(worker="w1"))
+        assert store.results(["t"])["t"][0] == "STARTED"
         store.execute("t", lc.Succeed(result={"body": "42"}))
         store.execute("t", lc.Fail(exc="late"))
         state = store.load("t")
         assert state.result_state is lc.ResultState.SUCCESS
         assert types(store, "t") == ["Started", "Succeeded"]
+        assert store.results(["t", "unknown"]) == {"t": ("SUCCESS", {"body": "42"}, clock.now)}
+
+    def test_forget_hides_the_result_but_keeps_the_history(self, store):
+        store.execute("t", lc.Succeed(result={"body": "42"}))
+        store.execute("t", lc.Forget())
+        assert store.results(["t"]) == {}
+        assert types(store, "t") == ["Succeeded", "Forgotten"]
+
+    def test_expired_task_reports_revoked(self, store, clock):
+        store.publish([msg("late", expires=clock.now + 1)])
+        clock.advance(2)
+        assert store.claim(["q"], 1, "w", 30) == []
+        assert store.results(["late"])["late"][0] == "REVOKED"
+
+    def test_chord_counter_completes_once(self, store):
+        for part in ["a", "b", "a", "c", "b"]:
+            store.execute("chord:g", lc.CountChordPart(part, "SUCCESS", 3))
+        assert types(store, "chord:g") == [
+            "ChordPartDone", "ChordPartDone", "ChordPartDone", "ChordCompleted"
+        ]
+
+    def test_prune_deletes_old_finished_streams_only(self, store, clock):
+        store.publish([msg("done"), msg("waiting")])
+        (m,) = store.claim(["q"], 1, "w", 30)
+        store.ack([m.ref])
+        store.execute(m.stream, lc.Succeed(result={"body": "x"}))
+        old = clock.now
+        clock.advance(100)
+        store.publish([msg("recent")])
+        (r,) = [c for c in store.claim(["q"], 5, "w", 30) if c.stream == "recent"]
+        store.ack([r.ref])
+        assert store.prune(before=old + 1, batch=1) == 1
+        assert store.read_stream(m.stream) == []
+        assert store.results([m.stream]) == {}
+        remaining = {"done", "waiting", "recent"} - {m.stream}
+        assert all(store.read_stream(s) for s in remaining)
 
     # -- rebuild -------------------------------------------------------------------
 
@@ -317,7 +354,13 @@ class StoreContract:
         clock.advance(40)
         store.claim(["q"], 3, "w2", 30, max_claims=1)
         store.revoke("m19")
+        store.execute("m0", lc.Start(worker="w1"))
+        store.execute("m0", lc.Succeed(result={"body": "1"}))
+        store.execute("m1", lc.Fail(exc="boom", result={"body": "2"}))
+        store.execute("m1", lc.Forget())
+        store.execute("group:g", lc.SaveGroup(result={"body": "3"}))
         live = store.projection_rows()
+        assert len(live[store.tables.results.name]) == 3  # m0, m19 (revoked), group:g
         assert live[store.tables.messages.name] and live[store.tables.dead_letters.name]
 
         # Drop the derived tables outright; the log alone must bring them back.

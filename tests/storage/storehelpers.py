@@ -58,3 +58,22 @@ def claim_and_ack_until_empty(
         delivered.extend(m.stream for m in claimed)
     store.close()
     out.put(delivered)
+
+
+def count_chord_parts(
+    url: str, options: dict[str, Any], chord: str, parts: list[str], size: int, out: Any
+) -> None:
+    """A racing header-task finisher: counts its parts, reports if it completed the chord."""
+    from celery_eventstore import lifecycle as lc
+
+    store = EventStore(url, **options)
+    completed = 0
+    try:
+        for part in parts:
+            recorded = store.execute(chord, lc.CountChordPart(part, "SUCCESS", size))
+            completed += sum(isinstance(r.event, lc.ChordCompleted) for r in recorded)
+    except Exception as exc:  # reported to the test instead of hanging it
+        out.put(exc)
+        raise
+    store.close()
+    out.put(completed)

@@ -7,7 +7,7 @@ import multiprocessing
 
 import pytest
 import sqlalchemy as sa
-from storehelpers import claim_and_ack_until_empty
+from storehelpers import claim_and_ack_until_empty, count_chord_parts
 
 from celery_eventstore.storage import EventStore, NewMessage
 
@@ -59,4 +59,41 @@ def test_racing_consumers_deliver_each_message_exactly_once(db):
     assert all(t == ["Published", "Claimed", "Acked"] for t in by_stream.values())
     assert store.queue_size("race") == 0
     assert store.projection_rows()[store.tables.messages.name] == []
+    store.close()
+
+
+def test_racing_chord_parts_complete_the_chord_exactly_once(db):
+    url, options = db
+    store = EventStore(url, **options)
+    store.migrate()
+    size = PROCESSES * 10
+    # Every part is counted by two processes, as a redelivered header task would be.
+    parts = [f"part-{i}" for i in range(size)]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    plain_url = store.url.render_as_string(False)
+    procs = [
+        ctx.Process(
+            target=count_chord_parts,
+            args=(plain_url, options, "chord:g", parts[i::PROCESSES // 2], size, out),
+        )
+        for i in range(PROCESSES // 2)
+    ] + [
+        ctx.Process(
+            target=count_chord_parts,
+            args=(plain_url, options, "chord:g", parts[i::PROCESSES // 2][::-1], size, out),
+        )
+        for i in range(PROCESSES // 2)
+    ]
+    for p in procs:
+        p.start()
+    completions = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert not [c for c in completions if isinstance(c, Exception)], completions
+    assert sum(completions) == 1
+    types = [r.type for r in store.read_stream("chord:g")]
+    assert types.count("ChordPartDone") == size
+    assert types[-1] == "ChordCompleted" and types.count("ChordCompleted") == 1
     store.close()

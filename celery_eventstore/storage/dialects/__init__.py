@@ -54,6 +54,10 @@ class Dialect:
         """Lock the selected rows until commit (settlement against a racing claim)."""
         return select
 
+    def lock_stream(self, conn: sa.Connection, key: str) -> None:
+        """Make other writers of one stream wait for this transaction instead of
+        losing the version race after doing the same work (hot streams: chords)."""
+
     def lock_log(self, conn: sa.Connection, table: sa.Table) -> None:
         """Hold off writers to the log for the rest of the transaction (rebuild)."""
 
@@ -69,7 +73,7 @@ class Dialect:
         """Insert a row, or update it where its ``keys`` already exist."""
         raise NotImplementedError
 
-    def listener(self, engine: sa.Engine, channel: str) -> Listener:
+    def listener(self, engine: sa.Engine, channels: Iterable[str]) -> Listener:
         """Something to wait on for "the store changed"; see :class:`Listener`."""
         raise NotImplementedError
 

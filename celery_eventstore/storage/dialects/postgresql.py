@@ -7,8 +7,8 @@ here).  Name the driver to choose: ``postgresql+psycopg://`` works as well.
 
 from __future__ import annotations
 
+import hashlib
 import select
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +23,11 @@ _RETRYABLE = {
     "40001",  # serialization_failure
     "40P01",  # deadlock_detected
 }
+
+
+def _lock_key(key: str) -> int:
+    """A 63-bit advisory lock key for a name (collisions only cost some waiting)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
 
 
 class PostgreSQLDialect(Dialect):
@@ -49,14 +54,15 @@ class PostgreSQLDialect(Dialect):
     def lock(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         return select.with_for_update(of=table)
 
+    def lock_stream(self, conn: sa.Connection, key: str) -> None:
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(key))))
+
     def lock_log(self, conn: sa.Connection, table: sa.Table) -> None:
         name = conn.dialect.identifier_preparer.format_table(table)
         conn.exec_driver_sql(f"LOCK TABLE {name} IN EXCLUSIVE MODE")
 
     def lock_migrations(self, conn: sa.Connection, key: str) -> None:
-        conn.execute(
-            sa.select(sa.func.pg_advisory_xact_lock(zlib.crc32(key.encode()) & 0x7FFFFFFF))
-        )
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(key))))
 
     def notify(self, conn: sa.Connection, channel: str, payloads: Iterable[str]) -> None:
         # pg_notify is transactional: listeners hear it only if we commit.
@@ -70,8 +76,8 @@ class PostgreSQLDialect(Dialect):
         update = {k: stmt.excluded[k] for k in values if k not in keys}
         conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
 
-    def listener(self, engine: sa.Engine, channel: str) -> Listener:
-        return NotifyListener(engine, channel)
+    def listener(self, engine: sa.Engine, channels: Iterable[str]) -> Listener:
+        return NotifyListener(engine, channels)
 
     def clock_query(self) -> sa.Select[Any]:
         return sa.select(sa.extract("epoch", sa.func.clock_timestamp()))
@@ -88,18 +94,21 @@ class NotifyListener(Listener):
     be handed to other work and lose its LISTEN.  Works with psycopg2 and psycopg 3.
     """
 
-    def __init__(self, engine: sa.Engine, channel: str) -> None:
+    def __init__(self, engine: sa.Engine, channels: Iterable[str]) -> None:
         args, kwargs = engine.dialect.create_connect_args(engine.url)
         self._conn: Any = engine.dialect.connect(*args, **kwargs)
         self._psycopg2 = engine.dialect.driver == "psycopg2"
-        quoted = '"' + channel.replace('"', '""') + '"'
         if self._psycopg2:
             self._conn.set_isolation_level(0)
-            with self._conn.cursor() as cur:
-                cur.execute(f"LISTEN {quoted}")
         else:
             self._conn.autocommit = True
-            self._conn.execute(f"LISTEN {quoted}")
+        for channel in channels:
+            quoted = '"' + channel.replace('"', '""') + '"'
+            if self._psycopg2:
+                with self._conn.cursor() as cur:
+                    cur.execute(f"LISTEN {quoted}")
+            else:
+                self._conn.execute(f"LISTEN {quoted}")
 
     def fileno(self) -> int:
         return int(self._conn.fileno())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -54,7 +54,7 @@ class SQLiteDialect(Dialect):
         update = {k: stmt.excluded[k] for k in values if k not in keys}
         conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
 
-    def listener(self, engine: sa.Engine, channel: str) -> Listener:
+    def listener(self, engine: sa.Engine, channels: Iterable[str]) -> Listener:
         return DataVersionListener(engine)
 
     @contextlib.contextmanager
