@@ -58,6 +58,19 @@ def atomic(target: Any) -> Iterator[sa.Connection]:
         _bound.reset(token)
 
 
+def same_database(url: str | sa.URL, store: EventStore) -> bool:
+    """Whether ``url`` (a broker or SQLAlchemy URL) names the store's database."""
+    text = str(url) if isinstance(url, sa.URL) else url
+    if text.startswith("eventstore+"):
+        text = text[len("eventstore+"):]
+    elif not isinstance(url, sa.URL):
+        return False
+    try:
+        return _same_database(sa.make_url(text), store.url)
+    except Exception:  # noqa: BLE001 - not a URL of ours
+        return False
+
+
 def _same_database(a: sa.URL, b: sa.URL) -> bool:
     if a.get_backend_name() != b.get_backend_name():
         return False

@@ -130,6 +130,15 @@ class Revoked:
     """The task was revoked: none of its pending deliveries will run."""
 
     reason: str = "revoked"
+    result: JSON | None = None
+
+
+@dataclass(frozen=True)
+class StateUpdated:
+    """The task reported a state of its own (``task.update_state``)."""
+
+    state: str
+    result: JSON | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +220,7 @@ Event = Union[
     RetryScheduled,
     Succeeded,
     Failed,
+    StateUpdated,
     Forgotten,
     GroupSaved,
     GroupDeleted,
@@ -234,6 +244,7 @@ EVENT_TYPES: dict[str, type[Any]] = {
         RetryScheduled,
         Succeeded,
         Failed,
+        StateUpdated,
         Forgotten,
         GroupSaved,
         GroupDeleted,
@@ -339,6 +350,8 @@ class JobState:
     result: JSON | None = None
     revoked: bool = False
     forgotten: bool = False
+    #: A state of the task's own making (``update_state``); None for Celery's states.
+    custom_state: str | None = None
     #: Header tasks of a chord that finished (chord streams only).
     chord_parts: frozenset[str] = frozenset()
     chord_completed: bool = False
@@ -476,7 +489,15 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
             state = dataclasses.replace(state, result_state=ResultState.REVOKED)
         return state
     if isinstance(event, Revoked):
-        return dataclasses.replace(state, revoked=True, result_state=_after(state, ResultState.REVOKED))
+        if state.result_state is ResultState.SUCCESS:
+            return dataclasses.replace(state, revoked=True)
+        return dataclasses.replace(
+            state, revoked=True, result_state=ResultState.REVOKED, result=event.result,
+            custom_state=None,
+        )
+    if isinstance(event, StateUpdated):
+        state = _result(state, ResultState.STARTED, event.result)
+        return dataclasses.replace(state, custom_state=event.state)
     if isinstance(event, Forgotten):
         return dataclasses.replace(state, forgotten=True)
     if isinstance(event, GroupSaved):
@@ -504,14 +525,12 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
     raise CorruptStream(f"not an event: {event!r}")
 
 
-def _after(state: JobState, new: ResultState) -> ResultState:
-    return state.result_state if state.result_state is ResultState.SUCCESS else new
-
-
 def _result(state: JobState, new: ResultState, result: JSON | None) -> JobState:
     if state.result_state is ResultState.SUCCESS:
         raise CorruptStream(f"{new.value} recorded after SUCCESS in {state.stream!r}")
-    return dataclasses.replace(state, result_state=new, result=result, forgotten=False)
+    return dataclasses.replace(
+        state, result_state=new, result=result, forgotten=False, custom_state=None
+    )
 
 
 def fold(stream: str, events: Iterable[Event]) -> JobState:
@@ -595,6 +614,13 @@ class Discard:
 @dataclass(frozen=True)
 class Revoke:
     reason: str = "revoked"
+    result: JSON | None = None
+
+
+@dataclass(frozen=True)
+class UpdateState:
+    state: str
+    result: JSON | None = None
 
 
 @dataclass(frozen=True)
@@ -663,6 +689,7 @@ Command = Union[
     ScheduleRetry,
     Succeed,
     Fail,
+    UpdateState,
     Forget,
     SaveGroup,
     DeleteGroup,
@@ -787,7 +814,7 @@ def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noq
     if isinstance(command, Revoke):
         if state.revoked:
             return []
-        return [Revoked(command.reason)] + [
+        return [Revoked(command.reason, command.result)] + [
             Discarded(d.id, "revoked")
             for d in state.pending()
             if d.status is not DeliveryStatus.CLAIMED
@@ -818,4 +845,6 @@ def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noq
         return [Succeeded(command.result)]
     if isinstance(command, Fail):
         return [Failed(command.exc, command.traceback, command.result)]
+    if isinstance(command, UpdateState):
+        return [StateUpdated(command.state, command.result)]
     raise InvalidTransition(f"not a command: {command!r}")

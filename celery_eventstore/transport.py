@@ -45,7 +45,9 @@ Transport Options
   unlimited (default 100).
 * ``table_prefix``, ``schema``, ``auto_migrate`` (default True), ``notify``
   (default True; turn off behind PgBouncer transaction pooling),
-  ``max_message_size``: passed to the store.
+  ``max_message_size``, ``async_commit`` (default True: claims, acks and lease
+  renewals do not wait for the disk; publishes and results always do): passed
+  to the store.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ ROUTING_CACHE_SECONDS = 1.0
 #: How often a consuming process sweeps expired transient queues and messages.
 SWEEP_INTERVAL = 10.0
 
-STORE_OPTIONS = ("table_prefix", "schema", "auto_migrate", "notify", "max_message_size")
+STORE_OPTIONS = (
+    "table_prefix", "schema", "auto_migrate", "notify", "max_message_size", "async_commit"
+)
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:

@@ -32,6 +32,7 @@ from ..lifecycle import (
     RetryScheduled,
     Revoked,
     Started,
+    StateUpdated,
     Succeeded,
 )
 from .dialects import Dialect
@@ -40,7 +41,8 @@ from .schema import Tables
 
 #: Events that change what the result backend reports.
 _RESULT_EVENTS = (
-    Started, RetryScheduled, Succeeded, Failed, Revoked, Forgotten, GroupSaved, GroupDeleted
+    Started, StateUpdated, RetryScheduled, Succeeded, Failed, Revoked, Forgotten, GroupSaved,
+    GroupDeleted,
 )
 _READY = {ResultState.SUCCESS, ResultState.FAILURE, ResultState.REVOKED}
 
@@ -186,7 +188,7 @@ def _write_results(
             table,
             {
                 "stream_id": stream,
-                "state": state.result_state.value,
+                "state": state.custom_state or state.result_state.value,
                 "result": dict(state.result) if state.result is not None else None,
                 "date_done": at if state.result_state in _READY else None,
             },

@@ -47,7 +47,7 @@ class RoutingMixin:
     channel: str
 
     # Provided by EventStore.
-    def _write(self, connection: sa.Connection | None = None) -> Any: ...
+    def _write(self, connection: sa.Connection | None = None, *, durable: bool = True) -> Any: ...
     def _read(self) -> Any: ...
     def now(self) -> float: ...
 
@@ -97,7 +97,7 @@ class RoutingMixin:
         if not names:
             return
         q = self.tables.queues
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.execute(q.update().where(q.c.name.in_(list(names))).values(last_active=self.now()))
 
     def bind(self, binding: Binding) -> None:
@@ -142,7 +142,7 @@ class RoutingMixin:
         """Store ``(queue, payload, priority, expires_at)`` messages outside the log."""
         if not messages:
             return
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.execute(
                 self.tables.transient_messages.insert(),
                 [
@@ -158,7 +158,7 @@ class RoutingMixin:
         if not queues or limit <= 0:
             return []
         t = self.tables.transient_messages
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             now = self.now()
             rows = conn.execute(
                 self.dialect.nominate(
@@ -203,7 +203,7 @@ class RoutingMixin:
         Returns how many queues were removed.  Any process may run it, any time.
         """
         q, t, b = self.tables.queues, self.tables.transient_messages, self.tables.bindings
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             now = self.now()
             conn.execute(t.delete().where(t.c.expires_at.is_not(None), t.c.expires_at <= now))
             idle = list(

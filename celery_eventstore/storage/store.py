@@ -87,6 +87,11 @@ class EventStore(RoutingMixin):
     :param notify: send NOTIFY on commit when messages become ready (PostgreSQL).
         Turn off behind PgBouncer's transaction pooling, where LISTEN cannot work.
     :param max_message_size: the largest message accepted by publish, in bytes of JSON.
+    :param async_commit: commit claims, acks, lease renewals and STARTED states
+        without waiting for the disk (PostgreSQL ``synchronous_commit=off``).  Only a
+        crash of the database server can lose them, and losing one means a
+        redelivery, which at-least-once delivery allows.  Publishes and results are
+        always durable.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class EventStore(RoutingMixin):
         auto_migrate: bool = False,
         notify: bool = True,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        async_commit: bool = True,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         parsed = parse_url(url)
@@ -110,6 +116,7 @@ class EventStore(RoutingMixin):
         self.auto_migrate = auto_migrate
         self.notify_enabled = notify and self.dialect.supports_notify
         self.max_message_size = max_message_size
+        self.async_commit = async_commit
         #: The NOTIFY channel consumers LISTEN on; the payload is the queue name.
         self.channel = f"{table_prefix}ready"
         #: The NOTIFY channel result waiters LISTEN on; the payload is the stream id.
@@ -133,10 +140,16 @@ class EventStore(RoutingMixin):
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """A write transaction of the store's own, for several operations that
+        must commit together (pass it as ``connection=``)."""
+        with self._write() as conn:
+            yield conn
+
     def ping(self) -> None:
         """Check that the database answers and the schema is in place."""
-        self._ensure_schema()
-        with self._translate_errors(), self.engine.connect() as conn:
+        with self._read() as conn:
             conn.execute(sa.select(1)).scalar_one()
 
     def listener(self, *, results: bool = False) -> Listener:
@@ -171,8 +184,13 @@ class EventStore(RoutingMixin):
             raise
 
     @contextlib.contextmanager
-    def _write(self, connection: sa.Connection | None = None) -> Iterator[sa.Connection]:
-        """A write transaction: our own, or a savepoint in the caller's."""
+    def _write(
+        self, connection: sa.Connection | None = None, *, durable: bool = True
+    ) -> Iterator[sa.Connection]:
+        """A write transaction: our own, or joined to the caller's.
+
+        ``durable=False`` marks work whose loss only causes a redelivery.
+        """
         self._ensure_schema()
         with self._translate_errors():
             if connection is not None:
@@ -180,6 +198,8 @@ class EventStore(RoutingMixin):
                     yield connection
             else:
                 with self.engine.begin() as conn:
+                    if not durable and self.async_commit:
+                        self.dialect.relax_durability(conn)
                     yield conn
 
     @contextlib.contextmanager
@@ -457,8 +477,10 @@ class EventStore(RoutingMixin):
         :class:`~celery_eventstore.exceptions.InvalidTransition`.
         """
 
+        durable = not isinstance(command, (lc.Start, lc.UpdateState))
+
         def attempt() -> list[RecordedEvent]:
-            with self._write(connection) as conn:
+            with self._write(connection, durable=durable) as conn:
                 self.dialect.lock_stream(conn, self.table_prefix + stream)
                 state = self._load(conn, [stream])[stream]
                 now = self.now()
@@ -536,7 +558,7 @@ class EventStore(RoutingMixin):
 
         def attempt() -> list[ClaimedMessage]:
             msgs = self.tables.messages
-            with self._write() as conn:
+            with self._write(durable=False) as conn:
                 now = self.now()
                 candidates = conn.execute(
                     self.dialect.nominate(
@@ -586,7 +608,11 @@ class EventStore(RoutingMixin):
         return self._retrying(attempt)
 
     def _settle(
-        self, refs: Sequence[ClaimRef], command_for: Callable[[ClaimRef], lc.Command]
+        self,
+        refs: Sequence[ClaimRef],
+        command_for: Callable[[ClaimRef], lc.Command],
+        *,
+        durable: bool = False,
     ) -> dict[str, Outcome]:
         """Apply a claim-fenced command to each ref in one transaction."""
         if not refs:
@@ -595,7 +621,7 @@ class EventStore(RoutingMixin):
         def attempt() -> dict[str, Outcome]:
             msgs = self.tables.messages
             outcomes: dict[str, Outcome] = {}
-            with self._write() as conn:
+            with self._write(durable=durable) as conn:
                 # Lock the rows first, so a racing re-claim finishes before we read.
                 conn.execute(
                     self.dialect.lock(
@@ -631,7 +657,10 @@ class EventStore(RoutingMixin):
         self, refs: Sequence[ClaimRef], *, requeue: bool, reason: str = "rejected"
     ) -> dict[str, Outcome]:
         """Give claims back to their queue (``requeue``) or dead-letter them."""
-        return self._settle(refs, lambda r: lc.Reject(r.delivery, r.claim, requeue, reason))
+        # A dead letter is a verdict worth keeping through a crash.
+        return self._settle(
+            refs, lambda r: lc.Reject(r.delivery, r.claim, requeue, reason), durable=not requeue
+        )
 
     def restore(self, refs: Sequence[ClaimRef]) -> dict[str, Outcome]:
         """Give back claims a consumer holds as it shuts down cleanly."""

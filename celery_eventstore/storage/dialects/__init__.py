@@ -22,6 +22,9 @@ class Dialect:
     name = "generic"
     #: Whether LISTEN/NOTIFY style wake-ups exist.
     supports_notify = False
+    #: One writer at a time for the whole database (SQLite): a transaction kept
+    #: open while other connections of the same process write would deadlock.
+    single_writer = False
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         return url
@@ -53,6 +56,9 @@ class Dialect:
     def lock(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         """Lock the selected rows until commit (settlement against a racing claim)."""
         return select
+
+    def relax_durability(self, conn: sa.Connection) -> None:
+        """Let this transaction commit without waiting for its WAL to reach disk."""
 
     def lock_stream(self, conn: sa.Connection, key: str) -> None:
         """Make other writers of one stream wait for this transaction instead of

@@ -25,6 +25,7 @@ _READ_ONLY = "celery_eventstore_read_only"
 
 class SQLiteDialect(Dialect):
     name = "sqlite"
+    single_writer = True
 
     def engine_options(self, url: sa.URL) -> dict[str, Any]:
         return {"connect_args": {"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False}}

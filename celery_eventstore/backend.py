@@ -1,0 +1,343 @@
+"""Celery result backend on the event store.
+
+::
+
+    result_backend = "eventstore+postgresql://app@db/app"   # or eventstore+sqlite:///jobs.db
+
+Every state is an event on the task's stream -- ``Started``, ``RetryScheduled``,
+``Succeeded``, ``Failed``, ``Revoked`` -- next to the broker's own events, so a
+task's history holds both what happened to its messages and what it returned.
+Results are stored as Celery's configured result serializer encoded them; the
+store never decodes one.
+
+* ``AsyncResult.get()`` waits on a LISTEN connection on PostgreSQL (subscribed
+  before the first read, so no result slips between read and wait) and on cheap
+  change detection on SQLite, instead of polling every half second.
+* Chords are native: each finished header task is counted on the stream
+  ``chord:<group id>`` under the version check, so the callback is applied
+  exactly once.  When the broker is the same database, the callback's message
+  is published in the very transaction that completes the count.
+* ``forget()`` appends ``Forgotten``: the result is gone, the history stays.
+* ``result_expires`` (through ``celery beat``'s ``backend_cleanup``) prunes whole
+  finished streams older than it: it is the history's retention too.
+
+Options come from ``result_backend_transport_options`` (``table_prefix``,
+``schema``, ``auto_migrate``, ``notify``); give them the broker's values when
+both share a database.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from celery import states
+from celery.backends.base import (
+    BaseKeyValueStoreBackend,
+    SyncBackendMixin,
+    _create_chord_error_with_cause,
+)
+from celery.canvas import maybe_signature
+from celery.exceptions import ChordError, TaskRevokedError, TimeoutError
+from celery.result import GroupResult, allow_join_result, result_from_tuple
+from kombu.utils.encoding import bytes_to_str
+
+from . import lifecycle as lc
+from .atomic import atomic, same_database
+from .storage import EventStore
+from .storage.dialects import Listener
+from .stores import shared_store
+
+#: Longest a waiter sleeps between reads when no wake-up arrives (a safety net).
+WAIT_POLL_SECONDS = 1.0
+STORE_OPTIONS = ("table_prefix", "schema", "auto_migrate", "notify", "async_commit")
+
+
+def _strip_scheme(url: str) -> str:
+    return url.split("+", 1)[1] if url.startswith("eventstore+") else url
+
+
+class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
+    """Results, groups and chords as events in the celery_eventstore log."""
+
+    supports_native_join = True
+    supports_autoexpire = False
+    #: Native chords: counted in the store, no chord_unlock polling task.
+    implements_incr = True
+
+    def __init__(self, app: Any = None, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app=app, url=url, **kwargs)
+        target = url or self.url or self.app.conf.result_backend
+        if not target:
+            raise ValueError("the eventstore result backend needs a database URL")
+        options = self.app.conf.get("result_backend_transport_options") or {}
+        self.store: EventStore = shared_store(
+            _strip_scheme(target), {k: options[k] for k in STORE_OPTIONS if k in options}
+        )
+        self._local = threading.local()
+
+    def __reduce__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        return super().__reduce__(args, {**(kwargs or {}), "url": self.url})
+
+    # -- encoding: what the store keeps is opaque to it -------------------------
+
+    def _wrap(self, payload: str | bytes) -> dict[str, str]:
+        if isinstance(payload, bytes):
+            return {"body": base64.b64encode(payload).decode("ascii"), "encoding": "base64"}
+        return {"body": payload, "encoding": "utf-8"}
+
+    @staticmethod
+    def _unwrap(stored: Mapping[str, Any]) -> str | bytes:
+        body = stored["body"]
+        if stored.get("encoding") == "base64":
+            return base64.b64decode(body)
+        return str(body)
+
+    # -- states ----------------------------------------------------------------
+
+    def _store_result(
+        self, task_id: str, result: Any, state: str, traceback: str | None = None,
+        request: Any = None, **kwargs: Any,
+    ) -> Any:
+        task_id = bytes_to_str(task_id)
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback,
+                                     request=request)
+        meta["task_id"] = task_id
+        encoded = self._wrap(self.encode(meta))
+        command: lc.Command
+        if state == states.SUCCESS:
+            command = lc.Succeed(result=encoded)
+        elif state == states.FAILURE:
+            command = lc.Fail(exc=_describe(result), traceback=traceback, result=encoded)
+        elif state == states.RETRY:
+            command = lc.ScheduleRetry(exc=_describe(result), result=encoded)
+        elif state == states.REVOKED:
+            command = lc.Revoke(reason=_describe(result) or "revoked", result=encoded)
+        elif state == states.STARTED:
+            command = lc.Start(worker=getattr(request, "hostname", None), result=encoded)
+        else:  # a custom state from task.update_state()
+            command = lc.UpdateState(state=state, result=encoded)
+        self.store.execute(task_id, command)
+        return result
+
+    def _meta_of(self, task_id: str, row: tuple[str, Any, float | None] | None) -> Any:
+        """The encoded meta of a results row (synthesised when the store made the
+        state itself, e.g. a task that expired before any worker saw it)."""
+        if row is None:
+            return None
+        state, stored, _ = row
+        if stored is not None:
+            return self._unwrap(stored)
+        meta = self._get_result_meta(
+            result=self.prepare_exception(TaskRevokedError("expired")),
+            state=state, traceback=None, request=None,
+        )
+        meta["task_id"] = task_id
+        return self.encode(meta)
+
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        task_id = bytes_to_str(task_id)
+        payload = self._meta_of(task_id, self.store.results([task_id]).get(task_id))
+        if payload is None:
+            return {"status": states.PENDING, "result": None}
+        return self.decode_result(payload)
+
+    def mget(self, keys: Iterable[Any]) -> list[Any]:
+        ids = [self._task_id_of(k) for k in keys]
+        rows = self.store.results(ids)
+        return [self._meta_of(i, rows.get(i)) for i in ids]
+
+    def _task_id_of(self, key: Any) -> str:
+        key = bytes_to_str(key)
+        prefix = bytes_to_str(self.task_keyprefix)
+        return key[len(prefix):] if key.startswith(prefix) else key
+
+    def get(self, key: Any) -> Any:
+        return self.mget([key])[0]
+
+    def set(self, key: Any, value: Any) -> None:
+        raise NotImplementedError("the event store writes states as events, not keys")
+
+    def delete(self, key: Any) -> None:
+        self._forget(self._task_id_of(key))
+
+    def incr(self, key: Any) -> int:
+        raise NotImplementedError("chords are counted per task on the chord's stream")
+
+    def expire(self, key: Any, value: Any) -> None:
+        """Results expire with their streams (see :meth:`cleanup`)."""
+
+    def _forget(self, task_id: str) -> None:
+        self.store.execute(bytes_to_str(task_id), lc.Forget())
+
+    def cleanup(self) -> None:
+        """Prune whole finished streams older than ``result_expires``."""
+        if self.expires:
+            self.store.prune(before=self.store.now() - self.expires)
+
+    # -- groups ----------------------------------------------------------------
+
+    def _save_group(self, group_id: str, result: Any) -> Any:
+        encoded = self._wrap(self.encode({"result": result.as_tuple()}))
+        self.store.execute(f"group:{group_id}", lc.SaveGroup(result=encoded))
+        return result
+
+    def _restore_group(self, group_id: str) -> dict[str, Any] | None:
+        stream = f"group:{group_id}"
+        row = self.store.results([stream]).get(stream)
+        if row is None or row[1] is None:
+            return None
+        meta: dict[str, Any] = self.decode(self._unwrap(row[1]))
+        meta["result"] = result_from_tuple(meta["result"], self.app)
+        return meta
+
+    def _delete_group(self, group_id: str) -> None:
+        self.store.execute(f"group:{group_id}", lc.DeleteGroup())
+
+    # -- waiting ---------------------------------------------------------------
+
+    def _listener(self) -> Listener:
+        listener = getattr(self._local, "listener", None)
+        if listener is None:
+            listener = self._local.listener = self.store.listener(results=True)
+        return listener
+
+    def wait_for(
+        self, task_id: str, timeout: float | None = None, interval: float = 0.5,
+        no_ack: bool = True, on_interval: Any = None,
+    ) -> dict[str, Any]:
+        self._ensure_not_eager()
+        listener = self._listener()  # subscribed before the first read
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            meta = self.get_task_meta(task_id)
+            if meta["status"] in states.READY_STATES:
+                return meta
+            if on_interval:
+                on_interval()
+            wait = WAIT_POLL_SECONDS
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError("The operation timed out.")
+            listener.wait(wait)
+
+    def get_many(
+        self, task_ids: Iterable[str], timeout: float | None = None, interval: float = 0.5,
+        no_ack: bool = True, on_message: Any = None, on_interval: Any = None,
+        max_iterations: int | None = None, READY_STATES: Any = states.READY_STATES,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        ids = {bytes_to_str(t) for t in task_ids}
+        for task_id in list(ids):
+            cached = self._cache.get(task_id)
+            if cached is not None and cached["status"] in READY_STATES:
+                ids.discard(task_id)
+                yield task_id, cached
+        listener = self._listener() if ids else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while ids:
+            rows = self.store.results(ids)
+            for task_id in sorted(ids):
+                payload = self._meta_of(task_id, rows.get(task_id))
+                if payload is None:
+                    continue
+                meta = self.decode_result(payload)
+                if meta["status"] not in READY_STATES:
+                    continue
+                ids.discard(task_id)
+                self._cache[task_id] = meta
+                if on_message is not None:
+                    on_message(meta)
+                yield task_id, meta
+            if not ids:
+                return
+            if on_interval:
+                on_interval()
+            wait = WAIT_POLL_SECONDS
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError(f"Operation timed out ({timeout})")
+            assert listener is not None
+            listener.wait(wait)
+
+    # -- chords ----------------------------------------------------------------
+
+    def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
+        app = self.app
+        gid = request.group
+        if not gid:
+            return
+        callback = maybe_signature(request.chord, app=app)
+        try:
+            deps = GroupResult.restore(gid, backend=self)
+        except Exception as exc:  # noqa: BLE001 - reported through the chord's errbacks
+            return self.chord_error_from_stack(callback, ChordError(f"Cannot restore group: {exc!r}"))
+        if deps is None:
+            return self.chord_error_from_stack(
+                callback, ChordError(f"GroupResult {gid} no longer exists")
+            )
+        size = (request.chord or {}).get("chord_size") or len(deps)
+        count = lc.CountChordPart(request.id, state, size)
+        # The callback's message joins the transaction that completes the count
+        # when the broker is this database: the count and the callback commit
+        # together, so a crash between them cannot lose or double the callback.
+        # Not on SQLite, where that open transaction would lock out the other
+        # writes publishing needs; there the callback follows the commit.
+        joined = same_database(app.conf.broker_url or "", self.store) and not (
+            self.store.dialect.single_writer
+        )
+        if not joined:
+            if _completes(self.store.execute(f"chord:{gid}", count)):
+                self._apply_chord_callback(gid, callback, deps)
+            return None
+        with self.store.transaction() as conn:
+            if _completes(self.store.execute(f"chord:{gid}", count, connection=conn)):
+                with atomic(conn):
+                    self._apply_chord_callback(gid, callback, deps)
+        return None
+
+    def _apply_chord_callback(self, gid: str, callback: Any, deps: Any) -> None:
+        try:
+            with allow_join_result():
+                ret = deps.join_native(timeout=self.app.conf.result_chord_join_timeout,
+                                       propagate=True)
+        except Exception as exc:  # noqa: BLE001 - a header task failed: fail the chord
+            try:
+                culprit = next(deps._failed_join_report())
+                reason = f"Dependency {culprit.id} raised {exc!r}"
+            except StopIteration:
+                reason = repr(exc)
+            self.chord_error_from_stack(
+                callback=callback,
+                exc=_create_chord_error_with_cause(message=reason, original_exc=exc),
+            )
+            return
+        try:
+            callback.delay(ret)
+        except Exception as exc:  # noqa: BLE001
+            self.chord_error_from_stack(
+                callback=callback,
+                exc=_create_chord_error_with_cause(
+                    message=f"Callback error: {exc!r}", original_exc=exc
+                ),
+            )
+
+
+def _completes(recorded: Iterable[Any]) -> bool:
+    return any(isinstance(r.event, lc.ChordCompleted) for r in recorded)
+
+
+def _describe(result: Any) -> str:
+    """A one-line summary of an exception as Celery encoded it, for the history."""
+    if isinstance(result, Mapping) and "exc_type" in result:
+        message = result.get("exc_message")
+        if isinstance(message, (list, tuple)):
+            message = ", ".join(str(m) for m in message)
+        return f"{result['exc_type']}: {message}" if message else str(result["exc_type"])
+    if isinstance(result, BaseException):
+        return f"{type(result).__name__}: {result}"
+    return "" if result is None else str(result)

@@ -1,0 +1,120 @@
+"""A task's history, read from its stream: for people (a timeline) and for code.
+
+::
+
+    from celery_eventstore.history import history, format_timeline
+
+    entries = history(store, task_id)
+    print(format_timeline(entries))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from . import lifecycle as lc
+from .storage import EventStore, RecordedEvent
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of a task's history."""
+
+    time: float
+    version: int
+    event: str
+    #: 1 for the task's first message, 2 for the first retry's message, ...
+    delivery: int | None = None
+    worker: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["time"] = _iso(self.time)
+        return data
+
+
+def history(store: EventStore, task_id: str) -> list[Entry]:
+    """Every event of ``task_id``'s stream, oldest first, as :class:`Entry` values."""
+    return entries_of(store.read_stream(task_id))
+
+
+def entries_of(recorded: Sequence[RecordedEvent]) -> list[Entry]:
+    numbers: dict[str, int] = {}
+    consumers: dict[str, str] = {}
+    out = []
+    for rec in recorded:
+        ev = rec.event
+        delivery = getattr(ev, "delivery", None)
+        if isinstance(ev, lc.Published):
+            numbers[ev.delivery] = len(numbers) + 1
+        if isinstance(ev, lc.Claimed):
+            consumers[ev.delivery] = ev.consumer
+        out.append(
+            Entry(
+                time=rec.recorded_at,
+                version=rec.version,
+                event=rec.type,
+                delivery=numbers.get(delivery) if delivery else None,
+                worker=_worker(ev, consumers.get(delivery or "")),
+                detail=_detail(ev, rec.metadata or {}, rec.recorded_at),
+            )
+        )
+    return out
+
+
+def _worker(ev: lc.Event, consumer: str | None) -> str | None:
+    if isinstance(ev, lc.Started):
+        return ev.worker
+    if isinstance(ev, (lc.Claimed, lc.LeaseRenewed, lc.Acked, lc.Requeued, lc.LeaseExpired)):
+        return consumer
+    return None
+
+
+def _detail(ev: lc.Event, metadata: Mapping[str, Any], at: float) -> dict[str, Any]:
+    if isinstance(ev, lc.Published):
+        detail: dict[str, Any] = {"queue": ev.queue}
+        for key in ("task", "retries", "parent_id"):
+            if key in metadata:
+                detail[key] = metadata[key]
+        if ev.not_before and ev.not_before > at:
+            detail["not_before"] = _iso(ev.not_before)
+        if ev.expires:
+            detail["expires"] = _iso(ev.expires)
+        return detail
+    if isinstance(ev, (lc.Claimed, lc.LeaseRenewed)):
+        return {"lease_until": _iso(ev.lease_until)}
+    if isinstance(ev, (lc.Requeued, lc.DeadLettered, lc.Discarded, lc.Revoked)):
+        return {"reason": ev.reason}
+    if isinstance(ev, lc.RetryScheduled):
+        return {"exc": ev.exc, **({"countdown": ev.countdown} if ev.countdown else {})}
+    if isinstance(ev, lc.Failed):
+        return {"exc": ev.exc}
+    if isinstance(ev, lc.Succeeded) and ev.result is not None:
+        return {"result": ev.result.get("summary", ev.result)}
+    return {}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def format_timeline(entries: Sequence[Entry]) -> str:
+    """A readable timeline: time, event, delivery number, worker and details."""
+    lines = []
+    for e in entries:
+        when = datetime.fromtimestamp(e.time, timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+        delivery = f"#{e.delivery}" if e.delivery else ""
+        facts = " ".join(f"{k}={_short(v)}" for k, v in e.detail.items())
+        worker = f"by {e.worker}" if e.worker else ""
+        lines.append(f"{when}  {e.event:<14} {delivery:<3} {facts} {worker}".rstrip())
+    return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
