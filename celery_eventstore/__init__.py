@@ -13,7 +13,7 @@ __all__ = ["atomic", "__version__"]
 def __getattr__(name: str) -> Any:
     # Kept lazy: kombu imports this package in every process to register the alias.
     if name == "atomic":
-        from .atomic import atomic
+        from .enqueue import atomic
 
         return atomic
     raise AttributeError(name)

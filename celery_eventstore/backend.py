@@ -46,7 +46,7 @@ from celery.result import GroupResult, allow_join_result, result_from_tuple
 from kombu.utils.encoding import bytes_to_str
 
 from . import lifecycle as lc
-from .atomic import atomic, same_database
+from .enqueue import atomic, same_database
 from .storage import EventStore
 from .storage.dialects import Listener
 from .stores import shared_store

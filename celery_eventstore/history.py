@@ -95,8 +95,23 @@ def _detail(ev: lc.Event, metadata: Mapping[str, Any], at: float) -> dict[str, A
     if isinstance(ev, lc.Failed):
         return {"exc": ev.exc}
     if isinstance(ev, lc.Succeeded) and ev.result is not None:
-        return {"result": ev.result.get("summary", ev.result)}
+        return {"result": _result_summary(ev.result)}
     return {}
+
+
+def _result_summary(stored: Mapping[str, Any]) -> Any:
+    """The task's return value when the backend stored JSON; else a size note.
+
+    JSON is only parsed, never executed; any other encoding (pickle, msgpack)
+    stays opaque: the store never decodes what it cannot read safely.
+    """
+    body = stored.get("body")
+    if stored.get("encoding") == "utf-8" and isinstance(body, str):
+        try:
+            return json.loads(body).get("result")
+        except (ValueError, AttributeError):
+            pass
+    return f"<{len(str(body))} bytes, {stored.get('encoding', 'opaque')}>"
 
 
 def _iso(ts: float) -> str:
@@ -109,9 +124,10 @@ def format_timeline(entries: Sequence[Entry]) -> str:
     for e in entries:
         when = datetime.fromtimestamp(e.time, timezone.utc).strftime("%H:%M:%S.%f")[:-3]
         delivery = f"#{e.delivery}" if e.delivery else ""
-        facts = " ".join(f"{k}={_short(v)}" for k, v in e.detail.items())
-        worker = f"by {e.worker}" if e.worker else ""
-        lines.append(f"{when}  {e.event:<14} {delivery:<3} {facts} {worker}".rstrip())
+        parts = [f"{k}={_short(v)}" for k, v in e.detail.items()]
+        if e.worker:
+            parts.append(f"by {e.worker}")
+        lines.append(f"{when}  {e.event:<14} {delivery:<3} {' '.join(parts)}".rstrip())
     return "\n".join(lines)
 
 

@@ -536,7 +536,7 @@ class Transport(virtual.Transport):
 
     def atomic_connection(self) -> Any:
         """The caller's SQLAlchemy connection while inside ``celery_eventstore.atomic``."""
-        from .atomic import current_connection
+        from .enqueue import current_connection
 
         return current_connection(self.store)
 
