@@ -62,6 +62,8 @@ class Published:
     priority: int = 0
     not_before: float | None = None
     expires: float | None = None
+    #: The dead-lettered delivery this one publishes again, if any.
+    retry_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,13 @@ class DeadLettered:
 
     delivery: str
     reason: str
+
+
+@dataclass(frozen=True)
+class DeadLetterPurged:
+    """An operator removed a dead letter from the dead-letter list; its story stays."""
+
+    delivery: str
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,7 @@ Event = Union[
     Requeued,
     LeaseExpired,
     DeadLettered,
+    DeadLetterPurged,
     Discarded,
     Revoked,
     Started,
@@ -238,6 +248,7 @@ EVENT_TYPES: dict[str, type[Any]] = {
         Requeued,
         LeaseExpired,
         DeadLettered,
+        DeadLetterPurged,
         Discarded,
         Revoked,
         Started,
@@ -477,6 +488,11 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
         return _with_delivery(
             state, delivery, status=DeliveryStatus.DEAD, lease_until=None, reason=event.reason
         )
+    if isinstance(event, DeadLetterPurged):
+        delivery = _known(state, event, event.delivery)
+        if delivery.status is not DeliveryStatus.DEAD:
+            raise CorruptStream(f"purged delivery {event.delivery!r} is {delivery.status.value}")
+        return state
     if isinstance(event, Discarded):
         delivery = _pending(state, event, event.delivery)
         if delivery.status is DeliveryStatus.CLAIMED:
@@ -554,6 +570,7 @@ class Publish:
     priority: int = 0
     not_before: float | None = None
     expires: float | None = None
+    retry_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -609,6 +626,11 @@ class Discard:
 
     delivery: str
     reason: str
+
+
+@dataclass(frozen=True)
+class PurgeDeadLetter:
+    delivery: str
 
 
 @dataclass(frozen=True)
@@ -684,6 +706,7 @@ Command = Union[
     Reject,
     Restore,
     Discard,
+    PurgeDeadLetter,
     Revoke,
     Start,
     ScheduleRetry,
@@ -737,7 +760,13 @@ def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noq
             priority=command.priority,
             not_before=command.not_before,
             expires=command.expires,
+            retry_of=command.retry_of,
         )
+        if command.retry_of is not None and (
+            state.deliveries.get(command.retry_of) is None
+            or state.deliveries[command.retry_of].status is not DeliveryStatus.DEAD
+        ):
+            raise InvalidTransition(f"delivery {command.retry_of!r} is not dead-lettered")
         if command.delivery in state.deliveries:
             raise InvalidTransition(f"delivery {command.delivery!r} already published")
         if state.revoked:
@@ -810,6 +839,12 @@ def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noq
         if delivery.status is DeliveryStatus.CLAIMED:
             raise InvalidTransition(f"delivery {delivery.id!r} is claimed; it cannot be discarded")
         return [Discarded(delivery.id, command.reason)]
+
+    if isinstance(command, PurgeDeadLetter):
+        delivery = state.delivery(command.delivery)
+        if delivery.status is not DeliveryStatus.DEAD:
+            raise InvalidTransition(f"delivery {delivery.id!r} is not dead-lettered")
+        return [DeadLetterPurged(delivery.id)]
 
     if isinstance(command, Revoke):
         if state.revoked:

@@ -18,6 +18,7 @@ from ..lifecycle import (
     Acked,
     Claimed,
     DeadLettered,
+    DeadLetterPurged,
     Discarded,
     Failed,
     Forgotten,
@@ -76,6 +77,7 @@ def project(
     changes: dict[str, tuple[str, dict[str, Any]]] = {}
     dead: list[dict[str, Any]] = []
     results: dict[str, float] = {}  # stream -> time of its last result change
+    retried: list[str] = []  # dead letters published again or purged
     for rec in recorded:
         ev = rec.event
         if isinstance(ev, _RESULT_EVENTS) or (
@@ -83,6 +85,8 @@ def project(
         ):
             results[rec.stream] = rec.recorded_at
         if isinstance(ev, Published):
+            if ev.retry_of is not None:
+                retried.append(ev.retry_of)
             changes[ev.delivery] = (
                 _INSERT,
                 {
@@ -115,6 +119,8 @@ def project(
             _merge(changes, ev.delivery, _unclaimed(0.0))
         elif isinstance(ev, (Acked, Discarded)):
             _delete(changes, ev.delivery)
+        elif isinstance(ev, DeadLetterPurged):
+            retried.append(ev.delivery)
         elif isinstance(ev, DeadLettered):
             _delete(changes, ev.delivery)
             dead.append({
@@ -126,6 +132,9 @@ def project(
                 "position": rec.position,
             })
     _write(conn, tables, changes, dead)
+    if retried:
+        dl = tables.dead_letters
+        conn.execute(dl.delete().where(dl.c.delivery_id.in_(retried)))
     _write_results(conn, tables, dialect, results, states)
 
 

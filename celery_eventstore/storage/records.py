@@ -83,3 +83,12 @@ class QueueStats:
     dead: int = 0
     oldest_seq: int | None = None
 
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    delivery: str
+    stream: str
+    queue: str
+    reason: str
+    dead_at: float

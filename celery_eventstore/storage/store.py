@@ -42,6 +42,7 @@ from .dialects import Dialect, Listener, dialect_for
 from .projection import project
 from .records import (
     ClaimedMessage,
+    DeadLetter,
     ClaimRef,
     NewMessage,
     Outcome,
@@ -738,6 +739,49 @@ class EventStore(RoutingMixin):
             total += done
             if done == 0:
                 return total
+
+    def dead_letters(self, queue: str | None = None, limit: int = 1000) -> list[DeadLetter]:
+        """Dead-lettered deliveries not published again, oldest first."""
+        dl = self.tables.dead_letters
+        query = sa.select(dl).order_by(dl.c.position).limit(limit)
+        if queue is not None:
+            query = query.where(dl.c.queue == queue)
+        with self._read() as conn:
+            return [
+                DeadLetter(r.delivery_id, r.stream_id, r.queue, r.reason, r.dead_at)
+                for r in conn.execute(query)
+            ]
+
+    def retry_dead(self, delivery: str) -> str:
+        """Publish a dead-lettered delivery again, as a new delivery on its stream."""
+        dl = self.tables.dead_letters
+        with self._read() as conn:
+            stream = conn.execute(
+                sa.select(dl.c.stream_id).where(dl.c.delivery_id == delivery)
+            ).scalar()
+        if stream is None:
+            raise InvalidTransition(f"no dead letter {delivery!r}")
+        original = next(
+            rec.event for rec in self.read_stream(stream)
+            if isinstance(rec.event, lc.Published) and rec.event.delivery == delivery
+        )
+        new_delivery = uuid.uuid4().hex
+        self.execute(stream, lc.Publish(
+            delivery=new_delivery,
+            queue=original.queue,
+            message=original.message,
+            priority=original.priority,
+            retry_of=delivery,
+        ), metadata={"retry_of": delivery})
+        return new_delivery
+
+    def purge_dead(self, queue: str | None = None) -> int:
+        """Remove dead letters from the list (their history stays in the log)."""
+        purged = 0
+        for letter in self.dead_letters(queue):
+            self.execute(letter.stream, lc.PurgeDeadLetter(letter.delivery))
+            purged += 1
+        return purged
 
     def revoke(self, stream: str, reason: str = "revoked") -> list[RecordedEvent]:
         """Durably revoke a task: its pending deliveries are discarded, future ones too."""

@@ -206,6 +206,23 @@ class StoreContract:
         dead = store.projection_rows()[store.tables.dead_letters.name]
         assert len(dead) == 1
 
+    def test_dead_letters_are_listed_retried_and_purged(self, store, clock):
+        store.publish([msg("a"), msg("b")])
+        a, b = store.claim(["q"], 2, "w", 30)
+        store.reject([a.ref, b.ref], requeue=False, reason="poison")
+        letters = store.dead_letters()
+        assert [(d.stream, d.reason) for d in letters] == [("a", "poison"), ("b", "poison")]
+        again = store.retry_dead(a.delivery)
+        assert [d.stream for d in store.dead_letters()] == ["b"]
+        (claimed,) = store.claim(["q"], 5, "w", 30)
+        assert (claimed.delivery, claimed.message) == (again, {"body": "a"})
+        assert store.purge_dead() == 1
+        assert store.dead_letters() == []
+        assert types(store, "b")[-1] == "DeadLetterPurged"
+        live = store.projection_rows()
+        store.rebuild()
+        assert store.projection_rows() == live
+
     def test_reject_requeue_restore_and_dead_letter(self, store):
         store.publish([msg("a"), msg("b"), msg("c")])
         a, b, c = store.claim(["q"], 3, "w", 30)

@@ -1,0 +1,363 @@
+"""``celery-eventstore``: operate the event store and read its history.
+
+Two ways in, one set of commands::
+
+    celery-eventstore --url sqlite:///jobs.db history TASK_ID
+    celery -A proj eventstore history TASK_ID      # reads the app's broker_url
+
+Commands: migrate, check, history, tail, queues, dead (list/retry/purge), revoke,
+prune, rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import click
+
+from . import lifecycle as lc
+from .exceptions import EventStoreError
+from .history import entries_of, format_timeline
+from .storage import EventStore, RecordedEvent
+from .storage.routing import QueueInfo
+
+
+def _strip(url: str) -> str:
+    return url.split("+", 1)[1] if url.startswith("eventstore+") else url
+
+
+class _Context:
+    def __init__(self, url: str | None, options: dict[str, Any]) -> None:
+        self.url = url
+        self.options = options
+        self._store: EventStore | None = None
+
+    @property
+    def store(self) -> EventStore:
+        if self._store is None:
+            if not self.url:
+                raise click.UsageError("give the database with --url (or run as `celery -A app eventstore`)")
+            self._store = EventStore(_strip(self.url), **self.options)
+        return self._store
+
+
+def _options(prefix: str | None, schema: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if prefix:
+        options["table_prefix"] = prefix
+    if schema:
+        options["schema"] = schema
+    return options
+
+
+@click.group(name="eventstore", help=__doc__.split("\n\n")[0])
+@click.option("--url", envvar="CELERY_EVENTSTORE_URL", help="SQLAlchemy URL of the store "
+              "(an eventstore+ broker URL works too). Default: the Celery app's broker_url.")
+@click.option("--table-prefix", default=None, help="table prefix (default eventstore_)")
+@click.option("--schema", default=None, help="PostgreSQL schema of the tables")
+@click.pass_context
+def eventstore(ctx: click.Context, url: str | None, table_prefix: str | None,
+               schema: str | None) -> None:
+    app = getattr(ctx.obj, "app", None)  # set when run as `celery -A app eventstore`
+    options = _options(table_prefix, schema)
+    if app is not None and url is None:
+        url = app.conf.broker_url
+        transport = app.conf.broker_transport_options or {}
+        for key in ("table_prefix", "schema"):
+            if key in transport and key not in options:
+                options[key] = transport[key]
+    ctx.obj = _Context(url, options)
+
+
+def _store(ctx: click.Context) -> EventStore:
+    return ctx.find_object(_Context).store  # type: ignore[union-attr]
+
+
+@eventstore.command()
+@click.option("--sql", is_flag=True, help="print the SQL for a DBA instead of running it")
+@click.pass_context
+def migrate(ctx: click.Context, sql: bool) -> None:
+    """Create or upgrade the schema."""
+    store = _store(ctx)
+    if sql:
+        click.echo(store.migration_sql(store.schema_version()))
+        return
+    applied = store.migrate()
+    click.echo(f"schema at version {store.schema_version()}"
+               + (f" (applied {', '.join(map(str, applied))})" if applied else " (up to date)"))
+
+
+@eventstore.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Connectivity, schema version, wake-ups and clock skew."""
+    store = _store(ctx)
+    store.ping()
+    click.echo(f"database   {store!r}")
+    click.echo(f"schema     version {store.schema_version()}")
+    skew = store.clock_skew()
+    click.echo(f"clock skew {skew * 1000:+.1f} ms (database minus this host)")
+    listener = store.listener()
+    try:
+        listener.poll()
+        probe = f"check-{time.time_ns()}"
+        store.declare_queue(QueueInfo(probe, transient=True, expires=1))
+        store.put_transient([(probe, {"probe": True}, 0, None)])
+        woke = listener.wait(2.0)
+        store.forget_queue(probe)
+        click.echo("wake-ups   " + ("working" if woke else "NOT received (consumers will poll)"))
+    finally:
+        listener.close()
+
+
+def _events_json(recorded: list[RecordedEvent]) -> list[dict[str, Any]]:
+    out = []
+    for entry, rec in zip(entries_of(recorded), recorded):
+        item = entry.as_json()
+        item["stream"] = rec.stream
+        item["position"] = rec.position
+        out.append(item)
+    return out
+
+
+@eventstore.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a timeline")
+@click.option("--tree", is_flag=True, help="also show child tasks (canvas)")
+@click.pass_context
+def history(ctx: click.Context, task_id: str, as_json: bool, tree: bool) -> None:
+    """The whole story of one task (or group:ID / chord:ID)."""
+    store = _store(ctx)
+    streams = [task_id] + (_children(store, task_id) if tree else [])
+    documents = []
+    for stream in streams:
+        recorded = store.read_stream(stream)
+        if not recorded and stream == task_id:
+            raise click.ClickException(f"no events for {task_id!r}: unknown task, or pruned")
+        if as_json:
+            documents.append({"stream": stream, "events": _events_json(recorded)})
+        else:
+            state = lc.fold(stream, (r.event for r in recorded))
+            click.echo(f"== {stream}  state={state.custom_state or state.result_state.value}")
+            click.echo(format_timeline(entries_of(recorded)))
+    if as_json:
+        click.echo(json.dumps(documents if tree else documents[0], indent=2, default=str))
+
+
+def _children(store: EventStore, task_id: str) -> list[str]:
+    """Streams whose messages name ``task_id`` as parent (one level per call, recursively)."""
+    found: list[str] = []
+    frontier = [task_id]
+    seen = {task_id}
+    everything = _all_events(store)
+    parents: dict[str, set[str]] = {}
+    for rec in everything:
+        parent = (rec.metadata or {}).get("parent_id")
+        if parent and isinstance(rec.event, lc.Published) and rec.stream != parent:
+            parents.setdefault(parent, set()).add(rec.stream)
+    while frontier:
+        current = frontier.pop()
+        for child in sorted(parents.get(current, ())):
+            if child not in seen:
+                seen.add(child)
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def _all_events(store: EventStore, after: int = 0) -> Iterator[RecordedEvent]:
+    while True:
+        batch = store.read_all(after=after, limit=5000)
+        if not batch:
+            return
+        yield from batch
+        after = batch[-1].position
+
+
+@eventstore.command()
+@click.option("-f", "--follow", is_flag=True, help="keep printing new events")
+@click.option("--queue", default=None, help="only events of messages in this queue")
+@click.option("--task", "task_name", default=None, help="only this task name")
+@click.option("--type", "event_type", default=None, help="only this event type")
+@click.option("-n", "--lines", default=20, show_default=True, help="events to show first")
+@click.pass_context
+def tail(ctx: click.Context, follow: bool, queue: str | None, task_name: str | None,
+         event_type: str | None, lines: int) -> None:
+    """The live event feed."""
+    store = _store(ctx)
+    queues: dict[str, str] = {}
+    names: dict[str, str] = {}
+
+    def keep(rec: RecordedEvent) -> bool:
+        ev = rec.event
+        if isinstance(ev, lc.Published):
+            queues[rec.stream] = ev.queue
+            if rec.metadata and rec.metadata.get("task"):
+                names[rec.stream] = rec.metadata["task"]
+        return (
+            (queue is None or queues.get(rec.stream) == queue)
+            and (task_name is None or names.get(rec.stream) == task_name)
+            and (event_type is None or rec.type == event_type)
+        )
+
+    def show(rec: RecordedEvent) -> None:
+        (entry,) = entries_of([rec])
+        line = format_timeline([entry])
+        click.echo(f"{rec.stream[:36]:<36} {line}")
+
+    backlog = [rec for rec in _all_events(store) if keep(rec)]
+    for rec in backlog[-lines:] if lines else []:
+        show(rec)
+    position = backlog[-1].position if backlog else _last_position(store)
+    if not follow:
+        return
+    listener = store.listener()
+    try:
+        while True:
+            batch = store.read_all(after=position, limit=1000)
+            for rec in batch:
+                if keep(rec):
+                    show(rec)
+            if batch:
+                position = batch[-1].position
+            else:
+                listener.wait(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+
+
+def _last_position(store: EventStore) -> int:
+    last = 0
+    for rec in _all_events(store):
+        last = rec.position
+    return last
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@eventstore.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def queues(ctx: click.Context, as_json: bool) -> None:
+    """Ready, scheduled, in-flight and dead-lettered counts per queue."""
+    store = _store(ctx)
+    stats = store.queue_stats()
+    if as_json:
+        click.echo(json.dumps([vars(s) for s in stats], indent=2))
+        return
+    click.echo(f"{'queue':<30} {'ready':>7} {'scheduled':>9} {'in-flight':>9} {'dead':>6}")
+    for s in stats:
+        click.echo(f"{s.queue:<30} {s.ready:>7} {s.scheduled:>9} {s.claimed:>9} {s.dead:>6}")
+
+
+@eventstore.group(invoke_without_command=True)
+@click.option("--queue", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def dead(ctx: click.Context, queue: str | None, as_json: bool) -> None:
+    """Dead-lettered messages (list; `dead retry`, `dead purge`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    letters = _store(ctx).dead_letters(queue)
+    if as_json:
+        click.echo(json.dumps([vars(d) for d in letters], indent=2))
+        return
+    for d in letters:
+        when = datetime.fromtimestamp(d.dead_at, timezone.utc).isoformat(timespec="seconds")
+        click.echo(f"{d.delivery}  task={d.stream} queue={d.queue} at={when} reason={d.reason}")
+    if not letters:
+        click.echo("no dead letters")
+
+
+@dead.command("retry")
+@click.argument("delivery", required=False)
+@click.option("--all", "retry_all", is_flag=True, help="retry every dead letter")
+@click.pass_context
+def dead_retry(ctx: click.Context, delivery: str | None, retry_all: bool) -> None:
+    """Publish dead letters again, as new deliveries on the same streams."""
+    store = _store(ctx)
+    if not delivery and not retry_all:
+        raise click.UsageError("name a delivery id or pass --all")
+    targets = [d.delivery for d in store.dead_letters()] if retry_all else [delivery or ""]
+    for target in targets:
+        click.echo(f"{target} -> {store.retry_dead(target)}")
+
+
+@dead.command("purge")
+@click.option("--queue", default=None)
+@click.pass_context
+def dead_purge(ctx: click.Context, queue: str | None) -> None:
+    """Remove dead letters from the list (the history keeps them)."""
+    click.echo(f"purged {_store(ctx).purge_dead(queue)} dead letters")
+
+
+@eventstore.command()
+@click.argument("task_id")
+@click.option("--reason", default="revoked from the command line")
+@click.pass_context
+def revoke(ctx: click.Context, task_id: str, reason: str) -> None:
+    """Durably revoke a task: no pending or future delivery of it will run."""
+    recorded = _store(ctx).revoke(task_id, reason)
+    discarded = sum(isinstance(r.event, lc.Discarded) for r in recorded)
+    click.echo(f"revoked {task_id}: {discarded} pending deliveries discarded"
+               if recorded else f"{task_id} was already revoked")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    try:
+        return float(text[:-1]) * _UNITS[text[-1]] if text[-1] in _UNITS else float(text)
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"{text!r} is not a duration like 30d, 12h or 3600") from None
+
+
+@eventstore.command()
+@click.option("--older-than", required=True, help="e.g. 30d, 12h, 3600 (seconds)")
+@click.pass_context
+def prune(ctx: click.Context, older_than: str) -> None:
+    """Delete whole finished streams older than the retention."""
+    store = _store(ctx)
+    cutoff = store.now() - _duration(older_than)
+    click.echo(f"pruned {store.prune(before=cutoff)} streams")
+
+
+@eventstore.command()
+@click.pass_context
+def rebuild(ctx: click.Context) -> None:
+    """Rebuild the derived tables from the log."""
+    click.echo(f"replayed {_store(ctx).rebuild()} events")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        eventstore.main(args=argv, prog_name="celery-eventstore", standalone_mode=False)
+    except click.exceptions.Abort:
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except EventStoreError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
