@@ -235,6 +235,14 @@ class Channel(virtual.Channel):
     def _bindings(self, exchange: str) -> list[Binding]:
         return list(self._cached(f"table:{exchange}", lambda: self.store.bindings(exchange)))
 
+    def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
+        queues: list[str] = super()._lookup(exchange, routing_key, default)
+        if not queues and exchange and self._routing_cache.pop(f"table:{exchange}", None):
+            # Routed nowhere by a cached table: the binding may be newer than the
+            # cache (a reply queue declared a moment ago), so read it again.
+            queues = super()._lookup(exchange, routing_key, default)
+        return queues
+
     def get_table(self, exchange: str) -> list[tuple[str, str | None, str]]:
         return [(b.routing_key, b.pattern, b.queue) for b in self._bindings(exchange)]
 
