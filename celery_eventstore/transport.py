@@ -180,6 +180,7 @@ class Channel(virtual.Channel):
         self._claims: dict[str, tuple[ClaimRef, float]] = {}
         self._claims_lock = threading.Lock()
         self._pending_acks: list[ClaimRef] = []
+        self._acks_since: float | None = None  # when the oldest pending ack came
         self._acks_lock = threading.Lock()
         self._noack_queues: set[str] = set()
         self._declared: dict[str, QueueInfo] = {}
@@ -367,6 +368,11 @@ class Channel(virtual.Channel):
         estimate = self.qos.can_consume_max_estimate()
         return self.claim_batch if estimate is None else min(estimate, self.claim_batch)
 
+    def refill_at(self) -> int:
+        """With a backlog waiting, claim again once half the prefetch window is
+        free: fewer, larger transactions than one claim per finished task."""
+        return max(1, (self.qos.prefetch_count or 0) // 2)
+
     def deliver_ready(self, queues: Sequence[str] | None = None) -> int:
         """Claim what the prefetch credit allows and hand it to the consumers."""
         if queues is None:
@@ -384,17 +390,26 @@ class Channel(virtual.Channel):
         return len(batch)
 
     def claim(self, queues: Sequence[str], limit: int) -> list[tuple[dict[str, Any], str]]:
-        """Claim up to ``limit`` messages from ``queues``: one round trip per kind."""
-        self.flush_acks()
+        """Write the pending acks and claim up to ``limit`` messages from ``queues``,
+        in one transaction (transient queues take one more)."""
         durable = [q for q in queues if not self._queue_info(q).transient]
         transient = [q for q in queues if q not in durable]
         out: list[tuple[dict[str, Any], str]] = []
-        if durable:
+        if not durable:
+            self.flush_acks()
+        else:
+            acks = self._take_acks()
+            try:
+                outcomes, claimed = self.store.ack_and_claim(
+                    acks, durable, limit, self.connection.consumer_id, self.visibility_timeout,
+                    max_claims=self.max_claims,
+                )
+            except Exception:
+                self._return_acks(acks)
+                raise
+            _warn_stale(outcomes, "ack")
             noack: list[ClaimRef] = []
-            for m in self.store.claim(
-                durable, limit, self.connection.consumer_id, self.visibility_timeout,
-                max_claims=self.max_claims,
-            ):
+            for m in claimed:
                 payload = _for_delivery(m.message, m.claim, m.redelivered)
                 if m.queue in self._noack_queues:
                     noack.append(m.ref)
@@ -430,22 +445,37 @@ class Channel(virtual.Channel):
         if ref is not None:
             with self._acks_lock:
                 self._pending_acks.append(ref)
+                if self._acks_since is None:
+                    self._acks_since = time.monotonic()
                 full = len(self._pending_acks) >= self.claim_batch
             if full:
                 self.flush_acks()
         super().basic_ack(delivery_tag, multiple)
 
-    def flush_acks(self) -> None:
-        """Write the acks collected since the last flush, in one transaction."""
+    def _take_acks(self) -> list[ClaimRef]:
         with self._acks_lock:
             refs, self._pending_acks = self._pending_acks, []
+            self._acks_since = None
+        return refs
+
+    def _return_acks(self, refs: list[ClaimRef]) -> None:
+        with self._acks_lock:
+            self._pending_acks[:0] = refs
+            self._acks_since = self._acks_since or time.monotonic()
+
+    def flush_acks(self, *, older_than: float = 0.0) -> None:
+        """Write the acks collected so far in one transaction (only once the oldest
+        has waited ``older_than`` seconds)."""
+        since = self._acks_since
+        if since is None or time.monotonic() - since < older_than:
+            return
+        refs = self._take_acks()
         if not refs:
             return
         try:
             outcomes = self.store.ack(refs)
         except Exception:
-            with self._acks_lock:
-                self._pending_acks[:0] = refs
+            self._return_acks(refs)
             raise
         _warn_stale(outcomes, "ack")
 
@@ -607,9 +637,10 @@ class Transport(virtual.Transport):
 
     def _on_tick(self) -> None:
         for channel in list(self.channels):
-            channel.flush_acks()
-            if channel.maybe_more and channel.qos.can_consume():
-                channel.deliver_ready()
+            if channel.maybe_more and channel.credit() >= channel.refill_at():
+                channel.deliver_ready()  # writes the pending acks in the same commit
+            else:
+                channel.flush_acks(older_than=channel.ack_flush_interval)
 
 
 class _Keeper(threading.Thread):
@@ -632,7 +663,7 @@ class _Keeper(threading.Thread):
             try:
                 renew = now - last_renew >= 1.0
                 for channel in list(self.transport.channels):
-                    channel.flush_acks()
+                    channel.flush_acks(older_than=channel.ack_flush_interval)
                     if renew:
                         channel.renew_leases()  # only those past half their lease
                 if renew:

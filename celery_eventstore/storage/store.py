@@ -482,7 +482,8 @@ class EventStore(RoutingMixin):
 
         def attempt() -> list[RecordedEvent]:
             with self._write(connection, durable=durable) as conn:
-                self.dialect.lock_stream(conn, self.table_prefix + stream)
+                if isinstance(command, lc.CountChordPart):  # many writers, one stream
+                    self.dialect.lock_stream(conn, self.table_prefix + stream)
                 state = self._load(conn, [stream])[stream]
                 now = self.now()
                 events = lc.decide(command, state, now)
@@ -558,55 +559,66 @@ class EventStore(RoutingMixin):
             return []
 
         def attempt() -> list[ClaimedMessage]:
-            msgs = self.tables.messages
             with self._write(durable=False) as conn:
-                now = self.now()
-                candidates = conn.execute(
-                    self.dialect.nominate(
-                        sa.select(msgs.c.delivery_id, msgs.c.stream_id)
-                        .where(msgs.c.queue.in_(list(queues)), msgs.c.available_at <= now)
-                        .order_by(msgs.c.priority.desc(), msgs.c.seq)
-                        .limit(limit),
-                        msgs,
-                    )
-                ).all()
-                if not candidates:
-                    return []
-                streams = self._read_streams(conn, (c.stream_id for c in candidates))
-                states = {s: _fold(s, recs) for s, recs in streams.items()}
-                published = _published_messages(r for recs in streams.values() for r in recs)
-                pending = []
-                claims: list[tuple[str, str, str]] = []
-                for delivery, stream in candidates:
-                    claim = uuid.uuid4().hex
-                    command = lc.Claim(delivery, claim, consumer, lease_seconds, max_claims)
-                    try:
-                        events = lc.decide(command, states[stream], now)
-                    except InvalidTransition:
-                        continue  # settled or re-claimed since nomination: move on
-                    pending.append((states[stream], events, None))
-                    states[stream] = _evolve_all(states[stream], events)
-                    if isinstance(events[-1], lc.Claimed):
-                        claims.append((stream, delivery, claim))
-                _, final = self._append(conn, _chain(pending), now)
-            out = []
-            for stream, delivery, claim in claims:
-                d = final[stream].delivery(delivery)
-                out.append(
-                    ClaimedMessage(
-                        delivery=delivery,
-                        claim=claim,
-                        stream=stream,
-                        queue=d.queue,
-                        message=published[delivery],
-                        priority=d.priority,
-                        lease_until=d.lease_until or now,
-                        redelivered=d.redelivered,
-                    )
-                )
-            return out
+                return self._claim_in(conn, queues, limit, consumer, lease_seconds, max_claims)
 
         return self._retrying(attempt)
+
+    def _claim_in(
+        self,
+        conn: sa.Connection,
+        queues: Sequence[str],
+        limit: int,
+        consumer: str,
+        lease_seconds: float,
+        max_claims: int | None,
+    ) -> list[ClaimedMessage]:
+        msgs = self.tables.messages
+        now = self.now()
+        candidates = conn.execute(
+            self.dialect.nominate(
+                sa.select(msgs.c.delivery_id, msgs.c.stream_id)
+                .where(msgs.c.queue.in_(list(queues)), msgs.c.available_at <= now)
+                .order_by(msgs.c.priority.desc(), msgs.c.seq)
+                .limit(limit),
+                msgs,
+            )
+        ).all()
+        if not candidates:
+            return []
+        streams = self._read_streams(conn, (c.stream_id for c in candidates))
+        states = {s: _fold(s, recs) for s, recs in streams.items()}
+        published = _published_messages(r for recs in streams.values() for r in recs)
+        pending = []
+        claims: list[tuple[str, str, str]] = []
+        for delivery, stream in candidates:
+            claim = uuid.uuid4().hex
+            command = lc.Claim(delivery, claim, consumer, lease_seconds, max_claims)
+            try:
+                events = lc.decide(command, states[stream], now)
+            except InvalidTransition:
+                continue  # settled or re-claimed since nomination: move on
+            pending.append((states[stream], events, None))
+            states[stream] = _evolve_all(states[stream], events)
+            if isinstance(events[-1], lc.Claimed):
+                claims.append((stream, delivery, claim))
+        _, final = self._append(conn, _chain(pending), now)
+        out = []
+        for stream, delivery, claim in claims:
+            d = final[stream].delivery(delivery)
+            out.append(
+                ClaimedMessage(
+                    delivery=delivery,
+                    claim=claim,
+                    stream=stream,
+                    queue=d.queue,
+                    message=published[delivery],
+                    priority=d.priority,
+                    lease_until=d.lease_until or now,
+                    redelivered=d.redelivered,
+                )
+            )
+        return out
 
     def _settle(
         self,
@@ -620,33 +632,67 @@ class EventStore(RoutingMixin):
             return {}
 
         def attempt() -> dict[str, Outcome]:
-            msgs = self.tables.messages
-            outcomes: dict[str, Outcome] = {}
             with self._write(durable=durable) as conn:
-                # Lock the rows first, so a racing re-claim finishes before we read.
-                conn.execute(
-                    self.dialect.lock(
-                        sa.select(msgs.c.delivery_id)
-                        .where(msgs.c.delivery_id.in_([r.delivery for r in refs]))
-                        .order_by(msgs.c.delivery_id),
-                        msgs,
-                    )
-                ).all()
-                states = self._load(conn, (r.stream for r in refs))
-                now = self.now()
-                pending = []
-                for ref in refs:
-                    state = states[ref.stream]
-                    try:
-                        events = lc.decide(command_for(ref), state, now)
-                    except StaleClaim:
-                        outcomes[ref.delivery] = Outcome.STALE
-                        continue
-                    pending.append((state, events, None))
-                    states[ref.stream] = _evolve_all(state, events)
-                    outcomes[ref.delivery] = Outcome.DONE
-                self._append(conn, _chain(pending), now)
-            return outcomes
+                return self._settle_in(conn, refs, command_for)
+
+        return self._retrying(attempt)
+
+    def _settle_in(
+        self,
+        conn: sa.Connection,
+        refs: Sequence[ClaimRef],
+        command_for: Callable[[ClaimRef], lc.Command],
+    ) -> dict[str, Outcome]:
+        msgs = self.tables.messages
+        outcomes: dict[str, Outcome] = {}
+        # Lock the rows first, so a racing re-claim finishes before we read.
+        conn.execute(
+            self.dialect.lock(
+                sa.select(msgs.c.delivery_id)
+                .where(msgs.c.delivery_id.in_([r.delivery for r in refs]))
+                .order_by(msgs.c.delivery_id),
+                msgs,
+            )
+        ).all()
+        states = self._load(conn, (r.stream for r in refs))
+        now = self.now()
+        pending = []
+        for ref in refs:
+            state = states[ref.stream]
+            try:
+                events = lc.decide(command_for(ref), state, now)
+            except StaleClaim:
+                outcomes[ref.delivery] = Outcome.STALE
+                continue
+            pending.append((state, events, None))
+            states[ref.stream] = _evolve_all(state, events)
+            outcomes[ref.delivery] = Outcome.DONE
+        self._append(conn, _chain(pending), now)
+        return outcomes
+
+    def ack_and_claim(
+        self,
+        acks: Sequence[ClaimRef],
+        queues: Sequence[str],
+        limit: int,
+        consumer: str,
+        lease_seconds: float,
+        *,
+        max_claims: int | None = None,
+    ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+        """:meth:`ack` then :meth:`claim` in one transaction: a consumer's steady
+        state (finish some, take as many more) costs one commit, not two."""
+        if not acks:
+            return {}, self.claim(queues, limit, consumer, lease_seconds, max_claims=max_claims)
+
+        def attempt() -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+            with self._write(durable=False) as conn:
+                outcomes = self._settle_in(conn, acks, lambda r: lc.Ack(r.delivery, r.claim))
+                claimed = (
+                    self._claim_in(conn, queues, limit, consumer, lease_seconds, max_claims)
+                    if limit > 0 and queues else []
+                )
+                return outcomes, claimed
 
         return self._retrying(attempt)
 

@@ -40,7 +40,10 @@ class PostgreSQLDialect(Dialect):
         return url
 
     def engine_options(self, url: sa.URL) -> dict[str, Any]:
-        options: dict[str, Any] = {"pool_pre_ping": True}
+        # No pool_pre_ping: it costs a round trip per transaction.  A connection
+        # that died with the server fails its statement, SQLAlchemy invalidates
+        # the pool, and the caller's retry (Celery's reconnect) gets fresh ones.
+        options: dict[str, Any] = {}
         if url.get_driver_name() == "psycopg2":
             # Batch UPDATE/DELETE executemany into few round trips, as INSERTs are.
             options["executemany_mode"] = "values_plus_batch"
