@@ -1,0 +1,594 @@
+"""Property-based tests of the job lifecycle: a state machine over one stream.
+
+Every rule turns a random command into ``decide(command, state, now)``.  A refused
+command (an :class:`InvalidTransition`) changes nothing; otherwise its events are
+folded into the state with ``evolve`` and recorded, as a store would append them.
+The invariants then check the state against the recorded log after every step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from celery_eventstore.exceptions import InvalidTransition, NotClaimable, StaleClaim
+from celery_eventstore.lifecycle import (
+    Ack,
+    Acked,
+    Claim,
+    Claimed,
+    DeadLettered,
+    Delivery,
+    DeliveryStatus,
+    Discard,
+    Discarded,
+    Event,
+    Fail,
+    JobState,
+    LeaseExpired,
+    LeaseRenewed,
+    Publish,
+    Published,
+    Reject,
+    Renew,
+    Requeued,
+    Restore,
+    ResultState,
+    Revoke,
+    Revoked,
+    ScheduleRetry,
+    Start,
+    Succeed,
+    decide,
+    event_data,
+    event_from,
+    event_type,
+    evolve,
+    fold,
+)
+
+STREAM = "task-1"
+START = 1000.0
+MAX_CLAIMS = 3
+QUEUES = ["celery", "high", "low"]
+CONSUMERS = ["w1", "w2", "w3"]
+# Purging and revoking end a delivery's (or the whole task's) life, so each run draws
+# how many events the log must hold before it may: early in some runs, never in others.
+DESTROY_AFTER = st.integers(min_value=5, max_value=120)
+
+times = st.floats(min_value=0.0, max_value=120.0, allow_nan=False, allow_infinity=False)
+leases = st.floats(min_value=0.5, max_value=60.0, allow_nan=False, allow_infinity=False)
+picks = st.integers(min_value=0, max_value=1_000)
+kinds = st.sampled_from(["renew", "ack", "reject", "restore"])
+countdowns = st.one_of(st.none(), st.just(0.0), st.floats(min_value=0.5, max_value=120.0))
+results = st.one_of(st.none(), st.fixed_dictionaries({"value": st.integers()}))
+result_commands = st.one_of(
+    st.builds(Start, worker=st.sampled_from([None, *CONSUMERS]), result=results),
+    st.builds(
+        ScheduleRetry,
+        exc=st.just("Retry()"),
+        countdown=st.one_of(st.none(), times),
+        result=results,
+    ),
+    st.builds(Succeed, result=results),
+    st.builds(Fail, exc=st.just("ValueError()"), traceback=st.none(), result=results),
+)
+
+
+def stored(events: list[Event]) -> list[Event]:
+    """The events as a store writes and reads them back: type name and JSON data."""
+    rows = json.loads(json.dumps([[event_type(e), event_data(e)] for e in events]))
+    return [event_from(name, data) for name, data in rows]
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    """Random commands against one stream, checked against the folded log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = START
+        self.state = JobState(stream=STREAM)
+        self.events: list[Event] = []
+        self.finished: dict[str, Delivery] = {}  # final deliveries, as first seen final
+        self.claim_ids: dict[str, list[str]] = {}  # every claim id used, per delivery
+        self.counter = 0
+        self.succeeded = False
+        self.was_revoked = False
+        self.last_version = 0
+        self.purge_after = self.revoke_after = 0  # drawn by first_publish
+        self.revoke_while_held = False
+        self.folded: tuple[int, int] | None = None  # (id of the state, log length) last refolded
+
+    # -- helpers --------------------------------------------------------------
+
+    def fresh(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def run(self, command: Any) -> list[Event] | None:
+        """Decide ``command`` now; fold and record its events, or None if refused."""
+        before = self.state
+        try:
+            events = decide(command, self.state, self.now)
+        except InvalidTransition:
+            assert self.state == before  # nothing written, nothing changed
+            return None
+        # What a store would write and read back is the same log (so folds the same).
+        assert stored(events) == events
+        state = self.state
+        for new in events:
+            state = evolve(state, new)
+        self.state = state
+        self.events.extend(events)
+        return events
+
+    def pick(self, index: int) -> str | None:
+        ids = sorted(self.state.deliveries)
+        return ids[index % len(ids)] if ids else None
+
+    def held(self) -> list[str]:
+        return sorted(
+            d.id for d in self.state.deliveries.values() if d.status is DeliveryStatus.CLAIMED
+        )
+
+    def is_current(self, delivery_id: str, claim: str) -> bool:
+        delivery = self.state.deliveries.get(delivery_id)
+        return (
+            delivery is not None
+            and delivery.status is DeliveryStatus.CLAIMED
+            and delivery.claim == claim
+        )
+
+    def stale_claim(self, delivery_id: str, index: int) -> str:
+        """A claim id that is not ``delivery_id``'s current one: an old claim of it,
+        a claim of another delivery, or one never issued."""
+        candidates = [
+            c for ids in self.claim_ids.values() for c in ids if not self.is_current(delivery_id, c)
+        ]
+        candidates.append("never-issued")
+        return candidates[index % len(candidates)]
+
+    # -- rules ----------------------------------------------------------------
+
+    @initialize(
+        queue=st.sampled_from(QUEUES),
+        purge_after=DESTROY_AFTER,
+        revoke_after=DESTROY_AFTER,
+        revoke_while_held=st.booleans(),
+    )
+    def first_publish(
+        self, queue: str, purge_after: int, revoke_after: int, revoke_while_held: bool
+    ) -> None:
+        self.purge_after = purge_after
+        self.revoke_after = revoke_after
+        # In some runs the task may also be revoked whenever a delivery is claimed, to
+        # see what becomes of a delivery given back or lost after the revoke.
+        self.revoke_while_held = revoke_while_held
+        events = self.run(Publish(self.fresh("d"), queue, {"n": 0}))
+        assert events is not None and isinstance(events[0], Published)
+
+    @rule(
+        queue=st.sampled_from(QUEUES),
+        priority=st.integers(min_value=0, max_value=9),
+        not_before=st.one_of(st.none(), times),
+        expires=st.one_of(st.none(), st.floats(min_value=-10.0, max_value=240.0)),
+        again=st.integers(min_value=0, max_value=1_000),
+    )
+    def publish(
+        self,
+        queue: str,
+        priority: int,
+        not_before: float | None,
+        expires: float | None,
+        again: int,
+    ) -> None:
+        if again % 10 == 0:  # the same delivery id twice is refused
+            delivery_id = self.pick(again)
+            assert delivery_id is not None
+            assert self.run(Publish(delivery_id, queue, {})) is None
+            return
+        delivery_id = self.fresh("d")
+        command = Publish(
+            delivery_id,
+            queue,
+            {"n": self.counter},
+            priority=priority,
+            not_before=None if not_before is None else self.now + not_before,
+            expires=None if expires is None else self.now + expires,
+        )
+        events = self.run(command)
+        assert events is not None
+        assert events[0] == Published(
+            delivery_id, queue, command.message, priority, command.not_before, command.expires
+        )
+        if self.state.revoked:
+            assert events[1:] == [Discarded(delivery_id, "revoked")]
+        else:
+            assert events[1:] == []
+            assert self.state.delivery(delivery_id).status is DeliveryStatus.READY
+
+    @precondition(lambda self: self.state.deliveries)
+    @rule(index=picks, consumer=st.sampled_from(CONSUMERS), lease=leases)
+    def claim(self, index: int, consumer: str, lease: float) -> None:
+        """Claim a delivery: mostly a pending one, sometimes any (settled ones too)."""
+        pending = sorted(d.id for d in self.state.pending())
+        chosen = pending[index % len(pending)] if pending and index % 4 else self.pick(index)
+        assert chosen is not None
+        self.claim_now(chosen, consumer, lease)
+
+    @precondition(lambda self: self.held())
+    @rule(index=picks, late=times, consumer=st.sampled_from(CONSUMERS), lease=leases)
+    def lose_lease(self, index: int, late: float, consumer: str, lease: float) -> None:
+        """The holder dies: the clock runs past its lease and someone else claims."""
+        held = self.held()
+        if index % 2:
+            delivery_id = held[index % len(held)]
+        else:  # the one closest to dead-lettering
+            delivery_id = max(held, key=lambda d: self.state.delivery(d).lost_claims)
+        lease_until = self.state.delivery(delivery_id).lease_until
+        assert lease_until is not None
+        self.now = max(self.now, lease_until + late)
+        self.claim_now(delivery_id, consumer, lease)
+
+    def claim_now(self, delivery_id: str, consumer: str, lease: float) -> None:
+        """Claim ``delivery_id`` now and check the outcome against the rules."""
+        before = self.state.delivery(delivery_id)
+        claim_id = self.fresh("c")
+        command = Claim(delivery_id, claim_id, consumer, lease, max_claims=MAX_CLAIMS)
+        # The rules, spelled out here rather than taken from the model's own predicates.
+        lease_ran_out = before.status is DeliveryStatus.CLAIMED and (
+            before.lease_until is not None and before.lease_until <= self.now
+        )
+        claimable = (
+            not before.status.is_final
+            and (before.status is not DeliveryStatus.CLAIMED or lease_ran_out)
+            and (before.not_before is None or before.not_before <= self.now)
+        )
+        try:
+            events = decide(command, self.state, self.now)
+        except NotClaimable:
+            assert not claimable, f"claimable delivery {delivery_id!r} was refused"
+            return
+        assert claimable, f"unclaimable delivery {delivery_id!r} was claimed"
+        self.run(command)
+        self.claim_ids.setdefault(delivery_id, []).append(claim_id)
+        after = self.state.delivery(delivery_id)
+        lost = before.lost_claims
+        if before.status is DeliveryStatus.CLAIMED:
+            assert lease_ran_out
+            assert events[0] == LeaseExpired(delivery_id, before.claim)  # type: ignore[arg-type]
+            events = events[1:]
+            lost += 1
+        assert len(events) == 1
+        outcome = events[0]
+        expired_lease = before.status is DeliveryStatus.CLAIMED
+        event(f"Claim: {event_type(outcome)}" + (" after a lost lease" if expired_lease else ""))
+        assert after.lost_claims == lost
+        if self.state.revoked:
+            # Only a delivery claimed before the revoke can get here; it must not run.
+            assert expired_lease
+            event("lost lease after revoke")
+            assert outcome == Discarded(delivery_id, "revoked")
+            assert after.status is DeliveryStatus.DISCARDED
+        elif lost >= MAX_CLAIMS:
+            assert isinstance(outcome, DeadLettered)
+            assert f"claimed {lost} times" in outcome.reason
+            assert after.status is DeliveryStatus.DEAD
+            assert after.reason == outcome.reason
+        elif before.expires is not None and before.expires <= self.now:
+            assert outcome == Discarded(delivery_id, "expired")
+            assert after.status is DeliveryStatus.DISCARDED
+        else:
+            assert outcome == Claimed(delivery_id, claim_id, consumer, self.now + lease)
+            assert after.status is DeliveryStatus.CLAIMED
+            assert (after.claim, after.consumer) == (claim_id, consumer)
+            assert after.lease_until == self.now + lease
+            assert after.claims == before.claims + 1
+            assert after.redelivered == (before.claims > 0)
+
+    @precondition(lambda self: self.held())
+    @rule(kind=kinds, index=picks, lease=leases, requeue=st.booleans(), countdown=countdowns)
+    def holder_acts(
+        self, kind: str, index: int, lease: float, requeue: bool, countdown: float | None
+    ) -> None:
+        """The current holder renews, acks, rejects or restores: it is never refused."""
+        held = self.held()
+        delivery_id = held[index % len(held)]
+        claim = self.state.delivery(delivery_id).claim
+        assert claim is not None
+        self.act(kind, delivery_id, claim, lease, requeue, countdown)
+
+    @rule(
+        kind=kinds,
+        index=picks,
+        stale=picks,
+        lease=leases,
+        requeue=st.booleans(),
+        countdown=countdowns,
+    )
+    def stale_holder_acts(
+        self,
+        kind: str,
+        index: int,
+        stale: int,
+        lease: float,
+        requeue: bool,
+        countdown: float | None,
+    ) -> None:
+        """The same with an old claim, another delivery's claim or a made-up one."""
+        delivery_id = "unknown" if index % 7 == 0 else self.pick(index) or "unknown"
+        self.act(kind, delivery_id, self.stale_claim(delivery_id, stale), lease, requeue, countdown)
+
+    def act(
+        self,
+        kind: str,
+        delivery_id: str,
+        claim: str,
+        lease: float,
+        requeue: bool,
+        countdown: float | None,
+    ) -> None:
+        """Run a holder's command: StaleClaim is raised exactly when ``claim`` is not
+        the delivery's current claim."""
+        commands: dict[str, Any] = {
+            "renew": Renew(delivery_id, claim, lease),
+            "ack": Ack(delivery_id, claim),
+            "reject": Reject(delivery_id, claim, requeue=requeue, countdown=countdown),
+            "restore": Restore(delivery_id, claim),
+        }
+        command = commands[kind]
+        is_current = self.is_current(delivery_id, claim)
+        before = self.state.deliveries.get(delivery_id)
+        try:
+            decide(command, self.state, self.now)
+        except StaleClaim:
+            assert not is_current, f"current claim {claim!r} of {delivery_id!r} refused"
+        else:
+            assert is_current, f"stale claim {claim!r} of {delivery_id!r} accepted"
+        events = self.run(command)
+        event(f"{type(command).__name__}: {'current' if is_current else 'stale'} claim")
+        if events is None:
+            return
+        assert before is not None
+        after = self.state.delivery(delivery_id)
+        # An outcome reported by the holder is never a lost claim.
+        assert (after.claims, after.lost_claims) == (before.claims, before.lost_claims)
+        if kind == "renew":
+            assert events == [LeaseRenewed(delivery_id, claim, self.now + lease)]
+            assert after.status is DeliveryStatus.CLAIMED
+            assert after.lease_until == self.now + lease
+        elif kind == "ack":
+            assert events == [Acked(delivery_id, claim)]
+            assert after.status is DeliveryStatus.ACKED
+        elif kind == "restore" or requeue:
+            # Given back: ready again, unless the task was revoked meanwhile.
+            if kind == "restore":
+                requeued = Requeued(delivery_id, claim, "restored")
+            else:
+                not_before = self.now + countdown if countdown else None
+                requeued = Requeued(delivery_id, claim, "rejected", not_before)
+            if self.state.revoked:
+                event("given back after revoke")
+                assert events == [requeued, Discarded(delivery_id, "revoked")]
+                assert after.status is DeliveryStatus.DISCARDED
+            else:
+                assert events == [requeued]
+                assert after.status is DeliveryStatus.READY
+                assert after.redelivered
+                if requeued.not_before is not None:
+                    assert after.not_before == requeued.not_before
+                    assert not after.is_due(self.now)
+        else:
+            assert events == [DeadLettered(delivery_id, "rejected")]
+            assert after.status is DeliveryStatus.DEAD
+
+    @precondition(lambda self: len(self.events) >= self.purge_after)
+    @rule(index=picks)
+    def discard(self, index: int) -> None:
+        delivery_id = self.pick(index)
+        assert delivery_id is not None
+        before = self.state.delivery(delivery_id)
+        events = self.run(Discard(delivery_id, "purged"))
+        if before.status is DeliveryStatus.CLAIMED:
+            assert events is None
+        elif before.status.is_final:
+            assert events == []
+        else:
+            assert events == [Discarded(delivery_id, "purged")]
+
+    @precondition(
+        lambda self: (
+            len(self.events) >= self.revoke_after or (self.revoke_while_held and bool(self.held()))
+        )
+    )
+    @rule()
+    def revoke(self) -> None:
+        already = self.state.revoked
+        events = self.run(Revoke())
+        assert events is not None
+        assert self.state.revoked
+        if already:
+            assert events == []
+        else:
+            assert events[0] == Revoked("revoked")
+            assert not any(d.status is DeliveryStatus.READY for d in self.state.deliveries.values())
+
+    @rule(command=result_commands)
+    def result(self, command: Any) -> None:
+        was_success = self.state.result_state is ResultState.SUCCESS
+        events = self.run(command)
+        assert events is not None
+        if was_success:
+            assert events == []
+        else:
+            assert len(events) == 1
+
+    @rule(seconds=times)
+    def advance_clock(self, seconds: float) -> None:
+        self.now += seconds
+
+    # -- invariants -----------------------------------------------------------
+
+    @invariant()
+    def folding_the_log_reproduces_the_state(self) -> None:
+        # Refold only when a step changed something (the state object or the log).
+        checked = (id(self.state), len(self.events))
+        if checked != self.folded:
+            assert fold(STREAM, self.events) == self.state
+            self.folded = checked
+        assert self.state.version == len(self.events)
+        assert self.state.version >= self.last_version
+        self.last_version = self.state.version
+
+    @invariant()
+    def claims_are_consistent(self) -> None:
+        current_claims = [
+            d.claim for d in self.state.deliveries.values() if d.status is DeliveryStatus.CLAIMED
+        ]
+        assert len(current_claims) == len(set(current_claims))
+        last_claim: dict[str, str] = {}
+        for e in self.events:
+            if isinstance(e, Claimed):
+                last_claim[e.delivery] = e.claim
+        for d in self.state.deliveries.values():
+            if d.status is DeliveryStatus.CLAIMED:
+                assert d.claim is not None
+                assert d.consumer is not None
+                assert d.lease_until is not None
+                assert d.claim == last_claim[d.id]
+            elif d.status is DeliveryStatus.READY:
+                assert (d.claim, d.consumer, d.lease_until) == (None, None, None)
+            else:
+                assert d.lease_until is None
+
+    @invariant()
+    def final_deliveries_never_change(self) -> None:
+        for delivery_id, snapshot in self.finished.items():
+            assert self.state.deliveries[delivery_id] == snapshot
+        for d in self.state.deliveries.values():
+            if d.status.is_final:
+                self.finished.setdefault(d.id, d)
+
+    @invariant()
+    def claim_counters_are_bounded(self) -> None:
+        claimed = Counter(e.delivery for e in self.events if isinstance(e, Claimed))
+        lost = Counter(e.delivery for e in self.events if isinstance(e, LeaseExpired))
+        for d in self.state.deliveries.values():
+            assert d.claims >= d.lost_claims >= 0
+            assert d.lost_claims <= MAX_CLAIMS
+            assert (d.claims, d.lost_claims) == (claimed[d.id], lost[d.id])
+            if d.lost_claims == MAX_CLAIMS:
+                assert d.status is not DeliveryStatus.CLAIMED
+                assert d.status is not DeliveryStatus.READY
+
+    @invariant()
+    def nothing_runs_after_a_revoke(self) -> None:
+        revoked_at = next(
+            (n for n, e in enumerate(self.events) if isinstance(e, Revoked)), len(self.events)
+        )
+        assert not any(isinstance(e, Claimed) for e in self.events[revoked_at:])
+        if self.state.revoked:
+            assert not any(d.status is DeliveryStatus.READY for d in self.state.deliveries.values())
+
+    @invariant()
+    def redelivered_means_an_earlier_claim(self) -> None:
+        for d in self.state.deliveries.values():
+            earlier = d.claims - 1 if d.status is DeliveryStatus.CLAIMED else d.claims
+            assert d.redelivered == (earlier > 0)
+
+    @invariant()
+    def success_and_revocation_are_sticky(self) -> None:
+        if self.succeeded:
+            assert self.state.result_state is ResultState.SUCCESS
+        self.succeeded = self.state.result_state is ResultState.SUCCESS
+        if self.was_revoked:
+            assert self.state.revoked
+        self.was_revoked = self.state.revoked
+        if self.state.revoked and not self.succeeded:
+            assert self.state.result_state in {
+                ResultState.REVOKED,
+                ResultState.STARTED,
+                ResultState.RETRY,
+                ResultState.FAILURE,
+            }
+
+
+TestLifecycle = LifecycleMachine.TestCase
+TestLifecycle.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+# ---------------------------------------------------------------------------
+# A plain property: logs produced by the model's own decisions re-fold identically.
+# ---------------------------------------------------------------------------
+
+
+commands = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["publish", "claim", "renew", "ack", "reject", "restore", "revoke", "tick"]
+        ),
+        st.integers(min_value=0, max_value=5),
+        st.booleans(),
+        times,
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(commands, result_commands)
+def test_decided_logs_refold_identically(steps: list[Any], last: Any) -> None:
+    now = START
+    state = JobState(stream=STREAM)
+    log: list[Event] = []
+    for n, (kind, index, flag, seconds) in enumerate(steps):
+        ids = sorted(state.deliveries)
+        delivery_id = ids[index % len(ids)] if ids else f"d{index}"
+        claim = state.deliveries[delivery_id].claim if delivery_id in state.deliveries else None
+        command: Any
+        if kind == "publish":
+            command = Publish(
+                f"d{n}", "celery", {"n": n}, not_before=now + seconds if flag else None
+            )
+        elif kind == "claim":
+            command = Claim(delivery_id, f"c{n}", "w", seconds + 1, max_claims=MAX_CLAIMS)
+        elif kind == "renew":
+            command = Renew(delivery_id, claim or "x", seconds)
+        elif kind == "ack":
+            command = Ack(delivery_id, claim or "x")
+        elif kind == "reject":
+            command = Reject(delivery_id, claim or "x", requeue=flag, countdown=seconds)
+        elif kind == "restore":
+            command = Restore(delivery_id, claim or "x")
+        elif kind == "revoke":
+            command = Revoke()
+        else:
+            now += seconds
+            continue
+        try:
+            events = decide(command, state, now)
+        except InvalidTransition:
+            continue
+        for e in events:
+            state = evolve(state, e)
+        log.extend(events)
+    for e in decide(last, state, now):
+        state = evolve(state, e)
+        log.append(e)
+    assert fold(STREAM, log) == state
+    assert fold(STREAM, stored(log)) == state
+    assert state.version == len(log)
+    # Every prefix of a valid log is a valid log.
+    for cut in range(len(log) + 1):
+        assert fold(STREAM, log[:cut]).version == cut
