@@ -47,6 +47,7 @@ from kombu.utils.encoding import bytes_to_str
 
 from . import lifecycle as lc
 from .enqueue import atomic, same_database
+from .exceptions import TaskDeadLettered
 from .storage import EventStore
 from .storage.dialects import Listener
 from .stores import shared_store
@@ -125,15 +126,20 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
 
     def _meta_of(self, task_id: str, row: tuple[str, Any, float | None] | None) -> Any:
         """The encoded meta of a results row (synthesised when the store made the
-        state itself, e.g. a task that expired before any worker saw it)."""
+        state itself: a task that expired before any worker saw it is REVOKED, one
+        whose message was dead-lettered is a FAILURE)."""
         if row is None:
             return None
         state, stored, _ = row
         if stored is not None:
             return self._unwrap(stored)
+        error: Exception = (
+            TaskRevokedError("expired") if state == states.REVOKED
+            else TaskDeadLettered(f"task {task_id} was dead-lettered; see "
+                                  f"`celery-eventstore history {task_id}`")
+        )
         meta = self._get_result_meta(
-            result=self.prepare_exception(TaskRevokedError("expired")),
-            state=state, traceback=None, request=None,
+            result=self.prepare_exception(error), state=state, traceback=None, request=None,
         )
         meta["task_id"] = task_id
         return self.encode(meta)

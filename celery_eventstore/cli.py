@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import click
+import sqlalchemy as sa
 
 from . import lifecycle as lc
 from .exceptions import EventStoreError
@@ -355,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except EventStoreError as exc:
         click.echo(f"error: {exc}", err=True)
+        return 2
+    except sa.exc.SQLAlchemyError as exc:
+        click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
         return 2
     return 0
 

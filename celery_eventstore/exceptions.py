@@ -89,3 +89,8 @@ class MessageTooLarge(EventStoreError):
 
 class UnknownQueue(EventStoreError):
     """No queue by that name is declared."""
+
+
+class TaskDeadLettered(EventStoreError):
+    """The task's message was dead-lettered and will not run again; see
+    ``celery-eventstore history TASK_ID`` for why."""

@@ -78,7 +78,7 @@ def _worker(ev: lc.Event, consumer: str | None) -> str | None:
 def _detail(ev: lc.Event, metadata: Mapping[str, Any], at: float) -> dict[str, Any]:
     if isinstance(ev, lc.Published):
         detail: dict[str, Any] = {"queue": ev.queue}
-        for key in ("task", "retries", "parent_id"):
+        for key in ("task", "retries", "parent_id", "origin", "retry_of"):
             if key in metadata:
                 detail[key] = metadata[key]
         if ev.not_before and ev.not_before > at:

@@ -485,9 +485,15 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
         )
     if isinstance(event, DeadLettered):
         delivery = _pending(state, event, event.delivery)
-        return _with_delivery(
+        state = _with_delivery(
             state, delivery, status=DeliveryStatus.DEAD, lease_until=None, reason=event.reason
         )
+        if state.result_state in _UNFINISHED and not state.pending():
+            # Nothing will run it again: a waiter must not wait forever.
+            state = dataclasses.replace(
+                state, result_state=ResultState.FAILURE, result=None, custom_state=None
+            )
+        return state
     if isinstance(event, DeadLetterPurged):
         delivery = _known(state, event, event.delivery)
         if delivery.status is not DeliveryStatus.DEAD:
@@ -539,6 +545,9 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
     if isinstance(event, Failed):
         return _result(state, ResultState.FAILURE, event.result)
     raise CorruptStream(f"not an event: {event!r}")
+
+
+_UNFINISHED = (ResultState.PENDING, ResultState.STARTED, ResultState.RETRY)
 
 
 def _result(state: JobState, new: ResultState, result: JSON | None) -> JobState:

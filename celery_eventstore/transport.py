@@ -316,9 +316,12 @@ class Channel(virtual.Channel):
                 expiry = min((e for e in (expires, queue_expiry) if e is not None), default=None)
                 transient.append((queue, message, priority, expiry))
             else:
+                # A message without a Celery task id is a stream of its own.
+                delivery = uuid.uuid4().hex
                 durable.append(
                     NewMessage(
-                        stream=str(headers.get("id") or uuid.uuid4().hex),
+                        stream=str(headers.get("id") or delivery),
+                        delivery=delivery,
                         queue=queue,
                         message=message,
                         priority=priority,
@@ -658,7 +661,10 @@ class _Keeper(threading.Thread):
 
     def run(self) -> None:
         last_renew = last_sweep = time.monotonic()
-        while not self._stopped.wait(DEFAULT_ACK_FLUSH_INTERVAL):
+        interval = min(
+            [c.ack_flush_interval for c in self.transport.channels] or [DEFAULT_ACK_FLUSH_INTERVAL]
+        )
+        while not self._stopped.wait(max(interval / 2, 0.01)):
             now = time.monotonic()
             try:
                 renew = now - last_renew >= 1.0

@@ -80,7 +80,7 @@ def project(
     retried: list[str] = []  # dead letters published again or purged
     for rec in recorded:
         ev = rec.event
-        if isinstance(ev, _RESULT_EVENTS) or (
+        if isinstance(ev, (_RESULT_EVENTS, DeadLettered)) or (
             isinstance(ev, Discarded) and ev.reason == "expired"
         ):
             results[rec.stream] = rec.recorded_at

@@ -119,9 +119,10 @@ class EventStore(RoutingMixin):
         self.max_message_size = max_message_size
         self.async_commit = async_commit
         #: The NOTIFY channel consumers LISTEN on; the payload is the queue name.
-        self.channel = f"{table_prefix}ready"
+        namespace = f"{schema}.{table_prefix}" if schema else table_prefix
+        self.channel = f"{namespace}ready"
         #: The NOTIFY channel result waiters LISTEN on; the payload is the stream id.
-        self.results_channel = f"{table_prefix}results"
+        self.results_channel = f"{namespace}results"
         options = {**self.dialect.engine_options(self.url), **(engine_options or {})}
         try:
             self.engine = sa.create_engine(self.url, **options)
@@ -851,11 +852,12 @@ class EventStore(RoutingMixin):
     def prune(self, before: float, *, batch: int = 500) -> int:
         """Delete whole streams whose last event is older than ``before``; returns how many.
 
-        A stream with a message still pending (ready, scheduled or claimed) is kept.
+        A stream with a message still pending (ready, scheduled or claimed) or a
+        dead letter nobody retried or purged is kept.
         Each batch deletes events and derived rows in one short transaction, so
         workers are never held up for long.
         """
-        ev, msgs = self.tables.events, self.tables.messages
+        ev, msgs, dl = self.tables.events, self.tables.messages, self.tables.dead_letters
         pruned = 0
         after = ""
         while True:
@@ -879,9 +881,14 @@ class EventStore(RoutingMixin):
                         .distinct()
                     ).scalars()
                 )
+                # Pending messages and unhandled dead letters keep their stream.
                 pending = set(
                     conn.execute(
                         sa.select(msgs.c.stream_id).where(msgs.c.stream_id.in_(candidates))
+                    ).scalars()
+                ) | set(
+                    conn.execute(
+                        sa.select(dl.c.stream_id).where(dl.c.stream_id.in_(candidates))
                     ).scalars()
                 )
                 doomed = [s for s in candidates if s not in recent and s not in pending]
@@ -941,7 +948,9 @@ class EventStore(RoutingMixin):
 # -- helpers ---------------------------------------------------------------
 
 #: Events a result waiter may be waiting for.
-_FINISHING = (lc.Succeeded, lc.Failed, lc.Revoked, lc.Discarded, lc.GroupSaved)
+_FINISHING = (
+    lc.Succeeded, lc.Failed, lc.Revoked, lc.Discarded, lc.DeadLettered, lc.GroupSaved
+)
 
 
 

@@ -201,6 +201,7 @@ class StoreContract:
         assert store.claim(["q"], 1, "w", 10, max_claims=3) == []
         last = store.read_stream("crashy")[-1].event
         assert isinstance(last, lc.DeadLettered) and "3 times" in last.reason
+        assert store.results(["crashy"])["crashy"][:2] == ("FAILURE", None)
         (stats,) = store.queue_stats()
         assert (stats.queue, stats.dead, stats.ready, stats.claimed) == ("q", 1, 0, 0)
         dead = store.projection_rows()[store.tables.dead_letters.name]
@@ -377,7 +378,10 @@ class StoreContract:
         store.execute("m1", lc.Forget())
         store.execute("group:g", lc.SaveGroup(result={"body": "3"}))
         live = store.projection_rows()
-        assert len(live[store.tables.results.name]) == 3  # m0, m19 (revoked), group:g
+        results = {row[0]: row[1] for row in live[store.tables.results.name]}
+        assert {"m0": "SUCCESS", "m19": "REVOKED", "group:g": "SUCCESS"}.items() <= results.items()
+        assert "m1" not in results  # forgotten
+        assert "FAILURE" in results.values()  # the dead letters
         assert live[store.tables.messages.name] and live[store.tables.dead_letters.name]
 
         # Drop the derived tables outright; the log alone must bring them back.
