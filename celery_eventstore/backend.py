@@ -302,7 +302,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             return None
         with self.store.transaction() as conn:
             if _completes(self.store.execute(f"chord:{gid}", count, connection=conn)):
-                with atomic(conn):
+                with atomic(conn, app=app):
                     self._apply_chord_callback(gid, callback, deps)
         return None
 

@@ -121,13 +121,13 @@ def _publish(engine: sa.Engine) -> tuple[list[tuple[str, object]], str]:
     # The order row and its receipt job commit together ...
     with engine.connect() as conn, conn.begin():
         order_id = conn.execute(orders.insert().values(item="book")).inserted_primary_key[0]
-        with atomic(conn):
+        with atomic(conn, app=app):
             results.append((f"send_receipt({order_id}) [atomic]", send_receipt.delay(order_id)))
     # ... and a rolled-back order leaves no job behind.
     with engine.connect() as conn:
         trans = conn.begin()
         conn.execute(orders.insert().values(item="never"))
-        with atomic(conn):
+        with atomic(conn, app=app):
             ghost = send_receipt.delay(-1)
         trans.rollback()
 

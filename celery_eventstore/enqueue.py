@@ -48,8 +48,23 @@ def _connection_of(target: Any) -> sa.Connection:
 
 
 @contextlib.contextmanager
-def atomic(target: Any) -> Iterator[sa.Connection]:
-    """Make task publishes in the block join ``target``'s transaction."""
+def atomic(target: Any, app: Any = None) -> Iterator[sa.Connection]:
+    """Make task publishes in the block join ``target``'s transaction.
+
+    ``app`` (default: Celery's current app) must use the eventstore broker:
+    with any other broker the publishes could not join, so that is an error
+    rather than a silent loss of atomicity.
+    """
+    if app is None:
+        from celery import current_app
+
+        app = current_app
+    broker = str(app.conf.broker_url or "")
+    if not broker.startswith("eventstore+"):
+        raise AtomicEnqueueError(
+            f"atomic() needs the eventstore broker, but the Celery app {app.main!r} "
+            f"publishes to {broker.split('://')[0] or 'the default broker'}://"
+        )
     conn = _connection_of(target)
     token = _bound.set(conn)
     try:
