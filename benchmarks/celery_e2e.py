@@ -120,7 +120,9 @@ class Worker:
         deadline = time.time() + 60
         while "ready." not in Path(self.log.name).read_text():
             if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("worker did not start:\n" + Path(self.log.name).read_text()[-2000:])
+                raise RuntimeError(
+                    "worker did not start:\n" + Path(self.log.name).read_text()[-2000:]
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -268,7 +270,8 @@ def print_table(table: dict[str, dict[str, Any]]) -> None:
     if "p50 ms" in es:
         print(f"  p50 publish-to-start on PostgreSQL <= 10 ms: {es['p50 ms']:.1f} ms")
     if "drain/s" in es and "drain/s" in sqla:
-        print(f"  >= 10x kombu sqla throughput:            drain {es['drain/s'] / sqla['drain/s']:.1f}x, "
+        print(f"  >= 10x kombu sqla throughput:            "
+              f"drain {es['drain/s'] / sqla['drain/s']:.1f}x, "
               f"publish {es['publish/s'] / sqla['publish/s']:.1f}x")
     if "get p50 ms" in es:
         print(f"  delay().get() p50 on PostgreSQL <= 15 ms:   {es['get p50 ms']:.1f} ms")

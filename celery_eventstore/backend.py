@@ -32,7 +32,7 @@ import base64
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from celery import states
 from celery.backends.base import (
@@ -149,7 +149,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         payload = self._meta_of(task_id, self.store.results([task_id]).get(task_id))
         if payload is None:
             return {"status": states.PENDING, "result": None}
-        return self.decode_result(payload)
+        return cast("dict[str, Any]", self.decode_result(payload))
 
     def mget(self, keys: Iterable[Any]) -> list[Any]:
         ids = [self._task_id_of(k) for k in keys]
@@ -157,9 +157,9 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         return [self._meta_of(i, rows.get(i)) for i in ids]
 
     def _task_id_of(self, key: Any) -> str:
-        key = bytes_to_str(key)
+        text: str = bytes_to_str(key)
         prefix = bytes_to_str(self.task_keyprefix)
-        return key[len(prefix):] if key.startswith(prefix) else key
+        return text[len(prefix):] if text.startswith(prefix) else text
 
     def get(self, key: Any) -> Any:
         return self.mget([key])[0]
@@ -219,7 +219,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         listener = self._listener()  # subscribed before the first read
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            meta = self.get_task_meta(task_id)
+            meta: dict[str, Any] = self.get_task_meta(task_id)
             if meta["status"] in states.READY_STATES:
                 return meta
             if on_interval:
@@ -281,11 +281,13 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         try:
             deps = GroupResult.restore(gid, backend=self)
         except Exception as exc:  # noqa: BLE001 - reported through the chord's errbacks
-            return self.chord_error_from_stack(callback, ChordError(f"Cannot restore group: {exc!r}"))
+            self.chord_error_from_stack(callback, ChordError(f"Cannot restore group: {exc!r}"))
+            return
         if deps is None:
-            return self.chord_error_from_stack(
+            self.chord_error_from_stack(
                 callback, ChordError(f"GroupResult {gid} no longer exists")
             )
+            return
         size = (request.chord or {}).get("chord_size") or len(deps)
         count = lc.CountChordPart(request.id, state, size)
         # The callback's message joins the transaction that completes the count

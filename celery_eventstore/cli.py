@@ -42,7 +42,9 @@ class _Context:
     def store(self) -> EventStore:
         if self._store is None:
             if not self.url:
-                raise click.UsageError("give the database with --url (or run as `celery -A app eventstore`)")
+                raise click.UsageError(
+                    "give the database with --url (or run as `celery -A app eventstore`)"
+                )
             self._store = EventStore(_strip(self.url), **self.options)
         return self._store
 
@@ -118,7 +120,7 @@ def check(ctx: click.Context) -> None:
 
 def _events_json(recorded: list[RecordedEvent]) -> list[dict[str, Any]]:
     out = []
-    for entry, rec in zip(entries_of(recorded), recorded):
+    for entry, rec in zip(entries_of(recorded), recorded, strict=False):
         item = entry.as_json()
         item["stream"] = rec.stream
         item["position"] = rec.position

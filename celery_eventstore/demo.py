@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from celery import Celery
@@ -114,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _publish(engine: sa.Engine) -> tuple[list[tuple[str, object]], str]:
-    results: list[tuple[str, object]] = []
+def _publish(engine: sa.Engine) -> tuple[list[tuple[str, Any]], str]:
+    results: list[tuple[str, Any]] = []
     results.append(("add(2, 3)", add.delay(2, 3)))
 
     # The order row and its receipt job commit together ...
     with engine.connect() as conn, conn.begin():
-        order_id = conn.execute(orders.insert().values(item="book")).inserted_primary_key[0]
+        inserted = conn.execute(orders.insert().values(item="book"))
+        order_id = inserted.inserted_primary_key[0]  # type: ignore[index]
         with atomic(conn, app=app):
             results.append((f"send_receipt({order_id}) [atomic]", send_receipt.delay(order_id)))
     # ... and a rolled-back order leaves no job behind.

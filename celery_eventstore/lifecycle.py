@@ -34,7 +34,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 from .exceptions import (
     CorruptStream,
@@ -215,28 +215,28 @@ class ChordCompleted:
     size: int
 
 
-Event = Union[
-    Published,
-    Claimed,
-    LeaseRenewed,
-    Acked,
-    Requeued,
-    LeaseExpired,
-    DeadLettered,
-    DeadLetterPurged,
-    Discarded,
-    Revoked,
-    Started,
-    RetryScheduled,
-    Succeeded,
-    Failed,
-    StateUpdated,
-    Forgotten,
-    GroupSaved,
-    GroupDeleted,
-    ChordPartDone,
-    ChordCompleted,
-]
+Event = (
+    Published
+    | Claimed
+    | LeaseRenewed
+    | Acked
+    | Requeued
+    | LeaseExpired
+    | DeadLettered
+    | DeadLetterPurged
+    | Discarded
+    | Revoked
+    | Started
+    | RetryScheduled
+    | Succeeded
+    | Failed
+    | StateUpdated
+    | Forgotten
+    | GroupSaved
+    | GroupDeleted
+    | ChordPartDone
+    | ChordCompleted
+)
 
 EVENT_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -707,26 +707,26 @@ class CountChordPart:
     size: int
 
 
-Command = Union[
-    Publish,
-    Claim,
-    Renew,
-    Ack,
-    Reject,
-    Restore,
-    Discard,
-    PurgeDeadLetter,
-    Revoke,
-    Start,
-    ScheduleRetry,
-    Succeed,
-    Fail,
-    UpdateState,
-    Forget,
-    SaveGroup,
-    DeleteGroup,
-    CountChordPart,
-]
+Command = (
+    Publish
+    | Claim
+    | Renew
+    | Ack
+    | Reject
+    | Restore
+    | Discard
+    | PurgeDeadLetter
+    | Revoke
+    | Start
+    | ScheduleRetry
+    | Succeed
+    | Fail
+    | UpdateState
+    | Forget
+    | SaveGroup
+    | DeleteGroup
+    | CountChordPart
+)
 
 
 # ---------------------------------------------------------------------------
@@ -858,7 +858,8 @@ def decide(command: Command, state: JobState, now: float) -> list[Event]:  # noq
     if isinstance(command, Revoke):
         if state.revoked:
             return []
-        return [Revoked(command.reason, command.result)] + [
+        revoked: list[Event] = [Revoked(command.reason, command.result)]
+        return revoked + [
             Discarded(d.id, "revoked")
             for d in state.pending()
             if d.status is not DeliveryStatus.CLAIMED

@@ -118,9 +118,10 @@ def to_epoch(value: Any) -> float | None:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if isinstance(value, datetime):
-        if value.tzinfo is None:  # Celery sends aware times; naive ones are UTC.
-            value = value.replace(tzinfo=timezone.utc)
-        return value.timestamp()
+        when: datetime = value
+        if when.tzinfo is None:  # Celery sends aware times; naive ones are UTC.
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp()
     raise ValueError(f"not a time: {value!r}")
 
 
@@ -155,7 +156,7 @@ class Channel(virtual.Channel):
     supports_fanout = True
     do_restore = True
 
-    from_transport_options = virtual.Channel.from_transport_options + (
+    from_transport_options = virtual.Channel.from_transport_options + (  # type: ignore[assignment]
         "visibility_timeout",
         "max_claims",
         "priority_order",
@@ -173,7 +174,9 @@ class Channel(virtual.Channel):
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
         if self.priority_order not in ("redis", "amqp"):
-            raise ValueError(f"priority_order must be 'redis' or 'amqp', not {self.priority_order!r}")
+            raise ValueError(
+                f"priority_order must be 'redis' or 'amqp', not {self.priority_order!r}"
+            )
         self.store: EventStore = connection.store
         # delivery tag -> (claim, lease end); touched by the consuming thread and
         # read by the lease keeper, hence the lock.
@@ -238,7 +241,7 @@ class Channel(virtual.Channel):
 
     def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
         queues: list[str] = super()._lookup(exchange, routing_key, default)
-        if not queues and exchange and self._routing_cache.pop(f"table:{exchange}", None):
+        if not queues and exchange and bool(self._routing_cache.pop(f"table:{exchange}", None)):
             # Routed nowhere by a cached table: the binding may be newer than the
             # cache (a reply queue declared a moment ago), so read it again.
             queues = super()._lookup(exchange, routing_key, default)
@@ -288,7 +291,7 @@ class Channel(virtual.Channel):
     # -- publishing ------------------------------------------------------------
 
     def _store_priority(self, message: Mapping[str, Any]) -> int:
-        priority = self._get_message_priority(message, reverse=False)
+        priority: int = self._get_message_priority(message, reverse=False)
         # The store serves its highest number first.
         return priority if self.priority_order == "amqp" else self.max_priority - priority
 
@@ -603,11 +606,13 @@ class Transport(virtual.Transport):
 
     # -- blocking path (celery inspect, synloop, eventlet/gevent) ---------------
 
-    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+    def drain_events(
+        self, connection: Any, timeout: float | None = None, **kwargs: Any
+    ) -> None:
         start = time.monotonic()
         while True:
             try:
-                self.cycle.get(self._deliver, timeout=timeout)
+                self.cycle.get(self._deliver, timeout=timeout)  # type: ignore[union-attr]
                 return
             except Empty:
                 pass
@@ -615,7 +620,7 @@ class Transport(virtual.Transport):
             if timeout is not None:
                 remaining = timeout - (time.monotonic() - start)
                 if remaining <= 0:
-                    raise socket.timeout()
+                    raise TimeoutError()
                 wait = min(wait, remaining)
             self.listener.wait(wait)
 

@@ -109,7 +109,10 @@ def project(
                 "available_at": ev.lease_until,
             })
         elif isinstance(ev, LeaseRenewed):
-            _merge(changes, ev.delivery, {"lease_until": ev.lease_until, "available_at": ev.lease_until})
+            _merge(changes, ev.delivery, {
+                "lease_until": ev.lease_until,
+                "available_at": ev.lease_until,
+            })
         elif isinstance(ev, Requeued):
             _merge(changes, ev.delivery, {
                 **_unclaimed(ev.not_before or 0.0),

@@ -49,7 +49,7 @@ class RoutingMixin:
     # Provided by EventStore.
     def _write(self, connection: sa.Connection | None = None, *, durable: bool = True) -> Any: ...
     def _read(self) -> Any: ...
-    def now(self) -> float: ...
+    def now(self) -> float: ...  # type: ignore[empty-body]
 
     def declare_queue(self, info: QueueInfo) -> None:
         """Record a queue's declaration (idempotent; a re-declaration refreshes it)."""
@@ -79,7 +79,10 @@ class RoutingMixin:
                     q.c.name.in_(wanted)
                 )
             )
-            return {r.name: QueueInfo(r.name, bool(r.transient), r.expires, r.message_ttl) for r in rows}
+            return {
+                r.name: QueueInfo(r.name, bool(r.transient), r.expires, r.message_ttl)
+                for r in rows
+            }
 
     def queue_exists(self, name: str) -> bool:
         """Declared, or holding messages."""

@@ -42,8 +42,8 @@ from .dialects import Dialect, Listener, dialect_for
 from .projection import project
 from .records import (
     ClaimedMessage,
-    DeadLetter,
     ClaimRef,
+    DeadLetter,
     NewMessage,
     Outcome,
     QueueStats,
@@ -421,7 +421,7 @@ class EventStore(RoutingMixin):
                 recorded_at=now,
             )
             for pos, row, event in zip(
-                positions, rows, (e for _, events, _ in pending for e in events)
+                positions, rows, (e for _, events, _ in pending for e in events), strict=False
             )
         ]
         project(conn, self.tables, self.dialect, recorded, states)

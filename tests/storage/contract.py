@@ -112,7 +112,9 @@ class StoreContract:
         (delivery,) = store.publish([msg("t1")])
         assert store.queue_size("q") == 1
         (claimed,) = store.claim(["q"], 10, "worker-1", 30)
-        assert (claimed.delivery, claimed.stream, claimed.message) == (delivery, "t1", {"body": "t1"})
+        assert (claimed.delivery, claimed.stream, claimed.message) == (
+            delivery, "t1", {"body": "t1"}
+        )
         assert not claimed.redelivered
         assert store.queue_size("q") == 0
         assert store.ack([claimed.ref]) == {delivery: Outcome.DONE}

@@ -6,7 +6,6 @@ import collections
 import multiprocessing
 
 import pytest
-import sqlalchemy as sa
 from storehelpers import claim_and_ack_until_empty, count_chord_parts
 
 from celery_eventstore.storage import EventStore, NewMessage

@@ -7,6 +7,7 @@ here).  Name the driver to choose: ``postgresql+psycopg://`` works as well.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import select
 from collections.abc import Iterable
@@ -113,7 +114,7 @@ class NotifyListener(Listener):
         for channel in channels:
             quoted = '"' + channel.replace('"', '""') + '"'
             if self._psycopg2:
-                with self._conn.cursor() as cur:
+                with contextlib.closing(self._conn.cursor()) as cur:
                     cur.execute(f"LISTEN {quoted}")
             else:
                 self._conn.execute(f"LISTEN {quoted}")
