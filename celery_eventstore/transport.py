@@ -210,7 +210,7 @@ class Channel(virtual.Channel):
             message_ttl=ttl / 1000.0 if ttl else None,
         )
         if self._declared.get(queue) != info:
-            self.store.declare_queue(info)
+            self.store.declare_queue(info, connection=self.connection.atomic_connection())
             self._declared[queue] = info
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
@@ -233,7 +233,10 @@ class Channel(virtual.Channel):
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str | None, queue: str) -> None:
         exchange_type = self.state.exchanges.get(exchange, {}).get("type", "direct")
-        self.store.bind(Binding(exchange, queue, routing_key or "", pattern, exchange_type))
+        self.store.bind(
+            Binding(exchange, queue, routing_key or "", pattern, exchange_type),
+            connection=self.connection.atomic_connection(),
+        )
         self._routing_cache.pop(f"table:{exchange}", None)
 
     def _bindings(self, exchange: str) -> list[Binding]:

@@ -51,9 +51,16 @@ class RoutingMixin:
     def _read(self) -> Any: ...
     def now(self) -> float: ...  # type: ignore[empty-body]
 
-    def declare_queue(self, info: QueueInfo) -> None:
-        """Record a queue's declaration (idempotent; a re-declaration refreshes it)."""
-        with self._write() as conn:
+    def declare_queue(self, info: QueueInfo, *, connection: sa.Connection | None = None) -> None:
+        """Record a queue's declaration (idempotent; a re-declaration refreshes it).
+
+        An unchanged durable queue is not written again.  ``connection`` joins the
+        caller's transaction (the producer inside ``atomic``): on SQLite a write
+        on another connection would wait for the lock that transaction holds.
+        """
+        if not info.transient and self.queue_info([info.name]).get(info.name) == info:
+            return
+        with self._write(connection) as conn:
             self.dialect.upsert(
                 conn,
                 self.tables.queues,
@@ -103,8 +110,11 @@ class RoutingMixin:
         with self._write(durable=False) as conn:
             conn.execute(q.update().where(q.c.name.in_(list(names))).values(last_active=self.now()))
 
-    def bind(self, binding: Binding) -> None:
-        with self._write() as conn:
+    def bind(self, binding: Binding, *, connection: sa.Connection | None = None) -> None:
+        """Record a binding (idempotent; an existing one is not written again)."""
+        if binding in self.bindings(binding.exchange):
+            return
+        with self._write(connection) as conn:
             self.dialect.upsert(
                 conn,
                 self.tables.bindings,

@@ -259,7 +259,10 @@ class EventStore(RoutingMixin):
     def schema_version(self) -> int:
         """The migration level of the database (0 when the tables do not exist)."""
         table = self.tables.schema_version
+        # Read-only on purpose: on SQLite it must not wait for a write lock that
+        # an application's open transaction (an atomic enqueue) may be holding.
         with self._translate_errors(), self.engine.connect() as conn:
+            conn = conn.execution_options(**self.dialect.read_options())
             if not sa.inspect(conn).has_table(table.name, schema=self.schema):
                 return 0
             return int(conn.execute(sa.select(sa.func.max(table.c.version))).scalar() or 0)
@@ -322,10 +325,11 @@ class EventStore(RoutingMixin):
     def _ensure_schema(self) -> None:
         if self._schema_ready:
             return
-        if self.auto_migrate:
+        # Look first (a read), migrate only when behind: an up-to-date schema then
+        # costs no write lock, which matters inside an application's transaction.
+        if self.auto_migrate and self.schema_version() < SCHEMA_VERSION:
             self.migrate()
-        else:
-            self.check_schema()
+        self.check_schema()
         self._schema_ready = True
 
     # -- reading the log -----------------------------------------------------

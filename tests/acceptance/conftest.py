@@ -232,10 +232,25 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path, reaper: Reaper) -> It
             cleanup()
 
 
-class Worker:
-    """``celery -A proj worker`` in a process group of its own."""
+@pytest.fixture
+def result_app(broker: Broker) -> Iterator[Any]:
+    """The test process's ``resultproj`` app: broker and result backend on ``broker``."""
+    import resultproj
 
-    def __init__(self, broker: Broker, name: str, args: list[str]) -> None:
+    app = resultproj.make_app(broker.url, broker.transport_options())
+    yield app
+    backend = getattr(app._local, "backend", None)
+    listener = getattr(getattr(backend, "_local", None), "listener", None)
+    if listener is not None:  # the result waiter's LISTEN connection
+        listener.close()
+    app.pool.force_close_all()
+    app.close()
+
+
+class Worker:
+    """``celery -A <app> worker`` (``proj`` by default) in a process group of its own."""
+
+    def __init__(self, broker: Broker, name: str, args: list[str], app: str = "proj") -> None:
         self.name = name
         self.terminating = False
         self.log_path = broker.tmp_path / f"{name}.log"
@@ -252,7 +267,7 @@ class Worker:
             }
         )
         command = [
-            sys.executable, "-m", "celery", "-A", "proj", "worker",
+            sys.executable, "-m", "celery", "-A", app, "worker",
             "-P", "prefork", "-c", "2", "-l", "info",
             "--without-gossip", "--without-mingle",
             "-n", f"{name}@%h", *args,
@@ -314,15 +329,16 @@ class Worker:
 
 @pytest.fixture
 def start_worker(request: pytest.FixtureRequest, broker: Broker) -> Iterator[Callable[..., Worker]]:
-    """``start_worker(*extra_args)`` starts a worker and returns once it is ready.
+    """``start_worker(*extra_args, app="proj")`` starts a worker and returns once it
+    is ready.  ``app`` names the module ``celery -A`` loads (e.g. ``resultproj``).
 
     The broker fixture stops the workers; after a failure that happens here, first,
     so that the logs printed are complete.
     """
     workers = broker.workers
 
-    def start(*args: str) -> Worker:
-        worker = Worker(broker, f"w{len(workers) + 1}-{uuid.uuid4().hex[:6]}", list(args))
+    def start(*args: str, app: str = "proj") -> Worker:
+        worker = Worker(broker, f"w{len(workers) + 1}-{uuid.uuid4().hex[:6]}", list(args), app)
         workers.append(worker)
         worker.wait_ready()
         return worker
