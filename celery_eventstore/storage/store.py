@@ -577,7 +577,10 @@ class EventStore(RoutingMixin):
         consumer: str,
         lease_seconds: float,
         max_claims: int | None,
+        after: _Decided | None = None,
     ) -> list[ClaimedMessage]:
+        """Claim inside ``conn``'s transaction; with ``after`` (decisions not yet
+        appended, e.g. acks), append them and the claims in one statement."""
         msgs = self.tables.messages
         now = self.now()
         candidates = conn.execute(
@@ -588,13 +591,16 @@ class EventStore(RoutingMixin):
                 .limit(limit),
                 msgs,
             )
-        ).all()
+        ).all() if queues and limit > 0 else []
+        pending, decided_states = after if after is not None else ([], {})
         if not candidates:
+            self._append(conn, _chain(pending), now)
             return []
         streams = self._read_streams(conn, (c.stream_id for c in candidates))
-        states = {s: _fold(s, recs) for s, recs in streams.items()}
+        # A stream settled just before (same transaction) continues from there.
+        states = {s: decided_states.get(s) or _fold(s, recs) for s, recs in streams.items()}
         published = _published_messages(r for recs in streams.values() for r in recs)
-        pending = []
+        pending = list(pending)
         claims: list[tuple[str, str, str]] = []
         for delivery, stream in candidates:
             claim = uuid.uuid4().hex
@@ -638,7 +644,7 @@ class EventStore(RoutingMixin):
 
         def attempt() -> dict[str, Outcome]:
             with self._write(durable=durable) as conn:
-                return self._settle_in(conn, refs, command_for)
+                return self._settle_in(conn, refs, command_for)[0]
 
         return self._retrying(attempt)
 
@@ -647,7 +653,10 @@ class EventStore(RoutingMixin):
         conn: sa.Connection,
         refs: Sequence[ClaimRef],
         command_for: Callable[[ClaimRef], lc.Command],
-    ) -> dict[str, Outcome]:
+        *,
+        append: bool = True,
+    ) -> tuple[dict[str, Outcome], _Decided]:
+        """Decide claim-fenced commands; append them unless the caller will."""
         msgs = self.tables.messages
         outcomes: dict[str, Outcome] = {}
         # Lock the rows first, so a racing re-claim finishes before we read.
@@ -672,8 +681,10 @@ class EventStore(RoutingMixin):
             pending.append((state, events, None))
             states[ref.stream] = _evolve_all(state, events)
             outcomes[ref.delivery] = Outcome.DONE
-        self._append(conn, _chain(pending), now)
-        return outcomes
+        if append:
+            self._append(conn, _chain(pending), now)
+            pending = []
+        return outcomes, (pending, states)
 
     def ack_and_claim(
         self,
@@ -692,10 +703,12 @@ class EventStore(RoutingMixin):
 
         def attempt() -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
             with self._write(durable=False) as conn:
-                outcomes = self._settle_in(conn, acks, lambda r: lc.Ack(r.delivery, r.claim))
-                claimed = (
-                    self._claim_in(conn, queues, limit, consumer, lease_seconds, max_claims)
-                    if limit > 0 and queues else []
+                outcomes, decided = self._settle_in(
+                    conn, acks, lambda r: lc.Ack(r.delivery, r.claim), append=False
+                )
+                claimed = self._claim_in(
+                    conn, queues if limit > 0 else [], max(limit, 0), consumer,
+                    lease_seconds, max_claims, after=decided,
                 )
                 return outcomes, claimed
 
@@ -950,6 +963,12 @@ class EventStore(RoutingMixin):
 
 
 # -- helpers ---------------------------------------------------------------
+
+#: Decisions made but not appended yet, and the stream states they lead to.
+_Decided = tuple[
+    list[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]],
+    dict[str, lc.JobState],
+]
 
 #: Events a result waiter may be waiting for.
 _FINISHING = (

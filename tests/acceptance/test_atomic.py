@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from celery import current_app
-from conftest import HERE, Broker, wait_for
 from enqueuer import TASK, business_engine, business_table, job_id
+from harness import HERE, Broker, wait_for
 from sqlalchemy.orm import Session
 
 from celery_eventstore import atomic

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import Broker, wait_for
+from harness import Broker, wait_for
 
 from celery_eventstore import lifecycle as lc
 

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from celery import chord, group
 from celery.exceptions import ChordError, TaskRevokedError
 from celery.result import AsyncResult, GroupResult, ResultSet
-from conftest import LOG_TAIL_LINES, Broker, Reaper, Worker, _failed, wait_for
+from harness import LOG_TAIL_LINES, Broker, Reaper, Worker, _failed, wait_for
 
 from celery_eventstore import lifecycle as lc
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import proj
 import pytest
-from conftest import Broker, Worker, wait_for
+from harness import Broker, Worker, wait_for
 
 from celery_eventstore import lifecycle as lc
 

@@ -469,3 +469,21 @@ class StoreContract:
             assert woken & {"tasks", "*"}
         finally:
             listener.close()
+
+    def test_ack_and_claim_in_one_transaction(self, store):
+        store.publish([msg("a"), msg("b"), msg("c")])
+        first = store.claim(["q"], 2, "w", 30)
+        outcomes, more = store.ack_and_claim([m.ref for m in first], ["q"], 5, "w", 30)
+        assert set(outcomes.values()) == {Outcome.DONE}
+        assert [m.stream for m in more] == ["c"]
+        assert all(types(store, m.stream) == ["Published", "Claimed", "Acked"] for m in first)
+        # One task's two deliveries: ack the first and claim the second together.
+        store.publish([msg("task")])
+        (d1,) = store.claim(["q"], 1, "w", 30)
+        store.publish([msg("task")])
+        outcomes, (d2,) = store.ack_and_claim([d1.ref], ["q"], 5, "w", 30)
+        assert outcomes == {d1.delivery: Outcome.DONE} and d2.stream == "task"
+        assert types(store, "task") == ["Published", "Claimed", "Published", "Acked", "Claimed"]
+        live = store.projection_rows()
+        store.rebuild()
+        assert store.projection_rows() == live
