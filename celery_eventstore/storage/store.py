@@ -670,7 +670,7 @@ class EventStore(RoutingMixin):
         ).all()
         states = self._load(conn, (r.stream for r in refs))
         now = self.now()
-        pending = []
+        pending: _Pending = []
         for ref in refs:
             state = states[ref.stream]
             try:
@@ -965,10 +965,8 @@ class EventStore(RoutingMixin):
 # -- helpers ---------------------------------------------------------------
 
 #: Decisions made but not appended yet, and the stream states they lead to.
-_Decided = tuple[
-    list[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]],
-    dict[str, lc.JobState],
-]
+_Pending = list[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]]
+_Decided = tuple[_Pending, dict[str, lc.JobState]]
 
 #: Events a result waiter may be waiting for.
 _FINISHING = (
