@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -194,14 +195,16 @@ class EventStore(RoutingMixin):
         ``durable=False`` marks work whose loss only causes a redelivery.
         """
         self._ensure_schema()
+        # Measure the clock (when due) before taking a connection, so the
+        # transaction's own now() never needs a second one from the pool.
+        self.now()
         with self._translate_errors():
             if connection is not None:
                 with self.dialect.join(connection):
                     yield connection
             else:
                 with self.engine.begin() as conn:
-                    if not durable and self.async_commit:
-                        self.dialect.relax_durability(conn)
+                    self.dialect.set_durability(conn, durable or not self.async_commit)
                     yield conn
 
     @contextlib.contextmanager
@@ -271,6 +274,7 @@ class EventStore(RoutingMixin):
         """Create or upgrade the schema (up to ``to_version``); returns the versions applied."""
         applied: list[int] = []
         with self._translate_errors(), self.engine.begin() as conn:
+            self.dialect.set_durability(conn, True)
             self.dialect.lock_migrations(conn, self.table_prefix + (self.schema or ""))
             self.tables.schema_version.create(conn, checkfirst=True)
             current = int(
@@ -562,74 +566,32 @@ class EventStore(RoutingMixin):
         """
         if limit <= 0 or not queues:
             return []
+        return self.ack_and_claim([], queues, limit, consumer, lease_seconds,
+                                  max_claims=max_claims)[1]
 
-        def attempt() -> list[ClaimedMessage]:
-            with self._write(durable=False) as conn:
-                return self._claim_in(conn, queues, limit, consumer, lease_seconds, max_claims)
-
-        return self._retrying(attempt)
-
-    def _claim_in(
+    def ack_and_claim(
         self,
-        conn: sa.Connection,
+        acks: Sequence[ClaimRef],
         queues: Sequence[str],
         limit: int,
         consumer: str,
         lease_seconds: float,
-        max_claims: int | None,
-        after: _Decided | None = None,
-    ) -> list[ClaimedMessage]:
-        """Claim inside ``conn``'s transaction; with ``after`` (decisions not yet
-        appended, e.g. acks), append them and the claims in one statement."""
-        msgs = self.tables.messages
-        now = self.now()
-        candidates = conn.execute(
-            self.dialect.nominate(
-                sa.select(msgs.c.delivery_id, msgs.c.stream_id)
-                .where(msgs.c.queue.in_(list(queues)), msgs.c.available_at <= now)
-                .order_by(msgs.c.priority.desc(), msgs.c.seq)
-                .limit(limit),
-                msgs,
-            )
-        ).all() if queues and limit > 0 else []
-        pending, decided_states = after if after is not None else ([], {})
-        if not candidates:
-            self._append(conn, _chain(pending), now)
-            return []
-        streams = self._read_streams(conn, (c.stream_id for c in candidates))
-        # A stream settled just before (same transaction) continues from there.
-        states = {s: decided_states.get(s) or _fold(s, recs) for s, recs in streams.items()}
-        published = _published_messages(r for recs in streams.values() for r in recs)
-        pending = list(pending)
-        claims: list[tuple[str, str, str]] = []
-        for delivery, stream in candidates:
-            claim = uuid.uuid4().hex
-            command = lc.Claim(delivery, claim, consumer, lease_seconds, max_claims)
-            try:
-                events = lc.decide(command, states[stream], now)
-            except InvalidTransition:
-                continue  # settled or re-claimed since nomination: move on
-            pending.append((states[stream], events, None))
-            states[stream] = _evolve_all(states[stream], events)
-            if isinstance(events[-1], lc.Claimed):
-                claims.append((stream, delivery, claim))
-        _, final = self._append(conn, _chain(pending), now)
-        out = []
-        for stream, delivery, claim in claims:
-            d = final[stream].delivery(delivery)
-            out.append(
-                ClaimedMessage(
-                    delivery=delivery,
-                    claim=claim,
-                    stream=stream,
-                    queue=d.queue,
-                    message=published[delivery],
-                    priority=d.priority,
-                    lease_until=d.lease_until or now,
-                    redelivered=d.redelivered,
+        *,
+        max_claims: int | None = None,
+    ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+        """:meth:`ack` then :meth:`claim` in one transaction: a consumer's steady
+        state (finish some, take as many more) costs one commit, not two."""
+        if not acks and (limit <= 0 or not queues):
+            return {}, []
+        claim = _ClaimRequest(list(queues), limit, consumer, lease_seconds, max_claims)
+
+        def attempt() -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+            with self._write(durable=False) as conn:
+                return self._settle_and_claim(
+                    conn, acks, lambda r: lc.Ack(r.delivery, r.claim), claim
                 )
-            )
-        return out
+
+        return self._retrying(attempt)
 
     def _settle(
         self,
@@ -644,33 +606,45 @@ class EventStore(RoutingMixin):
 
         def attempt() -> dict[str, Outcome]:
             with self._write(durable=durable) as conn:
-                return self._settle_in(conn, refs, command_for)[0]
+                return self._settle_and_claim(conn, refs, command_for, None)[0]
 
         return self._retrying(attempt)
 
-    def _settle_in(
+    def _settle_and_claim(
         self,
         conn: sa.Connection,
         refs: Sequence[ClaimRef],
         command_for: Callable[[ClaimRef], lc.Command],
-        *,
-        append: bool = True,
-    ) -> tuple[dict[str, Outcome], _Decided]:
-        """Decide claim-fenced commands; append them unless the caller will."""
-        msgs = self.tables.messages
-        outcomes: dict[str, Outcome] = {}
-        # Lock the rows first, so a racing re-claim finishes before we read.
-        conn.execute(
-            self.dialect.lock(
-                sa.select(msgs.c.delivery_id)
-                .where(msgs.c.delivery_id.in_([r.delivery for r in refs]))
-                .order_by(msgs.c.delivery_id),
-                msgs,
-            )
-        ).all()
-        states = self._load(conn, (r.stream for r in refs))
+        claim: _ClaimRequest | None,
+    ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+        """Decide claim-fenced commands for ``refs``, then claim, in ``conn``'s
+        transaction: one nomination, one read of every stream involved, one append.
+
+        Nothing is locked for the refs: a racing re-claim of the same delivery
+        makes one of the two appends lose on the ``(stream, version)`` key, and the
+        loser is retried from a fresh read.
+        """
         now = self.now()
+        candidates: Sequence[Any] = ()
+        if claim is not None and claim.limit > 0 and claim.queues:
+            msgs = self.tables.messages
+            candidates = conn.execute(
+                self.dialect.nominate(
+                    sa.select(msgs.c.delivery_id, msgs.c.stream_id)
+                    .where(msgs.c.queue.in_(claim.queues), msgs.c.available_at <= now)
+                    .order_by(msgs.c.priority.desc(), msgs.c.seq)
+                    .limit(claim.limit),
+                    msgs,
+                )
+            ).all()
+        streams = self._read_streams(
+            conn, [r.stream for r in refs] + [c.stream_id for c in candidates]
+        )
+        states = {s: _fold(s, recs) for s, recs in streams.items()}
+        outcomes: dict[str, Outcome] = {}
         pending: _Pending = []
+        # Settle first: a stream acked here and claimed again (a retry) continues
+        # from the ack.
         for ref in refs:
             state = states[ref.stream]
             try:
@@ -681,38 +655,43 @@ class EventStore(RoutingMixin):
             pending.append((state, events, None))
             states[ref.stream] = _evolve_all(state, events)
             outcomes[ref.delivery] = Outcome.DONE
-        if append:
-            self._append(conn, _chain(pending), now)
-            pending = []
-        return outcomes, (pending, states)
-
-    def ack_and_claim(
-        self,
-        acks: Sequence[ClaimRef],
-        queues: Sequence[str],
-        limit: int,
-        consumer: str,
-        lease_seconds: float,
-        *,
-        max_claims: int | None = None,
-    ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
-        """:meth:`ack` then :meth:`claim` in one transaction: a consumer's steady
-        state (finish some, take as many more) costs one commit, not two."""
-        if not acks:
-            return {}, self.claim(queues, limit, consumer, lease_seconds, max_claims=max_claims)
-
-        def attempt() -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
-            with self._write(durable=False) as conn:
-                outcomes, decided = self._settle_in(
-                    conn, acks, lambda r: lc.Ack(r.delivery, r.claim), append=False
+        claims: list[tuple[str, str, str]] = []
+        if claim is not None:
+            for delivery, stream in candidates:
+                claim_id = uuid.uuid4().hex
+                command = lc.Claim(
+                    delivery, claim_id, claim.consumer, claim.lease_seconds, claim.max_claims
                 )
-                claimed = self._claim_in(
-                    conn, queues if limit > 0 else [], max(limit, 0), consumer,
-                    lease_seconds, max_claims, after=decided,
+                try:
+                    events = lc.decide(command, states[stream], now)
+                except InvalidTransition:
+                    continue  # settled or re-claimed since nomination: move on
+                pending.append((states[stream], events, None))
+                states[stream] = _evolve_all(states[stream], events)
+                if isinstance(events[-1], lc.Claimed):
+                    claims.append((stream, delivery, claim_id))
+        _, final = self._append(conn, _chain(pending), now)
+        if not claims:
+            return outcomes, []
+        published = _published_messages(
+            r for s in {stream for stream, _, _ in claims} for r in streams[s]
+        )
+        out = []
+        for stream, delivery, claim_id in claims:
+            d = final[stream].delivery(delivery)
+            out.append(
+                ClaimedMessage(
+                    delivery=delivery,
+                    claim=claim_id,
+                    stream=stream,
+                    queue=d.queue,
+                    message=published[delivery],
+                    priority=d.priority,
+                    lease_until=d.lease_until or now,
+                    redelivered=d.redelivered,
                 )
-                return outcomes, claimed
-
-        return self._retrying(attempt)
+            )
+        return outcomes, out
 
     def ack(self, refs: Sequence[ClaimRef]) -> dict[str, Outcome]:
         """Record that the claims' holders finished; stale claims write nothing."""
@@ -966,7 +945,15 @@ class EventStore(RoutingMixin):
 
 #: Decisions made but not appended yet, and the stream states they lead to.
 _Pending = list[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]]
-_Decided = tuple[_Pending, dict[str, lc.JobState]]
+
+
+@dataclass(frozen=True)
+class _ClaimRequest:
+    queues: list[str]
+    limit: int
+    consumer: str
+    lease_seconds: float
+    max_claims: int | None
 
 #: Events a result waiter may be waiting for.
 _FINISHING = (

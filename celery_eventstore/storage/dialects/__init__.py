@@ -57,8 +57,8 @@ class Dialect:
         """Lock the selected rows until commit (settlement against a racing claim)."""
         return select
 
-    def relax_durability(self, conn: sa.Connection) -> None:
-        """Let this transaction commit without waiting for its WAL to reach disk."""
+    def set_durability(self, conn: sa.Connection, durable: bool) -> None:
+        """Make this transaction's commit wait for the disk (``durable``) or not."""
 
     def lock_stream(self, conn: sa.Connection, key: str) -> None:
         """Make other writers of one stream wait for this transaction instead of

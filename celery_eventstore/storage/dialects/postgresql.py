@@ -26,6 +26,10 @@ _RETRYABLE = {
 }
 
 
+#: Connection-info key: this session runs with synchronous_commit off.
+_RELAXED = "celery_eventstore.relaxed_commit"
+
+
 def _lock_key(key: str) -> int:
     """A 63-bit advisory lock key for a name (collisions only cost some waiting)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
@@ -58,10 +62,23 @@ class PostgreSQLDialect(Dialect):
     def lock(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         return select.with_for_update(of=table)
 
-    def relax_durability(self, conn: sa.Connection) -> None:
-        # Lost only if the server itself crashes within wal_writer_delay, and then
-        # only work whose loss means a redelivery (claims, acks, renewals).
-        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+    def configure(self, engine: sa.Engine) -> None:
+        @sa.event.listens_for(engine, "rollback")
+        def _rollback(conn: sa.Connection) -> None:
+            # A SET made in a rolled-back transaction is undone with it.
+            conn.info.pop(_RELAXED, None)
+
+    def set_durability(self, conn: sa.Connection, durable: bool) -> None:
+        # Relaxed commits are lost only if the server itself crashes within
+        # wal_writer_delay, and then only work whose loss means a redelivery
+        # (claims, acks, renewals).  The setting stays on the session, so a
+        # consumer's connection pays for the SET once, not per transaction.
+        relaxed = conn.info.get(_RELAXED, False)
+        if durable and relaxed:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit = on")
+        elif not durable and not relaxed:
+            conn.exec_driver_sql("SET synchronous_commit = off")
+            conn.info[_RELAXED] = True
 
     def lock_stream(self, conn: sa.Connection, key: str) -> None:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(key))))
