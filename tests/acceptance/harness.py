@@ -198,8 +198,24 @@ def reaper() -> Iterator[Reaper]:
     r.join()
 
 
+@pytest.fixture(scope="session")
+def postgresql_reaper(postgresql_url: str) -> Iterator[Reaper]:
+    """Cleanups that need the PostgreSQL server: set up after it, so they are
+    joined before a throwaway server is stopped."""
+    r = Reaper()
+    yield r
+    r.join()
+
+
+def reaper_for(request: pytest.FixtureRequest, dialect: str) -> Reaper:
+    name = "postgresql_reaper" if dialect == "postgresql" else "reaper"
+    reaper: Reaper = request.getfixturevalue(name)
+    return reaper
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def broker(request: pytest.FixtureRequest, tmp_path: Path, reaper: Reaper) -> Iterator[Broker]:
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
+    reaper = reaper_for(request, request.param)
     engine: sa.Engine | None = None
     schema: str | None = None
     if request.param == "sqlite":

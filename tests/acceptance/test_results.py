@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from celery import chord, group
 from celery.exceptions import ChordError, TaskRevokedError
 from celery.result import AsyncResult, GroupResult, ResultSet
-from harness import LOG_TAIL_LINES, Broker, Reaper, Worker, _failed, wait_for
+from harness import LOG_TAIL_LINES, Broker, Worker, _failed, reaper_for, wait_for
 
 from celery_eventstore import lifecycle as lc
 
@@ -62,9 +62,10 @@ def _close_app(app: Any) -> None:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def results(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, reaper: Reaper
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Results]:
     """A broker, one ``resultproj`` worker on it, and the test process's app."""
+    reaper = reaper_for(request, request.param)
     tmp_path = tmp_path_factory.mktemp(f"results-{request.param}")
     engine: sa.Engine | None = None
     schema: str | None = None
