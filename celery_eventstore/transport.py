@@ -334,6 +334,8 @@ class Channel(virtual.Channel):
                         not_before=to_epoch(headers.get("eta")),
                         expires=expires,
                         metadata=_publish_metadata(message),
+                        # A retry goes to its task's existing stream.
+                        new_stream=not headers.get("retries"),
                     )
                 )
         if durable:

@@ -38,6 +38,9 @@ class NewMessage:
     expires: float | None = None
     delivery: str | None = None  # generated when None
     metadata: Mapping[str, Any] | None = None
+    #: A hint that ``stream`` has no events yet (a new task id): publish then
+    #: skips reading it, and falls back to the read if the hint was wrong.
+    new_stream: bool = False
 
 
 @dataclass(frozen=True)

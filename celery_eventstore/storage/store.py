@@ -529,9 +529,21 @@ class EventStore(RoutingMixin):
                 expires=msg.expires,
             )))
 
+        # New streams need no read: version 1 is free, or the insert loses on the
+        # (stream, version) key and the retry reads.  Not where a failed insert
+        # cannot be rolled back alone (a caller's SQLite transaction).
+        guess = [
+            all(m.new_stream for m, _ in prepared)
+            and (connection is None or self.dialect.atomic_join)
+        ]
+
         def attempt() -> list[str]:
             with self._write(connection) as conn:
-                states = self._load(conn, (m.stream for m, _ in prepared))
+                if guess[0]:
+                    guess[0] = False  # one try only
+                    states = {m.stream: _fold(m.stream, ()) for m, _ in prepared}
+                else:
+                    states = self._load(conn, (m.stream for m, _ in prepared))
                 now = self.now()
                 pending = []
                 for msg, command in prepared:

@@ -121,6 +121,30 @@ class StoreContract:
         assert types(store, "t1") == ["Published", "Claimed", "Acked"]
         assert store.projection_rows()[store.tables.messages.name] == []
 
+    def test_publish_hinted_new_to_an_existing_stream_appends_after_it(self, store):
+        # A wrong "new stream" hint costs a lost race and a re-read, never an event.
+        (first,) = store.publish([msg("t1")])
+        (claimed,) = store.claim(["q"], 1, "w", 30)
+        store.ack([claimed.ref])
+        (second,) = store.publish([NewMessage(stream="t1", queue="q", message={"body": "again"},
+                                              new_stream=True)])
+        assert types(store, "t1") == ["Published", "Claimed", "Acked", "Published"]
+        assert [r.version for r in store.read_stream("t1")] == [1, 2, 3, 4]
+        (again,) = store.claim(["q"], 1, "w", 30)
+        assert (again.delivery, again.message) == (second, {"body": "again"})
+
+    def test_publish_hinted_new_inside_a_callers_transaction(self, store):
+        store.publish([msg("t2")])
+        with store.engine.connect() as conn:
+            with conn.begin():
+                store.publish(
+                    [NewMessage(stream="t2", queue="q", message={"body": "x"}, new_stream=True),
+                     NewMessage(stream="t3", queue="q", message={"body": "y"}, new_stream=True)],
+                    connection=conn,
+                )
+        assert types(store, "t2") == ["Published", "Published"]
+        assert types(store, "t3") == ["Published"]
+
     def test_claim_serves_highest_priority_then_oldest(self, store):
         store.publish([msg("low1", priority=1), msg("high", priority=9), msg("low2", priority=1)])
         store.publish([msg("mid", priority=5)])

@@ -39,6 +39,9 @@ class Dialect:
         """Execution options for a read-only transaction."""
         return {}
 
+    #: :meth:`join` can roll back our part alone (a savepoint).
+    atomic_join = True
+
     @contextlib.contextmanager
     def join(self, connection: sa.Connection) -> Iterator[sa.Connection]:
         """Run our writes inside the caller's open transaction.

@@ -58,6 +58,8 @@ class SQLiteDialect(Dialect):
     def listener(self, engine: sa.Engine, channels: Iterable[str]) -> Listener:
         return DataVersionListener(engine)
 
+    atomic_join = False
+
     @contextlib.contextmanager
     def join(self, connection: sa.Connection) -> Iterator[sa.Connection]:
         # No savepoint: with the stdlib driver's default transaction handling a
