@@ -52,6 +52,7 @@ Transport Options
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -191,6 +192,8 @@ class Channel(virtual.Channel):
         self._last_touch = 0.0
         #: True when the last claim filled the credit: there may be more waiting.
         self.maybe_more = False
+        #: Messages a background claim in flight may still bring (its limit).
+        self.claiming = 0
 
     # -- queues and routing ----------------------------------------------------
 
@@ -377,7 +380,9 @@ class Channel(virtual.Channel):
 
     def credit(self) -> int:
         estimate = self.qos.can_consume_max_estimate()
-        return self.claim_batch if estimate is None else min(estimate, self.claim_batch)
+        credit = self.claim_batch if estimate is None else min(estimate, self.claim_batch)
+        # A claim in flight (the event loop's background claimer) may fill it.
+        return credit - self.claiming
 
     def refill_at(self) -> int:
         """With a backlog waiting, claim again once half the prefetch window is
@@ -394,7 +399,16 @@ class Channel(virtual.Channel):
         if limit <= 0:
             self.maybe_more = True
             return 0
-        batch = self.claim(queues, limit)
+        fetcher = self.connection._fetcher
+        if fetcher is not None:
+            # Under the worker's event loop: claim in the background, deliver
+            # when the claimer reports back (Transport._on_claimed).
+            if fetcher.request(self, list(queues), limit):
+                self.claiming += limit
+            return 0
+        return self.deliver_claimed(self.claim(queues, limit), limit)
+
+    def deliver_claimed(self, batch: list[tuple[dict[str, Any], str]], limit: int) -> int:
         self.maybe_more = len(batch) >= limit
         for payload, queue in batch:
             self.connection._deliver(payload, queue)
@@ -558,6 +572,7 @@ class Transport(virtual.Transport):
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._listener: Listener | None = None
         self._keeper: _Keeper | None = None
+        self._fetcher: _Claimer | None = None
         self._hub: Any = None
         self._atomic: Any = None
 
@@ -578,6 +593,11 @@ class Transport(virtual.Transport):
             self._keeper = None
         if self._hub is not None:
             self._hub.on_tick.discard(self._on_tick)
+        if self._fetcher is not None:
+            if self._hub is not None:
+                self._hub.remove_reader(self._fetcher.fileno())
+            self._fetcher.stop()  # gives back what it claimed and did not deliver
+            self._fetcher = None
         super().close_connection(connection)
         if self._listener is not None:
             self._listener.close()
@@ -638,6 +658,12 @@ class Transport(virtual.Transport):
             loop.add_reader(fd, self._on_readable)
         else:
             loop.call_repeatedly(self.listener_poll_interval, self._on_readable)
+        # Claims run on a thread of their own: the loop keeps feeding the pool
+        # while the database answers, as it does with Redis' asynchronous BRPOP.
+        if self._fetcher is None:
+            self._fetcher = _Claimer(self)
+            self._fetcher.start()
+        loop.add_reader(self._fetcher.fileno(), self._on_claimed)
         loop.on_tick.add(self._on_tick)
         loop.call_repeatedly(self.polling_interval, self._deliver_all)
         # Messages published before we listened sent their wake-up to no one.
@@ -652,8 +678,118 @@ class Transport(virtual.Transport):
         for channel in list(self.channels):
             if channel.maybe_more and channel.credit() >= channel.refill_at():
                 channel.deliver_ready()  # writes the pending acks in the same commit
-            else:
+            elif self._fetcher is None:
                 channel.flush_acks(older_than=channel.ack_flush_interval)
+            # (With a background claimer the keeper thread flushes lone acks.)
+
+    def _on_claimed(self) -> None:
+        """The background claimer finished claims: deliver them on the loop."""
+        assert self._fetcher is not None
+        error: BaseException | None = None
+        for channel, outcome, limit in self._fetcher.take_done():
+            channel.claiming -= limit
+            if isinstance(outcome, BaseException):
+                error = outcome
+            elif channel in self.channels:
+                channel.deliver_claimed(outcome, limit)
+            else:
+                _Claimer.give_back(channel, outcome)
+        if error is not None:
+            raise error  # a connection error: the consumer reconnects
+        for channel in list(self.channels):
+            if channel.maybe_more and channel.credit() >= channel.refill_at():
+                channel.deliver_ready()
+
+
+class _Claimer(threading.Thread):
+    """Claims (with the pending acks) for the worker's event loop, off its thread.
+
+    One request per channel at a time.  Finished claims wait in ``done`` and a
+    byte on a pipe wakes the loop, which delivers them.  The claimed messages are
+    in the channel's claim table from the start, so their leases are renewed and
+    a clean shutdown gives back the ones never delivered.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(name="celery-eventstore-claimer", daemon=True)
+        self.transport = transport
+        self._cond = threading.Condition()
+        self._requests: dict[Channel, tuple[list[str], int]] = {}
+        self._busy: Channel | None = None
+        self._done: list[tuple[Channel, Any, int]] = []
+        self._stopped = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+
+    def fileno(self) -> int:
+        return self._wake_r
+
+    def request(self, channel: Channel, queues: list[str], limit: int) -> bool:
+        """Ask for a claim unless one for ``channel`` is queued or running."""
+        with self._cond:
+            if self._stopped or channel in self._requests or self._busy is channel:
+                return False
+            self._requests[channel] = (queues, limit)
+            self._cond.notify()
+            return True
+
+    def take_done(self) -> list[tuple[Channel, Any, int]]:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+        with self._cond:
+            done, self._done = self._done, []
+        return done
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._requests and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                channel, (queues, limit) = next(iter(self._requests.items()))
+                del self._requests[channel]
+                self._busy = channel
+            outcome: Any
+            try:
+                outcome = channel.claim(queues, limit)
+            except BaseException as exc:  # reported on the loop, which reconnects
+                outcome = exc
+            with self._cond:
+                self._busy = None
+                if not self._stopped:
+                    self._done.append((channel, outcome, limit))
+                    # Under the lock: stop() closes the pipe under it too.
+                    os.write(self._wake_w, b"\0")
+                    continue
+            self.give_back(channel, outcome)
+            return
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._requests.clear()
+            self._cond.notify()
+            done, self._done = self._done, []
+            os.close(self._wake_w)
+            os.close(self._wake_r)
+        for channel, outcome, _ in done:
+            self.give_back(channel, outcome)
+
+    @staticmethod
+    def give_back(channel: Channel, outcome: Any) -> None:
+        """Restore claims that were never delivered (the consumer is closing)."""
+        if isinstance(outcome, BaseException):
+            return
+        refs = [ref for ref in (
+            channel.forget_claim(payload["properties"]["delivery_tag"]) for payload, _ in outcome
+        ) if ref is not None]
+        if refs:
+            try:
+                channel.store.restore(refs)
+            except Exception as exc:  # their leases bring them back instead
+                logger.warning("could not give back %d undelivered claim(s): %s", len(refs), exc)
 
 
 class _Keeper(threading.Thread):
