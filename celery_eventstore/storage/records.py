@@ -76,13 +76,24 @@ class Outcome(str, Enum):
 
 @dataclass(frozen=True)
 class QueueStats:
-    queue: str
-    ready: int = 0
-    scheduled: int = 0
-    claimed: int = 0
-    dead: int = 0
-    oldest_seq: int | None = None
+    """One queue's messages by state, as :meth:`EventStore.queue_stats` counts them."""
 
+    queue: str
+    #: Claimable now.
+    ready: int = 0
+    #: Waiting for their ETA (countdown, retry delay).
+    scheduled: int = 0
+    #: Held by a consumer under a lease (in flight).
+    claimed: int = 0
+    #: Dead letters not retried or purged.
+    dead: int = 0
+    #: Log position of the oldest message in the queue (any state but dead).
+    oldest_seq: int | None = None
+    #: Seconds the oldest ready message has been claimable (since it was published
+    #: or became due); None when nothing is ready.
+    oldest_ready_age: float | None = None
+    #: Seconds since the oldest in-flight message was claimed; None when none is.
+    oldest_lease_age: float | None = None
 
 
 @dataclass(frozen=True)

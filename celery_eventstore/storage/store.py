@@ -750,8 +750,8 @@ class EventStore(RoutingMixin):
             )
 
     def queue_stats(self) -> list[QueueStats]:
-        """Ready, scheduled, claimed and dead counts per queue."""
-        msgs, dead = self.tables.messages, self.tables.dead_letters
+        """Ready, scheduled, claimed and dead counts per queue, and the oldest ages."""
+        msgs, dead, ev = self.tables.messages, self.tables.dead_letters, self.tables.events
         stats: dict[str, dict[str, Any]] = defaultdict(dict)
         with self._read() as conn:
             now = self.now()
@@ -760,13 +760,26 @@ class EventStore(RoutingMixin):
                 (msgs.c.available_at > now, "scheduled"),
                 else_="ready",
             )
-            for queue, kind, count, oldest in conn.execute(
-                sa.select(msgs.c.queue, state, sa.func.count(), sa.func.min(msgs.c.seq))
+            # Claimable since it was published, or since its ETA if that came later.
+            waiting_since = sa.case(
+                (msgs.c.available_at > ev.c.recorded_at, msgs.c.available_at),
+                else_=ev.c.recorded_at,
+            )
+            for queue, kind, count, oldest, since, claimed_at in conn.execute(
+                sa.select(
+                    msgs.c.queue, state, sa.func.count(), sa.func.min(msgs.c.seq),
+                    sa.func.min(waiting_since), sa.func.min(msgs.c.claimed_at),
+                )
+                .join(ev, ev.c.position == msgs.c.seq)
                 .group_by(msgs.c.queue, state)
             ):
                 stats[queue][kind] = count
                 old = stats[queue].get("oldest_seq")
                 stats[queue]["oldest_seq"] = oldest if old is None else min(old, oldest)
+                if kind == "ready":
+                    stats[queue]["oldest_ready_age"] = max(0.0, now - since)
+                elif kind == "claimed":
+                    stats[queue]["oldest_lease_age"] = max(0.0, now - claimed_at)
             for queue, count in conn.execute(
                 sa.select(dead.c.queue, sa.func.count()).group_by(dead.c.queue)
             ):

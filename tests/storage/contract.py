@@ -307,6 +307,30 @@ class StoreContract:
         (stats,) = store.queue_stats()
         assert (stats.ready, stats.scheduled, stats.claimed, stats.dead) == (2, 1, 1, 0)
 
+    def test_queue_stats_ages_of_the_oldest_ready_and_in_flight(self, store, clock):
+        store.publish([msg("old"), msg("due", not_before=clock.now + 50)])
+        clock.advance(10)
+        store.publish([msg("new")])
+        (stats,) = store.queue_stats()
+        assert (stats.ready, stats.oldest_ready_age, stats.oldest_lease_age) == (2, 10, None)
+        (old,) = store.claim(["q"], 1, "w", 300)
+        assert old.stream == "old"
+        clock.advance(25)
+        (stats,) = store.queue_stats()
+        assert (stats.ready, stats.scheduled, stats.claimed) == (1, 1, 1)
+        assert (stats.oldest_ready_age, stats.oldest_lease_age) == (25, 25)
+        (new,) = store.claim(["q"], 1, "w", 300)
+        (stats,) = store.queue_stats()
+        assert (stats.ready, stats.oldest_ready_age, stats.oldest_lease_age) == (0, None, 25)
+        clock.advance(25)
+        store.renew([old.ref], 300)  # a renewal does not make a claim younger
+        (stats,) = store.queue_stats()
+        # "due" became claimable 10 s ago: it counts from its ETA, not from its publish.
+        assert (stats.ready, stats.oldest_ready_age, stats.oldest_lease_age) == (1, 10, 50)
+        store.ack([old.ref, new.ref])
+        (stats,) = store.queue_stats()
+        assert (stats.claimed, stats.oldest_lease_age) == (0, None)
+
     def test_revoke_discards_pending_and_future_deliveries(self, store):
         store.publish([msg("t")])
         store.revoke("t")
