@@ -53,6 +53,8 @@ from .routing import RoutingMixin
 from .schema import SCHEMA_VERSION, Tables, make_tables, migrations
 
 T = TypeVar("T")
+#: ``progress(done, total)``: how a long operation reports how far it got.
+Progress = Callable[[int, int], None]
 
 #: Default largest message, as stored JSON, that publish accepts.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -879,16 +881,26 @@ class EventStore(RoutingMixin):
             )
             return {r.stream_id: (r.state, r.result, r.date_done) for r in rows}
 
-    def prune(self, before: float, *, batch: int = 500) -> int:
+    def prune(
+        self, before: float, *, batch: int = 500, progress: Progress | None = None
+    ) -> int:
         """Delete whole streams whose last event is older than ``before``; returns how many.
 
         A stream with a message still pending (ready, scheduled or claimed) or a
         dead letter nobody retried or purged is kept.
         Each batch deletes events and derived rows in one short transaction, so
-        workers are never held up for long.
+        workers are never held up for long.  ``progress(done, total)`` is called
+        after each batch with the streams examined so far out of those with an
+        event older than ``before`` (counted first, only when it is given).
         """
         ev, msgs, dl = self.tables.events, self.tables.messages, self.tables.dead_letters
-        pruned = 0
+        pruned = examined = total = 0
+        if progress is not None:
+            with self._read() as conn:
+                total = int(conn.execute(
+                    sa.select(sa.func.count(ev.c.stream_id.distinct()))
+                    .where(ev.c.recorded_at < before)
+                ).scalar_one())
         after = ""
         while True:
             with self._write() as conn:
@@ -927,18 +939,24 @@ class EventStore(RoutingMixin):
                     for table in self.tables.projections:
                         conn.execute(table.delete().where(table.c.stream_id.in_(doomed)))
                     pruned += len(doomed)
+            if progress is not None:
+                examined += len(candidates)
+                progress(examined, max(total, examined))
 
     # -- projections ---------------------------------------------------------
 
-    def rebuild(self, *, batch_streams: int = 1000) -> int:
+    def rebuild(self, *, batch_streams: int = 1000, progress: Progress | None = None) -> int:
         """Empty every derived table and replay the log into it; returns events replayed.
 
         Writers wait for the rebuild (it holds the log against appends), readers do not.
+        ``progress(done, total)`` is called with the events replayed so far.
         """
         ev = self.tables.events
-        replayed = 0
+        replayed = total = 0
         with self._write() as conn:
             self.dialect.lock_log(conn, ev)
+            if progress is not None:
+                total = int(conn.execute(sa.select(sa.func.count()).select_from(ev)).scalar_one())
             for table in self.tables.projections:
                 table.create(conn, checkfirst=True)  # it may have been dropped
                 conn.execute(table.delete())
@@ -955,6 +973,8 @@ class EventStore(RoutingMixin):
                     if len(states) >= batch_streams:
                         project(conn, self.tables, self.dialect, batch, states)
                         batch, states = [], {}
+                        if progress is not None:
+                            progress(replayed, total)
                     states[rec.stream] = lc.JobState(stream=rec.stream)
                 state = states[rec.stream]
                 if rec.version != state.version + 1:
@@ -963,6 +983,8 @@ class EventStore(RoutingMixin):
                 batch.append(rec)
                 replayed += 1
             project(conn, self.tables, self.dialect, batch, states)
+            if progress is not None:
+                progress(replayed, total)
         return replayed
 
     def projection_rows(self) -> dict[str, list[tuple[Any, ...]]]:

@@ -385,6 +385,22 @@ class StoreContract:
         remaining = {"done", "waiting", "recent"} - {m.stream}
         assert all(store.read_stream(s) for s in remaining)
 
+    def test_prune_and_rebuild_report_progress(self, store, clock):
+        store.publish([msg(f"m{i}") for i in range(5)])
+        store.publish([msg("waiting")])
+        for m in store.claim(["q"], 5, "w", 30):
+            store.ack([m.ref])
+        clock.advance(100)
+        events = len(store.read_all(limit=100))
+        calls = []
+        store.rebuild(batch_streams=2, progress=lambda done, total: calls.append((done, total)))
+        assert calls[-1] == (events, events) and len(calls) > 1
+        assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+        calls.clear()
+        pruned = store.prune(before=clock.now, batch=2, progress=lambda *a: calls.append(a))
+        assert pruned == 5  # "waiting" is kept, but was examined
+        assert calls == [(2, 6), (4, 6), (6, 6)]
+
     # -- rebuild -------------------------------------------------------------------
 
     def test_rebuild_reproduces_the_live_projections(self, store, clock):
