@@ -23,8 +23,8 @@ import sqlalchemy as sa
 
 from . import lifecycle as lc
 from .exceptions import EventStoreError
-from .history import entries_of, format_timeline
-from .storage import EventStore, RecordedEvent
+from .history import canvas, entries_of, format_timeline
+from .storage import SCHEMA_VERSION, EventStore, RecordedEvent
 from .storage.routing import QueueInfo
 
 
@@ -58,7 +58,28 @@ def _options(prefix: str | None, schema: str | None) -> dict[str, Any]:
     return options
 
 
-@click.group(name="eventstore", help=__doc__.split("\n\n")[0])
+class StoreError(click.ClickException):
+    """An error from the store or the database, shown as ``error: ...`` (exit 2)."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    # Translated here, not in main(), so `celery -A app eventstore` prints the
+    # same one line instead of a traceback.
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EventStoreError as exc:
+            raise StoreError(str(exc)) from exc
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(str(exc).splitlines()[0]) from exc
+
+
+@click.group(name="eventstore", cls=_Group, help=__doc__.split("\n\n")[0])
 @click.option("--url", envvar="CELERY_EVENTSTORE_URL", help="SQLAlchemy URL of the store "
               "(an eventstore+ broker URL works too). Default: the Celery app's broker_url.")
 @click.option("--table-prefix", default=None, help="table prefix (default eventstore_)")
@@ -88,7 +109,11 @@ def migrate(ctx: click.Context, sql: bool) -> None:
     """Create or upgrade the schema."""
     store = _store(ctx)
     if sql:
-        click.echo(store.migration_sql(store.schema_version()))
+        version = store.schema_version()
+        if version >= SCHEMA_VERSION:
+            click.echo(f"-- schema at version {version}: nothing to migrate")
+        else:
+            click.echo(store.migration_sql(version))
         return
     applied = store.migrate()
     click.echo(f"schema at version {store.schema_version()}"
@@ -131,46 +156,50 @@ def _events_json(recorded: list[RecordedEvent]) -> list[dict[str, Any]]:
 @eventstore.command()
 @click.argument("task_id")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a timeline")
-@click.option("--tree", is_flag=True, help="also show child tasks (canvas)")
+@click.option("--tree", is_flag=True,
+              help="the whole canvas: parents, children, group and chord streams")
 @click.pass_context
 def history(ctx: click.Context, task_id: str, as_json: bool, tree: bool) -> None:
     """The whole story of one task (or group:ID / chord:ID)."""
     store = _store(ctx)
-    streams = [task_id] + (_children(store, task_id) if tree else [])
+    # A bare group id (GroupResult.id) names its group:/chord: streams.
+    candidates = [task_id, f"group:{task_id}", f"chord:{task_id}"]
+    found = {s: r for s in candidates if (r := store.read_stream(s))}
+    if not found:
+        raise click.ClickException(f"no events for {task_id!r}: unknown task, or pruned")
+    if tree:
+        streams = canvas(store, next(iter(found)))
+    else:
+        streams = [task_id] if task_id in found else list(found)
     documents = []
     for stream in streams:
-        recorded = store.read_stream(stream)
-        if not recorded and stream == task_id:
-            raise click.ClickException(f"no events for {task_id!r}: unknown task, or pruned")
+        recorded = found.get(stream) or store.read_stream(stream)
         if as_json:
             documents.append({"stream": stream, "events": _events_json(recorded)})
         else:
-            state = lc.fold(stream, (r.event for r in recorded))
-            click.echo(f"== {stream}  state={state.custom_state or state.result_state.value}")
+            click.echo(f"== {stream}  {_summary(stream, recorded)}")
             click.echo(format_timeline(entries_of(recorded)))
     if as_json:
-        click.echo(json.dumps(documents if tree else documents[0], indent=2, default=str))
+        click.echo(json.dumps(documents if len(documents) > 1 or tree else documents[0],
+                              indent=2, default=str))
 
 
-def _children(store: EventStore, task_id: str) -> list[str]:
-    """Streams whose messages name ``task_id`` as parent (one level per call, recursively)."""
-    found: list[str] = []
-    frontier = [task_id]
-    seen = {task_id}
-    everything = _all_events(store)
-    parents: dict[str, set[str]] = {}
-    for rec in everything:
-        parent = (rec.metadata or {}).get("parent_id")
-        if parent and isinstance(rec.event, lc.Published) and rec.stream != parent:
-            parents.setdefault(parent, set()).add(rec.stream)
-    while frontier:
-        current = frontier.pop()
-        for child in sorted(parents.get(current, ())):
-            if child not in seen:
-                seen.add(child)
-                found.append(child)
-                frontier.append(child)
-    return found
+def _summary(stream: str, recorded: list[RecordedEvent]) -> str:
+    """The header of a stream's timeline: its state, and its task and links if known."""
+    if stream.startswith("chord:"):
+        done = any(isinstance(r.event, lc.ChordCompleted) for r in recorded)
+        parts = ["state=" + ("completed" if done else "counting")]
+    elif stream.startswith("group:"):
+        last = next((r.event for r in reversed(recorded)), None)
+        parts = ["state=" + ("deleted" if isinstance(last, lc.GroupDeleted) else "saved")]
+    else:
+        state = lc.fold(stream, (r.event for r in recorded))
+        parts = [f"state={state.custom_state or state.result_state.value}"]
+    meta = next((r.metadata for r in recorded if isinstance(r.event, lc.Published)), None)
+    for key in ("task", "parent_id", "group"):
+        if meta and meta.get(key) and meta.get(key) != stream:
+            parts.append(f"{key.removesuffix('_id')}={meta[key]}")
+    return "  ".join(parts)
 
 
 def _all_events(store: EventStore, after: int = 0) -> Iterator[RecordedEvent]:
@@ -211,7 +240,7 @@ def tail(ctx: click.Context, follow: bool, queue: str | None, task_name: str | N
     def show(rec: RecordedEvent) -> None:
         (entry,) = entries_of([rec])
         line = format_timeline([entry])
-        click.echo(f"{rec.stream[:36]:<36} {line}")
+        click.echo(f"{rec.stream:<36} {line}")  # whole: it is what `history` takes
 
     backlog = [rec for rec in _all_events(store) if keep(rec)]
     for rec in backlog[-lines:] if lines else []:
