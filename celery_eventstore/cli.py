@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -283,18 +284,22 @@ def _age(seconds: float | None) -> str:
 
 
 @eventstore.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.pass_context
 def queues(ctx: click.Context, as_json: bool) -> None:
-    """Ready, scheduled, in-flight and dead-lettered counts per queue."""
+    """Ready, scheduled, in-flight and dead-lettered messages per queue, and their ages."""
     store = _store(ctx)
     stats = store.queue_stats()
     if as_json:
         click.echo(json.dumps([vars(s) for s in stats], indent=2))
         return
-    click.echo(f"{'queue':<30} {'ready':>7} {'scheduled':>9} {'in-flight':>9} {'dead':>6}")
+    click.echo(f"{'queue':<30} {'ready':>7} {'oldest':>7} {'scheduled':>9} "
+               f"{'in-flight':>9} {'oldest':>7} {'dead':>6}")
     for s in stats:
-        click.echo(f"{s.queue:<30} {s.ready:>7} {s.scheduled:>9} {s.claimed:>9} {s.dead:>6}")
+        click.echo(f"{s.queue:<30} {s.ready:>7} {_age(s.oldest_ready_age):>7} "
+                   f"{s.scheduled:>9} {s.claimed:>9} {_age(s.oldest_lease_age):>7} {s.dead:>6}")
+    if not stats:
+        click.echo("no messages")
 
 
 @eventstore.group(invoke_without_command=True)
@@ -360,21 +365,43 @@ def _duration(text: str) -> float:
         raise click.BadParameter(f"{text!r} is not a duration like 30d, 12h or 3600") from None
 
 
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on a terminal; nothing at all when stdout is not one."""
+    out = sys.stdout
+    if not out.isatty():
+        yield None
+        return
+    with click.progressbar(length=1, label=label, file=out) as bar:
+
+        def update(done: int, total: int) -> None:
+            bar.length = max(total, 1)
+            bar.update(done - bar.pos)
+
+        yield update
+
+
 @eventstore.command()
 @click.option("--older-than", required=True, help="e.g. 30d, 12h, 3600 (seconds)")
+@click.option("--batch", default=500, show_default=True,
+              help="streams examined per transaction")
 @click.pass_context
-def prune(ctx: click.Context, older_than: str) -> None:
+def prune(ctx: click.Context, older_than: str, batch: int) -> None:
     """Delete whole finished streams older than the retention."""
     store = _store(ctx)
     cutoff = store.now() - _duration(older_than)
-    click.echo(f"pruned {store.prune(before=cutoff)} streams")
+    with _progress("pruning") as progress:
+        pruned = store.prune(before=cutoff, batch=batch, progress=progress)
+    click.echo(f"pruned {pruned} streams")
 
 
 @eventstore.command()
 @click.pass_context
 def rebuild(ctx: click.Context) -> None:
     """Rebuild the derived tables from the log."""
-    click.echo(f"replayed {_store(ctx).rebuild()} events")
+    with _progress("replaying") as progress:
+        replayed = _store(ctx).rebuild(progress=progress)
+    click.echo(f"replayed {replayed} events")
 
 
 def main(argv: list[str] | None = None) -> int:
