@@ -287,7 +287,7 @@ def _age(seconds: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.pass_context
 def queues(ctx: click.Context, as_json: bool) -> None:
-    """Ready, scheduled, in-flight and dead-lettered messages per queue, and their ages."""
+    """Ready, scheduled, in-flight and dead counts per queue, with ages."""
     store = _store(ctx)
     stats = store.queue_stats()
     if as_json:

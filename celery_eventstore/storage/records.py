@@ -98,8 +98,14 @@ class QueueStats:
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """A dead-lettered delivery nobody published again or purged yet."""
+
+    #: The delivery (message) id: what ``retry_dead`` takes.
     delivery: str
+    #: The task id.
     stream: str
     queue: str
+    #: Why: the lease ran out ``max_claims`` times, or a consumer rejected it.
     reason: str
+    #: When, in epoch seconds.
     dead_at: float
