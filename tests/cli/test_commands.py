@@ -258,8 +258,8 @@ def test_tail_follow_prints_new_events_until_interrupted(data: Data) -> None:
             TIMEOUT, f"tail -f to show {task_id} run by the worker", show=lambda: lines,
         )  # fmt: skip
         _task(data, "flaky").delay(0)  # another task name: filtered out
-        _task(data, "add").apply_async((1, 2), countdown=3600)
-        wait_for(lambda: sum("countdown" not in x and "Published" in x for x in lines) >= 2,
+        later = _task(data, "add").apply_async((1, 2), countdown=3600).id
+        wait_for(lambda: any(line.startswith(later) for line in lines),
                  TIMEOUT, "the scheduled add to show", show=lambda: lines)  # fmt: skip
     finally:
         proc.send_signal(signal.SIGINT)
@@ -268,6 +268,7 @@ def test_tail_follow_prints_new_events_until_interrupted(data: Data) -> None:
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     mine = [line.split()[2] for line in lines if line.startswith(task_id)]
     assert mine[0] == "Published" and "Succeeded" in mine
+    assert [line.split()[2] for line in lines if line.startswith(later)] == ["Published"]
     assert all("cliproj.flaky" not in line for line in lines)
 
 
