@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -23,8 +24,8 @@ import sqlalchemy as sa
 
 from . import lifecycle as lc
 from .exceptions import EventStoreError
-from .history import entries_of, format_timeline
-from .storage import EventStore, RecordedEvent
+from .history import canvas, entries_of, format_timeline
+from .storage import SCHEMA_VERSION, EventStore, RecordedEvent
 from .storage.routing import QueueInfo
 
 
@@ -58,7 +59,28 @@ def _options(prefix: str | None, schema: str | None) -> dict[str, Any]:
     return options
 
 
-@click.group(name="eventstore", help=__doc__.split("\n\n")[0])
+class StoreError(click.ClickException):
+    """An error from the store or the database, shown as ``error: ...`` (exit 2)."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    # Translated here, not in main(), so `celery -A app eventstore` prints the
+    # same one line instead of a traceback.
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EventStoreError as exc:
+            raise StoreError(str(exc)) from exc
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(str(exc).splitlines()[0]) from exc
+
+
+@click.group(name="eventstore", cls=_Group, help=__doc__.split("\n\n")[0])
 @click.option("--url", envvar="CELERY_EVENTSTORE_URL", help="SQLAlchemy URL of the store "
               "(an eventstore+ broker URL works too). Default: the Celery app's broker_url.")
 @click.option("--table-prefix", default=None, help="table prefix (default eventstore_)")
@@ -88,7 +110,11 @@ def migrate(ctx: click.Context, sql: bool) -> None:
     """Create or upgrade the schema."""
     store = _store(ctx)
     if sql:
-        click.echo(store.migration_sql(store.schema_version()))
+        version = store.schema_version()
+        if version >= SCHEMA_VERSION:
+            click.echo(f"-- schema at version {version}: nothing to migrate")
+        else:
+            click.echo(store.migration_sql(version))
         return
     applied = store.migrate()
     click.echo(f"schema at version {store.schema_version()}"
@@ -131,46 +157,50 @@ def _events_json(recorded: list[RecordedEvent]) -> list[dict[str, Any]]:
 @eventstore.command()
 @click.argument("task_id")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a timeline")
-@click.option("--tree", is_flag=True, help="also show child tasks (canvas)")
+@click.option("--tree", is_flag=True,
+              help="the whole canvas: parents, children, group and chord streams")
 @click.pass_context
 def history(ctx: click.Context, task_id: str, as_json: bool, tree: bool) -> None:
     """The whole story of one task (or group:ID / chord:ID)."""
     store = _store(ctx)
-    streams = [task_id] + (_children(store, task_id) if tree else [])
+    # A bare group id (GroupResult.id) names its group:/chord: streams.
+    candidates = [task_id, f"group:{task_id}", f"chord:{task_id}"]
+    found = {s: r for s in candidates if (r := store.read_stream(s))}
+    if not found:
+        raise click.ClickException(f"no events for {task_id!r}: unknown task, or pruned")
+    if tree:
+        streams = canvas(store, next(iter(found)))
+    else:
+        streams = [task_id] if task_id in found else list(found)
     documents = []
     for stream in streams:
-        recorded = store.read_stream(stream)
-        if not recorded and stream == task_id:
-            raise click.ClickException(f"no events for {task_id!r}: unknown task, or pruned")
+        recorded = found.get(stream) or store.read_stream(stream)
         if as_json:
             documents.append({"stream": stream, "events": _events_json(recorded)})
         else:
-            state = lc.fold(stream, (r.event for r in recorded))
-            click.echo(f"== {stream}  state={state.custom_state or state.result_state.value}")
+            click.echo(f"== {stream}  {_summary(stream, recorded)}")
             click.echo(format_timeline(entries_of(recorded)))
     if as_json:
-        click.echo(json.dumps(documents if tree else documents[0], indent=2, default=str))
+        click.echo(json.dumps(documents if len(documents) > 1 or tree else documents[0],
+                              indent=2, default=str))
 
 
-def _children(store: EventStore, task_id: str) -> list[str]:
-    """Streams whose messages name ``task_id`` as parent (one level per call, recursively)."""
-    found: list[str] = []
-    frontier = [task_id]
-    seen = {task_id}
-    everything = _all_events(store)
-    parents: dict[str, set[str]] = {}
-    for rec in everything:
-        parent = (rec.metadata or {}).get("parent_id")
-        if parent and isinstance(rec.event, lc.Published) and rec.stream != parent:
-            parents.setdefault(parent, set()).add(rec.stream)
-    while frontier:
-        current = frontier.pop()
-        for child in sorted(parents.get(current, ())):
-            if child not in seen:
-                seen.add(child)
-                found.append(child)
-                frontier.append(child)
-    return found
+def _summary(stream: str, recorded: list[RecordedEvent]) -> str:
+    """The header of a stream's timeline: its state, and its task and links if known."""
+    if stream.startswith("chord:"):
+        done = any(isinstance(r.event, lc.ChordCompleted) for r in recorded)
+        parts = ["state=" + ("completed" if done else "counting")]
+    elif stream.startswith("group:"):
+        last = next((r.event for r in reversed(recorded)), None)
+        parts = ["state=" + ("deleted" if isinstance(last, lc.GroupDeleted) else "saved")]
+    else:
+        state = lc.fold(stream, (r.event for r in recorded))
+        parts = [f"state={state.custom_state or state.result_state.value}"]
+    meta = next((r.metadata for r in recorded if isinstance(r.event, lc.Published)), None)
+    for key in ("task", "parent_id", "group"):
+        if meta and meta.get(key) and meta.get(key) != stream:
+            parts.append(f"{key.removesuffix('_id')}={meta[key]}")
+    return "  ".join(parts)
 
 
 def _all_events(store: EventStore, after: int = 0) -> Iterator[RecordedEvent]:
@@ -211,7 +241,7 @@ def tail(ctx: click.Context, follow: bool, queue: str | None, task_name: str | N
     def show(rec: RecordedEvent) -> None:
         (entry,) = entries_of([rec])
         line = format_timeline([entry])
-        click.echo(f"{rec.stream[:36]:<36} {line}")
+        click.echo(f"{rec.stream:<36} {line}")  # whole: it is what `history` takes
 
     backlog = [rec for rec in _all_events(store) if keep(rec)]
     for rec in backlog[-lines:] if lines else []:
@@ -254,18 +284,22 @@ def _age(seconds: float | None) -> str:
 
 
 @eventstore.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.pass_context
 def queues(ctx: click.Context, as_json: bool) -> None:
-    """Ready, scheduled, in-flight and dead-lettered counts per queue."""
+    """Ready, scheduled, in-flight and dead counts per queue, with ages."""
     store = _store(ctx)
     stats = store.queue_stats()
     if as_json:
         click.echo(json.dumps([vars(s) for s in stats], indent=2))
         return
-    click.echo(f"{'queue':<30} {'ready':>7} {'scheduled':>9} {'in-flight':>9} {'dead':>6}")
+    click.echo(f"{'queue':<30} {'ready':>7} {'oldest':>7} {'scheduled':>9} "
+               f"{'in-flight':>9} {'oldest':>7} {'dead':>6}")
     for s in stats:
-        click.echo(f"{s.queue:<30} {s.ready:>7} {s.scheduled:>9} {s.claimed:>9} {s.dead:>6}")
+        click.echo(f"{s.queue:<30} {s.ready:>7} {_age(s.oldest_ready_age):>7} "
+                   f"{s.scheduled:>9} {s.claimed:>9} {_age(s.oldest_lease_age):>7} {s.dead:>6}")
+    if not stats:
+        click.echo("no messages")
 
 
 @eventstore.group(invoke_without_command=True)
@@ -331,21 +365,43 @@ def _duration(text: str) -> float:
         raise click.BadParameter(f"{text!r} is not a duration like 30d, 12h or 3600") from None
 
 
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on a terminal; nothing at all when stdout is not one."""
+    out = sys.stdout
+    if not out.isatty():
+        yield None
+        return
+    with click.progressbar(length=1, label=label, file=out) as bar:
+
+        def update(done: int, total: int) -> None:
+            bar.length = max(total, 1)
+            bar.update(done - bar.pos)
+
+        yield update
+
+
 @eventstore.command()
 @click.option("--older-than", required=True, help="e.g. 30d, 12h, 3600 (seconds)")
+@click.option("--batch", default=500, show_default=True,
+              help="streams examined per transaction")
 @click.pass_context
-def prune(ctx: click.Context, older_than: str) -> None:
+def prune(ctx: click.Context, older_than: str, batch: int) -> None:
     """Delete whole finished streams older than the retention."""
     store = _store(ctx)
     cutoff = store.now() - _duration(older_than)
-    click.echo(f"pruned {store.prune(before=cutoff)} streams")
+    with _progress("pruning") as progress:
+        pruned = store.prune(before=cutoff, batch=batch, progress=progress)
+    click.echo(f"pruned {pruned} streams")
 
 
 @eventstore.command()
 @click.pass_context
 def rebuild(ctx: click.Context) -> None:
     """Rebuild the derived tables from the log."""
-    click.echo(f"replayed {_store(ctx).rebuild()} events")
+    with _progress("replaying") as progress:
+        replayed = _store(ctx).rebuild(progress=progress)
+    click.echo(f"replayed {replayed} events")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,10 @@ class Entry:
     time: float
     version: int
     event: str
-    #: 1 for the task's first message, 2 for the first retry's message, ...
+    #: The attempt: 1 for the task's first message, 2 for the next one (a retry's,
+    #: or one published again from the dead letters), ...  Results and states
+    #: (``Started``, ``RetryScheduled``, ``Succeeded``...) carry the attempt whose
+    #: message was claimed last.
     delivery: int | None = None
     worker: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
@@ -44,8 +47,10 @@ def history(store: EventStore, task_id: str) -> list[Entry]:
 
 
 def entries_of(recorded: Sequence[RecordedEvent]) -> list[Entry]:
+    """One stream's events (oldest first) as :class:`Entry` values."""
     numbers: dict[str, int] = {}
     consumers: dict[str, str] = {}
+    running: int | None = None  # the attempt a worker holds: the last one claimed
     out = []
     for rec in recorded:
         ev = rec.event
@@ -54,17 +59,64 @@ def entries_of(recorded: Sequence[RecordedEvent]) -> list[Entry]:
             numbers[ev.delivery] = len(numbers) + 1
         if isinstance(ev, lc.Claimed):
             consumers[ev.delivery] = ev.consumer
+            running = numbers.get(ev.delivery)
+        number = numbers.get(delivery) if delivery else None
+        if isinstance(ev, _RUN_EVENTS):
+            number = running
         out.append(
             Entry(
                 time=rec.recorded_at,
                 version=rec.version,
                 event=rec.type,
-                delivery=numbers.get(delivery) if delivery else None,
+                delivery=number,
                 worker=_worker(ev, consumers.get(delivery or "")),
                 detail=_detail(ev, rec.metadata or {}, rec.recorded_at),
             )
         )
     return out
+
+
+#: What a worker records while it runs an attempt (they name no delivery).
+_RUN_EVENTS = (lc.Started, lc.StateUpdated, lc.RetryScheduled, lc.Succeeded, lc.Failed)
+
+
+def canvas(store: EventStore, stream: str) -> list[str]:
+    """Every stream of ``stream``'s canvas, in the order they began.
+
+    Streams are linked by what their messages say -- ``parent_id``, ``root_id`` and
+    ``group`` (whose ``group:``/``chord:`` streams join too) -- and ``stream`` is
+    followed through those links both ways.  Reads the whole log once.
+    """
+    links: dict[str, set[str]] = {}
+    first: dict[str, int] = {}
+
+    def link(a: str, b: str) -> None:
+        links.setdefault(a, set()).add(b)
+        links.setdefault(b, set()).add(a)
+
+    after = 0
+    while batch := store.read_all(after=after, limit=5000):
+        for rec in batch:
+            first.setdefault(rec.stream, rec.position)
+            meta = rec.metadata or {}
+            if isinstance(rec.event, lc.Published):
+                for key in ("parent_id", "root_id"):
+                    if meta.get(key) and meta[key] != rec.stream:
+                        link(rec.stream, meta[key])
+                if meta.get("group"):
+                    link(rec.stream, f"group:{meta['group']}")
+            for prefix in ("group:", "chord:"):
+                if rec.stream.startswith(prefix):
+                    link(rec.stream, rec.stream.replace(prefix, "group:", 1))
+        after = batch[-1].position
+    seen, frontier = {stream}, [stream]
+    while frontier:
+        for other in links.get(frontier.pop(), ()):
+            if other not in seen:
+                seen.add(other)
+                frontier.append(other)
+    # A link may name a stream with no events (pruned, or an id never published).
+    return sorted((s for s in seen if s in first), key=first.__getitem__)
 
 
 def _worker(ev: lc.Event, consumer: str | None) -> str | None:

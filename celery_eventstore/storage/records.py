@@ -79,19 +79,36 @@ class Outcome(str, Enum):
 
 @dataclass(frozen=True)
 class QueueStats:
-    queue: str
-    ready: int = 0
-    scheduled: int = 0
-    claimed: int = 0
-    dead: int = 0
-    oldest_seq: int | None = None
+    """One queue's messages by state, as :meth:`EventStore.queue_stats` counts them."""
 
+    queue: str
+    #: Claimable now.
+    ready: int = 0
+    #: Waiting for their ETA (countdown, retry delay).
+    scheduled: int = 0
+    #: Held by a consumer under a lease (in flight).
+    claimed: int = 0
+    #: Dead letters not retried or purged.
+    dead: int = 0
+    #: Log position of the oldest message in the queue (any state but dead).
+    oldest_seq: int | None = None
+    #: Seconds the oldest ready message has been claimable (since it was published
+    #: or became due); None when nothing is ready.
+    oldest_ready_age: float | None = None
+    #: Seconds since the oldest in-flight message was claimed; None when none is.
+    oldest_lease_age: float | None = None
 
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """A dead-lettered delivery nobody published again or purged yet."""
+
+    #: The delivery (message) id: what ``retry_dead`` takes.
     delivery: str
+    #: The task id.
     stream: str
     queue: str
+    #: Why: the lease ran out ``max_claims`` times, or a consumer rejected it.
     reason: str
+    #: When, in epoch seconds.
     dead_at: float

@@ -54,6 +54,8 @@ from .routing import RoutingMixin
 from .schema import SCHEMA_VERSION, Tables, make_tables, migrations
 
 T = TypeVar("T")
+#: ``progress(done, total)``: how a long operation reports how far it got.
+Progress = Callable[[int, int], None]
 
 #: Default largest message, as stored JSON, that publish accepts.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -741,8 +743,8 @@ class EventStore(RoutingMixin):
             )
 
     def queue_stats(self) -> list[QueueStats]:
-        """Ready, scheduled, claimed and dead counts per queue."""
-        msgs, dead = self.tables.messages, self.tables.dead_letters
+        """Ready, scheduled, claimed and dead counts per queue, and the oldest ages."""
+        msgs, dead, ev = self.tables.messages, self.tables.dead_letters, self.tables.events
         stats: dict[str, dict[str, Any]] = defaultdict(dict)
         with self._read() as conn:
             now = self.now()
@@ -751,13 +753,26 @@ class EventStore(RoutingMixin):
                 (msgs.c.available_at > now, "scheduled"),
                 else_="ready",
             )
-            for queue, kind, count, oldest in conn.execute(
-                sa.select(msgs.c.queue, state, sa.func.count(), sa.func.min(msgs.c.seq))
+            # Claimable since it was published, or since its ETA if that came later.
+            waiting_since = sa.case(
+                (msgs.c.available_at > ev.c.recorded_at, msgs.c.available_at),
+                else_=ev.c.recorded_at,
+            )
+            for queue, kind, count, oldest, since, claimed_at in conn.execute(
+                sa.select(
+                    msgs.c.queue, state, sa.func.count(), sa.func.min(msgs.c.seq),
+                    sa.func.min(waiting_since), sa.func.min(msgs.c.claimed_at),
+                )
+                .join(ev, ev.c.position == msgs.c.seq)
                 .group_by(msgs.c.queue, state)
             ):
                 stats[queue][kind] = count
                 old = stats[queue].get("oldest_seq")
                 stats[queue]["oldest_seq"] = oldest if old is None else min(old, oldest)
+                if kind == "ready":
+                    stats[queue]["oldest_ready_age"] = max(0.0, now - since)
+                elif kind == "claimed":
+                    stats[queue]["oldest_lease_age"] = max(0.0, now - claimed_at)
             for queue, count in conn.execute(
                 sa.select(dead.c.queue, sa.func.count()).group_by(dead.c.queue)
             ):
@@ -857,16 +872,26 @@ class EventStore(RoutingMixin):
             )
             return {r.stream_id: (r.state, r.result, r.date_done) for r in rows}
 
-    def prune(self, before: float, *, batch: int = 500) -> int:
+    def prune(
+        self, before: float, *, batch: int = 500, progress: Progress | None = None
+    ) -> int:
         """Delete whole streams whose last event is older than ``before``; returns how many.
 
         A stream with a message still pending (ready, scheduled or claimed) or a
         dead letter nobody retried or purged is kept.
         Each batch deletes events and derived rows in one short transaction, so
-        workers are never held up for long.
+        workers are never held up for long.  ``progress(done, total)`` is called
+        after each batch with the streams examined so far out of those with an
+        event older than ``before`` (counted first, only when it is given).
         """
         ev, msgs, dl = self.tables.events, self.tables.messages, self.tables.dead_letters
-        pruned = 0
+        pruned = examined = total = 0
+        if progress is not None:
+            with self._read() as conn:
+                total = int(conn.execute(
+                    sa.select(sa.func.count(ev.c.stream_id.distinct()))
+                    .where(ev.c.recorded_at < before)
+                ).scalar_one())
         after = ""
         while True:
             with self._write() as conn:
@@ -905,18 +930,24 @@ class EventStore(RoutingMixin):
                     for table in self.tables.projections:
                         conn.execute(table.delete().where(table.c.stream_id.in_(doomed)))
                     pruned += len(doomed)
+            if progress is not None:
+                examined += len(candidates)
+                progress(examined, max(total, examined))
 
     # -- projections ---------------------------------------------------------
 
-    def rebuild(self, *, batch_streams: int = 1000) -> int:
+    def rebuild(self, *, batch_streams: int = 1000, progress: Progress | None = None) -> int:
         """Empty every derived table and replay the log into it; returns events replayed.
 
         Writers wait for the rebuild (it holds the log against appends), readers do not.
+        ``progress(done, total)`` is called with the events replayed so far.
         """
         ev = self.tables.events
-        replayed = 0
+        replayed = total = 0
         with self._write() as conn:
             self.dialect.lock_log(conn, ev)
+            if progress is not None:
+                total = int(conn.execute(sa.select(sa.func.count()).select_from(ev)).scalar_one())
             for table in self.tables.projections:
                 table.create(conn, checkfirst=True)  # it may have been dropped
                 conn.execute(table.delete())
@@ -933,6 +964,8 @@ class EventStore(RoutingMixin):
                     if len(states) >= batch_streams:
                         project(conn, self.tables, self.dialect, batch, states)
                         batch, states = [], {}
+                        if progress is not None:
+                            progress(replayed, total)
                     states[rec.stream] = lc.JobState(stream=rec.stream)
                 state = states[rec.stream]
                 if rec.version != state.version + 1:
@@ -941,6 +974,8 @@ class EventStore(RoutingMixin):
                 batch.append(rec)
                 replayed += 1
             project(conn, self.tables, self.dialect, batch, states)
+            if progress is not None:
+                progress(replayed, total)
         return replayed
 
     def projection_rows(self) -> dict[str, list[tuple[Any, ...]]]:

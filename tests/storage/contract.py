@@ -331,6 +331,30 @@ class StoreContract:
         (stats,) = store.queue_stats()
         assert (stats.ready, stats.scheduled, stats.claimed, stats.dead) == (2, 1, 1, 0)
 
+    def test_queue_stats_ages_of_the_oldest_ready_and_in_flight(self, store, clock):
+        store.publish([msg("old"), msg("due", not_before=clock.now + 50)])
+        clock.advance(10)
+        store.publish([msg("new")])
+        (stats,) = store.queue_stats()
+        assert (stats.ready, stats.oldest_ready_age, stats.oldest_lease_age) == (2, 10, None)
+        (old,) = store.claim(["q"], 1, "w", 300)
+        assert old.stream == "old"
+        clock.advance(25)
+        (stats,) = store.queue_stats()
+        assert (stats.ready, stats.scheduled, stats.claimed) == (1, 1, 1)
+        assert (stats.oldest_ready_age, stats.oldest_lease_age) == (25, 25)
+        (new,) = store.claim(["q"], 1, "w", 300)
+        (stats,) = store.queue_stats()
+        assert (stats.ready, stats.oldest_ready_age, stats.oldest_lease_age) == (0, None, 25)
+        clock.advance(25)
+        store.renew([old.ref], 300)  # a renewal does not make a claim younger
+        (stats,) = store.queue_stats()
+        # "due" became claimable 10 s ago: it counts from its ETA, not from its publish.
+        assert (stats.ready, stats.oldest_ready_age, stats.oldest_lease_age) == (1, 10, 50)
+        store.ack([old.ref, new.ref])
+        (stats,) = store.queue_stats()
+        assert (stats.claimed, stats.oldest_lease_age) == (0, None)
+
     def test_revoke_discards_pending_and_future_deliveries(self, store):
         store.publish([msg("t")])
         store.revoke("t")
@@ -384,6 +408,22 @@ class StoreContract:
         assert store.results([m.stream]) == {}
         remaining = {"done", "waiting", "recent"} - {m.stream}
         assert all(store.read_stream(s) for s in remaining)
+
+    def test_prune_and_rebuild_report_progress(self, store, clock):
+        store.publish([msg(f"m{i}") for i in range(5)])
+        store.publish([msg("waiting")])
+        for m in store.claim(["q"], 5, "w", 30):
+            store.ack([m.ref])
+        clock.advance(100)
+        events = len(store.read_all(limit=100))
+        calls = []
+        store.rebuild(batch_streams=2, progress=lambda done, total: calls.append((done, total)))
+        assert calls[-1] == (events, events) and len(calls) > 1
+        assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+        calls.clear()
+        pruned = store.prune(before=clock.now, batch=2, progress=lambda *a: calls.append(a))
+        assert pruned == 5  # "waiting" is kept, but was examined
+        assert calls == [(2, 6), (4, 6), (6, 6)]
 
     # -- rebuild -------------------------------------------------------------------
 

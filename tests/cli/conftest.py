@@ -1,0 +1,21 @@
+"""The CLI tests reuse the acceptance harness (brokers per dialect, real workers).
+
+``harness`` and the acceptance ``proj`` live in tests/acceptance; put that directory
+on the path so these tests also run on their own (``pytest tests/cli``).
+Tests must not ``from conftest import ...`` (see tests/acceptance/conftest.py).
+"""
+
+import sys
+from pathlib import Path
+
+ACCEPTANCE = str(Path(__file__).resolve().parent.parent / "acceptance")
+if ACCEPTANCE not in sys.path:
+    sys.path.insert(0, ACCEPTANCE)
+
+from harness import (  # noqa: E402, F401 - fixtures and hooks pytest finds here
+    broker,
+    pytest_runtest_makereport,
+    reaper,
+    start_worker,
+    worker,
+)
