@@ -22,7 +22,8 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,38 @@ class _EmbeddedPostgres:
                 f"{program} exited {done.returncode} after {time.monotonic() - started:.1f}s: "
                 f"{done.stderr.strip() or done.stdout.strip()}"
             )
+
+
+class Reaper:
+    """Runs cleanups (stop workers, drop a schema) in the background; the session
+    waits for them at its end."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="acceptance-reaper")
+        self._futures: list[Future[None]] = []
+
+    def submit(self, cleanup: Callable[[], None]) -> None:
+        self._futures.append(self._pool.submit(cleanup))
+
+    def join(self) -> None:
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reaper() -> Iterator[Reaper]:
+    r = Reaper()
+    yield r
+    r.join()
+
+
+@pytest.fixture(scope="session")
+def postgresql_reaper(postgresql_url: str) -> Iterator[Reaper]:
+    """Cleanups that need the PostgreSQL server: set up after it, so they are
+    joined before a throwaway server is stopped."""
+    r = Reaper()
+    yield r
+    r.join()

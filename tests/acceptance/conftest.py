@@ -6,9 +6,7 @@ Tests must not ``from conftest import ...``: with several test directories in on
 
 from harness import (  # noqa: F401 - fixtures and hooks pytest finds here
     broker,
-    postgresql_reaper,
     pytest_runtest_makereport,
-    reaper,
     result_app,
     start_worker,
     worker,

@@ -28,7 +28,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -173,44 +172,10 @@ class Broker:
                 stores._stores.pop(key).close()
 
 
-class Reaper:
-    """Runs cleanups in the background; the session waits for them at its end."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="acceptance-reaper")
-        self._futures: list[Future[None]] = []
-
-    def submit(self, cleanup: Callable[[], None]) -> None:
-        self._futures.append(self._pool.submit(cleanup))
-
-    def join(self) -> None:
-        try:
-            for future in self._futures:
-                future.result()
-        finally:
-            self._pool.shutdown()
-
-
-@pytest.fixture(scope="session")
-def reaper() -> Iterator[Reaper]:
-    r = Reaper()
-    yield r
-    r.join()
-
-
-@pytest.fixture(scope="session")
-def postgresql_reaper(postgresql_url: str) -> Iterator[Reaper]:
-    """Cleanups that need the PostgreSQL server: set up after it, so they are
-    joined before a throwaway server is stopped."""
-    r = Reaper()
-    yield r
-    r.join()
-
-
-def reaper_for(request: pytest.FixtureRequest, dialect: str) -> Reaper:
+def reaper_for(request: pytest.FixtureRequest, dialect: str) -> Any:
+    """The session's reaper (tests/conftest.py) for a broker of ``dialect``."""
     name = "postgresql_reaper" if dialect == "postgresql" else "reaper"
-    reaper: Reaper = request.getfixturevalue(name)
-    return reaper
+    return request.getfixturevalue(name)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from celery import chord
 from click.testing import CliRunner, Result
 from harness import HERE as ACCEPTANCE
-from harness import Broker, Reaper, Worker, wait_for
+from harness import Broker, Worker, wait_for
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.cli import eventstore
@@ -165,7 +165,7 @@ def produce(data: Data) -> None:
 
 @contextmanager
 def make_data(
-    dialect: str, tmp_path: Path, postgresql_url: str | None, reaper: Reaper
+    dialect: str, tmp_path: Path, postgresql_url: str | None, reaper: Any
 ) -> Iterator[Data]:
     engine: sa.Engine | None = None
     schema: str | None = None

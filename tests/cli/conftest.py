@@ -15,7 +15,6 @@ if ACCEPTANCE not in sys.path:
 from harness import (  # noqa: E402, F401 - fixtures and hooks pytest finds here
     broker,
     pytest_runtest_makereport,
-    reaper,
     start_worker,
     worker,
 )

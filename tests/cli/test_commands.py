@@ -22,7 +22,7 @@ from typing import Any
 import cliproj
 import pytest
 from clidata import Data, empty_database, make_data, timeline
-from harness import Reaper, wait_for
+from harness import reaper_for, wait_for
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.history import canvas, history
@@ -38,9 +38,10 @@ STATS_KEYS = {
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def data(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, reaper: Reaper
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Data]:
     url = request.getfixturevalue("postgresql_url") if request.param == "postgresql" else None
+    reaper = reaper_for(request, request.param)
     with make_data(request.param, tmp_path_factory.mktemp(f"cli-{request.param}"), url,
                    reaper) as made:  # fmt: skip
         yield made
