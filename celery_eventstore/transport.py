@@ -16,6 +16,8 @@ Features
   and restore of a task message is an event in the task's stream.
 * Supports direct, topic and fanout exchanges; bindings live in the database, so
   ``celery inspect``, ``celery control`` and broadcast revoke work across hosts.
+  A broadcast revoke is also recorded in the store: durable, like
+  ``celery-eventstore revoke``.
 * Server-side ETA/countdown: a message is not delivered before it is due.
 * Leases instead of a visibility timeout that fires on live tasks: the worker
   renews the leases of the messages it holds; a crashed worker's messages come
@@ -65,6 +67,7 @@ from queue import Empty
 from typing import Any
 
 import sqlalchemy as sa
+from kombu import serialization
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
@@ -84,6 +87,10 @@ DEFAULT_ACK_FLUSH_INTERVAL = 0.1
 ROUTING_CACHE_SECONDS = 1.0
 #: How often a consuming process sweeps expired transient queues and messages.
 SWEEP_INTERVAL = 10.0
+
+#: Serialisations of control broadcasts the transport reads (to make revokes
+#: durable); nothing that can run code when loaded.
+CONTROL_CONTENT_TYPES = ("application/json", "application/x-msgpack", "application/x-yaml")
 
 STORE_OPTIONS = (
     "table_prefix", "schema", "auto_migrate", "notify", "max_message_size", "async_commit"
@@ -306,7 +313,31 @@ class Channel(virtual.Channel):
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
                     **kwargs: Any) -> None:
+        # Celery's broadcast revoke lives in worker memory only; record it in the
+        # store too, so a pending or scheduled task is never delivered again.
+        for task_id in self._control_revokes(exchange, message):
+            self.store.revoke(task_id, reason="revoked by a control broadcast")
         self._put_many(sorted({b.queue for b in self._bindings(exchange)}), message)
+
+    def _control_revokes(self, exchange: str, message: Mapping[str, Any]) -> list[str]:
+        """Task ids of a ``revoke`` broadcast to a Celery mailbox (``*.pidbox``)."""
+        if not exchange.endswith(".pidbox"):
+            return []
+        try:
+            body = message["body"]
+            encoding = (message.get("properties") or {}).get("body_encoding")
+            if encoding:
+                body = self.codecs[encoding].decode(body)
+            request = serialization.loads(
+                body, message.get("content-type"), message.get("content-encoding"),
+                accept=CONTROL_CONTENT_TYPES,
+            )
+        except Exception:  # not ours to judge: the broadcast still goes out
+            return []
+        if not isinstance(request, dict) or request.get("method") != "revoke":
+            return []
+        ids = (request.get("arguments") or {}).get("task_id")
+        return [ids] if isinstance(ids, str) else [str(i) for i in ids or ()]
 
     def _put_many(self, queues: Sequence[str], message: dict[str, Any]) -> None:
         now = self.store.now()
