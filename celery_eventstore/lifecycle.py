@@ -34,7 +34,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from .exceptions import (
     CorruptStream,
@@ -385,10 +385,24 @@ class JobState:
 # ---------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
+def _replace(obj: _T, **changes: Any) -> _T:
+    """:func:`dataclasses.replace` without re-running ``__init__`` (the states have
+    no ``__post_init__``): folding streams is the hot path of every claim."""
+    unknown = changes.keys() - obj.__dataclass_fields__.keys()  # type: ignore[attr-defined]
+    if unknown:
+        raise TypeError(f"{type(obj).__name__} has no field(s) {sorted(unknown)}")
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__, **changes)
+    return new
+
+
 def _with_delivery(state: JobState, delivery: Delivery, **changes: Any) -> JobState:
     deliveries = dict(state.deliveries)
-    deliveries[delivery.id] = dataclasses.replace(delivery, **changes)
-    return dataclasses.replace(state, deliveries=deliveries)
+    deliveries[delivery.id] = _replace(delivery, **changes)
+    return _replace(state, deliveries=deliveries)
 
 
 def _claimed_by(state: JobState, event: Event, delivery_id: str, claim: str) -> Delivery:
@@ -424,7 +438,7 @@ def _pending(state: JobState, event: Event, delivery_id: str) -> Delivery:
 def evolve(state: JobState, event: Event) -> JobState:
     """Apply one event.  Raises :class:`CorruptStream` for an impossible sequence."""
     state = _apply(state, event)
-    return dataclasses.replace(state, version=state.version + 1)
+    return _replace(state, version=state.version + 1)
 
 
 def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branch per event
@@ -439,7 +453,7 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
             not_before=event.not_before,
             expires=event.expires,
         )
-        return dataclasses.replace(state, deliveries=deliveries)
+        return _replace(state, deliveries=deliveries)
     if isinstance(event, Claimed):
         delivery = _pending(state, event, event.delivery)
         if delivery.status is DeliveryStatus.CLAIMED:
@@ -490,7 +504,7 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
         )
         if state.result_state in _UNFINISHED and not state.pending():
             # Nothing will run it again: a waiter must not wait forever.
-            state = dataclasses.replace(
+            state = _replace(
                 state, result_state=ResultState.FAILURE, result=None, custom_state=None
             )
         return state
@@ -508,34 +522,34 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
         )
         if event.reason == "expired" and state.result_state is ResultState.PENDING:
             # Celery reports a task that expired unrun as REVOKED.
-            state = dataclasses.replace(state, result_state=ResultState.REVOKED)
+            state = _replace(state, result_state=ResultState.REVOKED)
         return state
     if isinstance(event, Revoked):
         if state.result_state is ResultState.SUCCESS:
-            return dataclasses.replace(state, revoked=True)
-        return dataclasses.replace(
+            return _replace(state, revoked=True)
+        return _replace(
             state, revoked=True, result_state=ResultState.REVOKED, result=event.result,
             custom_state=None,
         )
     if isinstance(event, StateUpdated):
         state = _result(state, ResultState.STARTED, event.result)
-        return dataclasses.replace(state, custom_state=event.state)
+        return _replace(state, custom_state=event.state)
     if isinstance(event, Forgotten):
-        return dataclasses.replace(state, forgotten=True)
+        return _replace(state, forgotten=True)
     if isinstance(event, GroupSaved):
-        return dataclasses.replace(
+        return _replace(
             state, result_state=ResultState.SUCCESS, result=event.result, forgotten=False
         )
     if isinstance(event, GroupDeleted):
-        return dataclasses.replace(state, result_state=ResultState.PENDING, result=None)
+        return _replace(state, result_state=ResultState.PENDING, result=None)
     if isinstance(event, ChordPartDone):
         if event.task_id in state.chord_parts:
             raise CorruptStream(f"chord part {event.task_id!r} counted twice")
-        return dataclasses.replace(state, chord_parts=state.chord_parts | {event.task_id})
+        return _replace(state, chord_parts=state.chord_parts | {event.task_id})
     if isinstance(event, ChordCompleted):
         if state.chord_completed:
             raise CorruptStream(f"chord {state.stream!r} completed twice")
-        return dataclasses.replace(state, chord_completed=True)
+        return _replace(state, chord_completed=True)
     if isinstance(event, Started):
         return _result(state, ResultState.STARTED, event.result)
     if isinstance(event, RetryScheduled):
@@ -553,7 +567,7 @@ _UNFINISHED = (ResultState.PENDING, ResultState.STARTED, ResultState.RETRY)
 def _result(state: JobState, new: ResultState, result: JSON | None) -> JobState:
     if state.result_state is ResultState.SUCCESS:
         raise CorruptStream(f"{new.value} recorded after SUCCESS in {state.stream!r}")
-    return dataclasses.replace(
+    return _replace(
         state, result_state=new, result=result, forgotten=False, custom_state=None
     )
 
