@@ -9,6 +9,7 @@ not one per event.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -171,17 +172,32 @@ def _write(conn: sa.Connection, tables: Tables, changes: dict[str, tuple[str, di
     if inserts:
         conn.execute(messages.insert(), inserts)
     for columns, rows in updates.items():
-        stmt = (
-            messages.update()
-            .where(messages.c.delivery_id == sa.bindparam("b_delivery_id"))
-            .values({c: sa.bindparam(c) for c in columns if c != "delivery_id"})
+        conn.execute(
+            _update_statement(messages, columns),
+            [{**r, "b_delivery_id": r["delivery_id"]} for r in rows],
         )
-        conn.execute(stmt, [{**r, "b_delivery_id": r["delivery_id"]} for r in rows])
     if deletes:
-        conn.execute(messages.delete().where(messages.c.delivery_id.in_(deletes)))
+        conn.execute(_delete_statement(messages), {"deliveries": deletes})
     if dead:
         conn.execute(tables.dead_letters.insert(), dead)
 
+
+
+@functools.cache
+def _update_statement(messages: sa.Table, columns: tuple[str, ...]) -> sa.Update:
+    # Built once per table and set of columns: few sets exist (claim, renewal, ...).
+    return (
+        messages.update()
+        .where(messages.c.delivery_id == sa.bindparam("b_delivery_id"))
+        .values({c: sa.bindparam(c) for c in columns if c != "delivery_id"})
+    )
+
+
+@functools.cache
+def _delete_statement(messages: sa.Table) -> sa.Delete:
+    return messages.delete().where(
+        messages.c.delivery_id.in_(sa.bindparam("deliveries", expanding=True))
+    )
 
 
 def _write_results(

@@ -132,6 +132,7 @@ class EventStore(RoutingMixin):
         except (sa.exc.ArgumentError, ImportError) as exc:
             raise InvalidURL(f"cannot use {redact(self.url)}: {exc}") from None
         self.dialect.configure(self.engine)
+        self._statements = _Statements(self.tables, self.dialect)
         self._clock = clock
         self._clock_offset: float | None = None
         self._clock_measured = 0.0
@@ -357,10 +358,7 @@ class EventStore(RoutingMixin):
         found: dict[str, list[RecordedEvent]] = {s: [] for s in wanted}
         if not wanted:
             return found
-        ev = self.tables.events
-        rows = conn.execute(
-            sa.select(ev).where(ev.c.stream_id.in_(wanted)).order_by(ev.c.stream_id, ev.c.version)
-        )
+        rows = conn.execute(self._statements.read_streams, {"streams": wanted})
         for row in rows:
             found[row.stream_id].append(self._recorded(row))
         return found
@@ -396,8 +394,16 @@ class EventStore(RoutingMixin):
         conn: sa.Connection,
         pending: Sequence[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]],
         now: float,
+        *,
+        read_positions: bool = True,
     ) -> tuple[list[RecordedEvent], dict[str, lc.JobState]]:
-        """Append each stream's events after the state it was decided on, and project."""
+        """Append each stream's events after the state it was decided on, and project.
+
+        ``read_positions=False`` (claims, acks, renewals, whose records never leave
+        the store) skips reading back the log positions -- a RETURNING costs about a
+        third of the insert -- unless an event's projection needs its position.
+        Such records carry position 0.
+        """
         rows: list[dict[str, Any]] = []
         states: dict[str, lc.JobState] = {}
         for state, events, metadata in pending:
@@ -418,9 +424,15 @@ class EventStore(RoutingMixin):
         if not rows:
             return [], states
         ev = self.tables.events
-        positions = conn.execute(
-            ev.insert().returning(ev.c.position, sort_by_parameter_order=True), rows
-        ).scalars().all()
+        all_events = [e for _, events, _ in pending for e in events]
+        positions: Sequence[int]
+        if read_positions or any(isinstance(e, _POSITIONED) for e in all_events):
+            positions = conn.execute(
+                ev.insert().returning(ev.c.position, sort_by_parameter_order=True), rows
+            ).scalars().all()
+        else:
+            conn.execute(ev.insert(), rows)
+            positions = [0] * len(rows)
         recorded = [
             RecordedEvent(
                 position=pos,
@@ -430,9 +442,7 @@ class EventStore(RoutingMixin):
                 metadata=row["metadata"],
                 recorded_at=now,
             )
-            for pos, row, event in zip(
-                positions, rows, (e for _, events, _ in pending for e in events), strict=False
-            )
+            for pos, row, event in zip(positions, rows, all_events, strict=True)
         ]
         project(conn, self.tables, self.dialect, recorded, states)
         if self.notify_enabled:
@@ -641,15 +651,9 @@ class EventStore(RoutingMixin):
         now = self.now()
         candidates: Sequence[Any] = ()
         if claim is not None and claim.limit > 0 and claim.queues:
-            msgs = self.tables.messages
             candidates = conn.execute(
-                self.dialect.nominate(
-                    sa.select(msgs.c.delivery_id, msgs.c.stream_id)
-                    .where(msgs.c.queue.in_(claim.queues), msgs.c.available_at <= now)
-                    .order_by(msgs.c.priority.desc(), msgs.c.seq)
-                    .limit(claim.limit),
-                    msgs,
-                )
+                self._statements.nominate,
+                {"queues": claim.queues, "now": now, "limit": claim.limit},
             ).all()
         streams = self._read_streams(
             conn, [r.stream for r in refs] + [c.stream_id for c in candidates]
@@ -684,7 +688,7 @@ class EventStore(RoutingMixin):
                 states[stream] = _evolve_all(states[stream], events)
                 if isinstance(events[-1], lc.Claimed):
                     claims.append((stream, delivery, claim_id))
-        _, final = self._append(conn, _chain(pending), now)
+        _, final = self._append(conn, _chain(pending), now, read_positions=False)
         if not claims:
             return outcomes, []
         published = _published_messages(
@@ -994,6 +998,30 @@ class EventStore(RoutingMixin):
 _Pending = list[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]]
 
 
+class _Statements:
+    """The hot path's statements, built once: constructing one costs more Python
+    than executing its cached compiled form."""
+
+    def __init__(self, tables: Tables, dialect: Dialect) -> None:
+        ev, msgs = tables.events, tables.messages
+        self.read_streams = (
+            sa.select(ev)
+            .where(ev.c.stream_id.in_(sa.bindparam("streams", expanding=True)))
+            .order_by(ev.c.stream_id, ev.c.version)
+        )
+        # Ready or lease-expired messages of the queues, highest priority, then oldest.
+        self.nominate = dialect.nominate(
+            sa.select(msgs.c.delivery_id, msgs.c.stream_id)
+            .where(
+                msgs.c.queue.in_(sa.bindparam("queues", expanding=True)),
+                msgs.c.available_at <= sa.bindparam("now", type_=msgs.c.available_at.type),
+            )
+            .order_by(msgs.c.priority.desc(), msgs.c.seq)
+            .limit(sa.bindparam("limit", type_=sa.Integer)),
+            msgs,
+        )
+
+
 @dataclass(frozen=True)
 class _ClaimRequest:
     queues: list[str]
@@ -1001,6 +1029,9 @@ class _ClaimRequest:
     consumer: str
     lease_seconds: float
     max_claims: int | None
+
+#: Events whose projection records their log position.
+_POSITIONED = (lc.Published, lc.DeadLettered)
 
 #: Events a result waiter may be waiting for.
 _FINISHING = (
