@@ -201,6 +201,8 @@ class Channel(virtual.Channel):
         self.maybe_more = False
         #: Messages a background claim in flight may still bring (its limit).
         self.claiming = 0
+        #: A wake-up came while a background claim was in flight.
+        self.claim_again = False
 
     # -- queues and routing ----------------------------------------------------
 
@@ -436,6 +438,10 @@ class Channel(virtual.Channel):
             # when the claimer reports back (Transport._on_claimed).
             if fetcher.request(self, list(queues), limit):
                 self.claiming += limit
+            else:
+                # A claim is already under way and may have nominated before
+                # this wake-up's message committed: claim again after it.
+                self.claim_again = True
             return 0
         return self.deliver_claimed(self.claim(queues, limit), limit)
 
@@ -728,7 +734,11 @@ class Transport(virtual.Transport):
         if error is not None:
             raise error  # a connection error: the consumer reconnects
         for channel in list(self.channels):
-            if channel.maybe_more and channel.credit() >= channel.refill_at():
+            again, channel.claim_again = channel.claim_again, False
+            credit = channel.credit()
+            if again and credit <= 0:
+                channel.maybe_more = True  # claim once the pool frees some credit
+            elif (again and credit > 0) or (channel.maybe_more and credit >= channel.refill_at()):
                 channel.deliver_ready()
 
 

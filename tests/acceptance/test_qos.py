@@ -47,3 +47,20 @@ def test_claims_stay_within_prefetch_and_shutdown_gives_the_rest_back(
     for task_id in ids:
         wait_for(lambda t=task_id: "Acked" in broker.types(t), 30, f"{task_id} acked")
         assert broker.types(task_id).count("Acked") == 1
+
+
+def test_no_wake_up_is_lost_while_a_claim_is_in_flight(
+    broker: Broker, start_worker: Any
+) -> None:
+    # The safety-net poll is far away: every task below must be claimed because
+    # of its own wake-up, even when it arrives while another claim is running.
+    broker.options["polling_interval"] = 30
+    start_worker("-c", "2")
+    plain = broker.app.tasks["proj.plain"]
+    for _ in range(3):
+        burst = []
+        for _ in range(10):
+            burst.append(plain.delay().id)
+            time.sleep(0.003)
+        for task_id in burst:
+            broker.wait_for_runs(task_id, ["ran"], timeout=10)
