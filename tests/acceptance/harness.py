@@ -200,14 +200,31 @@ def reaper() -> Iterator[Reaper]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def broker(request: pytest.FixtureRequest, tmp_path: Path, reaper: Reaper) -> Iterator[Broker]:
-    engine: sa.Engine | None = None
-    schema: str | None = None
     if request.param == "sqlite":
-        b = Broker("sqlite", f"sqlite:///{tmp_path / 'broker.db'}", None, tmp_path)
+        url = f"sqlite:///{tmp_path / 'broker.db'}"
     else:
         url = request.getfixturevalue("postgresql_url")
+    yield from open_broker(request, tmp_path, reaper, url)
+
+
+def open_broker(
+    request: pytest.FixtureRequest, tmp_path: Path, reaper: Reaper | None, url: str
+) -> Iterator[Broker]:
+    """The body of a ``broker`` fixture on database ``url`` (a fresh schema on
+    PostgreSQL), for modules that override ``broker`` with a database of their own.
+
+    Without a ``reaper`` the workers are stopped before the fixture returns (for a
+    database that goes away with the test).
+    """
+    engine: sa.Engine | None = None
+    schema: str | None = None
+    if url.startswith("sqlite"):
+        b = Broker("sqlite", url, None, tmp_path)
+    else:
         schema = f"acc_{uuid.uuid4().hex[:12]}"
-        engine = sa.create_engine(url)
+        # No pool: a connection kept between set-up and clean-up would not survive
+        # a test that restarts the server.
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         with engine.begin() as conn:
             conn.execute(sa.schema.CreateSchema(schema))
         b = Broker("postgresql", url, schema, tmp_path)
@@ -226,7 +243,7 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path, reaper: Reaper) -> It
     try:
         yield b
     finally:
-        if b.workers and not _failed(request):
+        if reaper is not None and b.workers and not _failed(request):
             for worker in b.workers:
                 worker.terminate()
             reaper.submit(cleanup)
