@@ -267,7 +267,8 @@ def result_app(broker: Broker) -> Iterator[Any]:
 
 
 class Worker:
-    """``celery -A <app> worker`` (``proj`` by default) in a process group of its own."""
+    """``celery -A <app> worker`` (``proj`` by default) in a process group of its own;
+    prefork with two processes unless ``args`` say otherwise (``-P``, ``-c``)."""
 
     def __init__(self, broker: Broker, name: str, args: list[str], app: str = "proj") -> None:
         self.name = name
@@ -285,9 +286,11 @@ class Worker:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        # Celery monkey-patches for eventlet/gevent by the *first* -P it finds.
+        pool = [] if "-P" in args else ["-P", "prefork"]
         command = [
             sys.executable, "-m", "celery", "-A", app, "worker",
-            "-P", "prefork", "-c", "2", "-l", "info",
+            *pool, "-c", "2", "-l", "info",
             "--without-gossip", "--without-mingle",
             "-n", f"{name}@%h", *args,
         ]  # fmt: skip
