@@ -207,3 +207,33 @@ def test_results_survive_a_restart(
             listener.close()
         app.pool.force_close_all()
         app.close()
+
+
+@pytest.mark.parametrize("always_retry", [False, True])
+def test_result_backend_retries_only_when_asked(
+    broker: Broker, pg_server: EmbeddedPostgres, always_retry: bool
+) -> None:
+    """With Celery's ``result_backend_always_retry`` a result read waits out an
+    outage; without it, the read fails at once with the store's error."""
+    app = resultproj.make_app(broker.url, broker.transport_options())
+    app.conf.update(result_backend_always_retry=always_retry,
+                    result_backend_max_sleep_between_retries_ms=500)  # fmt: skip
+    try:
+        task_id = uuid.uuid4().hex
+        app.backend.store_result(task_id, 42, "SUCCESS")
+        pg_server.halt("fast")
+        if not always_retry:
+            with pytest.raises(DatabaseUnavailable):
+                app.backend.get_task_meta(task_id, cache=False)
+            pg_server.resume()
+            return
+        # The server comes back while the read is retrying.
+        comeback = threading.Timer(2.0, pg_server.resume)
+        comeback.start()
+        try:
+            meta = app.backend.get_task_meta(task_id, cache=False)
+        finally:
+            comeback.join()
+        assert (meta["status"], meta["result"]) == ("SUCCESS", 42)
+    finally:
+        app.close()
