@@ -47,7 +47,7 @@ from kombu.utils.encoding import bytes_to_str
 
 from . import lifecycle as lc
 from .enqueue import atomic, same_database
-from .exceptions import TaskDeadLettered
+from .exceptions import DatabaseUnavailable, TaskDeadLettered
 from .storage import EventStore
 from .storage.dialects import Listener
 from .stores import shared_store
@@ -205,18 +205,41 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
 
     # -- waiting ---------------------------------------------------------------
 
-    def _listener(self) -> Listener:
+    def _listener(self) -> Listener | None:
+        """This thread's LISTEN connection for results; None while the database
+        cannot be reached (waiters poll meanwhile)."""
         listener = getattr(self._local, "listener", None)
         if listener is None:
-            listener = self._local.listener = self.store.listener(results=True)
+            try:
+                listener = self._local.listener = self.store.listener(results=True)
+            except DatabaseUnavailable:
+                return None
         return listener
+
+    def _wait(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for a result to be recorded.  A LISTEN connection
+        that died with the server is dropped and opened again on the next wait."""
+        listener = self._listener()
+        if listener is None:
+            time.sleep(seconds)
+            return
+        try:
+            listener.wait(seconds)
+        except DatabaseUnavailable:
+            listener.close()
+            self._local.listener = None
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        # With result_backend_always_retry, Celery retries reads and writes that
+        # failed because the database was unreachable.
+        return isinstance(exc, DatabaseUnavailable)
 
     def wait_for(
         self, task_id: str, timeout: float | None = None, interval: float = 0.5,
         no_ack: bool = True, on_interval: Any = None,
     ) -> dict[str, Any]:
         self._ensure_not_eager()
-        listener = self._listener()  # subscribed before the first read
+        self._listener()  # subscribed before the first read
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             meta: dict[str, Any] = self.get_task_meta(task_id)
@@ -229,7 +252,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError("The operation timed out.")
-            listener.wait(wait)
+            self._wait(wait)
 
     def get_many(
         self, task_ids: Iterable[str], timeout: float | None = None, interval: float = 0.5,
@@ -242,7 +265,8 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             if cached is not None and cached["status"] in READY_STATES:
                 ids.discard(task_id)
                 yield task_id, cached
-        listener = self._listener() if ids else None
+        if ids:
+            self._listener()  # subscribed before the first read
         deadline = None if timeout is None else time.monotonic() + timeout
         while ids:
             rows = self.store.results(ids)
@@ -267,8 +291,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError(f"Operation timed out ({timeout})")
-            assert listener is not None
-            listener.wait(wait)
+            self._wait(wait)
 
     # -- chords ----------------------------------------------------------------
 

@@ -234,6 +234,20 @@ class Channel(virtual.Channel):
         info = self._cached(f"queue:{queue}", lambda: self.store.queue_info([queue]).get(queue))
         return info or QueueInfo(queue, transient=False)
 
+    def _still_declared(self, queue: str) -> bool:
+        """Whether a queue reached through an exchange still exists.  Only a queue
+        not known to exist costs a fresh read: one declared a moment ago elsewhere
+        must not be mistaken for one the sweep removed."""
+        if queue in self._declared:
+            return True
+        hit = self._routing_cache.get(f"queue:{queue}")
+        now = time.monotonic()
+        if hit is not None and hit[1] is not None and now - hit[0] < ROUTING_CACHE_SECONDS:
+            return True
+        info = self.store.queue_info([queue]).get(queue)
+        self._routing_cache[f"queue:{queue}"] = (now, info)
+        return info is not None
+
     def _cached(self, key: str, load: Any) -> Any:
         now = time.monotonic()
         hit = self._routing_cache.get(key)
@@ -350,8 +364,11 @@ class Channel(virtual.Channel):
             ttl_expiry = now + float(props["expiration"]) / 1000.0
             expires = ttl_expiry if expires is None else min(expires, ttl_expiry)
         priority = self._store_priority(message)
+        routed = bool((props.get("delivery_info") or {}).get("exchange"))
         durable, transient = [], []
         for queue in queues:
+            if routed and not self._still_declared(queue):
+                continue  # a cached binding outlived its swept queue: drop, as AMQP does
             info = self._queue_info(queue)
             if info.transient:
                 queue_expiry = now + info.message_ttl if info.message_ttl else None

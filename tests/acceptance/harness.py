@@ -181,14 +181,31 @@ def reaper_for(request: pytest.FixtureRequest, dialect: str) -> Any:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
     reaper = reaper_for(request, request.param)
-    engine: sa.Engine | None = None
-    schema: str | None = None
     if request.param == "sqlite":
-        b = Broker("sqlite", f"sqlite:///{tmp_path / 'broker.db'}", None, tmp_path)
+        url = f"sqlite:///{tmp_path / 'broker.db'}"
     else:
         url = request.getfixturevalue("postgresql_url")
+    yield from open_broker(request, tmp_path, reaper, url)
+
+
+def open_broker(
+    request: pytest.FixtureRequest, tmp_path: Path, reaper: Any | None, url: str
+) -> Iterator[Broker]:
+    """The body of a ``broker`` fixture on database ``url`` (a fresh schema on
+    PostgreSQL), for modules that override ``broker`` with a database of their own.
+
+    Without a ``reaper`` the workers are stopped before the fixture returns (for a
+    database that goes away with the test).
+    """
+    engine: sa.Engine | None = None
+    schema: str | None = None
+    if url.startswith("sqlite"):
+        b = Broker("sqlite", url, None, tmp_path)
+    else:
         schema = f"acc_{uuid.uuid4().hex[:12]}"
-        engine = sa.create_engine(url)
+        # No pool: a connection kept between set-up and clean-up would not survive
+        # a test that restarts the server.
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         with engine.begin() as conn:
             conn.execute(sa.schema.CreateSchema(schema))
         b = Broker("postgresql", url, schema, tmp_path)
@@ -207,7 +224,7 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
     try:
         yield b
     finally:
-        if b.workers and not _failed(request):
+        if reaper is not None and b.workers and not _failed(request):
             for worker in b.workers:
                 worker.terminate()
             reaper.submit(cleanup)
@@ -231,7 +248,8 @@ def result_app(broker: Broker) -> Iterator[Any]:
 
 
 class Worker:
-    """``celery -A <app> worker`` (``proj`` by default) in a process group of its own."""
+    """``celery -A <app> worker`` (``proj`` by default) in a process group of its own;
+    prefork with two processes unless ``args`` say otherwise (``-P``, ``-c``)."""
 
     def __init__(self, broker: Broker, name: str, args: list[str], app: str = "proj") -> None:
         self.name = name
@@ -249,9 +267,11 @@ class Worker:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        # Celery monkey-patches for eventlet/gevent by the *first* -P it finds.
+        pool = [] if "-P" in args else ["-P", "prefork"]
         command = [
             sys.executable, "-m", "celery", "-A", app, "worker",
-            "-P", "prefork", "-c", "2", "-l", "info",
+            *pool, "-c", "2", "-l", "info",
             "--without-gossip", "--without-mingle",
             "-n", f"{name}@%h", *args,
         ]  # fmt: skip

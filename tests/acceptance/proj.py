@@ -51,6 +51,14 @@ def make_app(
         )
         time.sleep(sleep)
 
+    @app.task(name="proj.late", shared=False, bind=True, acks_late=True)
+    def late(self: Any, sleep: float = 0) -> None:
+        """``proj.plain`` acked after it ran."""
+        record(
+            self.request.id, event="ran", redelivered=self.request.delivery_info.get("redelivered")
+        )
+        time.sleep(sleep)
+
     @app.task(name="proj.retrying", shared=False, bind=True)
     def retrying(self: Any, times: int) -> None:
         record(self.request.id, event="ran", retries=self.request.retries)

@@ -56,10 +56,6 @@ class Dialect:
         """Make a claim's candidate query safe against concurrent claimers."""
         return select
 
-    def lock(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
-        """Lock the selected rows until commit (settlement against a racing claim)."""
-        return select
-
     def set_durability(self, conn: sa.Connection, durable: bool) -> None:
         """Make this transaction's commit wait for the disk (``durable``) or not."""
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import select
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from ...exceptions import DatabaseUnavailable
 from . import Dialect, Listener
 
 #: SQLSTATEs that mean "another transaction got there first": retry.
@@ -54,19 +55,26 @@ class PostgreSQLDialect(Dialect):
             options["executemany_mode"] = "values_plus_batch"
         return options
 
-    def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
-        # SKIP LOCKED nominates rows no one else is claiming; the (stream, version)
-        # key still arbitrates if two claimers reach the same stream.
-        return select.with_for_update(skip_locked=True, of=table)
-
-    def lock(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
-        return select.with_for_update(of=table)
-
     def configure(self, engine: sa.Engine) -> None:
+        @sa.event.listens_for(engine, "checkout")
+        def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+            # A pooled connection whose server restarted would fail its first
+            # statement.  An idle connection has nothing to read unless the server
+            # said goodbye ("terminating connection") or hung up, so one zero-timeout
+            # select() finds it without a round trip; DisconnectionError makes the
+            # pool discard it and connect afresh.
+            if _has_input(dbapi_conn):
+                raise sa.exc.DisconnectionError("the server closed this pooled connection")
+
         @sa.event.listens_for(engine, "rollback")
         def _rollback(conn: sa.Connection) -> None:
             # A SET made in a rolled-back transaction is undone with it.
             conn.info.pop(_RELAXED, None)
+
+    def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+        # SKIP LOCKED nominates rows no one else is claiming; the (stream, version)
+        # key still arbitrates if two claimers reach the same stream.
+        return select.with_for_update(skip_locked=True, of=table)
 
     def set_durability(self, conn: sa.Connection, durable: bool) -> None:
         # Relaxed commits are lost only if the server itself crashes within
@@ -113,6 +121,33 @@ class PostgreSQLDialect(Dialect):
         return code in _RETRYABLE
 
 
+@contextlib.contextmanager
+def _lost_on_error() -> Iterator[None]:
+    """A LISTEN connection that fails has lost the server (it only ever waits):
+    say so with the store's connection error, which Celery reconnects on."""
+    try:
+        yield
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DatabaseUnavailable(f"lost the LISTEN connection to the database: {first}") from exc
+
+
+def _has_input(dbapi_conn: Any) -> bool:
+    """True when an idle connection's socket is readable (or already closed)."""
+    try:
+        fd = dbapi_conn.fileno()
+    except Exception:  # noqa: BLE001 - the driver's "connection already closed"
+        return True
+    if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
+
+
 class NotifyListener(Listener):
     """A dedicated autocommit connection that LISTENs on the store's channel.
 
@@ -140,18 +175,20 @@ class NotifyListener(Listener):
         return int(self._conn.fileno())
 
     def poll(self) -> set[str]:
-        if self._psycopg2:
-            self._conn.poll()
-            payloads = {n.payload for n in self._conn.notifies}
-            self._conn.notifies.clear()
-            return payloads
-        return {n.payload for n in self._conn.notifies(timeout=0)}
+        with _lost_on_error():
+            if self._psycopg2:
+                self._conn.poll()
+                payloads = {n.payload for n in self._conn.notifies}
+                self._conn.notifies.clear()
+                return payloads
+            return {n.payload for n in self._conn.notifies(timeout=0)}
 
     def wait(self, timeout: float) -> set[str]:
         woken = self.poll()
         if woken or timeout <= 0:
             return woken
-        readable, _, _ = select.select([self.fileno()], [], [], timeout)
+        with _lost_on_error():
+            readable, _, _ = select.select([self.fileno()], [], [], timeout)
         return self.poll() if readable else set()
 
     def close(self) -> None:
