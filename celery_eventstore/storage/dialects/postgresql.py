@@ -68,8 +68,11 @@ class PostgreSQLDialect(Dialect):
 
         @sa.event.listens_for(engine, "rollback")
         def _rollback(conn: sa.Connection) -> None:
-            # A SET made in a rolled-back transaction is undone with it.
-            conn.info.pop(_RELAXED, None)
+            # A SET made in a rolled-back transaction is undone with it.  (An
+            # invalidated connection is replaced by a new session: nothing to undo,
+            # and touching its info would try to reconnect mid-rollback.)
+            if not conn.invalidated:
+                conn.info.pop(_RELAXED, None)
 
     def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         # SKIP LOCKED nominates rows no one else is claiming; the (stream, version)
