@@ -24,9 +24,9 @@ Usage::
     python scripts/celery_integration.py --only eventstore --report out.md
 
 Needs PostgreSQL (``--postgresql-url``, default ``$CELERY_EVENTSTORE_TEST_POSTGRESQL_URL``
-or ``postgresql://postgres@127.0.0.1:5432/test``) and Redis.  ``tox -e celery-suite``
-installs the suite's own test dependencies (pytest-timeout, redis, pydantic,
-cryptography).  The exit status is 1 when a test passes on Redis and not on ours.
+or ``postgresql+psycopg2://postgres@127.0.0.1:5432/test``) and Redis.  ``tox -e celery-suite``
+installs what the suite's modules need (pytest-timeout, redis, pydantic,
+cryptography, django).  The exit status is 1 when a test passes on Redis and not on ours.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ OUTCOMES_ENV = "CELERY_SUITE_OUTCOMES"
 SIDE_DB_ENV = "CELERY_SUITE_SIDE_REDIS_DB"
 
 DEFAULT_POSTGRESQL = os.environ.get(
-    "CELERY_EVENTSTORE_TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test"
+    "CELERY_EVENTSTORE_TEST_POSTGRESQL_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
 
 
@@ -196,6 +196,14 @@ def fetch_suite(version: str, cache: Path) -> Path:
     return root
 
 
+def celery_fixtures() -> list[str]:
+    """Celery's pytest fixtures, unless pytest-celery already loads them."""
+    plugins = importlib.metadata.entry_points(group="pytest11")
+    if any(e.name == "celery" for e in plugins):
+        return []
+    return ["-p", "celery.contrib.pytest"]
+
+
 def flush_redis(url: str) -> None:
     import redis
 
@@ -254,7 +262,7 @@ def run_suite(run: Run, suite: Path, args: argparse.Namespace, side_db: int) -> 
     }
     command = [
         sys.executable, "-m", "pytest", "-c", "pytest.ini", "--rootdir", ".",
-        "-p", PLUGIN, "-p", "no:cacheprovider", "-q", "-rN",
+        "-p", PLUGIN, "-p", "no:cacheprovider", "-q", "-rN", *celery_fixtures(),
         f"--timeout={args.timeout}",
         *[f"t/integration/{m}.py" for m in args.modules],
         *(["-k", args.k] if args.k else []),
