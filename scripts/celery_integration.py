@@ -26,7 +26,9 @@ Usage::
 Needs PostgreSQL (``--postgresql-url``, default ``$CELERY_EVENTSTORE_TEST_POSTGRESQL_URL``
 or ``postgresql+psycopg2://postgres@127.0.0.1:5432/test``) and Redis.  ``tox -e celery-suite``
 installs what the suite's modules need (pytest-timeout, redis, pydantic,
-cryptography, django).  The exit status is 1 when a test passes on Redis and not on ours.
+cryptography; not django: with it, test_worker's Django tests leave the test
+process flagged as a worker, and every later ``result.get()`` in it fails).
+The exit status is 1 when a test passes on Redis and not on ours.
 """
 
 from __future__ import annotations
