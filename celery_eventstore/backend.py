@@ -42,7 +42,7 @@ from celery.backends.base import (
 )
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError, TaskRevokedError, TimeoutError
-from celery.result import GroupResult, allow_join_result, result_from_tuple
+from celery.result import GroupResult, ResultSet, allow_join_result, result_from_tuple
 from kombu.utils.encoding import bytes_to_str
 
 from . import lifecycle as lc
@@ -311,7 +311,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
                 callback, ChordError(f"GroupResult {gid} no longer exists")
             )
             return
-        size = (request.chord or {}).get("chord_size") or len(deps)
+        size = (request.chord or {}).get("chord_size") or _header_size(deps)
         count = lc.CountChordPart(request.id, state, size)
         # The callback's message joins the transaction that completes the count
         # when the broker is this database: the count and the callback commit
@@ -356,6 +356,14 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
                     message=f"Callback error: {exc!r}", original_exc=exc
                 ),
             )
+
+
+def _header_size(result: Any) -> int:
+    """How many header tasks report to the chord: each task of a group nested in the
+    header (a chain ending in a group) counts, as in Celery's ``set_chord_size``."""
+    if isinstance(result, ResultSet):
+        return sum(_header_size(child) for child in result.results)
+    return 1
 
 
 def _completes(recorded: Iterable[Any]) -> bool:

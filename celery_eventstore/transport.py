@@ -118,8 +118,12 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def to_epoch(value: Any) -> float | None:
-    """Celery's ``eta``/``expires`` headers (ISO-8601 strings) as epoch seconds."""
-    if value is None or value == "":
+    """Celery's ``eta``/``expires`` headers (ISO-8601 strings) as epoch seconds.
+
+    kombu's pidbox sends ``expires`` as epoch seconds, and 0 when a broadcast waits
+    for no reply: that 0 means never, as it does to kombu.
+    """
+    if value is None or value == "" or value == 0:
         return None
     if isinstance(value, (int, float)):
         return float(value)

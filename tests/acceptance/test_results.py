@@ -305,6 +305,20 @@ def test_native_chord_fires_its_callback_once_without_chord_unlock(results: Resu
     assert results.types(r.id).count("Succeeded") == 1
 
 
+def test_a_chord_counts_each_task_of_a_group_nested_in_its_header(results: Results) -> None:
+    # The header's second part is a chain ending in a group: both tasks of that group
+    # report to the chord, so it has three parts, not the two results of its header.
+    add = results.task("add")
+    header = [add.si(1, 100), add.si(1, 200) | group(add.si(1, 1000), add.si(1, 2000))]
+    r = chord(header)(add.si(1, 10))
+    assert r.get(timeout=TIMEOUT) == 11
+
+    leaves = [r.parent.results[0].id, *(c.id for c in r.parent.results[1].results)]
+    events = results.broker.events(f"chord:{r.parent.id}")
+    assert [e.type for e in events] == ["ChordPartDone"] * 3 + ["ChordCompleted"]
+    assert sorted(e.event.task_id for e in events[:3]) == sorted(leaves)
+
+
 def test_chord_with_a_failing_header_fails_its_callback_and_runs_its_errback(
     results: Results,
 ) -> None:

@@ -180,6 +180,21 @@ def test_inspect_and_control_across_processes(broker: Broker, worker: Worker) ->
     assert streams == {running, revoked}
 
 
+def test_revoke_without_reply_reaches_the_worker(broker: Broker, worker: Worker) -> None:
+    # AsyncResult.revoke() waits for no reply, and kombu then sends the broadcast with
+    # an ``expires`` header of 0, meaning "never": it must not count as long expired.
+    app = broker.app
+    result = app.tasks["proj.plain"].apply_async(countdown=60)
+    result.revoke()
+
+    def revoked() -> list[str]:
+        replies = app.control.inspect(timeout=CONTROL_TIMEOUT).revoked() or {}
+        return [i for host, ids in replies.items() if host.startswith(f"{worker.name}@")
+                for i in ids]
+
+    assert result.id in wait_for(revoked, 10, "the worker to list the revoked task")
+
+
 def test_back_to_back_control_requests_get_replies(broker: Broker, worker: Worker) -> None:
     app = broker.app
     # Every request has a reply queue of its own; limit=1 returns on the first reply.
