@@ -143,11 +143,18 @@ def _has_input(dbapi_conn: Any) -> bool:
         fd = dbapi_conn.fileno()
     except Exception:  # noqa: BLE001 - the driver's "connection already closed"
         return True
-    if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+    return _readable(fd, 0)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``fd`` to be readable.  poll() where
+    there is one: select() fails for descriptors past FD_SETSIZE (1024), which a
+    busy worker process can reach."""
+    if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        return bool(poller.poll(0))
-    readable, _, _ = select.select([fd], [], [], 0)
+        return bool(poller.poll(max(timeout, 0.0) * 1000))
+    readable, _, _ = select.select([fd], [], [], timeout)
     return bool(readable)
 
 
@@ -191,7 +198,7 @@ class NotifyListener(Listener):
         if woken or timeout <= 0:
             return woken
         with _lost_on_error():
-            readable, _, _ = select.select([self.fileno()], [], [], timeout)
+            readable = _readable(self.fileno(), timeout)
         return self.poll() if readable else set()
 
     def close(self) -> None:
