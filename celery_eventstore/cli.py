@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from . import lifecycle as lc
 from .exceptions import EventStoreError
-from .history import canvas, entries_of, format_timeline
+from .history import LogFollower, canvas, entries_of, format_timeline
 from .storage import SCHEMA_VERSION, EventStore, RecordedEvent
 from .storage.routing import QueueInfo
 
@@ -250,15 +250,14 @@ def tail(ctx: click.Context, follow: bool, queue: str | None, task_name: str | N
     if not follow:
         return
     listener = store.listener()
+    follower = LogFollower(store, position)
     try:
         while True:
-            batch = store.read_all(after=position, limit=1000)
+            batch = follower.poll()
             for rec in batch:
                 if keep(rec):
                     show(rec)
-            if batch:
-                position = batch[-1].position
-            else:
+            if not batch:
                 listener.wait(1.0)
     except KeyboardInterrupt:
         pass

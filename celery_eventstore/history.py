@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -186,3 +187,51 @@ def format_timeline(entries: Sequence[Entry]) -> str:
 def _short(value: Any, limit: int = 80) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class LogFollower:
+    """New events of the whole log as they commit -- ``tail -f``.
+
+    Positions are handed out when an event is inserted, not when its transaction
+    commits, so on PostgreSQL a slow transaction (an application's, with an atomic
+    publish in it) can commit an event *below* positions already read.  Reading
+    only ``position > last`` would skip it.  The follower remembers the holes it
+    has seen below its high-water mark and looks for them again on every poll; a
+    hole still empty after ``gap_timeout`` seconds is taken for a rolled-back
+    insert (a lost race, a rollback) and forgotten.  Late events come out late,
+    not in log order.
+    """
+
+    def __init__(
+        self, store: EventStore, after: int, *, gap_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic, max_gaps: int = 100_000,
+    ) -> None:
+        self.store = store
+        self.position = after
+        self.gap_timeout = gap_timeout
+        self.max_gaps = max_gaps
+        self._clock = clock
+        #: Missing position -> when it was first seen missing.
+        self.gaps: dict[int, float] = {}
+
+    def poll(self, limit: int = 1000) -> list[RecordedEvent]:
+        """Events committed since the last poll: late ones first, then new ones."""
+        now = self._clock()
+        late: list[RecordedEvent] = []
+        if self.gaps:
+            late = self.store.read_positions(self.gaps)
+            for rec in late:
+                del self.gaps[rec.position]
+            for position, since in list(self.gaps.items()):
+                if now - since > self.gap_timeout:
+                    del self.gaps[position]
+        batch = self.store.read_all(after=self.position, limit=limit)
+        expected = self.position + 1
+        for rec in batch:
+            for missing in range(expected, rec.position):
+                if len(self.gaps) < self.max_gaps:
+                    self.gaps[missing] = now
+            expected = rec.position + 1
+        if batch:
+            self.position = batch[-1].position
+        return late + batch

@@ -387,6 +387,18 @@ class EventStore(RoutingMixin):
             )
             return [self._recorded(row) for row in rows]
 
+    def read_positions(self, positions: Iterable[int]) -> list[RecordedEvent]:
+        """The events at these log positions that exist (are committed) now."""
+        wanted = sorted(set(positions))
+        if not wanted:
+            return []
+        ev = self.tables.events
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(ev).where(ev.c.position.in_(wanted)).order_by(ev.c.position)
+            )
+            return [self._recorded(row) for row in rows]
+
     # -- appending -----------------------------------------------------------
 
     def _append(

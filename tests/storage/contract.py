@@ -106,6 +106,13 @@ class StoreContract:
         assert [r.stream for r in store.read_all(after=positions[0])] == ["b", "c"]
         assert len(store.read_all(limit=2)) == 2
 
+    def test_read_positions_returns_the_committed_events_at_those_positions(self, store):
+        store.publish([msg("a"), msg("b"), msg("c")])
+        a, b, c = store.read_all()
+        got = store.read_positions([c.position, a.position, 10**9])
+        assert [(r.position, r.stream) for r in got] == [(a.position, "a"), (c.position, "c")]
+        assert store.read_positions([]) == []
+
     # -- publish, claim, ack ---------------------------------------------------
 
     def test_publish_claim_ack(self, store):
