@@ -142,6 +142,8 @@ def check(ctx: click.Context) -> None:
         click.echo("wake-ups   " + ("working" if woke else "NOT received (consumers will poll)"))
     finally:
         listener.close()
+    for warning in store.maintenance_warnings():
+        click.echo(f"warning    {warning}")
 
 
 def _events_json(recorded: list[RecordedEvent]) -> list[dict[str, Any]]:

@@ -158,6 +158,12 @@ class EventStore(RoutingMixin):
         with self._read() as conn:
             conn.execute(sa.select(1)).scalar_one()
 
+    def maintenance_warnings(self) -> list[str]:
+        """Database settings that will slow the store down (PostgreSQL's autovacuum
+        switched off), each as a sentence for an operator; empty when all is well."""
+        with self._read() as conn:
+            return self.dialect.maintenance_warnings(conn)
+
     def listener(self, *, results: bool = False) -> Listener:
         """A new :class:`~.dialects.Listener` for "messages may be ready" wake-ups
         (or, with ``results``, for "a result was recorded").

@@ -56,6 +56,10 @@ class Dialect:
         """Make a claim's candidate query safe against concurrent claimers."""
         return select
 
+    def maintenance_warnings(self, conn: sa.Connection) -> list[str]:
+        """Server settings that will hurt the store, in words for an operator."""
+        return []
+
     def set_durability(self, conn: sa.Connection, durable: bool) -> None:
         """Make this transaction's commit wait for the disk (``durable``) or not."""
 

@@ -79,6 +79,15 @@ class PostgreSQLDialect(Dialect):
         # key still arbitrates if two claimers reach the same stream.
         return select.with_for_update(skip_locked=True, of=table)
 
+    def maintenance_warnings(self, conn: sa.Connection) -> list[str]:
+        if conn.exec_driver_sql("SHOW autovacuum").scalar_one() == "off":
+            return [
+                "autovacuum is off: acked messages leave dead index entries that every "
+                "claim steps over, and stale statistics can make claims sort every due "
+                "message (see 'Vacuum and statistics' in the operations docs)"
+            ]
+        return []
+
     def set_durability(self, conn: sa.Connection, durable: bool) -> None:
         # Relaxed commits are lost only if the server itself crashes within
         # wal_writer_delay, and then only work whose loss means a redelivery
