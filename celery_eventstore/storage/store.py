@@ -853,18 +853,24 @@ class EventStore(RoutingMixin):
             ).scalar()
         if stream is None:
             raise InvalidTransition(f"no dead letter {delivery!r}")
-        original = next(
-            rec.event for rec in self.read_stream(stream)
+        published = next(
+            rec for rec in self.read_stream(stream)
             if isinstance(rec.event, lc.Published) and rec.event.delivery == delivery
         )
+        original = published.event
+        assert isinstance(original, lc.Published)
         new_delivery = uuid.uuid4().hex
+        # Due now, but still bound by the task's own expiry (Celery's worker would
+        # refuse an expired message anyway).  The history keeps what the first
+        # publish said (task name, parent...), plus where this one comes from.
         self.execute(stream, lc.Publish(
             delivery=new_delivery,
             queue=original.queue,
             message=original.message,
             priority=original.priority,
+            expires=original.expires,
             retry_of=delivery,
-        ), metadata={"retry_of": delivery})
+        ), metadata={**(published.metadata or {}), "retry_of": delivery})
         return new_delivery
 
     def purge_dead(self, queue: str | None = None) -> int:

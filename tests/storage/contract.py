@@ -241,7 +241,8 @@ class StoreContract:
         assert len(dead) == 1
 
     def test_dead_letters_are_listed_retried_and_purged(self, store, clock):
-        store.publish([msg("a"), msg("b")])
+        store.publish([msg("a", metadata={"task": "proj.a"}, expires=clock.now + 3600),
+                       msg("b")])
         a, b = store.claim(["q"], 2, "w", 30)
         store.reject([a.ref, b.ref], requeue=False, reason="poison")
         letters = store.dead_letters()
@@ -250,6 +251,9 @@ class StoreContract:
         assert [d.stream for d in store.dead_letters()] == ["b"]
         (claimed,) = store.claim(["q"], 5, "w", 30)
         assert (claimed.delivery, claimed.message) == (again, {"body": "a"})
+        republished = [r for r in store.read_stream("a") if r.type == "Published"][-1]
+        assert republished.metadata == {"task": "proj.a", "retry_of": a.delivery}
+        assert republished.event.expires == clock.now + 3600
         assert store.purge_dead() == 1
         assert store.dead_letters() == []
         assert types(store, "b")[-1] == "DeadLetterPurged"
