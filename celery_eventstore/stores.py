@@ -26,12 +26,21 @@ ADAPTER_DEFAULTS: dict[str, Any] = {"auto_migrate": True}
 
 def shared_store(url: str, options: Mapping[str, Any] | None = None) -> EventStore:
     merged = {**ADAPTER_DEFAULTS, **(options or {})}
-    key = (url, tuple(sorted(merged.items())))
+    key = (url, tuple(sorted((k, _frozen(v)) for k, v in merged.items())))
     with _lock:
         store = _stores.get(key)
         if store is None:
             store = _stores[key] = EventStore(url, **merged)
         return store
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for an option value (``engine_options`` is a dict)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def _after_fork_in_child() -> None:

@@ -93,7 +93,8 @@ SWEEP_INTERVAL = 10.0
 CONTROL_CONTENT_TYPES = ("application/json", "application/x-msgpack", "application/x-yaml")
 
 STORE_OPTIONS = (
-    "table_prefix", "schema", "auto_migrate", "notify", "max_message_size", "async_commit"
+    "table_prefix", "schema", "auto_migrate", "notify", "max_message_size", "async_commit",
+    "engine_options",
 )
 
 
