@@ -523,9 +523,18 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
         if event.reason == "expired" and state.result_state is ResultState.PENDING:
             # Celery reports a task that expired unrun as REVOKED.
             state = _replace(state, result_state=ResultState.REVOKED)
+        elif event.reason == "revoked" and _running(state) and not state.pending():
+            # The run that kept its state through the revoke was lost (its lease
+            # ran out) and will not run again: a waiter must not wait forever.
+            state = _replace(
+                state, result_state=ResultState.REVOKED, result=None, custom_state=None
+            )
         return state
     if isinstance(event, Revoked):
-        if state.result_state is ResultState.SUCCESS:
+        if state.result_state is ResultState.SUCCESS or _running(state):
+            # A revoke does not stop a running task (Celery's terminate does):
+            # its state stays the running worker's to report, as with Celery's
+            # own backends.  Only its later deliveries are discarded.
             return _replace(state, revoked=True)
         return _replace(
             state, revoked=True, result_state=ResultState.REVOKED, result=event.result,
@@ -562,6 +571,13 @@ def _apply(state: JobState, event: Event) -> JobState:  # noqa: C901 - one branc
 
 
 _UNFINISHED = (ResultState.PENDING, ResultState.STARTED, ResultState.RETRY)
+
+
+def _running(state: JobState) -> bool:
+    """A worker has reported the task started (or a custom state such as PROGRESS)."""
+    return state.result_state is ResultState.STARTED or (
+        state.custom_state is not None and state.result_state in _UNFINISHED
+    )
 
 
 def _result(state: JobState, new: ResultState, result: JSON | None) -> JobState:

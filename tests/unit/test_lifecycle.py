@@ -51,6 +51,7 @@ from celery_eventstore.lifecycle import (
     Started,
     Succeed,
     Succeeded,
+    UpdateState,
     decide,
     event_data,
     event_from,
@@ -609,6 +610,36 @@ def test_revoke_discards_pending_unclaimed_deliveries() -> None:
     assert job.delivery("claimed").status is DeliveryStatus.CLAIMED
     assert job.delivery("acked").status is DeliveryStatus.ACKED
     assert [d.id for d in job.state.pending()] == ["claimed"]
+
+
+def test_revoke_leaves_a_started_task_its_state_and_its_run() -> None:
+    # As Celery's backends: a revoke without terminate does not stop a running
+    # task, so its state stays the running worker's to report.
+    job = claimed(published(Job()))
+    job.do(Start("w1"))
+    assert job.do(Revoke()) == [Revoked("revoked")]
+    assert job.state.revoked and job.state.result_state is ResultState.STARTED
+    job.do(Ack("d1", "c1"))
+    job.do(Succeed({"value": 1}))
+    assert job.state.result_state is ResultState.SUCCESS
+
+
+def test_revoke_leaves_a_custom_state_such_as_progress() -> None:
+    job = Job()
+    job.do(UpdateState("PROGRESS", {"done": 3}))
+    job.do(Revoke())
+    assert job.state.revoked
+    assert (job.state.result_state, job.state.custom_state) == (ResultState.STARTED, "PROGRESS")
+
+
+def test_revoked_started_task_whose_run_is_lost_reports_revoked() -> None:
+    job = claimed(published(Job()))
+    job.do(Start("w1"))
+    job.do(Revoke())
+    # The worker died: the next claim finds the lease run out and a revoked task.
+    events = job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE + 1)
+    assert events == [LeaseExpired("d1", "c1"), Discarded("d1", "revoked")]
+    assert job.state.result_state is ResultState.REVOKED
 
 
 def test_revoke_with_a_reason() -> None:
