@@ -58,9 +58,13 @@ class TestCommitDurability:
         with store._write(durable=False) as conn:
             assert self.setting(conn) == "off"
 
-    def test_async_commit_off_keeps_everything_durable(self, driver_db):
+    def test_async_commit_off_leaves_the_server_setting_alone(self, driver_db):
         factory = make_factory(driver_db)
         store = next(factory)(async_commit=False)
+        with store.engine.connect() as conn:
+            server_default = self.setting(conn)  # off on the tests' throwaway server
         with store._write(durable=False) as conn:
-            assert self.setting(conn) == "on"
+            assert self.setting(conn) == server_default
+        with store.transaction() as conn:
+            assert self.setting(conn) == server_default
         next(factory, None)
