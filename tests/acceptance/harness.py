@@ -172,6 +172,38 @@ class Broker:
                 stores._stores.pop(key).close()
 
 
+def make_broker(
+    url: str, tmp_path: Path, prefix: str = "acc"
+) -> tuple[Broker, Callable[[], None]]:
+    """A :class:`Broker` on database ``url`` (a fresh schema on PostgreSQL), and
+    the cleanup that stops its workers, closes it and drops the schema."""
+    engine: sa.Engine | None = None
+    schema: str | None = None
+    if url.startswith("sqlite"):
+        b = Broker("sqlite", url, None, tmp_path)
+    else:
+        schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        # No pool: a connection kept between set-up and clean-up would not survive
+        # a test that restarts the server.
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with engine.begin() as conn:
+            conn.execute(sa.schema.CreateSchema(schema))
+        b = Broker("postgresql", url, schema, tmp_path)
+
+    def cleanup() -> None:
+        try:
+            for worker in b.workers:
+                worker.stop()
+            b.close()
+        finally:
+            if engine is not None:
+                with engine.begin() as conn:
+                    conn.execute(sa.schema.DropSchema(schema, cascade=True))
+                engine.dispose()
+
+    return b, cleanup
+
+
 def reaper_for(request: pytest.FixtureRequest, dialect: str) -> Any:
     """The session's reaper (tests/conftest.py) for a broker of ``dialect``."""
     name = "postgresql_reaper" if dialect == "postgresql" else "reaper"
@@ -197,30 +229,7 @@ def open_broker(
     Without a ``reaper`` the workers are stopped before the fixture returns (for a
     database that goes away with the test).
     """
-    engine: sa.Engine | None = None
-    schema: str | None = None
-    if url.startswith("sqlite"):
-        b = Broker("sqlite", url, None, tmp_path)
-    else:
-        schema = f"acc_{uuid.uuid4().hex[:12]}"
-        # No pool: a connection kept between set-up and clean-up would not survive
-        # a test that restarts the server.
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        with engine.begin() as conn:
-            conn.execute(sa.schema.CreateSchema(schema))
-        b = Broker("postgresql", url, schema, tmp_path)
-
-    def cleanup() -> None:
-        try:
-            for worker in b.workers:
-                worker.stop()
-            b.close()
-        finally:
-            if engine is not None:
-                with engine.begin() as conn:
-                    conn.execute(sa.schema.DropSchema(schema, cascade=True))
-                engine.dispose()
-
+    b, cleanup = make_broker(url, tmp_path)
     try:
         yield b
     finally:

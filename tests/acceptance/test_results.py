@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 import resultproj
-import sqlalchemy as sa
 from celery import chord, group
 from celery.exceptions import ChordError, TaskRevokedError
 from celery.result import AsyncResult, GroupResult, ResultSet
-from harness import LOG_TAIL_LINES, Broker, Worker, _failed, reaper_for, wait_for
+from harness import LOG_TAIL_LINES, Broker, Worker, _failed, make_broker, reaper_for, wait_for
 
 from celery_eventstore import lifecycle as lc
 
@@ -67,28 +66,11 @@ def results(
     """A broker, one ``resultproj`` worker on it, and the test process's app."""
     reaper = reaper_for(request, request.param)
     tmp_path = tmp_path_factory.mktemp(f"results-{request.param}")
-    engine: sa.Engine | None = None
-    schema: str | None = None
-    if request.param == "sqlite":
-        broker = Broker("sqlite", f"sqlite:///{tmp_path / 'broker.db'}", None, tmp_path)
-    else:
-        url = request.getfixturevalue("postgresql_url")
-        schema = f"accr_{uuid.uuid4().hex[:12]}"
-        engine = sa.create_engine(url)
-        with engine.begin() as conn:
-            conn.execute(sa.schema.CreateSchema(schema))
-        broker = Broker("postgresql", url, schema, tmp_path)
-
-    def cleanup() -> None:
-        try:
-            for w in broker.workers:
-                w.stop()
-            broker.close()
-        finally:
-            if engine is not None and schema is not None:
-                with engine.begin() as conn:
-                    conn.execute(sa.schema.DropSchema(schema, cascade=True))
-                engine.dispose()
+    url = (
+        f"sqlite:///{tmp_path / 'broker.db'}" if request.param == "sqlite"
+        else request.getfixturevalue("postgresql_url")
+    )
+    broker, cleanup = make_broker(url, tmp_path, prefix="accr")
 
     app = None
     try:

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from celery import chord
 from click.testing import CliRunner, Result
 from harness import HERE as ACCEPTANCE
-from harness import Broker, Worker, wait_for
+from harness import Broker, Worker, make_broker, wait_for
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.cli import eventstore
@@ -167,31 +167,15 @@ def produce(data: Data) -> None:
 def make_data(
     dialect: str, tmp_path: Path, postgresql_url: str | None, reaper: Any
 ) -> Iterator[Data]:
-    engine: sa.Engine | None = None
-    schema: str | None = None
     if dialect == "sqlite":
-        broker = Broker("sqlite", f"sqlite:///{tmp_path / 'broker.db'}", None, tmp_path)
+        url = f"sqlite:///{tmp_path / 'broker.db'}"
     else:
         assert postgresql_url is not None
-        schema = f"cli_{uuid.uuid4().hex[:12]}"
-        engine = sa.create_engine(postgresql_url)
-        with engine.begin() as conn:
-            conn.execute(sa.schema.CreateSchema(schema))
-        broker = Broker("postgresql", postgresql_url, schema, tmp_path)
+        url = postgresql_url
+    broker, cleanup = make_broker(url, tmp_path, prefix="cli")
     # Dead letters come from Reject; a short lease is not needed.
     app = cliproj.make_app(broker.url, broker.transport_options())
     data = Data(broker, app)
-
-    def cleanup() -> None:
-        try:
-            for w in broker.workers:
-                w.stop()
-            broker.close()
-        finally:
-            if engine is not None and schema is not None:
-                with engine.begin() as conn:
-                    conn.execute(sa.schema.DropSchema(schema, cascade=True))
-                engine.dispose()
 
     try:
         produce(data)
