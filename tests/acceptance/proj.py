@@ -30,19 +30,54 @@ def record(name: str, **fields: Any) -> None:
         out.write(line + "\n")
 
 
-def _seen(name: str) -> bool:
+def seen(name: str) -> bool:
+    """Whether the marker file ``name`` exists."""
     return os.path.exists(os.path.join(os.environ[MARKERS_ENV], name))
 
 
-def make_app(
-    broker_url: str, transport_options: dict[str, Any], *, current: bool = False
+def go_file(task_id: str) -> str:
+    """The marker file a test creates to let a task that waits for it finish."""
+    return f"go-{task_id}"
+
+
+def wait_for_go(task_id: str, timeout: float = 30.0) -> None:
+    """Block (in a task) until the test creates the task's :func:`go_file`."""
+    path = os.path.join(os.environ[MARKERS_ENV], go_file(task_id))
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the test never let the task finish")
+        time.sleep(0.05)
+
+
+def base_app(
+    name: str, broker_url: str, transport_options: dict[str, Any], *, current: bool = False,
+    results: bool = False, **conf: Any,
 ) -> Celery:
-    app = Celery("proj", set_as_current=current)
+    """A test application on ``broker_url``; with ``results`` the event store is its
+    result backend too (a placeholder in a bare import, where the URL is not one)."""
+    app = Celery(name, set_as_current=current)
     app.conf.update(
         broker_url=broker_url,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
     )
+    if results:
+        app.conf.update(
+            result_backend=(
+                broker_url if broker_url.startswith("eventstore+") else "cache+memory://"
+            ),
+            result_backend_transport_options=transport_options,
+            task_track_started=True,
+        )
+    app.conf.update(conf)
+    return app
+
+
+def make_app(
+    broker_url: str, transport_options: dict[str, Any], *, current: bool = False
+) -> Celery:
+    app = base_app("proj", broker_url, transport_options, current=current)
 
     @app.task(name="proj.plain", shared=False, bind=True)
     def plain(self: Any, sleep: float = 0) -> None:
@@ -68,7 +103,7 @@ def make_app(
     @app.task(name="proj.hold", shared=False, bind=True, acks_late=True)
     def hold(self: Any, seconds: float) -> None:
         """Sleeps ``seconds`` on its first run only; later runs return at once."""
-        first = not _seen(self.request.id)
+        first = not seen(self.request.id)
         record(
             self.request.id,
             event="started",

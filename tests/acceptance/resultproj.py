@@ -10,33 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 from celery import Celery
-from proj import BROKER_ENV, MARKERS_ENV, OPTIONS_ENV, record
-
-#: How long ``resultproj.progress`` waits for the test's go-ahead before failing.
-GO_TIMEOUT = 30.0
-
-
-def go_file(task_id: str) -> str:
-    """The marker file the test creates to let ``resultproj.progress`` finish."""
-    return f"go-{task_id}"
+from proj import BROKER_ENV, OPTIONS_ENV, base_app, record, wait_for_go
 
 
 def make_app(
     broker_url: str, transport_options: dict[str, Any], *, current: bool = False
 ) -> Celery:
-    app = Celery("resultproj", set_as_current=current)
-    app.conf.update(
-        broker_url=broker_url,
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        # The event store when the broker is one; a placeholder in a bare import.
-        result_backend=broker_url if broker_url.startswith("eventstore+") else "cache+memory://",
-        result_backend_transport_options=transport_options,
-        task_track_started=True,
+    app = base_app(
+        "resultproj", broker_url, transport_options, current=current, results=True,
         result_extended=True,
     )
 
@@ -62,12 +46,7 @@ def make_app(
     def progress(self: Any) -> str:
         """Reports PROGRESS, then waits for the test's go-ahead file."""
         self.update_state(state="PROGRESS", meta={"step": 1, "of": 2})
-        path = os.path.join(os.environ[MARKERS_ENV], go_file(self.request.id))
-        deadline = time.monotonic() + GO_TIMEOUT
-        while not os.path.exists(path):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the test never let the task finish")
-            time.sleep(0.05)
+        wait_for_go(self.request.id)
         return "done"
 
     @app.task(name="resultproj.tsum", shared=False)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import proj
 import pytest
 import resultproj
 from celery import chord, group
@@ -214,7 +215,7 @@ def test_update_state_is_visible_while_the_task_runs(results: Results) -> None:
     assert results.app.AsyncResult(r.id).info == {"step": 1, "of": 2}
     assert "Succeeded" not in results.types(r.id)
 
-    (results.broker.markers / resultproj.go_file(r.id)).touch()
+    (results.broker.markers / proj.go_file(r.id)).touch()
     assert r.get(timeout=TIMEOUT) == "done"
     assert results.app.AsyncResult(r.id).state == "SUCCESS"
     assert "StateUpdated" in results.types(r.id)

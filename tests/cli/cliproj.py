@@ -9,43 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 from celery import Celery
 from celery.exceptions import Reject
-from proj import BROKER_ENV, MARKERS_ENV, OPTIONS_ENV, record
+from proj import BROKER_ENV, OPTIONS_ENV, base_app, record, seen, wait_for_go
 
 #: A queue no worker of the tests consumes: its messages stay ready.
 IDLE_QUEUE = "reports"
 #: A second queue the workers consume (``dead purge --queue``).
 POISON_QUEUE = "poison"
-#: How long ``cliproj.hold`` waits for the test's go-ahead before failing.
-GO_TIMEOUT = 30.0
-
-
-def go_file(task_id: str) -> str:
-    """The marker file the test creates to let ``cliproj.hold`` finish."""
-    return f"go-{task_id}"
-
-
-def _seen(name: str) -> bool:
-    return os.path.exists(os.path.join(os.environ[MARKERS_ENV], name))
-
 
 def make_app(
     broker_url: str, transport_options: dict[str, Any], *, current: bool = False
 ) -> Celery:
-    app = Celery("cliproj", set_as_current=current)
-    app.conf.update(
-        broker_url=broker_url,
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        # The event store when the broker is one; a placeholder in a bare import.
-        result_backend=broker_url if broker_url.startswith("eventstore+") else "cache+memory://",
-        result_backend_transport_options=transport_options,
-        task_track_started=True,
-    )
+    app = base_app("cliproj", broker_url, transport_options, current=current, results=True)
 
     @app.task(name="cliproj.add", shared=False, bind=True)
     def add(self: Any, x: int, y: int = 0) -> int:
@@ -67,18 +45,13 @@ def make_app(
     @app.task(name="cliproj.hold", shared=False, bind=True, acks_late=True)
     def hold(self: Any) -> str:
         """Runs (holding its message's lease) until the test creates its go-ahead file."""
-        path = os.path.join(os.environ[MARKERS_ENV], go_file(self.request.id))
-        deadline = time.monotonic() + GO_TIMEOUT
-        while not os.path.exists(path):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the test never let the task finish")
-            time.sleep(0.05)
+        wait_for_go(self.request.id)
         return "released"
 
     @app.task(name="cliproj.poison", shared=False, bind=True, acks_late=True)
     def poison(self: Any) -> str:
         """Rejected (dead-lettered) on its first run; later runs succeed."""
-        first = not _seen(self.request.id)
+        first = not seen(self.request.id)
         record(self.request.id, event="ran")
         if first:
             raise Reject("poison message", requeue=False)

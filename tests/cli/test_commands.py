@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import cliproj
+import proj
 import pytest
 import sqlalchemy as sa
 from clidata import Data, empty_database, make_data, timeline
@@ -305,7 +306,7 @@ def test_queues_shows_every_state_and_the_ages(data: Data) -> None:
         stats = {s["queue"]: s for s in json.loads(data.cli("queues", "--json").output)}
         after = data.store.now()
     finally:
-        (data.broker.markers / cliproj.go_file(held)).touch()
+        (data.broker.markers / proj.go_file(held)).touch()
     data.broker.wait_for_event(held, "Succeeded", TIMEOUT)
     data.broker.wait_for_event(held, "Acked", TIMEOUT)  # acks_late: after the result
 
