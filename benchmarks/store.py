@@ -598,24 +598,25 @@ def goals(reports: list[DialectReport]) -> list[str]:
                 f"  {r.label:<22} cycle / raw INSERT+COMMIT = {r.cycle_single.rate:,.0f} / "
                 f"{r.raw.rate:,.0f} = {ratio:.3f} (goal >= {CYCLE_GOAL:.3f}): {met}"
             )
+    def history_goal(r: DialectReport, what: str, before: Result, after: Result) -> str:
+        diff = after.rate / before.rate - 1
+        met = "MET" if abs(diff) <= HISTORY_GOAL else "NOT MET"
+        return (
+            f"  {r.label:<22} {what}: {before.rate:,.0f} -> {after.rate:,.0f} msgs/s "
+            f"= {diff:+.1%} (goal within {HISTORY_GOAL:.0%}): {met}"
+        )
+
     for r in reports:
         if r.claim_before and r.claim_after:
-            diff = r.claim_after.rate / r.claim_before.rate - 1
-            met = "MET" if abs(diff) <= HISTORY_GOAL else "NOT MET"
-            out.append(
-                f"  {r.label:<22} claim+ack, empty log -> {r.filled:,} settled: "
-                f"{r.claim_before.rate:,.0f} -> {r.claim_after.rate:,.0f} msgs/s = {diff:+.1%} "
-                f"(goal within {HISTORY_GOAL:.0%}): {met}"
-            )
+            out.append(history_goal(
+                r, f"claim+ack, empty log -> {r.filled:,} settled", r.claim_before, r.claim_after
+            ))
     for r in reports:
         if r.control_fresh and r.control_filled:
-            diff = r.control_filled.rate / r.control_fresh.rate - 1
-            met = "MET" if abs(diff) <= HISTORY_GOAL else "NOT MET"
-            out.append(
-                f"  {r.label:<22} control, windows interleaved, fresh tables vs {r.filled:,} "
-                f"settled: {r.control_fresh.rate:,.0f} vs {r.control_filled.rate:,.0f} msgs/s "
-                f"= {diff:+.1%}: {met}"
-            )
+            out.append(history_goal(
+                r, f"control, windows interleaved, fresh tables -> {r.filled:,} settled",
+                r.control_fresh, r.control_filled,
+            ))
     for r in reports:
         if r.filled:
             slow = ""
