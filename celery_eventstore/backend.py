@@ -48,8 +48,7 @@ from kombu.utils.encoding import bytes_to_str
 from . import lifecycle as lc
 from .enqueue import atomic, same_database
 from .exceptions import DatabaseUnavailable, TaskDeadLettered
-from .storage import EventStore
-from .storage.dialects import Listener
+from .storage import EventStore, Listener
 from .stores import shared_store
 
 #: Longest a waiter sleeps between reads when no wake-up arrives (a safety net).

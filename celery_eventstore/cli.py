@@ -25,8 +25,7 @@ import sqlalchemy as sa
 from . import lifecycle as lc
 from .exceptions import EventStoreError
 from .history import LogFollower, canvas, entries_of, format_timeline
-from .storage import SCHEMA_VERSION, EventStore, RecordedEvent
-from .storage.routing import QueueInfo
+from .storage import SCHEMA_VERSION, EventStore, QueueInfo, RecordedEvent
 
 
 def _strip(url: str) -> str:

@@ -72,9 +72,17 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from .exceptions import DatabaseUnavailable
-from .storage import ClaimRef, EventStore, NewMessage, Outcome, redact
-from .storage.dialects import ANY_QUEUE, Listener
-from .storage.routing import Binding, QueueInfo
+from .storage import (
+    ANY_QUEUE,
+    Binding,
+    ClaimRef,
+    EventStore,
+    Listener,
+    NewMessage,
+    Outcome,
+    QueueInfo,
+    redact,
+)
 from .stores import shared_store
 
 logger = logging.getLogger(__name__)

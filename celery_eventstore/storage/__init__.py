@@ -1,22 +1,39 @@
 """The storage layer: the only package that speaks SQL.
 
-:class:`EventStore` is the one interface; :mod:`.dialects` holds what differs
-between PostgreSQL and SQLite.
+Adapters (the transport, the result backend, the CLI, atomic enqueue) import from
+here and nowhere deeper: :class:`EventStore` is the face, the values it takes and
+returns are plain records, and the wake-up :class:`Listener` is the one object
+that outlives a call.
 """
 
 from __future__ import annotations
 
-from .records import ClaimedMessage, ClaimRef, NewMessage, Outcome, QueueStats, RecordedEvent
+from .dialects import ANY_QUEUE, Listener
+from .records import (
+    ClaimedMessage,
+    ClaimRef,
+    DeadLetter,
+    NewMessage,
+    Outcome,
+    QueueStats,
+    RecordedEvent,
+)
+from .routing import Binding, QueueInfo
 from .schema import SCHEMA_VERSION
 from .store import EventStore, parse_url, redact
 
 __all__ = [
+    "ANY_QUEUE",
     "SCHEMA_VERSION",
+    "Binding",
     "ClaimRef",
     "ClaimedMessage",
+    "DeadLetter",
     "EventStore",
+    "Listener",
     "NewMessage",
     "Outcome",
+    "QueueInfo",
     "QueueStats",
     "RecordedEvent",
     "parse_url",
