@@ -58,10 +58,6 @@ STORE_OPTIONS = (
 )
 
 
-def _strip_scheme(url: str) -> str:
-    return url.split("+", 1)[1] if url.startswith("eventstore+") else url
-
-
 class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
     """Results, groups and chords as events in the celery_eventstore log."""
 
@@ -77,7 +73,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             raise ValueError("the eventstore result backend needs a database URL")
         options = self.app.conf.get("result_backend_transport_options") or {}
         self.store: EventStore = shared_store(
-            _strip_scheme(target), {k: options[k] for k in STORE_OPTIONS if k in options}
+            target, {k: options[k] for k in STORE_OPTIONS if k in options}
         )
         self._local = threading.local()
 
@@ -320,7 +316,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         # Not on SQLite, where that open transaction would lock out the other
         # writes publishing needs; there the callback follows the commit.
         joined = same_database(app.conf.broker_url or "", self.store) and not (
-            self.store.dialect.single_writer
+            self.store.single_writer
         )
         if not joined:
             if _completes(self.store.execute(f"chord:{gid}", count)):

@@ -20,16 +20,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 import click
-import sqlalchemy as sa
 
 from . import lifecycle as lc
 from .exceptions import EventStoreError
 from .history import LogFollower, canvas, entries_of, format_timeline
 from .storage import SCHEMA_VERSION, EventStore, QueueInfo, RecordedEvent
-
-
-def _strip(url: str) -> str:
-    return url.split("+", 1)[1] if url.startswith("eventstore+") else url
 
 
 class _Context:
@@ -45,7 +40,7 @@ class _Context:
                 raise click.UsageError(
                     "give the database with --url (or run as `celery -A app eventstore`)"
                 )
-            self._store = EventStore(_strip(self.url), **self.options)
+            self._store = EventStore(self.url, **self.options)
         return self._store
 
 
@@ -75,8 +70,6 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except EventStoreError as exc:
             raise StoreError(str(exc)) from exc
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(str(exc).splitlines()[0]) from exc
 
 
 @click.group(name="eventstore", cls=_Group, help=__doc__.split("\n\n")[0])
@@ -247,7 +240,7 @@ def tail(ctx: click.Context, follow: bool, queue: str | None, task_name: str | N
     backlog = [rec for rec in _all_events(store) if keep(rec)]
     for rec in backlog[-lines:] if lines else []:
         show(rec)
-    position = backlog[-1].position if backlog else _last_position(store)
+    position = backlog[-1].position if backlog else store.last_position()
     if not follow:
         return
     listener = store.listener()
@@ -264,13 +257,6 @@ def tail(ctx: click.Context, follow: bool, queue: str | None, task_name: str | N
         pass
     finally:
         listener.close()
-
-
-def _last_position(store: EventStore) -> int:
-    last = 0
-    for rec in _all_events(store):
-        last = rec.position
-    return last
 
 
 def _age(seconds: float | None) -> str:
@@ -414,9 +400,6 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except EventStoreError as exc:
         click.echo(f"error: {exc}", err=True)
-        return 2
-    except sa.exc.SQLAlchemyError as exc:
-        click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
         return 2
     return 0
 

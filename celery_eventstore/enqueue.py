@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .exceptions import EventStoreError
-from .storage import EventStore, redact
+from .storage import BROKER_PREFIX, EventStore, redact
 
 
 class AtomicEnqueueError(EventStoreError):
@@ -60,7 +60,7 @@ def atomic(target: Any, app: Any = None) -> Iterator[sa.Connection]:
 
         app = current_app
     broker = str(app.conf.broker_url or "")
-    if not broker.startswith("eventstore+"):
+    if not broker.startswith(BROKER_PREFIX):
         raise AtomicEnqueueError(
             f"atomic() needs the eventstore broker, but the Celery app {app.main!r} "
             f"publishes to {broker.split('://')[0] or 'the default broker'}://"
@@ -74,30 +74,11 @@ def atomic(target: Any, app: Any = None) -> Iterator[sa.Connection]:
 
 
 def same_database(url: str | sa.URL, store: EventStore) -> bool:
-    """Whether ``url`` (a broker or SQLAlchemy URL) names the store's database."""
-    text = str(url) if isinstance(url, sa.URL) else url
-    if text.startswith("eventstore+"):
-        text = text[len("eventstore+"):]
-    elif not isinstance(url, sa.URL):
-        return False
-    try:
-        return _same_database(sa.make_url(text), store.url)
-    except Exception:  # noqa: BLE001 - not a URL of ours
-        return False
-
-
-def _same_database(a: sa.URL, b: sa.URL) -> bool:
-    if a.get_backend_name() != b.get_backend_name():
-        return False
-    if a.get_backend_name() == "sqlite":
-        import os.path
-
-        return os.path.realpath(a.database or "") == os.path.realpath(b.database or "")
-    return (a.host or "localhost", a.port or 5432, a.database) == (
-        b.host or "localhost",
-        b.port or 5432,
-        b.database,
-    )
+    """Whether ``url`` (an ``eventstore+`` broker URL or a SQLAlchemy URL object)
+    names the store's database."""
+    if isinstance(url, str) and not url.startswith(BROKER_PREFIX):
+        return False  # another broker
+    return store.same_database(url)
 
 
 def current_connection(store: EventStore) -> sa.Connection | None:
@@ -105,7 +86,7 @@ def current_connection(store: EventStore) -> sa.Connection | None:
     conn = _bound.get()
     if conn is None:
         return None
-    if not _same_database(conn.engine.url, store.url):
+    if not store.same_database(conn.engine.url):
         raise AtomicEnqueueError(
             f"atomic() was given a connection to {redact(conn.engine.url)}, but the broker "
             f"stores its jobs in {redact(store.url)}: a task can only join a transaction "

@@ -68,6 +68,10 @@ class DatabaseUnavailable(EventStoreError):
     names the right host, port and database."""
 
 
+class DatabaseError(EventStoreError):
+    """The database refused the operation; the message gives the database's reason."""
+
+
 class SchemaMissing(EventStoreError):
     """The event store's tables do not exist in this database; run
     ``celery-eventstore migrate --url URL`` (or enable auto_migrate)."""

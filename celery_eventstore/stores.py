@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from .storage import EventStore
+from .storage import EventStore, parse_url
 
 _stores: dict[tuple[str, tuple[tuple[str, Any], ...]], EventStore] = {}
 _lock = threading.Lock()
@@ -26,6 +26,9 @@ ADAPTER_DEFAULTS: dict[str, Any] = {"auto_migrate": True}
 
 def shared_store(url: str, options: Mapping[str, Any] | None = None) -> EventStore:
     merged = {**ADAPTER_DEFAULTS, **(options or {})}
+    # The broker's and the result backend's URLs differ in their eventstore+
+    # prefix at most: they share one store.
+    url = parse_url(url).render_as_string(hide_password=False)
     key = (url, tuple(sorted((k, _frozen(v)) for k, v in merged.items())))
     with _lock:
         store = _stores.get(key)

@@ -66,7 +66,6 @@ from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
 
-import sqlalchemy as sa
 from kombu import serialization
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
@@ -74,6 +73,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from .exceptions import DatabaseUnavailable
 from .storage import (
     ANY_QUEUE,
+    BROKER_PREFIX,
     Binding,
     ClaimRef,
     EventStore,
@@ -81,6 +81,7 @@ from .storage import (
     NewMessage,
     Outcome,
     QueueInfo,
+    parse_url,
     redact,
 )
 from .stores import shared_store
@@ -107,23 +108,10 @@ STORE_OPTIONS = (
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [
-        DatabaseUnavailable,
-        sa.exc.OperationalError,
-        sa.exc.InterfaceError,
-        ConnectionError,
-    ]
-    for module, names in (
-        ("psycopg2", ("OperationalError", "InterfaceError")),
-        ("psycopg", ("OperationalError", "InterfaceError")),
-        ("sqlite3", ("OperationalError",)),
-    ):
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        errors.extend(getattr(mod, name) for name in names)
-    return tuple(errors)
+    # The store translates every driver error that means "the database cannot
+    # serve us now" into DatabaseUnavailable: that, and the socket errors of the
+    # LISTEN connection, are what Celery reconnects on.
+    return (DatabaseUnavailable, ConnectionError)
 
 
 def to_epoch(value: Any) -> float | None:
@@ -644,9 +632,9 @@ class Transport(virtual.Transport):
         self._atomic: Any = None
 
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
-        url = sa.make_url(uri)
-        text = url.render_as_string(hide_password=not include_password)
-        return f"eventstore+{text}" if include_password else f"eventstore+{redact(url)}"
+        url = parse_url(uri)
+        text = url.render_as_string(hide_password=False) if include_password else redact(url)
+        return f"{BROKER_PREFIX}{text}"
 
     # -- connection ------------------------------------------------------------
 

@@ -8,7 +8,8 @@ that outlives a call.
 
 from __future__ import annotations
 
-from .dialects import ANY_QUEUE, Listener
+from .database import BROKER_PREFIX, parse_url, redact
+from .notifiers import ANY_QUEUE, Listener
 from .records import (
     ClaimedMessage,
     ClaimRef,
@@ -20,10 +21,11 @@ from .records import (
 )
 from .routing import Binding, QueueInfo
 from .schema import SCHEMA_VERSION
-from .store import EventStore, parse_url, redact
+from .store import EventStore
 
 __all__ = [
     "ANY_QUEUE",
+    "BROKER_PREFIX",
     "SCHEMA_VERSION",
     "Binding",
     "ClaimRef",

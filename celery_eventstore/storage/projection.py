@@ -9,7 +9,6 @@ not one per event.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -37,9 +36,8 @@ from ..lifecycle import (
     StateUpdated,
     Succeeded,
 )
-from .dialects import Dialect
+from .queries import Queries
 from .records import RecordedEvent
-from .schema import Tables
 
 #: Events that change what the result backend reports.
 _RESULT_EVENTS = (
@@ -66,8 +64,7 @@ def _unclaimed(available_at: float) -> dict[str, Any]:
 
 def project(
     conn: sa.Connection,
-    tables: Tables,
-    dialect: Dialect,
+    queries: Queries,
     recorded: Iterable[RecordedEvent],
     states: Mapping[str, JobState],
 ) -> None:
@@ -135,11 +132,10 @@ def project(
                 "dead_at": rec.recorded_at,
                 "position": rec.position,
             })
-    _write(conn, tables, changes, dead)
+    _write(conn, queries, changes, dead)
     if retried:
-        dl = tables.dead_letters
-        conn.execute(dl.delete().where(dl.c.delivery_id.in_(retried)))
-    _write_results(conn, tables, dialect, results, states)
+        conn.execute(queries.delete_dead_letters, {"deliveries": retried})
+    _write_results(conn, queries, results, states)
 
 
 def _merge(changes: dict[str, tuple[str, dict[str, Any]]], delivery: str,
@@ -159,9 +155,8 @@ def _delete(changes: dict[str, tuple[str, dict[str, Any]]], delivery: str) -> No
         changes[delivery] = (_DELETE, {"delivery_id": delivery})
 
 
-def _write(conn: sa.Connection, tables: Tables, changes: dict[str, tuple[str, dict[str, Any]]],
-           dead: list[dict[str, Any]]) -> None:
-    messages = tables.messages
+def _write(conn: sa.Connection, queries: Queries,
+           changes: dict[str, tuple[str, dict[str, Any]]], dead: list[dict[str, Any]]) -> None:
     inserts = [row for kind, row in changes.values() if kind == _INSERT]
     deletes = [row["delivery_id"] for kind, row in changes.values() if kind == _DELETE]
     updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -170,57 +165,33 @@ def _write(conn: sa.Connection, tables: Tables, changes: dict[str, tuple[str, di
             updates.setdefault(tuple(sorted(row)), []).append(row)
 
     if inserts:
-        conn.execute(messages.insert(), inserts)
+        conn.execute(queries.insert_messages, inserts)
     for columns, rows in updates.items():
         conn.execute(
-            _update_statement(messages, columns),
+            queries.update_messages(columns),
             [{**r, "b_delivery_id": r["delivery_id"]} for r in rows],
         )
     if deletes:
-        conn.execute(_delete_statement(messages), {"deliveries": deletes})
+        conn.execute(queries.delete_messages, {"deliveries": deletes})
     if dead:
-        conn.execute(tables.dead_letters.insert(), dead)
-
-
-
-@functools.cache
-def _update_statement(messages: sa.Table, columns: tuple[str, ...]) -> sa.Update:
-    # Built once per table and set of columns: few sets exist (claim, renewal, ...).
-    return (
-        messages.update()
-        .where(messages.c.delivery_id == sa.bindparam("b_delivery_id"))
-        .values({c: sa.bindparam(c) for c in columns if c != "delivery_id"})
-    )
-
-
-@functools.cache
-def _delete_statement(messages: sa.Table) -> sa.Delete:
-    return messages.delete().where(
-        messages.c.delivery_id.in_(sa.bindparam("deliveries", expanding=True))
-    )
+        conn.execute(queries.insert_dead_letters, dead)
 
 
 def _write_results(
-    conn: sa.Connection, tables: Tables, dialect: Dialect, touched: Mapping[str, float],
+    conn: sa.Connection, queries: Queries, touched: Mapping[str, float],
     states: Mapping[str, JobState],
 ) -> None:
-    table = tables.results
     gone = []
     for stream, at in touched.items():
         state = states[stream]
         if state.forgotten or (state.result_state is ResultState.PENDING and state.result is None):
             gone.append(stream)
             continue
-        dialect.upsert(
-            conn,
-            table,
-            {
-                "stream_id": stream,
-                "state": state.custom_state or state.result_state.value,
-                "result": dict(state.result) if state.result is not None else None,
-                "date_done": at if state.result_state in _READY else None,
-            },
-            keys=("stream_id",),
-        )
+        conn.execute(queries.upsert_result, {
+            "stream_id": stream,
+            "state": state.custom_state or state.result_state.value,
+            "result": dict(state.result) if state.result is not None else None,
+            "date_done": at if state.result_state in _READY else None,
+        })
     if gone:
-        conn.execute(table.delete().where(table.c.stream_id.in_(gone)))
+        conn.execute(queries.delete_results, {"streams": gone})

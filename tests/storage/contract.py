@@ -288,7 +288,7 @@ class StoreContract:
             with conn.begin():
                 store.publish([msg("real")], connection=conn)
                 # Not visible to others before the caller commits.
-                assert store.queue_size("q") == 0 or store.dialect.name == "sqlite"
+                assert store.queue_size("q") == 0 or store.dialect_name == "sqlite"
         assert types(store, "real") == ["Published"]
         assert store.queue_size("q") == 1
 
@@ -305,7 +305,7 @@ class StoreContract:
     def test_publish_first_on_an_application_engine_then_rollback_leaves_nothing(self, store):
         # The application's own engine, without the store's connection set-up: the
         # publish is the first statement of the transaction.
-        app_engine = sa.create_engine(store.url, **store.dialect.engine_options(store.url))
+        app_engine = sa.create_engine(store.url, **store.db.dialect.engine_options(store.url))
         try:
             with app_engine.connect() as conn:
                 trans = conn.begin()
@@ -489,7 +489,7 @@ class StoreContract:
         assert m.message == body
 
     def test_engine_reports_the_dialect(self, store):
-        assert store.dialect.name == sa.make_url(str(store.url)).get_backend_name()
+        assert store.dialect_name == sa.make_url(str(store.url)).get_backend_name()
 
     # -- routing state ---------------------------------------------------------------
 

@@ -1,14 +1,16 @@
 """What differs between databases, one small module each.
 
 A :class:`Dialect` is the only place that knows which database it talks to:
-engine set-up, how claims nominate rows, how committed work wakes consumers,
-the database clock, and which driver errors mean "lost a race".
+engine set-up, how claims nominate rows, upserts, locks, durability, the
+database clock, and which driver errors mean "lost a race" or "the database is
+not serving writes now".  Wake-ups are a seam of their own
+(:mod:`..notifiers`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,14 +22,20 @@ class Dialect:
     """The defaults are portable SQL; subclasses override what their database needs."""
 
     name = "generic"
-    #: Whether LISTEN/NOTIFY style wake-ups exist.
-    supports_notify = False
     #: One writer at a time for the whole database (SQLite): a transaction kept
     #: open while other connections of the same process write would deadlock.
     single_writer = False
+    #: :meth:`join` can roll back our part alone (a savepoint).
+    atomic_join = True
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         return url
+
+    def same_database(self, a: sa.URL, b: sa.URL) -> bool:
+        """Whether two URLs of this dialect reach the same database."""
+        return (a.host or "localhost", a.port, a.database) == (
+            b.host or "localhost", b.port, b.database
+        )
 
     def engine_options(self, url: sa.URL) -> dict[str, Any]:
         return {}
@@ -38,9 +46,6 @@ class Dialect:
     def read_options(self) -> dict[str, Any]:
         """Execution options for a read-only transaction."""
         return {}
-
-    #: :meth:`join` can roll back our part alone (a savepoint).
-    atomic_join = True
 
     @contextlib.contextmanager
     def join(self, connection: sa.Connection) -> Iterator[sa.Connection]:
@@ -55,6 +60,13 @@ class Dialect:
     def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         """Make a claim's candidate query safe against concurrent claimers."""
         return select
+
+    def upsert(
+        self, table: sa.Table, columns: Sequence[str], keys: Sequence[str]
+    ) -> sa.Executable:
+        """A statement inserting a row of ``columns`` (bound by name), or updating the
+        row whose ``keys`` already exist."""
+        raise NotImplementedError
 
     def maintenance_warnings(self, conn: sa.Connection) -> list[str]:
         """Server settings that will hurt the store, in words for an operator."""
@@ -73,19 +85,6 @@ class Dialect:
     def lock_migrations(self, conn: sa.Connection, key: str) -> None:
         """Serialise concurrent migrations of the same schema."""
 
-    def notify(self, conn: sa.Connection, channel: str, payloads: Iterable[str]) -> None:
-        """Wake listeners on commit; a no-op where the database cannot."""
-
-    def upsert(
-        self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], keys: tuple[str, ...]
-    ) -> None:
-        """Insert a row, or update it where its ``keys`` already exist."""
-        raise NotImplementedError
-
-    def listener(self, engine: sa.Engine, channels: Iterable[str]) -> Listener:
-        """Something to wait on for "the store changed"; see :class:`Listener`."""
-        raise NotImplementedError
-
     def clock_query(self) -> sa.Select[Any] | None:
         """A query for the database's clock in epoch seconds, or None to use the host's."""
         return None
@@ -94,30 +93,13 @@ class Dialect:
         """True when the error means another transaction won a race; retry."""
         return isinstance(exc, sa.exc.IntegrityError)
 
-
-class Listener:
-    """Wakes consumers when messages may have become ready.
-
-    :meth:`fileno` is a socket an event loop can watch (PostgreSQL LISTEN), or
-    None when the dialect can only poll (then call :meth:`poll` on a timer).
-    :meth:`poll` never blocks and returns the queues woken since the last call
-    (``{"*"}`` when it cannot tell which); :meth:`wait` blocks up to ``timeout``.
-    """
-
-    def fileno(self) -> int | None:
-        return None
-
-    def poll(self) -> set[str]:
-        raise NotImplementedError
-
-    def wait(self, timeout: float) -> set[str]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release the listener's connection."""
-
-
-ANY_QUEUE = "*"
+    def is_unavailable(self, exc: sa.exc.DBAPIError) -> bool:
+        """True when the error means the database cannot serve us now (gone, restarting,
+        read-only, out of connections): callers should wait and try again."""
+        return bool(exc.connection_invalidated) or (
+            isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+            and not self.is_conflict(exc)
+        )
 
 
 def dialect_for(url: sa.URL) -> Dialect:

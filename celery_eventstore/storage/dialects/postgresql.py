@@ -1,4 +1,4 @@
-"""PostgreSQL: SKIP LOCKED claims, LISTEN/NOTIFY wake-ups, the server's clock.
+"""PostgreSQL: SKIP LOCKED claims, advisory locks, the server's clock.
 
 A plain ``postgresql://`` URL is pinned to psycopg2, the driver this package
 depends on (SQLAlchemy 2.1 would otherwise pick psycopg 3, which is optional
@@ -7,17 +7,15 @@ here).  Name the driver to choose: ``postgresql+psycopg://`` works as well.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import select
-from collections.abc import Iterable, Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from ...exceptions import DatabaseUnavailable
-from . import Dialect, Listener
+from ..notifiers.postgresql_notify import readable
+from . import Dialect
 
 #: SQLSTATEs that mean "another transaction got there first": retry.
 _RETRYABLE = {
@@ -38,12 +36,17 @@ def _lock_key(key: str) -> int:
 
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
-    supports_notify = True
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         if url.drivername == "postgresql":
             return url.set(drivername="postgresql+psycopg2")
         return url
+
+    def same_database(self, a: sa.URL, b: sa.URL) -> bool:
+        def where(url: sa.URL) -> tuple[str, int, str | None]:
+            return (url.host or "localhost", url.port or 5432, url.database)
+
+        return where(a) == where(b)
 
     def engine_options(self, url: sa.URL) -> dict[str, Any]:
         # No pool_pre_ping: it costs a round trip per transaction.  A connection
@@ -110,20 +113,12 @@ class PostgreSQLDialect(Dialect):
     def lock_migrations(self, conn: sa.Connection, key: str) -> None:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(key))))
 
-    def notify(self, conn: sa.Connection, channel: str, payloads: Iterable[str]) -> None:
-        # pg_notify is transactional: listeners hear it only if we commit.
-        for payload in sorted(set(payloads)):
-            conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
-
     def upsert(
-        self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], keys: tuple[str, ...]
-    ) -> None:
-        stmt = pg_insert(table).values(values)
-        update = {k: stmt.excluded[k] for k in values if k not in keys}
-        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
-
-    def listener(self, engine: sa.Engine, channels: Iterable[str]) -> Listener:
-        return NotifyListener(engine, channels)
+        self, table: sa.Table, columns: Sequence[str], keys: Sequence[str]
+    ) -> sa.Executable:
+        stmt = pg_insert(table).values({c: sa.bindparam(c) for c in columns})
+        update = {c: stmt.excluded[c] for c in columns if c not in keys}
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_=update)
 
     def clock_query(self) -> sa.Select[Any]:
         return sa.select(sa.extract("epoch", sa.func.clock_timestamp()))
@@ -133,85 +128,10 @@ class PostgreSQLDialect(Dialect):
         return code in _RETRYABLE
 
 
-@contextlib.contextmanager
-def _lost_on_error() -> Iterator[None]:
-    """A LISTEN connection that fails has lost the server (it only ever waits):
-    say so with the store's connection error, which Celery reconnects on."""
-    try:
-        yield
-    except DatabaseUnavailable:
-        raise
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DatabaseUnavailable(f"lost the LISTEN connection to the database: {first}") from exc
-
-
 def _has_input(dbapi_conn: Any) -> bool:
     """True when an idle connection's socket is readable (or already closed)."""
     try:
         fd = dbapi_conn.fileno()
     except Exception:  # noqa: BLE001 - the driver's "connection already closed"
         return True
-    return _readable(fd, 0)
-
-
-def _readable(fd: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for ``fd`` to be readable.  poll() where
-    there is one: select() fails for descriptors past FD_SETSIZE (1024), which a
-    busy worker process can reach."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(max(timeout, 0.0) * 1000))
-    readable, _, _ = select.select([fd], [], [], timeout)
-    return bool(readable)
-
-
-class NotifyListener(Listener):
-    """A dedicated autocommit connection that LISTENs on the store's channel.
-
-    It is its own DBAPI connection, outside the pool: a pooled connection would
-    be handed to other work and lose its LISTEN.  Works with psycopg2 and psycopg 3.
-    """
-
-    def __init__(self, engine: sa.Engine, channels: Iterable[str]) -> None:
-        args, kwargs = engine.dialect.create_connect_args(engine.url)
-        self._conn: Any = engine.dialect.connect(*args, **kwargs)
-        self._psycopg2 = engine.dialect.driver == "psycopg2"
-        if self._psycopg2:
-            self._conn.set_isolation_level(0)
-        else:
-            self._conn.autocommit = True
-        for channel in channels:
-            quoted = '"' + channel.replace('"', '""') + '"'
-            if self._psycopg2:
-                with contextlib.closing(self._conn.cursor()) as cur:
-                    cur.execute(f"LISTEN {quoted}")
-            else:
-                self._conn.execute(f"LISTEN {quoted}")
-
-    def fileno(self) -> int:
-        return int(self._conn.fileno())
-
-    def poll(self) -> set[str]:
-        with _lost_on_error():
-            if self._psycopg2:
-                self._conn.poll()
-                payloads = {n.payload for n in self._conn.notifies}
-                self._conn.notifies.clear()
-                return payloads
-            return {n.payload for n in self._conn.notifies(timeout=0)}
-
-    def wait(self, timeout: float) -> set[str]:
-        woken = self.poll()
-        if woken or timeout <= 0:
-            return woken
-        with _lost_on_error():
-            readable = _readable(self.fileno(), timeout)
-        return self.poll() if readable else set()
-
-    def close(self) -> None:
-        try:
-            self._conn.close()
-        except Exception:  # noqa: BLE001 - closing a dead connection is not an error
-            pass
+    return readable(fd, 0)

@@ -9,14 +9,14 @@ Read-only transactions use a plain ``BEGIN`` and run beside the writer (WAL).
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Iterable, Iterator
+import os.path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from . import ANY_QUEUE, Dialect, Listener
+from . import Dialect
 
 #: How long a writer waits for the write lock before giving up.
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -26,6 +26,9 @@ _READ_ONLY = "celery_eventstore_read_only"
 class SQLiteDialect(Dialect):
     name = "sqlite"
     single_writer = True
+
+    def same_database(self, a: sa.URL, b: sa.URL) -> bool:
+        return os.path.realpath(a.database or "") == os.path.realpath(b.database or "")
 
     def engine_options(self, url: sa.URL) -> dict[str, Any]:
         return {"connect_args": {"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False}}
@@ -49,14 +52,11 @@ class SQLiteDialect(Dialect):
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     def upsert(
-        self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], keys: tuple[str, ...]
-    ) -> None:
-        stmt = sqlite_insert(table).values(values)
-        update = {k: stmt.excluded[k] for k in values if k not in keys}
-        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
-
-    def listener(self, engine: sa.Engine, channels: Iterable[str]) -> Listener:
-        return DataVersionListener(engine)
+        self, table: sa.Table, columns: Sequence[str], keys: Sequence[str]
+    ) -> sa.Executable:
+        stmt = sqlite_insert(table).values({c: sa.bindparam(c) for c in columns})
+        update = {c: stmt.excluded[c] for c in columns if c not in keys}
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_=update)
 
     atomic_join = False
 
@@ -71,50 +71,3 @@ class SQLiteDialect(Dialect):
 
     def read_options(self) -> dict[str, Any]:
         return {_READ_ONLY: True}
-
-
-class DataVersionListener(Listener):
-    """Change detection by ``PRAGMA data_version``: no table is read to find out.
-
-    The pragma's value changes whenever another connection commits to the file,
-    so a consumer runs its claim query only after a write, not on every tick.
-    Waiting polls the pragma with an interval that starts short after activity
-    and grows while the database stays quiet.
-    """
-
-    MIN_INTERVAL = 0.005
-    MAX_INTERVAL = 0.1
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self._conn: Any = engine.raw_connection()
-        self._version = self._read()
-        self._interval = self.MIN_INTERVAL
-
-    def _read(self) -> int:
-        cur = self._conn.cursor()
-        try:
-            cur.execute("PRAGMA data_version")
-            return int(cur.fetchone()[0])
-        finally:
-            cur.close()
-
-    def poll(self) -> set[str]:
-        version = self._read()
-        if version == self._version:
-            return set()
-        self._version = version
-        self._interval = self.MIN_INTERVAL
-        return {ANY_QUEUE}
-
-    def wait(self, timeout: float) -> set[str]:
-        deadline = time.monotonic() + max(timeout, 0.0)
-        while True:
-            woken = self.poll()
-            remaining = deadline - time.monotonic()
-            if woken or remaining <= 0:
-                return woken
-            time.sleep(min(self._interval, remaining))
-            self._interval = min(self._interval * 2, self.MAX_INTERVAL)
-
-    def close(self) -> None:
-        self._conn.close()

@@ -1,0 +1,199 @@
+"""The database boundary: engine, transactions, durability, retries, the clock.
+
+Everything the storage package sends to the database goes through a
+:class:`Database`, and every driver error comes back out of it translated into
+the package's own exceptions: nothing above this module sees ``sqlalchemy.exc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from ..exceptions import (
+    ConcurrencyConflict,
+    DatabaseError,
+    DatabaseUnavailable,
+    InvalidURL,
+)
+from .dialects import Dialect, dialect_for
+
+T = TypeVar("T")
+
+#: How often a lost race is retried before ConcurrencyConflict reaches the caller.
+CONFLICT_RETRIES = 20
+#: How often the host/database clock offset is measured again.
+CLOCK_REFRESH_SECONDS = 30.0
+
+
+def parse_url(url: str | sa.URL) -> sa.URL:
+    """A SQLAlchemy URL; an ``eventstore+`` broker URL prefix is accepted and dropped."""
+    if isinstance(url, str) and url.startswith(BROKER_PREFIX):
+        url = url[len(BROKER_PREFIX):]
+    try:
+        return sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        # The URL may hold a password: say what is wrong without echoing it.
+        raise InvalidURL() from None
+
+
+#: What a Celery broker or result backend URL starts with to name this package.
+BROKER_PREFIX = "eventstore+"
+
+
+def redact(url: str | sa.URL) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    return parse_url(url).render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class Tx:
+    """One write transaction: its connection and the time it decides with."""
+
+    conn: sa.Connection
+    now: float
+
+
+class Database:
+    """One database: the engine and the rules for talking to it.
+
+    :param prepare: called before the first use of a connection (the schema check);
+        a no-op once it has succeeded.
+    """
+
+    def __init__(
+        self,
+        url: sa.URL,
+        *,
+        clock: Callable[[], float] | None = None,
+        async_commit: bool = True,
+        engine_options: Mapping[str, Any] | None = None,
+        prepare: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.dialect: Dialect = dialect_for(url)
+        self.url = self.dialect.normalize_url(url)
+        self.async_commit = async_commit
+        options = {**self.dialect.engine_options(self.url), **(engine_options or {})}
+        try:
+            self.engine = sa.create_engine(self.url, **options)
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise InvalidURL(f"cannot use {redact(self.url)}: {exc}") from None
+        self.dialect.configure(self.engine)
+        self._prepare = prepare
+        self._clock = clock
+        self._clock_offset: float | None = None
+        self._clock_measured = 0.0
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def after_fork(self) -> None:
+        """Drop pooled connections inherited from a parent process without closing them."""
+        self.engine.dispose(close=False)
+
+    # -- errors ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def translate_errors(self) -> Iterator[None]:
+        """Turn driver errors into the package's: the one place that sees them."""
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:
+            if self.dialect.is_conflict(exc):
+                raise ConcurrencyConflict(
+                    f"lost a race with another writer: {_first_line(exc.orig)}"
+                ) from exc
+            if self.dialect.is_unavailable(exc):
+                raise DatabaseUnavailable(
+                    f"database {redact(self.url)} is unavailable: {_first_line(exc.orig)}"
+                ) from exc
+            raise DatabaseError(
+                f"database {redact(self.url)} refused the operation: {_first_line(exc.orig)}"
+            ) from exc
+        except sa.exc.TimeoutError as exc:  # the pool had no connection to give
+            raise DatabaseUnavailable(
+                f"database {redact(self.url)} is unavailable: {_first_line(exc)}"
+            ) from exc
+
+    # -- transactions ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write(
+        self, connection: sa.Connection | None = None, *, durable: bool = True
+    ) -> Iterator[Tx]:
+        """A write transaction: our own, or joined to the caller's ``connection``.
+
+        ``durable=False`` marks work whose loss only causes a redelivery.
+        """
+        self._prepare()
+        # Measure the clock (when due) before taking a connection, so the
+        # transaction never needs a second one from the pool.
+        now = self.now()
+        with self.translate_errors():
+            if connection is not None:
+                with self.dialect.join(connection):
+                    yield Tx(connection, now)
+            else:
+                with self.engine.begin() as conn:
+                    self.dialect.set_durability(conn, durable or not self.async_commit)
+                    yield Tx(conn, now)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        """A read-only transaction (on SQLite it never waits for the write lock)."""
+        self._prepare()
+        with self.translate_errors(), self.engine.connect() as conn:
+            conn = conn.execution_options(**self.dialect.read_options())
+            with conn.begin():
+                yield conn
+
+    def retrying(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` (one whole transaction) again while it loses races."""
+        for tries in range(CONFLICT_RETRIES):
+            try:
+                return attempt()
+            except ConcurrencyConflict:
+                # Jittered backoff, so racers stop colliding in lock-step.
+                time.sleep(random.uniform(0, 0.002 * 2 ** min(tries, 6)))
+        raise ConcurrencyConflict(f"gave up after {CONFLICT_RETRIES} lost races")
+
+    # -- the clock ---------------------------------------------------------------
+
+    def now(self) -> float:
+        """Epoch seconds by the store's clock (the database's on PostgreSQL)."""
+        if self._clock is not None:
+            return self._clock()
+        query = self.dialect.clock_query()
+        if query is None:
+            return time.time()
+        local = time.time()
+        if self._clock_offset is None or local - self._clock_measured > CLOCK_REFRESH_SECONDS:
+            with self.translate_errors(), self.engine.connect() as conn:
+                before = time.time()
+                db_now = float(conn.execute(query).scalar_one())
+                after = time.time()
+            self._clock_offset = db_now - (before + after) / 2
+            self._clock_measured = after
+            local = after
+        return local + self._clock_offset
+
+    def clock_skew(self) -> float:
+        """Database clock minus this host's clock, in seconds (0 on SQLite)."""
+        self._clock_offset = None
+        saved, self._clock = self._clock, None
+        try:
+            self.now()
+        finally:
+            self._clock = saved
+        return self._clock_offset or 0.0
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc or "").strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,299 @@
+"""Deliveries: publishing messages, claiming them, and settling claims.
+
+Operations batch across messages: a claim of N messages, or an ack of N claims,
+is one transaction with a handful of statements, whatever N is.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from .. import lifecycle as lc
+from ..exceptions import InvalidTransition, MessageTooLarge, StaleClaim
+from .database import Database, Tx
+from .log import EventLog, Pending, decided, evolve_all, fold
+from .records import ClaimedMessage, ClaimRef, NewMessage, Outcome, RecordedEvent
+
+#: Default largest message, as stored JSON, that publish accepts.
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """What a consumer asks for: up to ``limit`` messages of ``queues``."""
+
+    queues: list[str]
+    limit: int
+    consumer: str
+    lease_seconds: float
+    max_claims: int | None
+
+
+class Deliveries:
+    """Publish, claim, ack, reject, restore and renew."""
+
+    def __init__(self, db: Database, log: EventLog, max_message_size: int) -> None:
+        self.db = db
+        self.log = log
+        self.max_message_size = max_message_size
+
+    # -- publishing --------------------------------------------------------------
+
+    def publish(
+        self, messages: Sequence[NewMessage], *, connection: sa.Connection | None = None
+    ) -> list[str]:
+        """Publish messages; returns their delivery ids.
+
+        With ``connection`` the events join the caller's transaction (in a
+        savepoint): they exist if and only if the caller commits.  Without it the
+        store commits them itself before returning.
+        """
+        prepared = [(msg, self._publish_command(msg)) for msg in messages]
+        # New streams need no read: version 1 is free, or the insert loses on the
+        # (stream, version) key and the retry reads.  Not where a failed insert
+        # cannot be rolled back alone (a caller's SQLite transaction).
+        guess = [
+            all(m.new_stream for m, _ in prepared)
+            and (connection is None or self.db.dialect.atomic_join)
+        ]
+
+        def attempt() -> list[str]:
+            with self.db.write(connection) as tx:
+                if guess[0]:
+                    guess[0] = False  # one try only
+                    states = {m.stream: fold(m.stream, ()) for m, _ in prepared}
+                else:
+                    states = self.log.load_all(tx.conn, (m.stream for m, _ in prepared))
+                pending: Pending = []
+                for msg, command in prepared:
+                    state = states[msg.stream]
+                    events = lc.decide(command, state, tx.now)
+                    pending.append((state, events, msg.metadata))
+                    # Several messages of one stream in a batch build on each other.
+                    states[msg.stream] = evolve_all(state, events)
+                self.log.append_pending(tx, decided(pending))
+            return [command.delivery for _, command in prepared]
+
+        return self.db.retrying(attempt)
+
+    def _publish_command(self, msg: NewMessage) -> lc.Publish:
+        size = len(json.dumps(msg.message, separators=(",", ":")))
+        if size > self.max_message_size:
+            raise MessageTooLarge(
+                f"message for queue {msg.queue!r} is {size} bytes; "
+                f"max_message_size is {self.max_message_size}"
+            )
+        return lc.Publish(
+            delivery=msg.delivery or uuid.uuid4().hex,
+            queue=msg.queue,
+            message=msg.message,
+            priority=msg.priority,
+            not_before=msg.not_before,
+            expires=msg.expires,
+        )
+
+    # -- claiming and settling ---------------------------------------------------
+
+    def claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        consumer: str,
+        lease_seconds: float,
+        *,
+        max_claims: int | None = None,
+    ) -> list[ClaimedMessage]:
+        """Claim up to ``limit`` due messages from ``queues``, highest priority, then oldest.
+
+        Deliveries whose lease ran out are claimable again (recorded as
+        ``LeaseExpired``); one that has lost ``max_claims`` leases is dead-lettered
+        instead, and one past its expiry is discarded -- neither is returned.
+        """
+        if limit <= 0 or not queues:
+            return []
+        return self.ack_and_claim(
+            [], queues, limit, consumer, lease_seconds, max_claims=max_claims
+        )[1]
+
+    def ack_and_claim(
+        self,
+        acks: Sequence[ClaimRef],
+        queues: Sequence[str],
+        limit: int,
+        consumer: str,
+        lease_seconds: float,
+        *,
+        max_claims: int | None = None,
+    ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+        """:meth:`ack` then :meth:`claim` in one transaction: a consumer's steady
+        state (finish some, take as many more) costs one commit, not two."""
+        if not acks and (limit <= 0 or not queues):
+            return {}, []
+        request = ClaimRequest(list(queues), limit, consumer, lease_seconds, max_claims)
+
+        def attempt() -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+            with self.db.write(durable=False) as tx:
+                return self._settle_and_claim(tx, acks, _ack, request)
+
+        return self.db.retrying(attempt)
+
+    def ack(self, refs: Sequence[ClaimRef]) -> dict[str, Outcome]:
+        """Record that the claims' holders finished; stale claims write nothing."""
+        return self._settle(refs, _ack)
+
+    def reject(
+        self, refs: Sequence[ClaimRef], *, requeue: bool, reason: str = "rejected"
+    ) -> dict[str, Outcome]:
+        """Give claims back to their queue (``requeue``) or dead-letter them."""
+        # A dead letter is a verdict worth keeping through a crash.
+        return self._settle(
+            refs, lambda r: lc.Reject(r.delivery, r.claim, requeue, reason), durable=not requeue
+        )
+
+    def restore(self, refs: Sequence[ClaimRef]) -> dict[str, Outcome]:
+        """Give back claims a consumer holds as it shuts down cleanly."""
+        return self._settle(refs, lambda r: lc.Restore(r.delivery, r.claim))
+
+    def renew(self, refs: Sequence[ClaimRef], lease_seconds: float) -> dict[str, Outcome]:
+        """Extend the leases of claims still current; stale ones are reported."""
+        return self._settle(refs, lambda r: lc.Renew(r.delivery, r.claim, lease_seconds))
+
+    def _settle(
+        self,
+        refs: Sequence[ClaimRef],
+        command_for: Callable[[ClaimRef], lc.Command],
+        *,
+        durable: bool = False,
+    ) -> dict[str, Outcome]:
+        """Apply a claim-fenced command to each ref in one transaction."""
+        if not refs:
+            return {}
+
+        def attempt() -> dict[str, Outcome]:
+            with self.db.write(durable=durable) as tx:
+                return self._settle_and_claim(tx, refs, command_for, None)[0]
+
+        return self.db.retrying(attempt)
+
+    def _settle_and_claim(
+        self,
+        tx: Tx,
+        refs: Sequence[ClaimRef],
+        command_for: Callable[[ClaimRef], lc.Command],
+        request: ClaimRequest | None,
+    ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+        """Decide claim-fenced commands for ``refs``, then claim, in one transaction:
+        one nomination, one read of every stream involved, one append.
+
+        Nothing is locked for the refs: a racing re-claim of the same delivery
+        makes one of the two appends lose on the ``(stream, version)`` key, and the
+        loser is retried from a fresh read.
+        """
+        candidates = self._nominate(tx, request)
+        streams = self.log.read_streams(
+            tx.conn, [r.stream for r in refs] + [c.stream_id for c in candidates]
+        )
+        states = {s: fold(s, recs) for s, recs in streams.items()}
+        pending: Pending = []
+        # Settle first: a stream acked here and claimed again (a retry) continues
+        # from the ack.
+        outcomes = _decide_settlements(refs, command_for, states, pending, tx.now)
+        claims = []
+        if request is not None:
+            claims = _decide_claims(request, candidates, states, pending, tx.now)
+        _, final = self.log.append_pending(tx, decided(pending), read_positions=False)
+        return outcomes, _claimed_messages(claims, final, streams, tx.now)
+
+    def _nominate(self, tx: Tx, request: ClaimRequest | None) -> Sequence[Any]:
+        if request is None or request.limit <= 0 or not request.queues:
+            return ()
+        return tx.conn.execute(
+            self.log.queries.nominate,
+            {"queues": request.queues, "now": tx.now, "limit": request.limit},
+        ).all()
+
+
+def _ack(ref: ClaimRef) -> lc.Command:
+    return lc.Ack(ref.delivery, ref.claim)
+
+
+def _decide_settlements(
+    refs: Sequence[ClaimRef],
+    command_for: Callable[[ClaimRef], lc.Command],
+    states: dict[str, lc.JobState],
+    pending: Pending,
+    now: float,
+) -> dict[str, Outcome]:
+    outcomes: dict[str, Outcome] = {}
+    for ref in refs:
+        state = states[ref.stream]
+        try:
+            events = lc.decide(command_for(ref), state, now)
+        except StaleClaim:
+            outcomes[ref.delivery] = Outcome.STALE
+            continue
+        pending.append((state, events, None))
+        states[ref.stream] = evolve_all(state, events)
+        outcomes[ref.delivery] = Outcome.DONE
+    return outcomes
+
+
+def _decide_claims(
+    request: ClaimRequest,
+    candidates: Iterable[Any],
+    states: dict[str, lc.JobState],
+    pending: Pending,
+    now: float,
+) -> list[tuple[str, str, str]]:
+    """Claim each nominated delivery still claimable; ``(stream, delivery, claim)``."""
+    claims = []
+    for delivery, stream in candidates:
+        claim_id = uuid.uuid4().hex
+        command = lc.Claim(
+            delivery, claim_id, request.consumer, request.lease_seconds, request.max_claims
+        )
+        try:
+            events = lc.decide(command, states[stream], now)
+        except InvalidTransition:
+            continue  # settled or re-claimed since nomination: move on
+        pending.append((states[stream], events, None))
+        states[stream] = evolve_all(states[stream], events)
+        if isinstance(events[-1], lc.Claimed):
+            claims.append((stream, delivery, claim_id))
+    return claims
+
+
+def _claimed_messages(
+    claims: Sequence[tuple[str, str, str]],
+    final: Mapping[str, lc.JobState],
+    streams: Mapping[str, Sequence[RecordedEvent]],
+    now: float,
+) -> list[ClaimedMessage]:
+    if not claims:
+        return []
+    bodies = {
+        rec.event.delivery: rec.event.message
+        for stream in {stream for stream, _, _ in claims}
+        for rec in streams[stream]
+        if isinstance(rec.event, lc.Published)
+    }
+    out = []
+    for stream, delivery, claim_id in claims:
+        d = final[stream].delivery(delivery)
+        out.append(ClaimedMessage(
+            delivery=delivery,
+            claim=claim_id,
+            stream=stream,
+            queue=d.queue,
+            message=bodies[delivery],
+            priority=d.priority,
+            lease_until=d.lease_until or now,
+            redelivered=d.redelivered,
+        ))
+    return out

@@ -1,0 +1,274 @@
+"""The event log: reading streams, appending decisions, and commands on one stream.
+
+Every write follows one path: read the streams involved, fold them
+(:func:`~celery_eventstore.lifecycle.fold`), ask
+:func:`~celery_eventstore.lifecycle.decide` for the events, append them at the
+next versions -- the unique ``(stream_id, version)`` key makes the loser of any
+race fail -- and update the projections and send the wake-ups in the same
+transaction.  A lost race is retried from a fresh read; the caller never sees
+it unless it asked for an explicit expected version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from .. import lifecycle as lc
+from ..exceptions import ConcurrencyConflict, CorruptStream
+from .database import Database, Tx
+from .notifiers import Notifier
+from .projection import project
+from .queries import Queries
+from .records import RecordedEvent
+
+#: Decisions made but not appended yet: the state each was decided on, its
+#: events and their metadata.
+Pending = list[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]]
+
+#: Events whose projection records their log position.
+_POSITIONED = (lc.Published, lc.DeadLettered)
+
+#: Events a result waiter may be waiting for.
+_FINISHING = (
+    lc.Succeeded, lc.Failed, lc.Revoked, lc.Discarded, lc.DeadLettered, lc.GroupSaved
+)
+
+
+class Channels:
+    """The wake-up channels of one store (its tables' namespace)."""
+
+    def __init__(self, table_prefix: str, schema: str | None) -> None:
+        namespace = f"{schema}.{table_prefix}" if schema else table_prefix
+        #: Prefixes advisory lock keys, so stores sharing a database do not collide.
+        self.namespace = namespace
+        #: Consumers listen here; the payload is the queue name.
+        self.ready = f"{namespace}ready"
+        #: Result waiters listen here; the payload is the stream id.
+        self.results = f"{namespace}results"
+
+
+class EventLog:
+    """Reads and appends events; keeps the projections and wake-ups in step."""
+
+    def __init__(
+        self, db: Database, queries: Queries, notifier: Notifier, channels: Channels
+    ) -> None:
+        self.db = db
+        self.queries = queries
+        self.notifier = notifier
+        self.channels = channels
+
+    # -- reading ---------------------------------------------------------------
+
+    def recorded(self, row: Any) -> RecordedEvent:
+        return RecordedEvent(
+            position=row.position,
+            stream=row.stream_id,
+            version=row.version,
+            event=lc.event_from(row.type, row.data),
+            metadata=row.metadata,
+            recorded_at=row.recorded_at,
+        )
+
+    def read_streams(
+        self, conn: sa.Connection, streams: Iterable[str]
+    ) -> dict[str, list[RecordedEvent]]:
+        wanted = sorted(set(streams))
+        found: dict[str, list[RecordedEvent]] = {s: [] for s in wanted}
+        if not wanted:
+            return found
+        for row in conn.execute(self.queries.read_streams, {"streams": wanted}):
+            found[row.stream_id].append(self.recorded(row))
+        return found
+
+    def load_all(self, conn: sa.Connection, streams: Iterable[str]) -> dict[str, lc.JobState]:
+        return {s: fold(s, recs) for s, recs in self.read_streams(conn, streams).items()}
+
+    def read_stream(self, stream: str) -> list[RecordedEvent]:
+        """Every event of one stream, oldest first."""
+        with self.db.read() as conn:
+            return self.read_streams(conn, [stream])[stream]
+
+    def load(self, stream: str) -> lc.JobState:
+        """One stream folded into its current state."""
+        return fold(stream, self.read_stream(stream))
+
+    def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Events of every stream with a position above ``after``, in log order."""
+        with self.db.read() as conn:
+            rows = conn.execute(self.queries.read_after, {"after": after, "limit": limit})
+            return [self.recorded(row) for row in rows]
+
+    def read_positions(self, positions: Iterable[int]) -> list[RecordedEvent]:
+        """The events at these log positions that exist (are committed) now."""
+        wanted = sorted(set(positions))
+        if not wanted:
+            return []
+        with self.db.read() as conn:
+            rows = conn.execute(self.queries.read_positions, {"positions": wanted})
+            return [self.recorded(row) for row in rows]
+
+    def last_position(self) -> int:
+        """The log's highest position (0 when it is empty)."""
+        with self.db.read() as conn:
+            return int(conn.execute(self.queries.last_position).scalar() or 0)
+
+    # -- appending -------------------------------------------------------------
+
+    def append_pending(
+        self, tx: Tx, pending: Pending, *, read_positions: bool = True
+    ) -> tuple[list[RecordedEvent], dict[str, lc.JobState]]:
+        """Append each stream's events after the state it was decided on, project
+        them and wake whoever waits for them, in ``tx``.
+
+        ``read_positions=False`` (claims, acks, renewals, whose records never leave
+        the store) skips reading back the log positions -- a RETURNING costs about a
+        third of the insert -- unless an event's projection needs its position.
+        Such records carry position 0.
+        """
+        rows, events, states = _rows(pending, tx.now)
+        if not rows:
+            return [], states
+        positions: Sequence[int]
+        if read_positions or any(isinstance(e, _POSITIONED) for e in events):
+            positions = tx.conn.execute(self.queries.append_returning, rows).scalars().all()
+        else:
+            tx.conn.execute(self.queries.append, rows)
+            positions = [0] * len(rows)
+        recorded = [
+            RecordedEvent(
+                position=pos,
+                stream=row["stream_id"],
+                version=row["version"],
+                event=event,
+                metadata=row["metadata"],
+                recorded_at=tx.now,
+            )
+            for pos, row, event in zip(positions, rows, events, strict=True)
+        ]
+        project(tx.conn, self.queries, recorded, states)
+        self._wake(tx, recorded, states)
+        return recorded, states
+
+    def _wake(
+        self, tx: Tx, recorded: Sequence[RecordedEvent], states: Mapping[str, lc.JobState]
+    ) -> None:
+        ready = newly_ready(recorded, states, tx.now)
+        if ready:
+            self.notifier.send(tx.conn, self.channels.ready, ready)
+        finished = {r.stream for r in recorded if isinstance(r.event, _FINISHING)}
+        if finished:
+            self.notifier.send(tx.conn, self.channels.results, finished)
+
+    def append(
+        self,
+        stream: str,
+        events: Sequence[lc.Event],
+        expected_version: int,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        connection: sa.Connection | None = None,
+    ) -> list[RecordedEvent]:
+        """Append ``events`` to ``stream`` if it is at ``expected_version``.
+
+        Raises :class:`ConcurrencyConflict` when the stream moved on, and
+        :class:`CorruptStream` when the events do not follow from the stream.
+        """
+        try:
+            with self.db.write(connection) as tx:
+                state = self.load_all(tx.conn, [stream])[stream]
+                if state.version != expected_version:
+                    raise ConcurrencyConflict(
+                        f"stream {stream!r} is at version {state.version}, "
+                        f"not {expected_version}"
+                    )
+                return self.append_pending(tx, [(state, events, metadata)])[0]
+        except ConcurrencyConflict as exc:
+            if exc.__cause__ is None:
+                raise
+            raise ConcurrencyConflict(
+                f"stream {stream!r} moved past version {expected_version}"
+            ) from None
+
+    def execute(
+        self,
+        stream: str,
+        command: lc.Command,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        connection: sa.Connection | None = None,
+    ) -> list[RecordedEvent]:
+        """Decide ``command`` on the stream's current state and append the result.
+
+        Lost races are retried from a fresh read; an illegal command raises
+        :class:`~celery_eventstore.exceptions.InvalidTransition`.
+        """
+        durable = not isinstance(command, (lc.Start, lc.UpdateState))
+
+        def attempt() -> list[RecordedEvent]:
+            with self.db.write(connection, durable=durable) as tx:
+                if isinstance(command, lc.CountChordPart):  # many writers, one stream
+                    self.db.dialect.lock_stream(tx.conn, self.channels.namespace + stream)
+                state = self.load_all(tx.conn, [stream])[stream]
+                events = lc.decide(command, state, tx.now)
+                return self.append_pending(tx, [(state, events, metadata)])[0]
+
+        return self.db.retrying(attempt)
+
+
+def fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:
+    """A stream's state from its events, which must be numbered 1, 2, 3..."""
+    for expected, rec in enumerate(recorded, start=1):
+        if rec.version != expected:
+            raise CorruptStream(f"stream {stream!r} skips from {expected - 1} to {rec.version}")
+    return lc.fold(stream, (rec.event for rec in recorded))
+
+
+def evolve_all(state: lc.JobState, events: Iterable[lc.Event]) -> lc.JobState:
+    for event in events:
+        state = lc.evolve(state, event)
+    return state
+
+
+def decided(pending: Pending) -> Pending:
+    """Drop empty decisions; the states already chain within a stream."""
+    return [p for p in pending if p[1]]
+
+
+def newly_ready(
+    recorded: Iterable[RecordedEvent], states: Mapping[str, lc.JobState], now: float
+) -> set[str]:
+    """Queues that got a message claimable right now (worth waking consumers for)."""
+    ready: set[str] = set()
+    for rec in recorded:
+        ev = rec.event
+        if isinstance(ev, (lc.Published, lc.Requeued)):
+            delivery = states[rec.stream].delivery(ev.delivery)
+            if not delivery.status.is_final and (ev.not_before is None or ev.not_before <= now):
+                ready.add(delivery.queue)
+    return ready
+
+
+def _rows(
+    pending: Pending, now: float
+) -> tuple[list[dict[str, Any]], list[lc.Event], dict[str, lc.JobState]]:
+    """The event rows to insert, their events, and each stream's state after them."""
+    rows: list[dict[str, Any]] = []
+    events: list[lc.Event] = []
+    states: dict[str, lc.JobState] = {}
+    for state, decided_events, metadata in pending:
+        for offset, event in enumerate(decided_events, start=1):
+            rows.append({
+                "stream_id": state.stream,
+                "version": state.version + offset,
+                "type": lc.event_type(event),
+                "data": lc.event_data(event),
+                "metadata": dict(metadata) if metadata else None,
+                "recorded_at": now,
+            })
+            events.append(event)
+        states[state.stream] = evolve_all(state, decided_events)
+    return rows, events, states

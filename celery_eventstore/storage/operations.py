@@ -1,0 +1,247 @@
+"""Operations: what monitoring, operators and the result backend ask of the store.
+
+Queue counts, dead letters, results, purge, retention (prune) and rebuilding the
+derived tables from the log.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .. import lifecycle as lc
+from ..exceptions import CorruptStream, InvalidTransition
+from .database import Database
+from .log import EventLog, Pending, decided, evolve_all
+from .projection import project
+from .records import DeadLetter, QueueStats, RecordedEvent
+
+#: ``progress(done, total)``: how a long operation reports how far it got.
+Progress = Callable[[int, int], None]
+
+
+class Operations:
+    """Queue statistics, dead letters, results, purge, prune and rebuild."""
+
+    def __init__(self, db: Database, log: EventLog) -> None:
+        self.db = db
+        self.log = log
+        self.queries = log.queries
+
+    def ping(self) -> None:
+        """Check that the database answers and the schema is in place."""
+        with self.db.read() as conn:
+            conn.execute(self.queries.last_position).scalar()
+
+    def maintenance_warnings(self) -> list[str]:
+        """Database settings that will slow the store down (PostgreSQL's autovacuum
+        switched off), each as a sentence for an operator; empty when all is well."""
+        with self.db.read() as conn:
+            return self.db.dialect.maintenance_warnings(conn)
+
+    # -- queues --------------------------------------------------------------------
+
+    def queue_size(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (ready or scheduled, not claimed)."""
+        with self.db.read() as conn:
+            return int(conn.execute(self.queries.queue_size, {"queue": queue}).scalar_one())
+
+    def queue_stats(self) -> list[QueueStats]:
+        """Ready, scheduled, claimed and dead counts per queue, and the oldest ages."""
+        stats: dict[str, dict[str, Any]] = defaultdict(dict)
+        with self.db.read() as conn:
+            now = self.db.now()
+            rows = conn.execute(self.queries.queue_states, {"now": now})
+            for queue, kind, count, oldest, since, claimed_at in rows:
+                stats[queue][kind] = count
+                old = stats[queue].get("oldest_seq")
+                stats[queue]["oldest_seq"] = oldest if old is None else min(old, oldest)
+                if kind == "ready":
+                    stats[queue]["oldest_ready_age"] = max(0.0, now - since)
+                elif kind == "claimed":
+                    stats[queue]["oldest_lease_age"] = max(0.0, now - claimed_at)
+            for queue, count in conn.execute(self.queries.dead_counts):
+                stats[queue]["dead"] = count
+        return [QueueStats(queue=q, **v) for q, v in sorted(stats.items())]
+
+    def purge(self, queue: str, *, reason: str = "purged") -> int:
+        """Discard every unclaimed message in ``queue``; returns how many."""
+        total = 0
+        while done := self.db.retrying(lambda: self._purge_batch(queue, reason)):
+            total += done
+        return total
+
+    def _purge_batch(self, queue: str, reason: str) -> int:
+        with self.db.write() as tx:
+            rows = tx.conn.execute(self.queries.nominate_unclaimed, {"queue": queue}).all()
+            states = self.log.load_all(tx.conn, (r.stream_id for r in rows))
+            pending: Pending = []
+            for delivery, stream in rows:
+                events = lc.decide(lc.Discard(delivery, reason), states[stream], tx.now)
+                pending.append((states[stream], events, None))
+                states[stream] = evolve_all(states[stream], events)
+            self.log.append_pending(tx, decided(pending))
+            return len(rows)
+
+    # -- dead letters ---------------------------------------------------------------
+
+    def dead_letters(self, queue: str | None = None, limit: int = 1000) -> list[DeadLetter]:
+        """Dead-lettered deliveries not published again, oldest first."""
+        with self.db.read() as conn:
+            rows = conn.execute(self.queries.dead_letters, {"queue": queue, "limit": limit})
+            return [
+                DeadLetter(r.delivery_id, r.stream_id, r.queue, r.reason, r.dead_at)
+                for r in rows
+            ]
+
+    def retry_dead(self, delivery: str) -> str:
+        """Publish a dead-lettered delivery again, as a new delivery on its stream."""
+        with self.db.read() as conn:
+            stream = conn.execute(
+                self.queries.dead_letter_stream, {"delivery": delivery}
+            ).scalar()
+        if stream is None:
+            raise InvalidTransition(f"no dead letter {delivery!r}")
+        published = next(
+            rec for rec in self.log.read_stream(stream)
+            if isinstance(rec.event, lc.Published) and rec.event.delivery == delivery
+        )
+        original = published.event
+        assert isinstance(original, lc.Published)
+        new_delivery = uuid.uuid4().hex
+        # Due now, but still bound by the task's own expiry (Celery's worker would
+        # refuse an expired message anyway).  The history keeps what the first
+        # publish said (task name, parent...), plus where this one comes from.
+        self.log.execute(stream, lc.Publish(
+            delivery=new_delivery,
+            queue=original.queue,
+            message=original.message,
+            priority=original.priority,
+            expires=original.expires,
+            retry_of=delivery,
+        ), metadata={**(published.metadata or {}), "retry_of": delivery})
+        return new_delivery
+
+    def purge_dead(self, queue: str | None = None) -> int:
+        """Remove dead letters from the list (their history stays in the log)."""
+        purged = 0
+        for letter in self.dead_letters(queue):
+            self.log.execute(letter.stream, lc.PurgeDeadLetter(letter.delivery))
+            purged += 1
+        return purged
+
+    # -- results ---------------------------------------------------------------------
+
+    def results(self, streams: Iterable[str]) -> dict[str, tuple[str, Any, float | None]]:
+        """``stream -> (state, encoded result, date_done)`` for streams with a result."""
+        wanted = sorted(set(streams))
+        if not wanted:
+            return {}
+        with self.db.read() as conn:
+            rows = conn.execute(self.queries.results, {"streams": wanted})
+            return {r.stream_id: (r.state, r.result, r.date_done) for r in rows}
+
+    # -- retention ---------------------------------------------------------------------
+
+    def prune(
+        self, before: float, *, batch: int = 500, progress: Progress | None = None
+    ) -> int:
+        """Delete whole streams whose last event is older than ``before``; returns how many.
+
+        A stream with a message still pending (ready, scheduled or claimed) or a
+        dead letter nobody retried or purged is kept.
+        Each batch deletes events and derived rows in one short transaction, so
+        workers are never held up for long.  ``progress(done, total)`` is called
+        after each batch with the streams examined so far out of those with an
+        event older than ``before`` (counted first, only when it is given).
+        """
+        total = 0
+        if progress is not None:
+            with self.db.read() as conn:
+                total = int(
+                    conn.execute(self.queries.count_old_streams, {"before": before}).scalar_one()
+                )
+        pruned = examined = 0
+        after = ""
+        while True:
+            candidates, doomed = self._prune_batch(before, after, batch)
+            if not candidates:
+                return pruned
+            after = candidates[-1]
+            pruned += doomed
+            if progress is not None:
+                examined += len(candidates)
+                progress(examined, max(total, examined))
+
+    def _prune_batch(self, before: float, after: str, batch: int) -> tuple[list[str], int]:
+        q = self.queries
+        with self.db.write() as tx:
+            conn = tx.conn
+            candidates = list(conn.execute(
+                q.old_streams, {"before": before, "after": after, "limit": batch}
+            ).scalars())
+            if not candidates:
+                return [], 0
+            keep = set(conn.execute(
+                q.recent_streams, {"streams": candidates, "before": before}
+            ).scalars())
+            # Pending messages and unhandled dead letters keep their stream.
+            keep |= set(conn.execute(q.pending_streams, {"streams": candidates}).scalars())
+            doomed = [s for s in candidates if s not in keep]
+            if doomed:
+                for statement in q.delete_streams:
+                    conn.execute(statement, {"streams": doomed})
+            return candidates, len(doomed)
+
+    # -- projections -----------------------------------------------------------------
+
+    def rebuild(self, *, batch_streams: int = 1000, progress: Progress | None = None) -> int:
+        """Empty every derived table and replay the log into it; returns events replayed.
+
+        Writers wait for the rebuild (it holds the log against appends), readers do not.
+        ``progress(done, total)`` is called with the events replayed so far.
+        """
+        tables = self.queries.tables
+        replayed = total = 0
+        with self.db.write() as tx:
+            conn = tx.conn
+            self.db.dialect.lock_log(conn, tables.events)
+            if progress is not None:
+                total = int(conn.execute(self.queries.count_events).scalar_one())
+            for table in tables.projections:
+                table.create(conn, checkfirst=True)  # it may have been dropped
+                conn.execute(table.delete())
+            rows = conn.execute(
+                self.queries.every_stream.execution_options(yield_per=5000)
+            )
+            batch: list[RecordedEvent] = []
+            states: dict[str, lc.JobState] = {}
+            for row in rows:
+                rec = self.log.recorded(row)
+                if rec.stream not in states:
+                    if len(states) >= batch_streams:
+                        project(conn, self.queries, batch, states)
+                        batch, states = [], {}
+                        if progress is not None:
+                            progress(replayed, total)
+                    states[rec.stream] = lc.JobState(stream=rec.stream)
+                state = states[rec.stream]
+                if rec.version != state.version + 1:
+                    raise CorruptStream(f"stream {rec.stream!r} skips to version {rec.version}")
+                states[rec.stream] = lc.evolve(state, rec.event)
+                batch.append(rec)
+                replayed += 1
+            project(conn, self.queries, batch, states)
+            if progress is not None:
+                progress(replayed, total)
+        return replayed
+
+    def projection_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every derived table, sorted: for comparing a rebuild."""
+        with self.db.read() as conn:
+            return {
+                table.name: [tuple(r) for r in conn.execute(self.queries.every_row(table))]
+                for table in self.queries.tables.projections
+            }

@@ -1,0 +1,274 @@
+"""Every statement the store sends, each with a name, built once per store.
+
+Building a SQLAlchemy statement costs more Python than executing its cached
+compiled form, so the store builds these when it is created and the hot path
+only binds parameters.  Parameters are bound by name; the docstring of each
+group says which.  What differs between databases (a claim's row locks, an
+upsert) comes from the dialect, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import sqlalchemy as sa
+
+from .dialects import Dialect
+from .schema import Tables
+
+
+def _many(name: str) -> sa.BindParameter[Any]:
+    """A list parameter (``IN :name``)."""
+    return sa.bindparam(name, expanding=True)
+
+
+class Queries:
+    """Named statements on one store's tables."""
+
+    def __init__(self, tables: Tables, dialect: Dialect) -> None:
+        self.tables = tables
+        self.dialect = dialect
+        self._log(tables)
+        self._deliveries(tables, dialect)
+        self._projections(tables, dialect)
+        self._operations(tables)
+        self._retention(tables)
+        self._routing(tables, dialect)
+
+    # -- the log: streams, positions, appends ---------------------------------
+
+    def _log(self, t: Tables) -> None:
+        ev = t.events
+        #: ``streams``: every event of those streams, in stream then version order.
+        self.read_streams = (
+            sa.select(ev).where(ev.c.stream_id.in_(_many("streams")))
+            .order_by(ev.c.stream_id, ev.c.version)
+        )
+        #: ``after``, ``limit``: events past a position, in log order.
+        self.read_after = (
+            sa.select(ev).where(ev.c.position > sa.bindparam("after"))
+            .order_by(ev.c.position).limit(sa.bindparam("limit", type_=sa.Integer))
+        )
+        #: ``positions``: the events at those positions that are committed.
+        self.read_positions = (
+            sa.select(ev).where(ev.c.position.in_(_many("positions"))).order_by(ev.c.position)
+        )
+        #: The highest position in the log (an index lookup), or None when empty.
+        self.last_position = sa.select(sa.func.max(ev.c.position))
+        #: The whole log, stream by stream (a rebuild).
+        self.every_stream = sa.select(ev).order_by(ev.c.stream_id, ev.c.version)
+        self.count_events = sa.select(sa.func.count()).select_from(ev)
+        self.append = ev.insert()
+        self.append_returning = ev.insert().returning(
+            ev.c.position, sort_by_parameter_order=True
+        )
+
+    # -- deliveries: claims -----------------------------------------------------
+
+    def _deliveries(self, t: Tables, dialect: Dialect) -> None:
+        msgs = t.messages
+        #: ``queues``, ``now``, ``limit``: ready or lease-expired deliveries,
+        #: highest priority, then oldest, locked against other claimers.
+        self.nominate = dialect.nominate(
+            sa.select(msgs.c.delivery_id, msgs.c.stream_id)
+            .where(
+                msgs.c.queue.in_(_many("queues")),
+                msgs.c.available_at <= sa.bindparam("now", type_=msgs.c.available_at.type),
+            )
+            .order_by(msgs.c.priority.desc(), msgs.c.seq)
+            .limit(sa.bindparam("limit", type_=sa.Integer)),
+            msgs,
+        )
+        #: ``queue``: unclaimed deliveries to discard, a batch at a time (purge).
+        self.nominate_unclaimed = dialect.nominate(
+            sa.select(msgs.c.delivery_id, msgs.c.stream_id)
+            .where(msgs.c.queue == sa.bindparam("queue"), msgs.c.claim_id.is_(None))
+            .limit(500),
+            msgs,
+        )
+
+    # -- projections: the derived tables ----------------------------------------
+
+    def _projections(self, t: Tables, dialect: Dialect) -> None:
+        msgs, dl, res = t.messages, t.dead_letters, t.results
+        self.insert_messages = msgs.insert()
+        #: ``deliveries``: settled deliveries leave the hot table.
+        self.delete_messages = msgs.delete().where(msgs.c.delivery_id.in_(_many("deliveries")))
+        self.insert_dead_letters = dl.insert()
+        #: ``deliveries``: dead letters published again or purged.
+        self.delete_dead_letters = dl.delete().where(dl.c.delivery_id.in_(_many("deliveries")))
+        #: ``stream_id``, ``state``, ``result``, ``date_done``.
+        self.upsert_result = dialect.upsert(
+            res, ("stream_id", "state", "result", "date_done"), keys=("stream_id",)
+        )
+        #: ``streams``: results forgotten.
+        self.delete_results = res.delete().where(res.c.stream_id.in_(_many("streams")))
+
+    @functools.cache  # noqa: B019 - one Queries per store, a handful of column sets
+    def update_messages(self, columns: tuple[str, ...]) -> sa.Update:
+        """``b_delivery_id`` and the ``columns``: a batch of changes to claimed rows."""
+        msgs = self.tables.messages
+        return (
+            msgs.update()
+            .where(msgs.c.delivery_id == sa.bindparam("b_delivery_id"))
+            .values({c: sa.bindparam(c) for c in columns if c != "delivery_id"})
+        )
+
+    # -- operations: counts, dead letters, results ------------------------------
+
+    def _operations(self, t: Tables) -> None:
+        msgs, dl, ev, res = t.messages, t.dead_letters, t.events, t.results
+        #: ``queue``: messages waiting (ready or scheduled, not claimed).
+        self.queue_size = sa.select(sa.func.count()).where(
+            msgs.c.queue == sa.bindparam("queue"), msgs.c.claim_id.is_(None)
+        )
+        now = sa.bindparam("now", type_=msgs.c.available_at.type)
+        state = sa.case(
+            (msgs.c.claim_id.is_not(None), "claimed"),
+            (msgs.c.available_at > now, "scheduled"),
+            else_="ready",
+        )
+        # Claimable since it was published, or since its ETA if that came later.
+        waiting_since = sa.case(
+            (msgs.c.available_at > ev.c.recorded_at, msgs.c.available_at),
+            else_=ev.c.recorded_at,
+        )
+        #: ``now``: per queue and state, the count, oldest position, oldest
+        #: claimable time and oldest claim.
+        self.queue_states = (
+            sa.select(
+                msgs.c.queue, state, sa.func.count(), sa.func.min(msgs.c.seq),
+                sa.func.min(waiting_since), sa.func.min(msgs.c.claimed_at),
+            )
+            .join(ev, ev.c.position == msgs.c.seq)
+            .group_by(msgs.c.queue, state)
+        )
+        self.dead_counts = sa.select(dl.c.queue, sa.func.count()).group_by(dl.c.queue)
+        queue = sa.bindparam("queue", type_=sa.String)
+        #: ``queue`` (None for every queue), ``limit``: dead letters, oldest first.
+        self.dead_letters = (
+            sa.select(dl)
+            .where(sa.or_(queue.is_(None), dl.c.queue == queue))
+            .order_by(dl.c.position).limit(sa.bindparam("limit", type_=sa.Integer))
+        )
+        #: ``delivery``: the stream of a dead letter.
+        self.dead_letter_stream = sa.select(dl.c.stream_id).where(
+            dl.c.delivery_id == sa.bindparam("delivery")
+        )
+        #: ``streams``: result rows.
+        self.results = sa.select(
+            res.c.stream_id, res.c.state, res.c.result, res.c.date_done
+        ).where(res.c.stream_id.in_(_many("streams")))
+
+    @functools.cache  # noqa: B019 - one Queries per store, one per table
+    def every_row(self, table: sa.Table) -> sa.Select[Any]:
+        """A derived table's rows in key order (comparing a rebuild)."""
+        return sa.select(table).order_by(*table.primary_key.columns)
+
+    # -- retention ----------------------------------------------------------------
+
+    def _retention(self, t: Tables) -> None:
+        ev, msgs, dl = t.events, t.messages, t.dead_letters
+        before = sa.bindparam("before", type_=ev.c.recorded_at.type)
+        streams = _many("streams")
+        #: ``before``: how many streams have an event older than that.
+        self.count_old_streams = sa.select(sa.func.count(ev.c.stream_id.distinct())).where(
+            ev.c.recorded_at < before
+        )
+        #: ``before``, ``after``, ``limit``: streams with old events, in id order.
+        self.old_streams = (
+            sa.select(ev.c.stream_id)
+            .where(ev.c.recorded_at < before, ev.c.stream_id > sa.bindparam("after"))
+            .group_by(ev.c.stream_id).order_by(ev.c.stream_id)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+        )
+        #: ``streams``, ``before``: which of them also have newer events.
+        self.recent_streams = (
+            sa.select(ev.c.stream_id)
+            .where(ev.c.stream_id.in_(streams), ev.c.recorded_at >= before).distinct()
+        )
+        #: ``streams``: which of them have a pending message or a dead letter.
+        self.pending_streams = sa.union(
+            sa.select(msgs.c.stream_id).where(msgs.c.stream_id.in_(streams)),
+            sa.select(dl.c.stream_id).where(dl.c.stream_id.in_(streams)),
+        )
+        #: ``streams``: delete whole streams, events and every derived row.
+        self.delete_streams = [ev.delete().where(ev.c.stream_id.in_(streams))] + [
+            table.delete().where(table.c.stream_id.in_(streams)) for table in t.projections
+        ]
+
+    # -- routing: queues, bindings, transient messages ---------------------------
+
+    def _routing(self, t: Tables, dialect: Dialect) -> None:
+        q, b, tm, msgs = t.queues, t.bindings, t.transient_messages, t.messages
+        names = _many("names")
+        self.upsert_queue = dialect.upsert(
+            q, ("name", "transient", "expires", "message_ttl", "last_active"), keys=("name",)
+        )
+        #: ``names``: declarations of those queues.
+        self.queue_info = sa.select(
+            q.c.name, q.c.transient, q.c.expires, q.c.message_ttl
+        ).where(q.c.name.in_(names))
+        #: ``name``: the queue's declaration.
+        self.queue_declared = sa.select(q.c.name).where(q.c.name == sa.bindparam("name"))
+        #: ``name``: any message in the queue.
+        self.queue_has_messages = (
+            sa.select(msgs.c.delivery_id).where(msgs.c.queue == sa.bindparam("name")).limit(1)
+        )
+        #: ``names``, ``now``.
+        self.touch_queues = q.update().where(q.c.name.in_(names)).values(
+            last_active=sa.bindparam("now")
+        )
+        self.upsert_binding = dialect.upsert(
+            b, ("exchange", "queue", "routing_key", "pattern", "exchange_type"),
+            keys=("exchange", "queue", "routing_key"),
+        )
+        #: ``exchange``, ``queue``, ``routing_key``.
+        self.unbind = b.delete().where(
+            b.c.exchange == sa.bindparam("exchange"),
+            b.c.queue == sa.bindparam("queue"),
+            b.c.routing_key == sa.bindparam("routing_key"),
+        )
+        #: ``exchange``: its bindings, made by any process.
+        self.bindings = (
+            sa.select(b).where(b.c.exchange == sa.bindparam("exchange"))
+            .order_by(b.c.queue, b.c.routing_key)
+        )
+        self.insert_transient = tm.insert()
+        #: ``queues``, ``limit``: transient messages to take, highest priority first.
+        self.nominate_transient = dialect.nominate(
+            sa.select(tm.c.id, tm.c.queue, tm.c.payload, tm.c.expires_at)
+            .where(tm.c.queue.in_(_many("queues")))
+            .order_by(tm.c.priority.desc(), tm.c.id)
+            .limit(sa.bindparam("limit", type_=sa.Integer)),
+            tm,
+        )
+        #: ``ids``.
+        self.delete_transient = tm.delete().where(tm.c.id.in_(_many("ids")))
+        #: ``queue``.
+        self.count_transient = sa.select(sa.func.count()).where(
+            tm.c.queue == sa.bindparam("queue")
+        )
+        #: ``queue``: a queue's declaration, bindings and transient messages.
+        self.forget_queue = [
+            tm.delete().where(tm.c.queue == sa.bindparam("queue")),
+            b.delete().where(b.c.queue == sa.bindparam("queue")),
+            q.delete().where(q.c.name == sa.bindparam("queue")),
+        ]
+        self.purge_transient = self.forget_queue[0]
+        now = sa.bindparam("now", type_=tm.c.expires_at.type)
+        #: ``now``.
+        self.delete_expired_transient = tm.delete().where(
+            tm.c.expires_at.is_not(None), tm.c.expires_at <= now
+        )
+        #: ``now``: queues idle past their ``x-expires``.
+        self.idle_queues = sa.select(q.c.name).where(
+            q.c.expires.is_not(None), q.c.last_active + q.c.expires <= now
+        )
+        #: ``names``: what dies with idle queues.
+        self.delete_idle_queues = [
+            tm.delete().where(tm.c.queue.in_(names)),
+            b.delete().where(b.c.queue.in_(names)),
+            q.delete().where(q.c.name.in_(names)),
+        ]
