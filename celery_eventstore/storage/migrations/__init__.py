@@ -106,6 +106,7 @@ class Migrator:
         """Bring the database up to ``to_version`` (default: the latest) in the
         connection's transaction; returns the versions applied."""
         # Read the version under the lock, so concurrent runs apply each version once.
+        # The key never changes: processes of different releases serialise on it.
         self.dialect.lock_migrations(conn, self.prefix + (self.schema or ""))
         current = self.current(conn)
         # The rendered text itself, so `migrate --sql` shows exactly what ran.
