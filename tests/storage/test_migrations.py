@@ -5,7 +5,7 @@ prints exactly what ``migrate`` runs."""
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,7 +17,8 @@ from storehelpers import migrate_when_told
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.cli import eventstore as cli
 from celery_eventstore.storage import SCHEMA_VERSION, Binding, EventStore, NewMessage
-from celery_eventstore.storage.migrations import VERSIONS, Migrator
+from celery_eventstore.storage.dialects import dialect_for
+from celery_eventstore.storage.migrations import VERSIONS, Migrator, Statements
 from celery_eventstore.storage.schema import make_tables
 
 #: Rows each version's tables could hold, as the code of that version wrote them.
@@ -83,8 +84,13 @@ def store(db: tuple[str, dict[str, Any]]) -> Iterator[EventStore]:
     store.close()
 
 
-def migrator(store: EventStore, prefix: str | None = None) -> Migrator:
-    return Migrator(store.dialect, prefix or store.table_prefix, store.schema)
+def migrator(
+    store: EventStore, prefix: str | None = None, versions: Sequence[Statements] = VERSIONS
+) -> Migrator:
+    """A runner for the store's database (its own prefix unless told)."""
+    return Migrator(
+        dialect_for(store.url), prefix or store.table_prefix, store.schema, versions=versions
+    )
 
 
 def describe(conn: sa.Connection, prefix: str, schema: str | None) -> dict[str, Any]:
@@ -246,8 +252,7 @@ def test_a_new_version_can_alter_a_released_table(store):
         messages = sa.Table(f"{prefix}messages", sa.MetaData(schema=schema))
         return [sa.DDL("ALTER TABLE %(fullname)s ADD COLUMN note VARCHAR(64)").against(messages)]
 
-    extended = Migrator(store.dialect, store.table_prefix, store.schema,
-                        versions=[*VERSIONS, v0004_note])
+    extended = migrator(store, versions=[*VERSIONS, v0004_note])
     with store.engine.begin() as conn:
         assert extended.apply(conn, SCHEMA_VERSION) == list(range(1, SCHEMA_VERSION + 1))
     with store.engine.begin() as conn:
