@@ -1,4 +1,9 @@
-"""The event store's tables and their versioned migrations.
+"""The event store's tables as the code reads and writes them: the latest schema.
+
+This module describes only the latest version.  How a database gets there is the
+frozen migrations' job (:mod:`.migrations`, one module per version); a change here
+needs a new migration and a bumped :data:`SCHEMA_VERSION`, and the migration tests
+fail until migrating from nothing creates exactly these tables.
 
 ``events`` is the log and the only source of truth.  Every other table is a
 projection of it, written in the same transaction as the append and rebuildable
@@ -18,7 +23,7 @@ volatile by design, like Redis pub/sub: re-declared by every client when it
 connects, swept when their queues expire, and never written to the log, so
 ``celery inspect`` and worker heartbeats do not bloat the audit history.
 
-``schema_version`` records which migrations ran; it is bookkeeping, not state.
+``schema_version`` records which versions ran; it is bookkeeping, not state.
 Every name carries the configured prefix and, on PostgreSQL, the schema.
 """
 
@@ -178,23 +183,3 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         transient_messages,
         results,
     )
-
-
-def _create(*tables: sa.Table) -> list[sa.schema.ExecutableDDLElement]:
-    ddl: list[sa.schema.ExecutableDDLElement] = []
-    for table in tables:
-        ddl.append(sa.schema.CreateTable(table))
-        ddl.extend(sa.schema.CreateIndex(index) for index in sorted(table.indexes, key=str))
-    return ddl
-
-
-def migrations(tables: Tables) -> dict[int, list[sa.schema.ExecutableDDLElement]]:
-    """DDL per schema version; version N upgrades a version N-1 database.
-
-    Released versions are never edited: a change to the schema is a new version.
-    """
-    return {
-        1: _create(tables.events, tables.messages, tables.dead_letters),
-        2: _create(tables.queues, tables.bindings, tables.transient_messages),
-        3: _create(tables.results),
-    }

@@ -22,7 +22,6 @@ applied by the migration runner.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from ..exceptions import InvalidURL, SchemaMissing, SchemaOutdated, SchemaTooNew
 from .database import Database, parse_url, redact
 from .deliveries import DEFAULT_MAX_MESSAGE_SIZE, Deliveries
 from .log import Channels, EventLog
+from .migrations import Migrator
 from .notifiers import POLL, Listener, default_notifier, notifier_for
 from .operations import Operations, Progress
 from .queries import Queries
@@ -46,7 +46,7 @@ from .records import (
     RecordedEvent,
 )
 from .routing import Binding, QueueInfo, Routing
-from .schema import SCHEMA_VERSION, Tables, make_tables, migrations
+from .schema import SCHEMA_VERSION, Tables, make_tables
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "EventStore", "Progress", "parse_url", "redact"]
 
@@ -103,6 +103,7 @@ class EventStore:
         self.schema = schema
         self.auto_migrate = auto_migrate
         self.tables: Tables = make_tables(table_prefix, schema)
+        self._migrator = Migrator(self.db.dialect, table_prefix, schema)
         self._schema_ready = False
         backend = self.db.dialect.name
         self.notifier = notifier_for(
@@ -188,57 +189,23 @@ class EventStore:
 
     def schema_version(self) -> int:
         """The migration level of the database (0 when the tables do not exist)."""
-        table = self.tables.schema_version
         # Read-only on purpose: on SQLite it must not wait for a write lock that
         # an application's open transaction (an atomic enqueue) may be holding.
         with self.db.translate_errors(), self.engine.connect() as conn:
             conn = conn.execution_options(**self.db.dialect.read_options())
-            if not sa.inspect(conn).has_table(table.name, schema=self.schema):
-                return 0
-            return int(conn.execute(sa.select(sa.func.max(table.c.version))).scalar() or 0)
+            return self._migrator.current(conn)
 
     def migrate(self, to_version: int = SCHEMA_VERSION) -> list[int]:
         """Create or upgrade the schema (up to ``to_version``); returns the versions applied."""
-        applied: list[int] = []
         with self.db.translate_errors(), self.engine.begin() as conn:
             self.db.dialect.set_durability(conn, True)
-            self.db.dialect.lock_migrations(conn, self.table_prefix + (self.schema or ""))
-            self.tables.schema_version.create(conn, checkfirst=True)
-            current = int(
-                conn.execute(sa.select(sa.func.max(self.tables.schema_version.c.version))).scalar()
-                or 0
-            )
-            for version, statements in sorted(migrations(self.tables).items()):
-                if version <= current or version > to_version:
-                    continue
-                for ddl in statements:
-                    conn.execute(ddl)
-                conn.execute(
-                    self.tables.schema_version.insert().values(
-                        version=version, applied_at=time.time()
-                    )
-                )
-                applied.append(version)
+            applied = self._migrator.apply(conn, to_version)
         self._schema_ready = to_version == SCHEMA_VERSION
         return applied
 
     def migration_sql(self, from_version: int = 0) -> str:
-        """The DDL :meth:`migrate` would run from ``from_version``, for a DBA to review."""
-        dialect = self.engine.dialect
-        out = []
-        if from_version == 0:
-            out.append(str(sa.schema.CreateTable(self.tables.schema_version).compile(dialect=dialect)))
-        for version, statements in sorted(migrations(self.tables).items()):
-            if version > from_version:
-                out.extend(str(ddl.compile(dialect=dialect)).strip() for ddl in statements)
-                out.append(
-                    str(
-                        self.tables.schema_version.insert()
-                        .values(version=version, applied_at=0)
-                        .compile(dialect=dialect, compile_kwargs={"literal_binds": True})
-                    )
-                )
-        return ";\n\n".join(s.strip() for s in out) + ";\n"
+        """The SQL :meth:`migrate` would run from ``from_version``, for a DBA to review."""
+        return self._migrator.script(self.engine.dialect, from_version)
 
     def check_schema(self) -> None:
         """Raise unless the schema is exactly the version this code expects."""

@@ -77,3 +77,17 @@ def count_chord_parts(
         raise
     store.close()
     out.put(completed)
+
+
+def migrate_when_told(url: str, options: dict[str, Any], ready: Any, go: Any, out: Any) -> None:
+    """A racing migrator process: connects, waits for the start signal, migrates."""
+    store = EventStore(url, **options)
+    ready.put(True)
+    go.wait(60)
+    try:
+        out.put(store.migrate())
+    except Exception as exc:  # reported to the test instead of hanging it
+        out.put(repr(exc))
+        raise
+    finally:
+        store.close()
