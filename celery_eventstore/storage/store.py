@@ -201,7 +201,6 @@ class EventStore:
         """Create or upgrade the schema (up to ``to_version``); returns the versions applied."""
         applied: list[int] = []
         with self.db.translate_errors(), self.engine.begin() as conn:
-            self.db.dialect.set_durability(conn, True)
             self.db.dialect.lock_migrations(conn, self.table_prefix + (self.schema or ""))
             self.tables.schema_version.create(conn, checkfirst=True)
             current = int(
