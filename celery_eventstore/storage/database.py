@@ -129,20 +129,28 @@ class Database:
     ) -> Iterator[Tx]:
         """A write transaction: our own, or joined to the caller's ``connection``.
 
-        ``durable=False`` marks work whose loss only causes a redelivery.
+        ``durable=False`` marks work whose loss only causes a redelivery: with
+        ``async_commit`` its commit does not wait for the disk.  That is set for
+        the one transaction, never on the session.  The transaction's ``now`` is
+        the database's clock, read by its first statement.
         """
         self._prepare()
-        # Measure the clock (when due) before taking a connection, so the
-        # transaction never needs a second one from the pool.
-        now = self.now()
         with self.translate_errors():
             if connection is not None:
                 with self.dialect.join(connection):
-                    yield Tx(connection, now)
+                    yield Tx(connection, self._begin(connection, relaxed=False))
             else:
                 with self.engine.begin() as conn:
-                    self.dialect.set_durability(conn, durable or not self.async_commit)
-                    yield Tx(conn, now)
+                    relaxed = not durable and self.async_commit
+                    yield Tx(conn, self._begin(conn, relaxed=relaxed))
+
+    def _begin(self, conn: sa.Connection, *, relaxed: bool) -> float:
+        if self._clock is not None:  # a test's clock
+            if relaxed:
+                self.dialect.set_relaxed(conn)
+            return self._clock()
+        db_now = self.dialect.begin(conn, relaxed=relaxed)
+        return time.time() if db_now is None else db_now
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sa.Connection]:

@@ -198,7 +198,6 @@ class EventStore:
     def migrate(self, to_version: int = SCHEMA_VERSION) -> list[int]:
         """Create or upgrade the schema (up to ``to_version``); returns the versions applied."""
         with self.db.translate_errors(), self.engine.begin() as conn:
-            self.db.dialect.set_durability(conn, True)
             applied = self._migrator.apply(conn, to_version)
         self._schema_ready = to_version == SCHEMA_VERSION
         return applied

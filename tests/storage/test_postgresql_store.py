@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import sqlalchemy as sa
 from contract import StoreContract
@@ -20,17 +22,28 @@ class TestPostgreSQLStore(StoreContract):
         yield from make_factory(driver_db)
 
 
+@pytest.fixture
+def one_session_store(driver_db):
+    factory = make_factory(driver_db)
+    make = next(factory)
+    # One pooled connection, so every transaction shares the session; sessions
+    # start with synchronous_commit on, whatever the server's default, so a
+    # relaxed setting that leaks shows.
+    yield make(engine_options={
+        "pool_size": 1, "max_overflow": 0,
+        "connect_args": {"options": "-c synchronous_commit=on"},
+    })
+    next(factory, None)
+
+
 class TestCommitDurability:
-    """Claims and acks commit with synchronous_commit off, set once per session;
-    publishes and results on the same pooled connection still wait for the disk."""
+    """Claims and acks commit with synchronous_commit off, set for their own
+    transaction only; publishes and results on the same pooled connection still
+    wait for the disk, whatever ran or rolled back before them."""
 
     @pytest.fixture
-    def store(self, driver_db):
-        factory = make_factory(driver_db)
-        make = next(factory)
-        # One pooled connection, so every transaction below shares the session.
-        yield make(engine_options={"pool_size": 1, "max_overflow": 0})
-        next(factory, None)
+    def store(self, one_session_store):
+        return one_session_store
 
     @staticmethod
     def setting(conn: sa.Connection) -> str:
@@ -68,3 +81,90 @@ class TestCommitDurability:
         with store.transaction() as conn:
             assert self.setting(conn) == server_default
         next(factory, None)
+
+
+class TestNoRelaxedSettingOutlivesItsTransaction:
+    """Every kind of relaxed transaction, committed or rolled back, then every kind
+    of durable one: each durable commit waits for the disk."""
+
+    @pytest.fixture
+    def store(self, one_session_store):
+        return one_session_store
+
+    @pytest.fixture
+    def commits(self, store):
+        seen: list[str] = []
+
+        def at_commit(conn: sa.Connection) -> None:
+            cursor = conn.connection.dbapi_connection.cursor()
+            cursor.execute("SHOW synchronous_commit")
+            seen.append(cursor.fetchone()[0])
+            cursor.close()
+
+        sa.event.listen(store.engine, "commit", at_commit)
+        return seen
+
+    @staticmethod
+    def relaxed_work(store):
+        from celery_eventstore import lifecycle as lc
+        from celery_eventstore.storage import NewMessage
+
+        def claim_renew_ack():
+            store.publish([NewMessage(stream="r", queue="rq", message={})])
+            [held] = store.claim(["rq"], 1, "c", 30)
+            store.renew([held.ref], 30)
+            store.ack([held.ref])
+
+        def started():
+            store.execute("r", lc.Start())
+
+        def rolled_back():
+            with pytest.raises(RuntimeError), store._write(durable=False):
+                raise RuntimeError("roll back a relaxed transaction")
+
+        def clock():
+            store.clock_skew()
+
+        def routing():
+            store.touch_queues(["rq"])
+            store.put_transient([("tq", {"body": "x"}, 0, None)])
+            store.take_transient(["tq"], 1)
+
+        return [claim_renew_ack, started, rolled_back, clock, routing]
+
+    @staticmethod
+    def durable_work(store):
+        from celery_eventstore import lifecycle as lc
+        from celery_eventstore.storage import NewMessage
+
+        def publish():
+            store.publish([NewMessage(stream=f"d{uuid.uuid4().hex}", queue="dq", message={})])
+
+        def result():
+            stream = f"s{uuid.uuid4().hex}"
+            store.execute(stream, lc.Succeed({"result": 1}))
+
+        def revoke():
+            store.revoke(f"v{uuid.uuid4().hex}")
+
+        def dead_letter():
+            store.publish([NewMessage(stream=f"x{uuid.uuid4().hex}", queue="xq", message={})])
+            [held] = store.claim(["xq"], 1, "c", 30)
+            store.reject([held.ref], requeue=False)
+
+        return [publish, result, revoke, dead_letter]
+
+    def test_durable_commits_after_relaxed_and_rolled_back_ones(self, store, commits):
+        for relaxed in self.relaxed_work(store):
+            for rollback_first in (False, True):
+                relaxed()
+                if rollback_first:  # a rollback must not make us forget anything
+                    with pytest.raises(RuntimeError), store.transaction():
+                        raise RuntimeError("roll back a durable transaction")
+                for durable in self.durable_work(store):
+                    commits.clear()
+                    durable()
+                    name = f"{durable.__name__} after {relaxed.__name__}"
+                    assert commits, name
+                    # A dead letter's claim before it is relaxed: its reject is not.
+                    assert commits[-1] == "on", name

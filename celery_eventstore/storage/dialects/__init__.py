@@ -72,8 +72,12 @@ class Dialect:
         """Server settings that will hurt the store, in words for an operator."""
         return []
 
-    def set_durability(self, conn: sa.Connection, durable: bool) -> None:
-        """Make this transaction's commit wait for the disk (``durable``) or not."""
+    def begin(self, conn: sa.Connection, *, relaxed: bool) -> float | None:
+        """The first statement of a transaction: make its commit skip the wait for
+        the disk when ``relaxed`` (for this transaction only: nothing is left on
+        the session), and return the database's clock in epoch seconds, or None
+        where the database has no clock of its own (then the host's is the one)."""
+        return None
 
     def lock_stream(self, conn: sa.Connection, key: str) -> None:
         """Make other writers of one stream wait for this transaction instead of
@@ -88,6 +92,9 @@ class Dialect:
     def clock_query(self) -> sa.Select[Any] | None:
         """A query for the database's clock in epoch seconds, or None to use the host's."""
         return None
+
+    def set_relaxed(self, conn: sa.Connection) -> None:
+        """Make this transaction's commit skip the wait for the disk (only this one)."""
 
     def is_conflict(self, exc: sa.exc.DBAPIError) -> bool:
         """True when the error means another transaction won a race; retry."""

@@ -25,8 +25,13 @@ _RETRYABLE = {
 }
 
 
-#: Connection-info key: this session runs with synchronous_commit off.
-_RELAXED = "celery_eventstore.relaxed_commit"
+_CLOCK = "SELECT extract(epoch FROM clock_timestamp())"
+#: Relaxed commits are lost only if the server itself crashes within
+#: wal_writer_delay, and then only work whose loss means a redelivery.
+_RELAXED_BEGIN = (
+    "SELECT extract(epoch FROM clock_timestamp())"
+    " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed"
+)
 
 
 def _lock_key(key: str) -> int:
@@ -69,14 +74,6 @@ class PostgreSQLDialect(Dialect):
             if _has_input(dbapi_conn):
                 raise sa.exc.DisconnectionError("the server closed this pooled connection")
 
-        @sa.event.listens_for(engine, "rollback")
-        def _rollback(conn: sa.Connection) -> None:
-            # A SET made in a rolled-back transaction is undone with it.  (An
-            # invalidated connection is replaced by a new session: nothing to undo,
-            # and touching its info would try to reconnect mid-rollback.)
-            if not conn.invalidated:
-                conn.info.pop(_RELAXED, None)
-
     def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         # SKIP LOCKED nominates rows no one else is claiming; the (stream, version)
         # key still arbitrates if two claimers reach the same stream.
@@ -91,17 +88,16 @@ class PostgreSQLDialect(Dialect):
             ]
         return []
 
-    def set_durability(self, conn: sa.Connection, durable: bool) -> None:
-        # Relaxed commits are lost only if the server itself crashes within
-        # wal_writer_delay, and then only work whose loss means a redelivery
-        # (claims, acks, renewals).  The setting stays on the session, so a
-        # consumer's connection pays for the SET once, not per transaction.
-        relaxed = conn.info.get(_RELAXED, False)
-        if durable and relaxed:
-            conn.exec_driver_sql("SET LOCAL synchronous_commit = on")
-        elif not durable and not relaxed:
-            conn.exec_driver_sql("SET synchronous_commit = off")
-            conn.info[_RELAXED] = True
+    def begin(self, conn: sa.Connection, *, relaxed: bool) -> float:
+        # One round trip for both: the durability of this transaction alone
+        # (set_config(..., true) is SET LOCAL, undone at commit and rollback, so
+        # it cannot leak into the next transaction of a pooled session or a
+        # PgBouncer client), and the server's clock, which decides every lease.
+        sql = _RELAXED_BEGIN if relaxed else _CLOCK
+        return float(conn.exec_driver_sql(sql).scalar_one())
+
+    def set_relaxed(self, conn: sa.Connection) -> None:
+        conn.exec_driver_sql(_RELAXED_BEGIN)
 
     def lock_stream(self, conn: sa.Connection, key: str) -> None:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(key))))
