@@ -17,10 +17,14 @@ the server itself is :class:`pgserver.EmbeddedPostgres`.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from typing import Any
+
 import pytest
+import sqlalchemy as sa
 from pgserver import EmbeddedPostgres
 
 POSTGRESQL_URL_ENV = "CELERY_EVENTSTORE_TEST_POSTGRESQL_URL"
@@ -93,3 +97,27 @@ def postgresql_reaper(postgresql_url: str) -> Iterator[Reaper]:
     r = Reaper()
     yield r
     r.join()
+
+
+# -- one store database per test: the same tests run on a SQLite file and on a
+# PostgreSQL schema --------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    return f"sqlite:///{tmp_path / 'events.db'}", {}
+
+
+@pytest.fixture
+def postgresql_db(postgresql_url: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A fresh PostgreSQL schema per test, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(postgresql_url)
+    with engine.begin() as conn:
+        conn.execute(sa.schema.CreateSchema(schema))
+    try:
+        yield postgresql_url, {"schema": schema}
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.schema.DropSchema(schema, cascade=True))
+        engine.dispose()
