@@ -30,260 +30,64 @@ folds one event into the state; :func:`fold` folds a whole stream.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
-from .exceptions import (
+from ..exceptions import (
     CorruptStream,
     InvalidTransition,
     NotClaimable,
     StaleClaim,
     UnknownDelivery,
 )
-
-JSON = Mapping[str, Any]
-
-# ---------------------------------------------------------------------------
-# Events: immutable past-tense facts.  Their field names are the JSON keys
-# stored in the log, so renaming one is a schema migration.
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Published:
-    """A message was published to ``queue``; deliverable from ``not_before``."""
-
-    delivery: str
-    queue: str
-    message: JSON
-    priority: int = 0
-    not_before: float | None = None
-    expires: float | None = None
-    #: The dead-lettered delivery this one publishes again, if any.
-    retry_of: str | None = None
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A consumer took the delivery; it is theirs until ``lease_until``."""
-
-    delivery: str
-    claim: str
-    consumer: str
-    lease_until: float
-
-
-@dataclass(frozen=True)
-class LeaseRenewed:
-    """The current claim's holder is still working and extended its lease."""
-
-    delivery: str
-    claim: str
-    lease_until: float
-
-
-@dataclass(frozen=True)
-class Acked:
-    """The current claim's holder acknowledged the delivery: it is done."""
-
-    delivery: str
-    claim: str
-
-
-@dataclass(frozen=True)
-class Requeued:
-    """The claim was given back (``reason``: rejected, restored); ready again."""
-
-    delivery: str
-    claim: str
-    reason: str
-    not_before: float | None = None
-
-
-@dataclass(frozen=True)
-class LeaseExpired:
-    """A claim's lease ran out without an outcome; the holder is presumed dead."""
-
-    delivery: str
-    claim: str
-
-
-@dataclass(frozen=True)
-class DeadLettered:
-    """The delivery will not be delivered again; ``reason`` says why."""
-
-    delivery: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class DeadLetterPurged:
-    """An operator removed a dead letter from the dead-letter list; its story stays."""
-
-    delivery: str
-
-
-@dataclass(frozen=True)
-class Discarded:
-    """The delivery was dropped before running (``reason``: expired, revoked, purged)."""
-
-    delivery: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Revoked:
-    """The task was revoked: none of its pending deliveries will run."""
-
-    reason: str = "revoked"
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class StateUpdated:
-    """The task reported a state of its own (``task.update_state``)."""
-
-    state: str
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class Started:
-    """A worker started executing the task."""
-
-    worker: str | None = None
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class RetryScheduled:
-    """The task raised Retry; it will run again (``countdown`` seconds later)."""
-
-    exc: str
-    countdown: float | None = None
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class Succeeded:
-    """The task returned; ``result`` is the result as the backend encoded it."""
-
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The task raised ``exc``."""
-
-    exc: str
-    traceback: str | None = None
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class Forgotten:
-    """The task's result was forgotten (``AsyncResult.forget()``); the history stays."""
-
-
-@dataclass(frozen=True)
-class GroupSaved:
-    """A group's member results were saved (stream ``group:<id>``)."""
-
-    result: JSON
-
-
-@dataclass(frozen=True)
-class GroupDeleted:
-    """A saved group was deleted."""
-
-
-@dataclass(frozen=True)
-class ChordPartDone:
-    """A header task of a chord finished (stream ``chord:<group id>``)."""
-
-    task_id: str
-    state: str
-
-
-@dataclass(frozen=True)
-class ChordCompleted:
-    """The last header task finished: the chord's callback is due, exactly once."""
-
-    size: int
-
-
-Event = (
-    Published
-    | Claimed
-    | LeaseRenewed
-    | Acked
-    | Requeued
-    | LeaseExpired
-    | DeadLettered
-    | DeadLetterPurged
-    | Discarded
-    | Revoked
-    | Started
-    | RetryScheduled
-    | Succeeded
-    | Failed
-    | StateUpdated
-    | Forgotten
-    | GroupSaved
-    | GroupDeleted
-    | ChordPartDone
-    | ChordCompleted
+from .commands import (
+    Ack,
+    Claim,
+    Command,
+    CountChordPart,
+    DeleteGroup,
+    Discard,
+    Fail,
+    Forget,
+    Publish,
+    PurgeDeadLetter,
+    Reject,
+    Renew,
+    Restore,
+    Revoke,
+    SaveGroup,
+    ScheduleRetry,
+    Start,
+    Succeed,
+    UpdateState,
 )
-
-EVENT_TYPES: dict[str, type[Any]] = {
-    cls.__name__: cls
-    for cls in (
-        Published,
-        Claimed,
-        LeaseRenewed,
-        Acked,
-        Requeued,
-        LeaseExpired,
-        DeadLettered,
-        DeadLetterPurged,
-        Discarded,
-        Revoked,
-        Started,
-        RetryScheduled,
-        Succeeded,
-        Failed,
-        StateUpdated,
-        Forgotten,
-        GroupSaved,
-        GroupDeleted,
-        ChordPartDone,
-        ChordCompleted,
-    )
-}
-
-
-def event_type(event: Event) -> str:
-    """The name an event is stored under."""
-    return type(event).__name__
-
-
-def event_data(event: Event) -> dict[str, Any]:
-    """The JSON-able fields of an event."""
-    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
-
-
-def event_from(type_name: str, data: Mapping[str, Any]) -> Event:
-    """Rebuild an event from its stored type name and data."""
-    try:
-        cls = EVENT_TYPES[type_name]
-        event: Event = cls(**data)
-    except (KeyError, TypeError) as exc:
-        raise CorruptStream(f"unreadable event {type_name!r}: {exc}") from None
-    return event
-
+from .events import (
+    JSON,
+    Acked,
+    ChordCompleted,
+    ChordPartDone,
+    Claimed,
+    DeadLettered,
+    DeadLetterPurged,
+    Discarded,
+    Event,
+    Failed,
+    Forgotten,
+    GroupDeleted,
+    GroupSaved,
+    LeaseExpired,
+    LeaseRenewed,
+    Published,
+    Requeued,
+    RetryScheduled,
+    Revoked,
+    Started,
+    StateUpdated,
+    Succeeded,
+    event_type,
+)
 
 # ---------------------------------------------------------------------------
 # State
@@ -594,169 +398,6 @@ def fold(stream: str, events: Iterable[Event]) -> JobState:
     for event in events:
         state = evolve(state, event)
     return state
-
-
-# ---------------------------------------------------------------------------
-# Commands: what a producer, consumer or worker asks for.
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Publish:
-    delivery: str
-    queue: str
-    message: JSON
-    priority: int = 0
-    not_before: float | None = None
-    expires: float | None = None
-    retry_of: str | None = None
-
-
-@dataclass(frozen=True)
-class Claim:
-    """Take a delivery for ``lease_seconds``.
-
-    A delivery whose ``max_claims`` leases already ran out is dead-lettered
-    instead; one past its expiry is discarded.  ``max_claims=None`` means no limit.
-    """
-
-    delivery: str
-    claim: str
-    consumer: str
-    lease_seconds: float
-    max_claims: int | None = None
-
-
-@dataclass(frozen=True)
-class Renew:
-    delivery: str
-    claim: str
-    lease_seconds: float
-
-
-@dataclass(frozen=True)
-class Ack:
-    delivery: str
-    claim: str
-
-
-@dataclass(frozen=True)
-class Reject:
-    """Give the delivery back (``requeue``) or dead-letter it."""
-
-    delivery: str
-    claim: str
-    requeue: bool
-    reason: str = "rejected"
-    countdown: float | None = None
-
-
-@dataclass(frozen=True)
-class Restore:
-    """A consumer shut down holding the claim: ready again, no claim counted lost."""
-
-    delivery: str
-    claim: str
-
-
-@dataclass(frozen=True)
-class Discard:
-    """Drop a pending, unclaimed delivery (purge)."""
-
-    delivery: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class PurgeDeadLetter:
-    delivery: str
-
-
-@dataclass(frozen=True)
-class Revoke:
-    reason: str = "revoked"
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class UpdateState:
-    state: str
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class Start:
-    worker: str | None = None
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class ScheduleRetry:
-    exc: str
-    countdown: float | None = None
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class Succeed:
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class Fail:
-    exc: str
-    traceback: str | None = None
-    result: JSON | None = None
-
-
-@dataclass(frozen=True)
-class Forget:
-    pass
-
-
-@dataclass(frozen=True)
-class SaveGroup:
-    result: JSON
-
-
-@dataclass(frozen=True)
-class DeleteGroup:
-    pass
-
-
-@dataclass(frozen=True)
-class CountChordPart:
-    """Count a finished header task; the count reaching ``size`` completes the chord.
-
-    Counting the same task twice (a redelivered header task) changes nothing, so
-    the callback is due exactly once whatever the delivery count.
-    """
-
-    task_id: str
-    state: str
-    size: int
-
-
-Command = (
-    Publish
-    | Claim
-    | Renew
-    | Ack
-    | Reject
-    | Restore
-    | Discard
-    | PurgeDeadLetter
-    | Revoke
-    | Start
-    | ScheduleRetry
-    | Succeed
-    | Fail
-    | UpdateState
-    | Forget
-    | SaveGroup
-    | DeleteGroup
-    | CountChordPart
-)
 
 
 # ---------------------------------------------------------------------------
