@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..exceptions import CorruptStream
 
@@ -29,6 +29,7 @@ class Event:
     """The base of every event; subclassing it registers the event type."""
 
     __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # each is a dataclass
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -44,7 +45,7 @@ def event_type(event: Event) -> str:
 
 def event_data(event: Event) -> dict[str, Any]:
     """The JSON-able fields of an event."""
-    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}  # type: ignore[arg-type]
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
 
 
 def event_from(type_name: str, data: Mapping[str, Any]) -> Event:
