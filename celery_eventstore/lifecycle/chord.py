@@ -1,0 +1,50 @@
+"""Chord streams (``chord:<group id>``) fold to :class:`ChordState`.
+
+The result backend counts each finished header task of a chord here, one writer
+per header task, all arbitrated by the stream's version check: the count
+reaching the chord's size completes it, and the callback is due exactly once.
+A chord stream has no deliveries and no result of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..exceptions import CorruptStream
+from .commands import CountChordPart
+from .events import ChordCompleted, ChordPartDone, Event
+from .streams import JobState, Rules, StreamKind, replace
+
+rules = Rules(StreamKind.CHORD)
+
+
+@dataclass(frozen=True)
+class ChordState(JobState, rules=rules):
+    """A chord stream folded: the header tasks counted so far, and whether it completed."""
+
+    parts: frozenset[str] = frozenset()
+    completed: bool = False
+
+
+@rules.evolves(ChordPartDone)
+def _part_done(state: ChordState, event: ChordPartDone) -> ChordState:
+    if event.task_id in state.parts:
+        raise CorruptStream(f"chord part {event.task_id!r} counted twice")
+    return replace(state, parts=state.parts | {event.task_id})
+
+
+@rules.evolves(ChordCompleted)
+def _completed(state: ChordState, event: ChordCompleted) -> ChordState:
+    if state.completed:
+        raise CorruptStream(f"chord {state.stream!r} completed twice")
+    return replace(state, completed=True)
+
+
+@rules.decides(CountChordPart)
+def _count_part(command: CountChordPart, state: ChordState, now: float) -> list[Event]:
+    if command.task_id in state.parts or state.completed:
+        return []  # a redelivered header task: counted already
+    done: list[Event] = [ChordPartDone(command.task_id, command.state)]
+    if len(state.parts) + 1 >= command.size:
+        done.append(ChordCompleted(command.size))
+    return done

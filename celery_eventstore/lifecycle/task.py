@@ -1,0 +1,469 @@
+"""Task streams (any stream id without a ``group:``/``chord:`` prefix) fold to
+:class:`TaskState`.
+
+A task stream holds every delivery of one Celery task -- the first publish, each
+``retry()`` re-publish, each requeue (see :mod:`.delivery` for who moves a
+delivery between its states) -- and the task's result states (``STARTED``,
+``RETRY``, ``SUCCESS``, ``FAILURE``, ``REVOKED``), which the worker running it
+records.  Once ``SUCCESS`` is recorded later result writes are ignored, as with
+Celery's own backends.  Below: one function per event it folds, then one per
+command it decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..exceptions import CorruptStream, InvalidTransition, NotClaimable, StaleClaim, UnknownDelivery
+from .commands import (
+    Ack,
+    Claim,
+    Discard,
+    Fail,
+    Forget,
+    Publish,
+    PurgeDeadLetter,
+    Reject,
+    Renew,
+    Restore,
+    Revoke,
+    ScheduleRetry,
+    Start,
+    Succeed,
+    UpdateState,
+)
+from .delivery import Delivery, DeliveryStatus
+from .events import (
+    JSON,
+    Acked,
+    Claimed,
+    DeadLettered,
+    DeadLetterPurged,
+    Discarded,
+    Event,
+    Failed,
+    Forgotten,
+    LeaseExpired,
+    LeaseRenewed,
+    Published,
+    Requeued,
+    RetryScheduled,
+    Revoked,
+    Started,
+    StateUpdated,
+    Succeeded,
+    event_type,
+)
+from .streams import JobState, ResultState, Rules, StreamKind, replace
+
+rules = Rules(StreamKind.TASK)
+
+
+@dataclass(frozen=True)
+class TaskState(JobState, rules=rules):
+    """A task stream folded: its deliveries and its result state."""
+
+    deliveries: Mapping[str, Delivery] = field(default_factory=dict)
+    result_state: ResultState = ResultState.PENDING
+    result: JSON | None = None
+    revoked: bool = False
+    forgotten: bool = False
+    #: A state of the task's own making (``update_state``); None for Celery's states.
+    custom_state: str | None = None
+
+    def delivery(self, delivery_id: str) -> Delivery:
+        try:
+            return self.deliveries[delivery_id]
+        except KeyError:
+            raise UnknownDelivery(
+                f"stream {self.stream!r} has no delivery {delivery_id!r}"
+            ) from None
+
+    def pending(self) -> list[Delivery]:
+        """Deliveries that are not settled yet (ready, scheduled or claimed)."""
+        return [d for d in self.deliveries.values() if not d.status.is_final]
+
+
+_UNFINISHED = (ResultState.PENDING, ResultState.STARTED, ResultState.RETRY)
+
+
+def _running(state: TaskState) -> bool:
+    """A worker has reported the task started (or a custom state such as PROGRESS)."""
+    return state.result_state is ResultState.STARTED or (
+        state.custom_state is not None and state.result_state in _UNFINISHED
+    )
+
+
+# -- evolve: one function per event -------------------------------------------------
+
+
+def _with_delivery(state: TaskState, delivery: Delivery, **changes: object) -> TaskState:
+    deliveries = dict(state.deliveries)
+    deliveries[delivery.id] = replace(delivery, **changes)
+    return replace(state, deliveries=deliveries)
+
+
+def _known(state: TaskState, event: Event, delivery_id: str) -> Delivery:
+    delivery = state.deliveries.get(delivery_id)
+    if delivery is None:
+        raise CorruptStream(
+            f"{event_type(event)} for unknown delivery {delivery_id!r} "
+            f"in stream {state.stream!r}"
+        )
+    return delivery
+
+
+def _pending(state: TaskState, event: Event, delivery_id: str) -> Delivery:
+    delivery = _known(state, event, delivery_id)
+    if delivery.status.is_final:
+        raise CorruptStream(
+            f"{event_type(event)} for delivery {delivery_id!r}, "
+            f"already {delivery.status.value}"
+        )
+    return delivery
+
+
+def _claimed_by(state: TaskState, event: Event, delivery_id: str, claim: str) -> Delivery:
+    delivery = _known(state, event, delivery_id)
+    if delivery.status is not DeliveryStatus.CLAIMED or delivery.claim != claim:
+        raise CorruptStream(
+            f"{event_type(event)} for claim {claim!r} of delivery {delivery_id!r}, "
+            f"which is {delivery.status.value} under claim {delivery.claim!r}"
+        )
+    return delivery
+
+
+@rules.evolves(Published)
+def _published(state: TaskState, event: Published) -> TaskState:
+    if event.delivery in state.deliveries:
+        raise CorruptStream(f"delivery {event.delivery!r} published twice")
+    deliveries = dict(state.deliveries)
+    deliveries[event.delivery] = Delivery(
+        id=event.delivery,
+        queue=event.queue,
+        priority=event.priority,
+        not_before=event.not_before,
+        expires=event.expires,
+    )
+    return replace(state, deliveries=deliveries)
+
+
+@rules.evolves(Claimed)
+def _claimed(state: TaskState, event: Claimed) -> TaskState:
+    delivery = _pending(state, event, event.delivery)
+    if delivery.status is DeliveryStatus.CLAIMED:
+        raise CorruptStream(f"delivery {event.delivery!r} claimed twice")
+    return _with_delivery(
+        state,
+        delivery,
+        status=DeliveryStatus.CLAIMED,
+        claim=event.claim,
+        consumer=event.consumer,
+        lease_until=event.lease_until,
+        claims=delivery.claims + 1,
+    )
+
+
+@rules.evolves(LeaseRenewed)
+def _lease_renewed(state: TaskState, event: LeaseRenewed) -> TaskState:
+    delivery = _claimed_by(state, event, event.delivery, event.claim)
+    return _with_delivery(state, delivery, lease_until=event.lease_until)
+
+
+@rules.evolves(Acked)
+def _acked(state: TaskState, event: Acked) -> TaskState:
+    delivery = _claimed_by(state, event, event.delivery, event.claim)
+    return _with_delivery(state, delivery, status=DeliveryStatus.ACKED, lease_until=None)
+
+
+@rules.evolves(Requeued)
+def _requeued(state: TaskState, event: Requeued) -> TaskState:
+    delivery = _claimed_by(state, event, event.delivery, event.claim)
+    return _with_delivery(
+        state,
+        delivery,
+        status=DeliveryStatus.READY,
+        claim=None,
+        consumer=None,
+        lease_until=None,
+        not_before=event.not_before if event.not_before is not None else delivery.not_before,
+        reason=event.reason,
+    )
+
+
+@rules.evolves(LeaseExpired)
+def _lease_expired(state: TaskState, event: LeaseExpired) -> TaskState:
+    delivery = _claimed_by(state, event, event.delivery, event.claim)
+    return _with_delivery(
+        state,
+        delivery,
+        status=DeliveryStatus.READY,
+        claim=None,
+        consumer=None,
+        lease_until=None,
+        lost_claims=delivery.lost_claims + 1,
+        reason="lease expired",
+    )
+
+
+@rules.evolves(DeadLettered)
+def _dead_lettered(state: TaskState, event: DeadLettered) -> TaskState:
+    delivery = _pending(state, event, event.delivery)
+    state = _with_delivery(
+        state, delivery, status=DeliveryStatus.DEAD, lease_until=None, reason=event.reason
+    )
+    if state.result_state in _UNFINISHED and not state.pending():
+        # Nothing will run it again: a waiter must not wait forever.
+        state = replace(state, result_state=ResultState.FAILURE, result=None, custom_state=None)
+    return state
+
+
+@rules.evolves(DeadLetterPurged)
+def _dead_letter_purged(state: TaskState, event: DeadLetterPurged) -> TaskState:
+    delivery = _known(state, event, event.delivery)
+    if delivery.status is not DeliveryStatus.DEAD:
+        raise CorruptStream(f"purged delivery {event.delivery!r} is {delivery.status.value}")
+    return state
+
+
+@rules.evolves(Discarded)
+def _discarded(state: TaskState, event: Discarded) -> TaskState:
+    delivery = _pending(state, event, event.delivery)
+    if delivery.status is DeliveryStatus.CLAIMED:
+        raise CorruptStream(f"claimed delivery {event.delivery!r} discarded")
+    state = _with_delivery(state, delivery, status=DeliveryStatus.DISCARDED, reason=event.reason)
+    if event.reason == "expired" and state.result_state is ResultState.PENDING:
+        # Celery reports a task that expired unrun as REVOKED.
+        state = replace(state, result_state=ResultState.REVOKED)
+    elif event.reason == "revoked" and _running(state) and not state.pending():
+        # The run that kept its state through the revoke was lost (its lease
+        # ran out) and will not run again: a waiter must not wait forever.
+        state = replace(state, result_state=ResultState.REVOKED, result=None, custom_state=None)
+    return state
+
+
+@rules.evolves(Revoked)
+def _revoked(state: TaskState, event: Revoked) -> TaskState:
+    if state.result_state is ResultState.SUCCESS or _running(state):
+        # A revoke does not stop a running task (Celery's terminate does): its
+        # state stays the running worker's to report, as with Celery's own
+        # backends.  Only its later deliveries are discarded.
+        return replace(state, revoked=True)
+    return replace(
+        state, revoked=True, result_state=ResultState.REVOKED, result=event.result,
+        custom_state=None,
+    )
+
+
+@rules.evolves(Forgotten)
+def _forgotten(state: TaskState, event: Forgotten) -> TaskState:
+    return replace(state, forgotten=True)
+
+
+def _result(state: TaskState, new: ResultState, result: JSON | None) -> TaskState:
+    if state.result_state is ResultState.SUCCESS:
+        raise CorruptStream(f"{new.value} recorded after SUCCESS in {state.stream!r}")
+    return replace(state, result_state=new, result=result, forgotten=False, custom_state=None)
+
+
+@rules.evolves(StateUpdated)
+def _state_updated(state: TaskState, event: StateUpdated) -> TaskState:
+    state = _result(state, ResultState.STARTED, event.result)
+    return replace(state, custom_state=event.state)
+
+
+@rules.evolves(Started)
+def _started(state: TaskState, event: Started) -> TaskState:
+    return _result(state, ResultState.STARTED, event.result)
+
+
+@rules.evolves(RetryScheduled)
+def _retry_scheduled(state: TaskState, event: RetryScheduled) -> TaskState:
+    return _result(state, ResultState.RETRY, event.result)
+
+
+@rules.evolves(Succeeded)
+def _succeeded(state: TaskState, event: Succeeded) -> TaskState:
+    return _result(state, ResultState.SUCCESS, event.result)
+
+
+@rules.evolves(Failed)
+def _failed(state: TaskState, event: Failed) -> TaskState:
+    return _result(state, ResultState.FAILURE, event.result)
+
+
+# -- decide: one function per command -----------------------------------------------
+
+
+@rules.decides(Publish)
+def _publish(command: Publish, state: TaskState, now: float) -> list[Event]:
+    published = Published(
+        delivery=command.delivery,
+        queue=command.queue,
+        message=command.message,
+        priority=command.priority,
+        not_before=command.not_before,
+        expires=command.expires,
+        retry_of=command.retry_of,
+    )
+    if command.retry_of is not None and (
+        state.deliveries.get(command.retry_of) is None
+        or state.deliveries[command.retry_of].status is not DeliveryStatus.DEAD
+    ):
+        raise InvalidTransition(f"delivery {command.retry_of!r} is not dead-lettered")
+    if command.delivery in state.deliveries:
+        raise InvalidTransition(f"delivery {command.delivery!r} already published")
+    if state.revoked:
+        return [published, Discarded(command.delivery, "revoked")]
+    return [published]
+
+
+@rules.decides(Claim)
+def _claim(command: Claim, state: TaskState, now: float) -> list[Event]:
+    delivery = state.delivery(command.delivery)
+    events: list[Event] = []
+    if delivery.status is DeliveryStatus.CLAIMED:
+        if not delivery.lease_expired(now):
+            raise NotClaimable(f"delivery {delivery.id!r} is claimed until its lease ends")
+        assert delivery.claim is not None
+        events.append(LeaseExpired(delivery.id, delivery.claim))
+        lost = delivery.lost_claims + 1
+    elif delivery.status.is_final:
+        raise NotClaimable(f"delivery {delivery.id!r} is {delivery.status.value}")
+    else:
+        lost = delivery.lost_claims
+    if not delivery.is_due(now):
+        raise NotClaimable(f"delivery {delivery.id!r} is scheduled for later")
+    events.append(_claim_outcome(command, state, delivery, lost, now))
+    return events
+
+
+def _claim_outcome(
+    command: Claim, state: TaskState, delivery: Delivery, lost: int, now: float
+) -> Event:
+    """What a claim of a claimable delivery that lost ``lost`` leases comes to."""
+    if state.revoked:
+        # Claimed before the revoke, then given back: it must not run now.
+        return Discarded(delivery.id, "revoked")
+    if command.max_claims is not None and lost >= command.max_claims:
+        return DeadLettered(
+            delivery.id, f"claimed {lost} times without an outcome (lease expired each time)"
+        )
+    if delivery.is_expired(now):
+        return Discarded(delivery.id, "expired")
+    return Claimed(delivery.id, command.claim, command.consumer, now + command.lease_seconds)
+
+
+def _current_claim(state: TaskState, delivery_id: str, claim: str) -> Delivery:
+    delivery = state.deliveries.get(delivery_id)
+    if delivery is None:
+        raise StaleClaim(f"no delivery {delivery_id!r} in stream {state.stream!r}")
+    if delivery.status is not DeliveryStatus.CLAIMED or delivery.claim != claim:
+        raise StaleClaim(
+            f"claim {claim!r} of delivery {delivery_id!r} is not current "
+            f"(delivery is {delivery.status.value}"
+            + (f", claimed as {delivery.claim!r})" if delivery.claim else ")")
+        )
+    return delivery
+
+
+def _unless_revoked(state: TaskState, requeued: Requeued) -> list[Event]:
+    """A delivery given back after its task was revoked is discarded, not re-run."""
+    if state.revoked:
+        return [requeued, Discarded(requeued.delivery, "revoked")]
+    return [requeued]
+
+
+@rules.decides(Renew)
+def _renew(command: Renew, state: TaskState, now: float) -> list[Event]:
+    _current_claim(state, command.delivery, command.claim)
+    return [LeaseRenewed(command.delivery, command.claim, now + command.lease_seconds)]
+
+
+@rules.decides(Ack)
+def _ack(command: Ack, state: TaskState, now: float) -> list[Event]:
+    _current_claim(state, command.delivery, command.claim)
+    return [Acked(command.delivery, command.claim)]
+
+
+@rules.decides(Reject)
+def _reject(command: Reject, state: TaskState, now: float) -> list[Event]:
+    _current_claim(state, command.delivery, command.claim)
+    if command.requeue:
+        not_before = now + command.countdown if command.countdown else None
+        return _unless_revoked(
+            state, Requeued(command.delivery, command.claim, command.reason, not_before)
+        )
+    return [DeadLettered(command.delivery, command.reason)]
+
+
+@rules.decides(Restore)
+def _restore(command: Restore, state: TaskState, now: float) -> list[Event]:
+    _current_claim(state, command.delivery, command.claim)
+    return _unless_revoked(state, Requeued(command.delivery, command.claim, "restored"))
+
+
+@rules.decides(Discard)
+def _discard(command: Discard, state: TaskState, now: float) -> list[Event]:
+    delivery = state.delivery(command.delivery)
+    if delivery.status.is_final:
+        return []
+    if delivery.status is DeliveryStatus.CLAIMED:
+        raise InvalidTransition(f"delivery {delivery.id!r} is claimed; it cannot be discarded")
+    return [Discarded(delivery.id, command.reason)]
+
+
+@rules.decides(PurgeDeadLetter)
+def _purge_dead_letter(command: PurgeDeadLetter, state: TaskState, now: float) -> list[Event]:
+    delivery = state.delivery(command.delivery)
+    if delivery.status is not DeliveryStatus.DEAD:
+        raise InvalidTransition(f"delivery {delivery.id!r} is not dead-lettered")
+    return [DeadLetterPurged(delivery.id)]
+
+
+@rules.decides(Revoke)
+def _revoke(command: Revoke, state: TaskState, now: float) -> list[Event]:
+    if state.revoked:
+        return []
+    unclaimed = [d for d in state.pending() if d.status is not DeliveryStatus.CLAIMED]
+    return [Revoked(command.reason, command.result)] + [
+        Discarded(d.id, "revoked") for d in unclaimed
+    ]
+
+
+@rules.decides(Forget)
+def _forget(command: Forget, state: TaskState, now: float) -> list[Event]:
+    return [] if state.forgotten else [Forgotten()]
+
+
+# Result states: once SUCCESS is recorded later writes are ignored, as in Celery.
+
+
+@rules.decides(Start)
+def _start(command: Start, state: TaskState, now: float) -> list[Event]:
+    return _unless_succeeded(state, Started(command.worker, command.result))
+
+
+@rules.decides(ScheduleRetry)
+def _schedule_retry(command: ScheduleRetry, state: TaskState, now: float) -> list[Event]:
+    return _unless_succeeded(state, RetryScheduled(command.exc, command.countdown, command.result))
+
+
+@rules.decides(Succeed)
+def _succeed(command: Succeed, state: TaskState, now: float) -> list[Event]:
+    return _unless_succeeded(state, Succeeded(command.result))
+
+
+@rules.decides(Fail)
+def _fail(command: Fail, state: TaskState, now: float) -> list[Event]:
+    return _unless_succeeded(state, Failed(command.exc, command.traceback, command.result))
+
+
+@rules.decides(UpdateState)
+def _update_state(command: UpdateState, state: TaskState, now: float) -> list[Event]:
+    return _unless_succeeded(state, StateUpdated(command.state, command.result))
+
+
+def _unless_succeeded(state: TaskState, event: Event) -> list[Event]:
+    return [] if state.result_state is ResultState.SUCCESS else [event]
