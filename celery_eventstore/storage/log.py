@@ -210,7 +210,7 @@ class EventLog:
 
         def attempt() -> list[RecordedEvent]:
             with self.db.write(connection, durable=durable) as tx:
-                if isinstance(command, lc.CountChordPart):  # many writers, one stream
+                if lc.stream_kind(stream) is lc.StreamKind.CHORD:  # many writers, one stream
                     self.db.dialect.lock_stream(tx.conn, self.channels.namespace + stream)
                 state = self.load_all(tx.conn, [stream])[stream]
                 events = lc.decide(command, state, tx.now)

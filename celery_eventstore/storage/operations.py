@@ -226,7 +226,7 @@ class Operations:
                         batch, states = [], {}
                         if progress is not None:
                             progress(replayed, total)
-                    states[rec.stream] = lc.JobState(stream=rec.stream)
+                    states[rec.stream] = lc.fold(rec.stream, ())
                 state = states[rec.stream]
                 if rec.version != state.version + 1:
                     raise CorruptStream(f"stream {rec.stream!r} skips to version {rec.version}")
