@@ -185,11 +185,11 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
 
     def _save_group(self, group_id: str, result: Any) -> Any:
         encoded = self._wrap(self.encode({"result": result.as_tuple()}))
-        self.store.execute(f"group:{group_id}", lc.SaveGroup(result=encoded))
+        self.store.execute(lc.group_stream(group_id), lc.SaveGroup(result=encoded))
         return result
 
     def _restore_group(self, group_id: str) -> dict[str, Any] | None:
-        stream = f"group:{group_id}"
+        stream = lc.group_stream(group_id)
         row = self.store.results([stream]).get(stream)
         if row is None or row[1] is None:
             return None
@@ -198,7 +198,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         return meta
 
     def _delete_group(self, group_id: str) -> None:
-        self.store.execute(f"group:{group_id}", lc.DeleteGroup())
+        self.store.execute(lc.group_stream(group_id), lc.DeleteGroup())
 
     # -- waiting ---------------------------------------------------------------
 
@@ -319,11 +319,11 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             self.store.single_writer
         )
         if not joined:
-            if _completes(self.store.execute(f"chord:{gid}", count)):
+            if _completes(self.store.execute(lc.chord_stream(gid), count)):
                 self._apply_chord_callback(gid, callback, deps)
             return None
         with self.store.transaction() as conn:
-            if _completes(self.store.execute(f"chord:{gid}", count, connection=conn)):
+            if _completes(self.store.execute(lc.chord_stream(gid), count, connection=conn)):
                 with atomic(conn, app=app):
                     self._apply_chord_callback(gid, callback, deps)
         return None

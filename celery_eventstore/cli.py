@@ -158,7 +158,7 @@ def history(ctx: click.Context, task_id: str, as_json: bool, tree: bool) -> None
     """The whole story of one task (or group:ID / chord:ID)."""
     store = _store(ctx)
     # A bare group id (GroupResult.id) names its group:/chord: streams.
-    candidates = [task_id, f"group:{task_id}", f"chord:{task_id}"]
+    candidates = [task_id, lc.group_stream(task_id), lc.chord_stream(task_id)]
     found = {s: r for s in candidates if (r := store.read_stream(s))}
     if not found:
         raise click.ClickException(f"no events for {task_id!r}: unknown task, or pruned")
@@ -181,10 +181,11 @@ def history(ctx: click.Context, task_id: str, as_json: bool, tree: bool) -> None
 
 def _summary(stream: str, recorded: list[RecordedEvent]) -> str:
     """The header of a stream's timeline: its state, and its task and links if known."""
-    if stream.startswith("chord:"):
+    kind = lc.stream_kind(stream)
+    if kind is lc.StreamKind.CHORD:
         done = any(isinstance(r.event, lc.ChordCompleted) for r in recorded)
         parts = ["state=" + ("completed" if done else "counting")]
-    elif stream.startswith("group:"):
+    elif kind is lc.StreamKind.GROUP:
         last = next((r.event for r in reversed(recorded)), None)
         parts = ["state=" + ("deleted" if isinstance(last, lc.GroupDeleted) else "saved")]
     else:

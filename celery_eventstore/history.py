@@ -105,10 +105,10 @@ def canvas(store: EventStore, stream: str) -> list[str]:
                     if meta.get(key) and meta[key] != rec.stream:
                         link(rec.stream, meta[key])
                 if meta.get("group"):
-                    link(rec.stream, f"group:{meta['group']}")
-            for prefix in ("group:", "chord:"):
-                if rec.stream.startswith(prefix):
-                    link(rec.stream, rec.stream.replace(prefix, "group:", 1))
+                    link(rec.stream, lc.group_stream(meta["group"]))
+            group = lc.group_of(rec.stream)
+            if group is not None:  # a chord's counter belongs with its group
+                link(rec.stream, lc.group_stream(group))
         after = batch[-1].position
     seen, frontier = {stream}, [stream]
     while frontier:

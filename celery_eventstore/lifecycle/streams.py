@@ -40,6 +40,14 @@ def chord_stream(group_id: str) -> str:
     return CHORD_PREFIX + group_id
 
 
+def group_of(stream: str) -> str | None:
+    """The group id a group or chord stream belongs to; None for a task stream."""
+    for prefix in (GROUP_PREFIX, CHORD_PREFIX):
+        if stream.startswith(prefix):
+            return stream[len(prefix):]
+    return None
+
+
 def stream_kind(stream: str) -> StreamKind:
     if stream.startswith(GROUP_PREFIX):
         return StreamKind.GROUP
