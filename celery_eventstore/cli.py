@@ -22,9 +22,9 @@ from typing import Any
 import click
 
 from . import lifecycle as lc
-from .exceptions import EventStoreError
+from .exceptions import EventStoreError, UnreadableStream
 from .history import LogFollower, canvas, entries_of, format_timeline
-from .storage import SCHEMA_VERSION, EventStore, QueueInfo, RecordedEvent
+from .storage import SCHEMA_VERSION, EventStore, QueueInfo, RecordedEvent, fold_stream
 
 
 class _Context:
@@ -116,7 +116,7 @@ def migrate(ctx: click.Context, sql: bool) -> None:
 @eventstore.command()
 @click.pass_context
 def check(ctx: click.Context) -> None:
-    """Connectivity, schema version, wake-ups and clock skew."""
+    """Connectivity, schema version, wake-ups, clock skew, and unreadable events in the log."""
     store = _store(ctx)
     store.ping()
     click.echo(f"database   {store!r}")
@@ -136,6 +136,15 @@ def check(ctx: click.Context) -> None:
         listener.close()
     for warning in store.maintenance_warnings():
         click.echo(f"warning    {warning}")
+    unreadable = store.unreadable_streams()
+    for error in unreadable:
+        click.echo(f"unreadable {error}")
+    click.echo(f"log        {len(unreadable)} unreadable stream(s)")
+    if unreadable:
+        raise StoreError(
+            f"{len(unreadable)} stream(s) hold unreadable events; their messages are "
+            "quarantined as dead letters (see `dead`)"
+        )
 
 
 def _events_json(recorded: list[RecordedEvent]) -> list[dict[str, Any]]:
@@ -189,8 +198,11 @@ def _summary(stream: str, recorded: list[RecordedEvent]) -> str:
         last = next((r.event for r in reversed(recorded)), None)
         parts = ["state=" + ("deleted" if isinstance(last, lc.GroupDeleted) else "saved")]
     else:
-        state = lc.fold(stream, (r.event for r in recorded))
-        parts = [f"state={state.custom_state or state.result_state.value}"]
+        try:
+            state = fold_stream(stream, recorded)
+            parts = [f"state={state.custom_state or state.result_state.value}"]
+        except UnreadableStream as error:
+            parts = [f"state=UNREADABLE (position {error.position}: {error.reason})"]
     meta = next((r.metadata for r in recorded if isinstance(r.event, lc.Published)), None)
     for key in ("task", "parent_id", "group"):
         if meta and meta.get(key) and meta.get(key) != stream:
@@ -386,9 +398,12 @@ def prune(ctx: click.Context, older_than: str, batch: int) -> None:
 @click.pass_context
 def rebuild(ctx: click.Context) -> None:
     """Rebuild the derived tables from the log."""
+    unreadable: list[UnreadableStream] = []
     with _progress("replaying") as progress:
-        replayed = _store(ctx).rebuild(progress=progress)
+        replayed = _store(ctx).rebuild(progress=progress, on_unreadable=unreadable.append)
     click.echo(f"replayed {replayed} events")
+    for error in unreadable:
+        click.echo(f"unreadable {error} (rebuilt up to it; its messages are dead letters)")
 
 
 def main(argv: list[str] | None = None) -> int:

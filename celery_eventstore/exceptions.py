@@ -43,6 +43,18 @@ class CorruptStream(EventStoreError):
     """A stream holds an event sequence the job lifecycle cannot produce."""
 
 
+class UnreadableStream(CorruptStream):
+    """A stream holds a stored event that cannot be read (bad JSON, an unknown
+    type, missing fields, a gap in its versions).  Its messages are quarantined as
+    dead letters; ``celery-eventstore check`` lists such streams."""
+
+    def __init__(self, stream: str, position: int, reason: str) -> None:
+        super().__init__(f"stream {stream!r}: unreadable event at position {position}: {reason}")
+        self.stream = stream
+        self.position = position
+        self.reason = reason
+
+
 # -- the store ---------------------------------------------------------------
 
 

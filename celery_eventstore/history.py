@@ -141,7 +141,8 @@ def _detail(ev: lc.Event, metadata: Mapping[str, Any], at: float) -> dict[str, A
         return detail
     if isinstance(ev, (lc.Claimed, lc.LeaseRenewed)):
         return {"lease_until": _iso(ev.lease_until)}
-    if isinstance(ev, (lc.Requeued, lc.DeadLettered, lc.Discarded, lc.Revoked)):
+    if isinstance(ev, (lc.Requeued, lc.DeadLettered, lc.Discarded, lc.Revoked,
+                       lc.Quarantined, lc.Unreadable)):
         return {"reason": ev.reason}
     if isinstance(ev, lc.RetryScheduled):
         return {"exc": ev.exc, **({"countdown": ev.countdown} if ev.countdown else {})}

@@ -31,8 +31,10 @@ class Event:
     __slots__ = ()
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # each is a dataclass
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, stored: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if not stored:
+            return
         if cls.__name__ in EVENT_TYPES:
             raise TypeError(f"event type {cls.__name__!r} defined twice")
         EVENT_TYPES[cls.__name__] = cls
@@ -52,7 +54,9 @@ def event_from(type_name: str, data: Mapping[str, Any]) -> Event:
     """Rebuild an event from its stored type name and data."""
     try:
         return EVENT_TYPES[type_name](**data)
-    except (KeyError, TypeError) as exc:
+    except KeyError:
+        raise CorruptStream(f"unknown event type {type_name!r}") from None
+    except TypeError as exc:
         raise CorruptStream(f"unreadable event {type_name!r}: {exc}") from None
 
 
@@ -198,6 +202,30 @@ class Forgotten(Event):
     """The result was forgotten (``AsyncResult.forget()``); the history stays.
 
     Task and group streams."""
+
+
+# -- corrupt streams ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quarantined(Event):
+    """The delivery's stream holds an event that cannot be read, so nothing can be
+    decided for it: it leaves the queue as a dead letter.  ``queue`` is recorded
+    here because the stream cannot say it."""
+
+    delivery: str
+    queue: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unreadable(Event, stored=False):
+    """Stands in, when reading, for a stored event that cannot be decoded: bad
+    JSON, an unknown type, missing fields.  Never written; folding a stream that
+    holds one fails with the reason."""
+
+    type: str
+    reason: str
 
 
 # -- groups and chords (their own streams) ----------------------------------------

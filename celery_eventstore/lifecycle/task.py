@@ -47,6 +47,7 @@ from .events import (
     LeaseExpired,
     LeaseRenewed,
     Published,
+    Quarantined,
     Requeued,
     RetryScheduled,
     Revoked,
@@ -217,6 +218,16 @@ def _dead_lettered(state: TaskState, event: DeadLettered) -> TaskState:
         # Nothing will run it again: a waiter must not wait forever.
         state = replace(state, result_state=ResultState.FAILURE, result=None, custom_state=None)
     return state
+
+
+@rules.evolves(Quarantined)
+def _quarantined(state: TaskState, event: Quarantined) -> TaskState:
+    # Only written on a stream that could not be read: if it can be read again
+    # (an operator repaired the row), a delivery it names may be unknown or settled.
+    delivery = state.deliveries.get(event.delivery)
+    if delivery is None or delivery.status.is_final:
+        return state
+    return _dead_lettered(state, DeadLettered(event.delivery, event.reason))
 
 
 @rules.evolves(DeadLetterPurged)

@@ -9,6 +9,7 @@ that outlives a call.
 from __future__ import annotations
 
 from .database import BROKER_PREFIX, parse_url, redact
+from .log import fold as fold_stream
 from .notifiers import ANY_QUEUE, Listener
 from .records import (
     ClaimedMessage,
@@ -38,6 +39,7 @@ __all__ = [
     "QueueInfo",
     "QueueStats",
     "RecordedEvent",
+    "fold_stream",
     "parse_url",
     "redact",
 ]

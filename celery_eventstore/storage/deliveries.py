@@ -7,6 +7,7 @@ is one transaction with a handful of statements, whatever N is.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import lifecycle as lc
-from ..exceptions import InvalidTransition, MessageTooLarge, StaleClaim
+from ..exceptions import InvalidTransition, MessageTooLarge, StaleClaim, UnreadableStream
 from .database import Database, Tx
 from .log import EventLog, Pending, decided, evolve_all, fold
 from .records import ClaimedMessage, ClaimRef, NewMessage, Outcome, RecordedEvent
+
+logger = logging.getLogger(__name__)
 
 #: Default largest message, as stored JSON, that publish accepts.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -199,7 +202,11 @@ class Deliveries:
         streams = self.log.read_streams(
             tx.conn, [r.stream for r in refs] + [c.stream_id for c in candidates]
         )
-        states = {s: fold(s, recs) for s, recs in streams.items()}
+        states, unreadable = self._fold_readable(tx, streams)
+        # A claim on a stream that cannot be read can only be fenced out.
+        fenced = {r.delivery: Outcome.STALE for r in refs if r.stream in unreadable}
+        refs = [r for r in refs if r.stream not in unreadable]
+        candidates = [c for c in candidates if c.stream_id not in unreadable]
         pending: Pending = []
         # Settle first: a stream acked here and claimed again (a retry) continues
         # from the ack.
@@ -208,7 +215,23 @@ class Deliveries:
         if request is not None:
             claims = _decide_claims(request, candidates, states, pending, tx.now)
         _, final = self.log.append_pending(tx, decided(pending), read_positions=False)
-        return outcomes, _claimed_messages(claims, final, streams, tx.now)
+        return {**outcomes, **fenced}, _claimed_messages(claims, final, streams, tx.now)
+
+    def _fold_readable(
+        self, tx: Tx, streams: Mapping[str, Sequence[RecordedEvent]]
+    ) -> tuple[dict[str, lc.JobState], set[str]]:
+        """Fold each stream; quarantine those that cannot be read, in ``tx``, so
+        one bad row costs its own messages and never stops the queue."""
+        states: dict[str, lc.JobState] = {}
+        unreadable: set[str] = set()
+        for stream, recs in streams.items():
+            try:
+                states[stream] = fold(stream, recs)
+            except UnreadableStream as error:
+                logger.error("quarantined: %s", error)
+                self.log.quarantine(tx, error, max((r.version for r in recs), default=0))
+                unreadable.add(stream)
+        return states, unreadable
 
     def _nominate(self, tx: Tx, request: ClaimRequest | None) -> Sequence[Any]:
         if request is None or request.limit <= 0 or not request.queues:

@@ -11,13 +11,14 @@ it unless it asked for an explicit expected version.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
 from .. import lifecycle as lc
-from ..exceptions import ConcurrencyConflict, CorruptStream
+from ..exceptions import ConcurrencyConflict, CorruptStream, UnreadableStream
 from .database import Database, Tx
 from .notifiers import Notifier
 from .projection import project
@@ -29,7 +30,7 @@ from .records import RecordedEvent
 Pending = list[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]]
 
 #: Events whose projection records their log position.
-_POSITIONED = (lc.Published, lc.DeadLettered)
+_POSITIONED = (lc.Published, lc.DeadLettered, lc.Quarantined)
 
 #: Events a result waiter may be waiting for.
 _FINISHING = (
@@ -64,12 +65,21 @@ class EventLog:
     # -- reading ---------------------------------------------------------------
 
     def recorded(self, row: Any) -> RecordedEvent:
+        """A row of the log as a record; a row that cannot be decoded becomes an
+        :class:`~celery_eventstore.lifecycle.Unreadable` event, so one bad row never
+        stops a read of many (folding its stream fails, with the position)."""
+        metadata = None
+        try:
+            event = lc.event_from(row.type, _decoded(row.data))
+            metadata = _decoded(row.metadata)
+        except (ValueError, CorruptStream) as exc:
+            event = lc.Unreadable(type=str(row.type), reason=str(exc).splitlines()[0][:200])
         return RecordedEvent(
             position=row.position,
             stream=row.stream_id,
             version=row.version,
-            event=lc.event_from(row.type, row.data),
-            metadata=row.metadata,
+            event=event,
+            metadata=metadata if isinstance(metadata, Mapping) else None,
             recorded_at=row.recorded_at,
         )
 
@@ -163,6 +173,36 @@ class EventLog:
         if finished:
             self.notifier.send(tx.conn, self.channels.results, finished)
 
+    def quarantine(self, tx: Tx, error: UnreadableStream, version: int) -> list[RecordedEvent]:
+        """Take an unreadable stream's messages out of the queue as dead letters,
+        recording why (``Quarantined``) after its last ``version``."""
+        pending = tx.conn.execute(
+            self.queries.pending_of_stream, {"stream": error.stream}
+        ).all()
+        events = [lc.Quarantined(delivery, queue, str(error)) for delivery, queue in pending]
+        if not events:
+            return []
+        versions = [version + offset for offset in range(1, len(events) + 1)]
+        rows = [
+            {
+                "stream_id": error.stream,
+                "version": v,
+                "type": lc.event_type(event),
+                "data": lc.event_data(event),
+                "metadata": None,
+                "recorded_at": tx.now,
+            }
+            for v, event in zip(versions, events, strict=True)
+        ]
+        positions = tx.conn.execute(self.queries.append_returning, rows).scalars().all()
+        recorded = [
+            RecordedEvent(pos, error.stream, v, event, None, tx.now)
+            for pos, v, event in zip(positions, versions, events, strict=True)
+        ]
+        project(tx.conn, self.queries, recorded, {})
+        self.notifier.send(tx.conn, self.channels.results, [error.stream])
+        return recorded
+
     def append(
         self,
         stream: str,
@@ -220,11 +260,23 @@ class EventLog:
 
 
 def fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:
-    """A stream's state from its events, which must be numbered 1, 2, 3..."""
+    """A stream's state from its events, which must be readable and numbered 1, 2, 3...
+
+    Raises :class:`UnreadableStream` naming the first bad row's position.
+    """
     for expected, rec in enumerate(recorded, start=1):
         if rec.version != expected:
-            raise CorruptStream(f"stream {stream!r} skips from {expected - 1} to {rec.version}")
+            raise UnreadableStream(
+                stream, rec.position, f"version {rec.version} follows {expected - 1}"
+            )
+        if isinstance(rec.event, lc.Unreadable):
+            raise UnreadableStream(stream, rec.position, rec.event.reason)
     return lc.fold(stream, (rec.event for rec in recorded))
+
+
+def _decoded(value: Any) -> Any:
+    """A JSON column's value: drivers decode PostgreSQL's jsonb, SQLite gives text."""
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
 
 
 def evolve_all(state: lc.JobState, events: Iterable[lc.Event]) -> lc.JobState:

@@ -6,15 +6,16 @@ derived tables from the log.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .. import lifecycle as lc
-from ..exceptions import CorruptStream, InvalidTransition
+from ..exceptions import CorruptStream, InvalidTransition, UnreadableStream
 from .database import Database
-from .log import EventLog, Pending, decided, evolve_all
+from .log import EventLog, Pending, decided, evolve_all, fold
 from .projection import project
 from .records import DeadLetter, QueueStats, RecordedEvent
 
@@ -197,46 +198,73 @@ class Operations:
 
     # -- projections -----------------------------------------------------------------
 
-    def rebuild(self, *, batch_streams: int = 1000, progress: Progress | None = None) -> int:
+    def rebuild(
+        self,
+        *,
+        batch_streams: int = 1000,
+        progress: Progress | None = None,
+        on_unreadable: Callable[[UnreadableStream], None] | None = None,
+    ) -> int:
         """Empty every derived table and replay the log into it; returns events replayed.
 
         Writers wait for the rebuild (it holds the log against appends), readers do not.
-        ``progress(done, total)`` is called with the events replayed so far.
+        ``progress(done, total)`` is called with the events replayed so far.  A stream
+        that cannot be read is reported to ``on_unreadable`` and replayed as far as it
+        can be: its messages still queued are quarantined first, then it is rebuilt
+        from its events before the bad one, and its quarantine records.
         """
         tables = self.queries.tables
         replayed = total = 0
         with self.db.write() as tx:
             conn = tx.conn
             self.db.dialect.lock_log(conn, tables.events)
+            for error, version in self._scan_unreadable(conn):
+                self.log.quarantine(tx, error, version)
             if progress is not None:
                 total = int(conn.execute(self.queries.count_events).scalar_one())
             for table in tables.projections:
                 table.create(conn, checkfirst=True)  # it may have been dropped
                 conn.execute(table.delete())
-            rows = conn.execute(
-                self.queries.every_stream.execution_options(yield_per=5000)
-            )
             batch: list[RecordedEvent] = []
             states: dict[str, lc.JobState] = {}
-            for row in rows:
-                rec = self.log.recorded(row)
-                if rec.stream not in states:
-                    if len(states) >= batch_streams:
-                        project(conn, self.queries, batch, states)
-                        batch, states = [], {}
-                        if progress is not None:
-                            progress(replayed, total)
-                    states[rec.stream] = lc.fold(rec.stream, ())
-                state = states[rec.stream]
-                if rec.version != state.version + 1:
-                    raise CorruptStream(f"stream {rec.stream!r} skips to version {rec.version}")
-                states[rec.stream] = lc.evolve(state, rec.event)
-                batch.append(rec)
-                replayed += 1
+            for stream, recs in self._streams(conn):
+                if len(states) >= batch_streams:
+                    project(conn, self.queries, batch, states)
+                    batch, states = [], {}
+                    if progress is not None:
+                        progress(replayed, total)
+                replayable, states[stream] = _replayable(stream, recs, on_unreadable)
+                batch.extend(replayable)
+                replayed += len(recs)
             project(conn, self.queries, batch, states)
             if progress is not None:
                 progress(replayed, total)
         return replayed
+
+    def unreadable_streams(self) -> list[UnreadableStream]:
+        """Every stream holding an event that cannot be read, with the first bad
+        position and why (a scan of the whole log)."""
+        with self.db.read() as conn:
+            return [error for error, _ in self._scan_unreadable(conn)]
+
+    def _scan_unreadable(self, conn: Any) -> list[tuple[UnreadableStream, int]]:
+        found = []
+        for stream, recs in self._streams(conn):
+            try:
+                fold(stream, recs)
+            except UnreadableStream as error:
+                found.append((error, max(r.version for r in recs)))
+            except CorruptStream as error:  # readable, but not a sequence it can fold
+                first = UnreadableStream(stream, recs[0].position, str(error))
+                found.append((first, max(r.version for r in recs)))
+        return found
+
+    def _streams(self, conn: Any) -> Iterator[tuple[str, list[RecordedEvent]]]:
+        """The whole log, one stream at a time."""
+        rows = conn.execute(self.queries.every_stream.execution_options(yield_per=5000))
+        records = (self.log.recorded(row) for row in rows)
+        for stream, recs in itertools.groupby(records, key=lambda r: r.stream):
+            yield stream, list(recs)
 
     def projection_rows(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every derived table, sorted: for comparing a rebuild."""
@@ -245,3 +273,32 @@ class Operations:
                 table.name: [tuple(r) for r in conn.execute(self.queries.every_row(table))]
                 for table in self.queries.tables.projections
             }
+
+
+def _replayable(
+    stream: str,
+    recs: list[RecordedEvent],
+    on_unreadable: Callable[[UnreadableStream], None] | None,
+) -> tuple[list[RecordedEvent], lc.JobState]:
+    """The records a rebuild projects for one stream, and the state they fold to:
+    all of them, or, for a stream that cannot be read, those before the bad one and
+    its quarantine records."""
+    try:
+        return recs, fold(stream, recs)
+    except CorruptStream as error:
+        if on_unreadable is not None:
+            on_unreadable(
+                error if isinstance(error, UnreadableStream)
+                else UnreadableStream(stream, recs[0].position, str(error))
+            )
+    prefix: list[RecordedEvent] = []
+    for rec in recs:
+        if rec.version != len(prefix) + 1 or isinstance(rec.event, lc.Unreadable):
+            break
+        prefix.append(rec)
+    try:
+        state = fold(stream, prefix)
+    except CorruptStream:
+        prefix, state = [], lc.fold(stream, ())
+    quarantined = [r for r in recs[len(prefix):] if isinstance(r.event, lc.Quarantined)]
+    return prefix + quarantined, state

@@ -28,6 +28,7 @@ from ..lifecycle import (
     LeaseExpired,
     LeaseRenewed,
     Published,
+    Quarantined,
     Requeued,
     ResultState,
     RetryScheduled,
@@ -122,6 +123,16 @@ def project(
             _delete(changes, ev.delivery)
         elif isinstance(ev, DeadLetterPurged):
             retried.append(ev.delivery)
+        elif isinstance(ev, Quarantined):  # its stream cannot say the queue
+            _delete(changes, ev.delivery)
+            dead.append({
+                "delivery_id": ev.delivery,
+                "stream_id": rec.stream,
+                "queue": ev.queue,
+                "reason": ev.reason,
+                "dead_at": rec.recorded_at,
+                "position": rec.position,
+            })
         elif isinstance(ev, DeadLettered):
             _delete(changes, ev.delivery)
             dead.append({

@@ -40,24 +40,33 @@ class Queries:
 
     def _log(self, t: Tables) -> None:
         ev = t.events
+        # The JSON columns come back as the driver gives them, undecoded by
+        # SQLAlchemy, so one unreadable row is found as such instead of failing
+        # the whole result (EventLog.recorded decodes each row by itself).
+        events = sa.select(
+            ev.c.position, ev.c.stream_id, ev.c.version, ev.c.type,
+            sa.type_coerce(ev.c.data, sa.Text).label("data"),
+            sa.type_coerce(ev.c.metadata, sa.Text).label("metadata"),
+            ev.c.recorded_at,
+        )
         #: ``streams``: every event of those streams, in stream then version order.
         self.read_streams = (
-            sa.select(ev).where(ev.c.stream_id.in_(_many("streams")))
+            events.where(ev.c.stream_id.in_(_many("streams")))
             .order_by(ev.c.stream_id, ev.c.version)
         )
         #: ``after``, ``limit``: events past a position, in log order.
         self.read_after = (
-            sa.select(ev).where(ev.c.position > sa.bindparam("after"))
+            events.where(ev.c.position > sa.bindparam("after"))
             .order_by(ev.c.position).limit(sa.bindparam("limit", type_=sa.Integer))
         )
         #: ``positions``: the events at those positions that are committed.
         self.read_positions = (
-            sa.select(ev).where(ev.c.position.in_(_many("positions"))).order_by(ev.c.position)
+            events.where(ev.c.position.in_(_many("positions"))).order_by(ev.c.position)
         )
         #: The highest position in the log (an index lookup), or None when empty.
         self.last_position = sa.select(sa.func.max(ev.c.position))
-        #: The whole log, stream by stream (a rebuild).
-        self.every_stream = sa.select(ev).order_by(ev.c.stream_id, ev.c.version)
+        #: The whole log, stream by stream (a rebuild, a check).
+        self.every_stream = events.order_by(ev.c.stream_id, ev.c.version)
         self.count_events = sa.select(sa.func.count()).select_from(ev)
         self.append = ev.insert()
         self.append_returning = ev.insert().returning(
@@ -79,6 +88,10 @@ class Queries:
             .order_by(msgs.c.priority.desc(), msgs.c.seq)
             .limit(sa.bindparam("limit", type_=sa.Integer)),
             msgs,
+        )
+        #: ``stream``: the stream's deliveries still in the queue (quarantine).
+        self.pending_of_stream = sa.select(msgs.c.delivery_id, msgs.c.queue).where(
+            msgs.c.stream_id == sa.bindparam("stream")
         )
         #: ``queue``: unclaimed deliveries to discard, a batch at a time (purge).
         self.nominate_unclaimed = dialect.nominate(

@@ -28,7 +28,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import lifecycle as lc
-from ..exceptions import InvalidURL, SchemaMissing, SchemaOutdated, SchemaTooNew
+from ..exceptions import (
+    InvalidURL,
+    SchemaMissing,
+    SchemaOutdated,
+    SchemaTooNew,
+    UnreadableStream,
+)
 from .database import Database, parse_url, redact
 from .deliveries import DEFAULT_MAX_MESSAGE_SIZE, Deliveries
 from .log import Channels, EventLog
@@ -366,8 +372,20 @@ class EventStore:
     ) -> int:
         return self.operations.prune(before, batch=batch, progress=progress)
 
-    def rebuild(self, *, batch_streams: int = 1000, progress: Progress | None = None) -> int:
-        return self.operations.rebuild(batch_streams=batch_streams, progress=progress)
+    def rebuild(
+        self,
+        *,
+        batch_streams: int = 1000,
+        progress: Progress | None = None,
+        on_unreadable: Callable[[UnreadableStream], None] | None = None,
+    ) -> int:
+        return self.operations.rebuild(
+            batch_streams=batch_streams, progress=progress, on_unreadable=on_unreadable
+        )
+
+    def unreadable_streams(self) -> list[UnreadableStream]:
+        """Streams holding an event that cannot be read (a scan of the whole log)."""
+        return self.operations.unreadable_streams()
 
     def projection_rows(self) -> dict[str, list[tuple[Any, ...]]]:
         return self.operations.projection_rows()

@@ -99,8 +99,10 @@ def test_check_reports_schema_wakeups_and_clock_skew(data: Data) -> None:
     # PostgreSQL with autovacuum off gets a warning line (CI's server has it off).
     autovacuum_off = data.broker.dialect == "postgresql" and _autovacuum_off(data)
     assert [line.split()[0] for line in lines] == [
-        "database", "schema", "clock", "wake-ups", *(["warning"] if autovacuum_off else [])
+        "database", "schema", "clock", "wake-ups", *(["warning"] if autovacuum_off else []),
+        "log",
     ]
+    assert lines[-1] == "log        0 unreadable stream(s)"
     if autovacuum_off:
         assert "autovacuum is off" in lines[4]
     assert data.broker.db_url.split("://")[0].split("+")[0] in lines[0]

@@ -932,6 +932,7 @@ OTHER_EVENT_SAMPLES: list[tuple[str, dict[str, Any]]] = [
     ("ChordPartDone", {"task_id": "t1", "state": "SUCCESS"}),
     ("ChordCompleted", {"size": 3}),
     ("StateUpdated", {"state": "PROGRESS", "result": {"done": 1}}),
+    ("Quarantined", {"delivery": "d1", "queue": "q", "reason": "unreadable event"}),
 ]
 
 ALL_EVENTS: list[Event] = LIFECYCLE_EVENTS + [
@@ -1022,3 +1023,23 @@ def test_event_from_bad_fields_raises_corrupt_stream(type_name: str, data: Any) 
     with pytest.raises(CorruptStream) as info:
         event_from(type_name, data)
     assert type_name in str(info.value)
+
+
+def test_a_quarantined_delivery_is_dead_and_an_unknown_one_is_ignored() -> None:
+    from celery_eventstore.lifecycle import Published, Quarantined
+
+    state = fold("t", [Published("d1", "q", {})])
+    dead = evolve(state, Quarantined("d1", "q", "unreadable event at position 7"))
+    assert dead.delivery("d1").status.value == "dead"
+    assert dead.delivery("d1").reason == "unreadable event at position 7"
+    assert dead.result_state.value == "FAILURE"  # nothing will run it: waiters stop
+    # Its Published was the unreadable row: the stream cannot name the delivery.
+    assert evolve(state, Quarantined("d9", "q", "gone")).deliveries == state.deliveries
+
+
+def test_the_unreadable_stand_in_is_never_stored() -> None:
+    from celery_eventstore.lifecycle import Unreadable
+
+    assert "Unreadable" not in EVENT_TYPES
+    with pytest.raises(CorruptStream):
+        evolve(fold("t", []), Unreadable("Bogus", "unknown event type"))
