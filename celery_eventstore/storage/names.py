@@ -1,5 +1,7 @@
 """Names the store keeps, checked before any SQL is sent.
 
+Two kinds of name reach the database:
+
 * **Names that come with the work**: task ids (stream ids, ``group:``/``chord:``
   prefix included), delivery ids, queue names, exchange names, routing keys,
   consumer names.  Each must fit its column and hold no NUL character (PostgreSQL
@@ -7,21 +9,36 @@
   Commands -- anything that would write the name -- refuse a bad one with
   :class:`~celery_eventstore.exceptions.InvalidName`, naming the field, the length
   and the limit; queries answer that nothing has that name, which is true.
+* **The store's own namespace**, ``table_prefix`` and ``schema``: checked when the
+  store is created (:func:`check_namespace`), so that every name derived from them
+  -- tables, indexes, constraints, sequences, NOTIFY channels -- is a plain
+  identifier that PostgreSQL keeps whole (63 bytes at most).
 
 The limits are read from the live tables (:mod:`.schema`), so they follow the schema.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
-from ..exceptions import InvalidName
-from .schema import Tables
+from ..exceptions import ConfigurationError, InvalidName
+from .schema import Tables, make_tables
 
+#: PostgreSQL keeps this many bytes of an identifier (NAMEDATALEN - 1) and
+#: silently truncates the rest; NOTIFY channel names are identifiers too.
+MAX_IDENTIFIER = 63
+#: What ``table_prefix`` and ``schema`` may hold: ASCII letters, digits and
+#: underscores, not starting with a digit, so no name needs quoting to be
+#: read (case aside) and every character is one byte.
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+#: The longest of the NOTIFY channel suffixes (``ready``, ``results``; see
+#: :class:`.log.Channels`), after ``<schema>.<table_prefix>``.
+CHANNEL_SUFFIXES = ("ready", "results")
 #: How much of a bad name an error message shows.
 _PREVIEW = 40
 
@@ -102,3 +119,62 @@ def _preview(value: str) -> str:
     if len(value) <= _PREVIEW:
         return repr(value)
     return repr(value[:_PREVIEW]) + "..."
+
+
+# -- the store's namespace ------------------------------------------------------------
+
+
+def derived_names(prefix: str) -> list[str]:
+    """Every name the schema derives from ``prefix`` in PostgreSQL: tables, indexes,
+    named constraints, and the primary keys (``<table>_pkey``) and sequences of
+    autoincrement columns (``<table>_<column>_seq``) PostgreSQL names itself."""
+    names: list[str] = []
+    for table in make_tables(prefix).metadata.tables.values():
+        names.append(table.name)
+        names.append(f"{table.name}_pkey")
+        names.extend(str(index.name) for index in table.indexes)
+        names.extend(str(c.name) for c in table.constraints if isinstance(c.name, str))
+        serial = table.autoincrement_column
+        if serial is not None:
+            names.append(f"{table.name}_{serial.name}_seq")
+    return names
+
+
+def channel_names(prefix: str, schema: str | None) -> list[str]:
+    """The NOTIFY channels of a store (as :class:`.log.Channels` names them)."""
+    namespace = f"{schema}.{prefix}" if schema else prefix
+    return [namespace + suffix for suffix in CHANNEL_SUFFIXES]
+
+
+#: The longest suffix the schema adds to ``table_prefix``.
+LONGEST_SUFFIX = max(len(name) for name in derived_names(""))
+#: The longest ``table_prefix`` whose derived names all fit.
+MAX_PREFIX = MAX_IDENTIFIER - LONGEST_SUFFIX
+#: ``len(schema) + len(table_prefix)`` at most, for the channel names to fit.
+MAX_SCHEMA_AND_PREFIX = MAX_IDENTIFIER - 1 - max(len(s) for s in CHANNEL_SUFFIXES)
+
+
+def check_namespace(prefix: str, schema: str | None) -> None:
+    """Raise :class:`ConfigurationError` unless ``table_prefix`` and ``schema`` are
+    plain identifiers short enough for every name derived from them."""
+    rule = "ASCII letters, digits and underscores, not starting with a digit"
+    if not isinstance(prefix, str) or (prefix and not IDENTIFIER.fullmatch(prefix)):
+        raise ConfigurationError(f"table_prefix {prefix!r} may hold only {rule}")
+    if len(prefix) > MAX_PREFIX:
+        raise ConfigurationError(
+            f"table_prefix {prefix!r} is {len(prefix)} characters long; the limit is "
+            f"{MAX_PREFIX}, so that its longest table, index or sequence name "
+            f"(prefix + {LONGEST_SUFFIX} characters) fits PostgreSQL's "
+            f"{MAX_IDENTIFIER}-byte identifiers"
+        )
+    if schema is None:
+        return
+    if not isinstance(schema, str) or not IDENTIFIER.fullmatch(schema):
+        raise ConfigurationError(f"schema {schema!r} may hold only {rule}")
+    longest = max(channel_names(prefix, schema), key=len)
+    if len(schema) > MAX_IDENTIFIER or len(longest) > MAX_IDENTIFIER:
+        raise ConfigurationError(
+            f"schema {schema!r} with table_prefix {prefix!r} makes the NOTIFY channel "
+            f"name {longest!r} {len(longest)} bytes long; the limit is {MAX_IDENTIFIER} "
+            f"(schema and table_prefix together: {MAX_SCHEMA_AND_PREFIX} characters)"
+        )

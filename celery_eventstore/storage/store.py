@@ -42,7 +42,7 @@ from .database import Database, parse_url, redact
 from .deliveries import DEFAULT_MAX_MESSAGE_SIZE, Deliveries
 from .log import Channels, EventLog, fold
 from .migrations import Migrator
-from .names import Names
+from .names import Names, check_namespace
 from .notifiers import POLL, Listener, default_notifier, notifier_for
 from .operations import Operations, Progress
 from .queries import Queries
@@ -68,6 +68,10 @@ class EventStore:
         ``eventstore+`` broker URL is accepted too.
     :param table_prefix: prefix of every table, so applications can share a database.
     :param schema: PostgreSQL schema holding the tables (default: the search path).
+        Both may hold ASCII letters, digits and underscores, not starting with a
+        digit; ``table_prefix`` at most 38 characters and both together at most 55,
+        so every derived name fits PostgreSQL's 63 bytes (else
+        :class:`~celery_eventstore.exceptions.ConfigurationError`).
     :param clock: a function returning epoch seconds; by default the database's
         clock on PostgreSQL (so leases mean the same on every host), the host's on
         SQLite.  Tests inject one to move time without sleeping.
@@ -100,6 +104,7 @@ class EventStore:
         async_commit: bool = True,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
+        check_namespace(table_prefix, schema)
         self.db = Database(
             parse_url(url),
             clock=clock,

@@ -5,10 +5,12 @@ their columns, or holding a NUL character, used to give a driver error on
 PostgreSQL (psycopg2's raw ``ValueError`` for a NUL) and to be stored silently on
 SQLite.  Every command that would write one now raises ``InvalidName`` with the
 limit, sends no SQL and writes nothing; queries answer that nothing has the name.
+``table_prefix`` and ``schema`` are checked when the store is created.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,8 +19,14 @@ import pytest
 import sqlalchemy as sa
 
 from celery_eventstore import lifecycle as lc
-from celery_eventstore.exceptions import EventStoreError, InvalidName
+from celery_eventstore.exceptions import ConfigurationError, EventStoreError, InvalidName
 from celery_eventstore.storage import EventStore, NewMessage
+from celery_eventstore.storage.names import (
+    MAX_IDENTIFIER,
+    MAX_PREFIX,
+    MAX_SCHEMA_AND_PREFIX,
+    derived_names,
+)
 from celery_eventstore.storage.routing import Binding, QueueInfo
 
 LIMIT = 255
@@ -195,3 +203,87 @@ def test_queries_find_nothing_by_a_name_that_cannot_exist(store: EventStore, bad
         assert store.take_transient([bad], 10) == []
     assert sent == []
     assert store.results([bad, "t0"]).keys() <= {"t0"}  # the good ones are still read
+
+
+# -- table_prefix and schema ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prefix", ["my-app_", "1app_", "app_\u00e9", "a b", 'x";drop table y;--', "app.", "a\x00"]
+)
+def test_a_table_prefix_that_is_not_a_plain_identifier_is_refused(tmp_path, prefix) -> None:
+    path = tmp_path / "never.db"
+    with pytest.raises(ConfigurationError, match="ASCII letters, digits and underscores"):
+        EventStore(f"sqlite:///{path}", table_prefix=prefix)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("schema", ["my-schema", "9s", "s.t", "", "sch\u00e9ma"])
+def test_a_schema_that_is_not_a_plain_identifier_is_refused(schema) -> None:
+    with pytest.raises(ConfigurationError, match="ASCII letters, digits and underscores"):
+        EventStore("postgresql://nobody@127.0.0.1:1/none", schema=schema)
+
+
+def test_the_longest_derived_name_sets_the_prefix_limit() -> None:
+    assert MAX_PREFIX == 38  # + "transient_messages_id_seq" = 63
+    assert max(len(n) for n in derived_names("p" * MAX_PREFIX)) == MAX_IDENTIFIER
+    with pytest.raises(ConfigurationError, match=f"the limit is {MAX_PREFIX}"):
+        EventStore("sqlite://", table_prefix="p" * (MAX_PREFIX + 1))
+    EventStore("sqlite://", table_prefix="p" * MAX_PREFIX).close()
+    EventStore("sqlite://", table_prefix="").close()
+
+
+def test_schema_and_prefix_together_must_leave_room_for_the_channel_names() -> None:
+    prefix = "p" * 20
+    schema = "s" * (MAX_SCHEMA_AND_PREFIX - len(prefix) + 1)
+    with pytest.raises(ConfigurationError) as info:
+        EventStore("postgresql://nobody@127.0.0.1:1/none", table_prefix=prefix, schema=schema)
+    assert f"the limit is {MAX_IDENTIFIER}" in str(info.value)
+    assert "results" in str(info.value)
+    EventStore(
+        "postgresql://nobody@127.0.0.1:1/none", table_prefix=prefix, schema=schema[:-1]
+    ).close()
+
+
+@pytest.fixture
+def long_schema(postgresql_url: str) -> Iterator[tuple[str, str]]:
+    """A schema as long as the longest allowed prefix leaves room for."""
+    schema = f"s{uuid.uuid4().hex}"[: MAX_SCHEMA_AND_PREFIX - MAX_PREFIX]
+    engine = sa.create_engine(postgresql_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.schema.CreateSchema(schema))
+    try:
+        yield postgresql_url, schema
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.schema.DropSchema(schema, cascade=True))
+        engine.dispose()
+
+
+def test_the_longest_namespace_allowed_works_on_postgresql(long_schema) -> None:
+    """Every derived name is kept whole (PostgreSQL would truncate one past 63
+    bytes) and the NOTIFY channel, exactly 63 bytes long, wakes a listener."""
+    url, schema = long_schema
+    prefix = "p" * (MAX_PREFIX - 1) + "_"
+    store = EventStore(url, table_prefix=prefix, schema=schema)
+    try:
+        assert len(store.channels.results) == MAX_IDENTIFIER
+        store.migrate()
+        with store.engine.connect() as conn:
+            relations = set(conn.execute(
+                sa.text(
+                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n "
+                    "ON n.oid = c.relnamespace WHERE n.nspname = :schema"
+                ),
+                {"schema": schema},
+            ).scalars())
+        assert relations == set(derived_names(prefix))
+        listener = store.listener(results=True)
+        try:
+            listener.poll()
+            store.execute("t", lc.Revoke())
+            assert listener.wait(5.0) == {"t"}
+        finally:
+            listener.close()
+    finally:
+        store.close()
