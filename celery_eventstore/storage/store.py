@@ -32,6 +32,7 @@ import sqlalchemy as sa
 
 from .. import lifecycle as lc
 from ..exceptions import (
+    DatabaseError,
     InvalidURL,
     SchemaMissing,
     SchemaOutdated,
@@ -239,9 +240,19 @@ class EventStore:
         if self._schema_ready:
             return
         # Look first (a read), migrate only when behind: an up-to-date schema then
-        # costs no write lock, which matters inside an application's transaction.
-        if self.auto_migrate and self.schema_version() < SCHEMA_VERSION:
-            self.migrate()
+        # costs no write lock, which matters inside an application's transaction,
+        # and needs no right beyond reading (an application role without DDL).
+        if self.auto_migrate and (version := self.schema_version()) < SCHEMA_VERSION:
+            try:
+                self.migrate()
+            except DatabaseError as exc:  # e.g. a role that may not create tables
+                behind = SchemaMissing if version == 0 else SchemaOutdated
+                raise behind(
+                    f"the event store's schema is at version {version}, this code needs "
+                    f"{SCHEMA_VERSION}, and auto_migrate could not migrate it ({exc}): run "
+                    "`celery-eventstore migrate --url URL` as a role that may change the "
+                    "schema (see 'Database roles' in the operations docs)"
+                ) from exc
         self.check_schema()
         self._schema_ready = True
 
