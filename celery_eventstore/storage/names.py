@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..exceptions import ConfigurationError, InvalidName
+from .log import Channels
 from .schema import Tables, make_tables
 
 #: PostgreSQL keeps this many bytes of an identifier (NAMEDATALEN - 1) and
@@ -36,9 +37,6 @@ MAX_IDENTIFIER = 63
 #: underscores, not starting with a digit, so no name needs quoting to be
 #: read (case aside) and every character is one byte.
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
-#: The longest of the NOTIFY channel suffixes (``ready``, ``results``; see
-#: :class:`.log.Channels`), after ``<schema>.<table_prefix>``.
-CHANNEL_SUFFIXES = ("ready", "results")
 #: How much of a bad name an error message shows.
 _PREVIEW = 40
 
@@ -141,17 +139,18 @@ def derived_names(prefix: str) -> list[str]:
 
 
 def channel_names(prefix: str, schema: str | None) -> list[str]:
-    """The NOTIFY channels of a store (as :class:`.log.Channels` names them)."""
-    namespace = f"{schema}.{prefix}" if schema else prefix
-    return [namespace + suffix for suffix in CHANNEL_SUFFIXES]
+    """The NOTIFY channels of a store."""
+    channels = Channels(prefix, schema)
+    return [channels.ready, channels.results]
 
 
 #: The longest suffix the schema adds to ``table_prefix``.
 LONGEST_SUFFIX = max(len(name) for name in derived_names(""))
 #: The longest ``table_prefix`` whose derived names all fit.
 MAX_PREFIX = MAX_IDENTIFIER - LONGEST_SUFFIX
-#: ``len(schema) + len(table_prefix)`` at most, for the channel names to fit.
-MAX_SCHEMA_AND_PREFIX = MAX_IDENTIFIER - 1 - max(len(s) for s in CHANNEL_SUFFIXES)
+#: ``len(schema) + len(table_prefix)`` at most, for the channel names to fit
+#: (what a one-character schema and an empty prefix leave, plus that character).
+MAX_SCHEMA_AND_PREFIX = MAX_IDENTIFIER - max(len(n) for n in channel_names("", "s")) + 1
 
 
 def check_namespace(prefix: str, schema: str | None) -> None:
