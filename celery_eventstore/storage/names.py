@@ -166,12 +166,12 @@ def check_namespace(prefix: str, schema: str | None) -> None:
             f"(prefix + {LONGEST_SUFFIX} characters) fits PostgreSQL's "
             f"{MAX_IDENTIFIER}-byte identifiers"
         )
-    if schema is None:
+    if schema is None or schema == "":  # no schema: the search path's, as before
         return
     if not isinstance(schema, str) or not IDENTIFIER.fullmatch(schema):
         raise ConfigurationError(f"schema {schema!r} may hold only {rule}")
     longest = max(channel_names(prefix, schema), key=len)
-    if len(schema) > MAX_IDENTIFIER or len(longest) > MAX_IDENTIFIER:
+    if len(longest) > MAX_IDENTIFIER:
         raise ConfigurationError(
             f"schema {schema!r} with table_prefix {prefix!r} makes the NOTIFY channel "
             f"name {longest!r} {len(longest)} bytes long; the limit is {MAX_IDENTIFIER} "

@@ -218,7 +218,7 @@ def test_a_table_prefix_that_is_not_a_plain_identifier_is_refused(tmp_path, pref
     assert not path.exists()
 
 
-@pytest.mark.parametrize("schema", ["my-schema", "9s", "s.t", "", "sch\u00e9ma"])
+@pytest.mark.parametrize("schema", ["my-schema", "9s", "s.t", " ", "sch\u00e9ma"])
 def test_a_schema_that_is_not_a_plain_identifier_is_refused(schema) -> None:
     with pytest.raises(ConfigurationError, match="ASCII letters, digits and underscores"):
         EventStore("postgresql://nobody@127.0.0.1:1/none", schema=schema)
@@ -231,6 +231,7 @@ def test_the_longest_derived_name_sets_the_prefix_limit() -> None:
         EventStore("sqlite://", table_prefix="p" * (MAX_PREFIX + 1))
     EventStore("sqlite://", table_prefix="p" * MAX_PREFIX).close()
     EventStore("sqlite://", table_prefix="").close()
+    EventStore("sqlite://", schema="").close()  # no schema, as before
 
 
 def test_schema_and_prefix_together_must_leave_room_for_the_channel_names() -> None:
