@@ -20,7 +20,6 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-
 from typing import Any
 
 import pytest
