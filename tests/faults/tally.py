@@ -3,24 +3,26 @@
 Every run of ``resultproj.effect`` appends a ``start`` line to the ledger
 (:data:`resultproj.EFFECTS`) when it begins and a ``done`` line when it returns,
 each naming the task, the claim it runs under and its pool process.  The store's
-log says which worker took each claim, when, and how the claim ended.  From both:
+log says which worker took each claim, when, and until when its lease held.  From
+both:
 
 * **lost**: a task whose publish returned (or that is in the log although its
   publish raised) and that never finished a run, or whose message ended
   dead-lettered or discarded.  Must be 0.
 * **re-runs**: every run of a task after its first.  A re-run is **explained** when
-  the run before it was cut short by a fault the test caused:
+  the run before it was cut short by a fault the test caused, that is when that
+  run's claim was held (taken, and its lease not run out) when
 
-  - its claim was taken by a worker the test killed (kill -9), or
-  - its claim was taken before a fault window ended (a server restart, a read-only
-    spell: the ack could not be written), or the claim is missing from the log and
-    the run started before the window ended (a claim committed without waiting for
-    the disk, lost by the server's crash).
+  - the worker that took it was killed (kill -9), or
+  - a fault window began (a server restart, a read-only spell: its ack could not
+    be written) -- or the claim was taken during the window;
 
-  Anything else is **unexplained** (two runs under one claim, a live lease taken
-  from a healthy worker, ...).  Must be 0.
+  or when the claim is missing from the log and the run started before a *crash*
+  window ended (a claim committed without waiting for the disk, lost by the crash).
+  Anything else is **unexplained**: two runs under one claim, a lease taken from a
+  healthy worker, a claim forgotten without a crash.  Must be 0.
 * **re-runs after a recorded result**: explained re-runs whose task already had
-  ``Succeeded`` in its stream when the re-run's claim was taken -- the crash fell
+  ``Succeeded`` in its stream when the re-run's claim was taken: the fault fell
   between the result and the ack (issue 10, item 7: to be settled, not run again).
 """
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,20 +42,52 @@ from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore, RecordedEvent
 
 
+@dataclass(frozen=True)
+class Window:
+    """A spell (epoch seconds) the database was down or read-only; ``crash`` when it
+    may have lost commits that did not wait for the disk."""
+
+    start: float
+    end: float
+    crash: bool = False
+
+
 @dataclass
 class Faults:
     """What the test did to the system, for explaining re-runs."""
 
-    #: Main process ids of the workers killed with SIGKILL.
-    killed: set[int] = field(default_factory=set)
-    #: (start, end) epoch seconds of each spell the database was down or read-only.
-    windows: list[tuple[float, float]] = field(default_factory=list)
+    #: Main process id of each worker killed with SIGKILL, and when.
+    kills: dict[int, float] = field(default_factory=dict)
+    windows: list[Window] = field(default_factory=list)
 
-    def killed_claim(self, consumer: str) -> bool:
-        return any(f":{pid}:" in consumer for pid in self.killed)
+    def explain(self, claim: Claim | None, run: Run) -> bool:
+        """Whether a fault cut short ``run``, which ran under ``claim`` (None: the
+        claim is not in the log)."""
+        if claim is None:
+            return any(w.crash and run.started <= w.end for w in self.windows)
+        killed_at = self.kills.get(claim.pid)
+        if killed_at is not None and claim.holds(killed_at):
+            return True
+        return any(
+            claim.claimed_at <= w.end and claim.lease_until >= w.start for w in self.windows
+        )
 
-    def before_window_end(self, when: float) -> bool:
-        return any(when <= end for _, end in self.windows)
+
+@dataclass
+class Claim:
+    """One claim as the log tells it."""
+
+    consumer: str
+    claimed_at: float
+    lease_until: float  # the last lease it was given (claim or renewal)
+
+    @property
+    def pid(self) -> int:
+        """The worker's main process (consumer ids are ``host:pid:nonce``)."""
+        return int(self.consumer.split(":")[-2])
+
+    def holds(self, when: float) -> bool:
+        return self.claimed_at <= when <= self.lease_until
 
 
 @dataclass
@@ -78,16 +112,25 @@ class Counts:
         refused = f", publishes refused {self.refused}" if self.refused else ""
         return (
             f"faults: {scenario}: {self.tasks} tasks, lost {len(self.lost)}, "
-            f"unexplained re-runs {len(self.unexplained)}, explained re-runs {self.explained}, "
-            f"re-runs after a recorded result {self.after_result}{refused}"
+            f"unexplained re-runs {len(self.unexplained)}, explained re-runs {self.explained} "
+            f"(re-runs after a recorded result: {self.after_result}){refused}"
         )
 
 
-def read_runs(ledger: Iterable[str]) -> dict[str, list[Run]]:
+# -- reading ---------------------------------------------------------------------
+
+
+def ledger(broker: Broker) -> list[str]:
+    """The lines every run of ``resultproj.effect`` wrote so far."""
+    path = broker.markers / EFFECTS
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def read_runs(lines: Iterable[str]) -> dict[str, list[Run]]:
     """The runs of each task, in the order they started."""
     runs: dict[str, list[Run]] = defaultdict(list)
     open_runs: dict[tuple[str, str | None, int], Run] = {}
-    for line in ledger:
+    for line in lines:
         if not line.strip():
             continue
         entry = json.loads(line)
@@ -110,12 +153,6 @@ def read_log(store: EventStore) -> dict[str, list[RecordedEvent]]:
             streams[record.stream].append(record)
         position = batch[-1].position
     return streams
-
-
-def ledger(broker: Broker) -> list[str]:
-    """The lines every run of ``resultproj.effect`` wrote so far."""
-    path = broker.markers / EFFECTS
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def finished(broker: Broker, task_ids: Iterable[str]) -> int:
@@ -145,6 +182,9 @@ def settle(
         time.sleep(0.5)
 
 
+# -- counting --------------------------------------------------------------------
+
+
 def count(
     broker: Broker,
     published: Sequence[str],
@@ -153,12 +193,22 @@ def count(
 ) -> Counts:
     """Count lost tasks and re-runs of the tasks in ``published`` (their publish
     returned) and ``failed`` (their publish raised; counted only if in the log)."""
-    faults = faults or Faults()
-    runs, streams = read_runs(ledger(broker)), read_log(broker.store)
+    return tally(
+        read_runs(ledger(broker)), read_log(broker.store), published, failed, faults or Faults()
+    )
+
+
+def tally(
+    runs: Mapping[str, list[Run]],
+    streams: Mapping[str, list[RecordedEvent]],
+    published: Sequence[str],
+    failed: Sequence[str],
+    faults: Faults,
+) -> Counts:
     counts = Counts()
     landed = [t for t in failed if t in streams]
-    expected = [*published, *landed]
     counts.refused = len(failed) - len(landed)
+    expected = [*published, *landed]
     counts.tasks = len(expected)
     for task in expected:
         stream, task_runs = streams.get(task, []), runs.get(task, [])
@@ -166,10 +216,13 @@ def count(
             isinstance(r.event, (lc.DeadLettered, lc.Discarded)) for r in stream
         ):
             counts.lost.append(task)
-        claims = {r.event.claim: r for r in stream if isinstance(r.event, lc.Claimed)}
+        claims = _claims(stream)
         succeeded = [r.recorded_at for r in stream if isinstance(r.event, lc.Succeeded)]
         for before, rerun in zip(task_runs, task_runs[1:], strict=False):
-            if rerun.claim == before.claim or not _explained(before, claims, faults):
+            explained = rerun.claim != before.claim and faults.explain(
+                claims.get(before.claim or ""), before
+            )
+            if not explained:
                 counts.unexplained.append({
                     "task": task,
                     "runs": [vars(r) for r in task_runs],
@@ -177,18 +230,19 @@ def count(
                 })
                 continue
             counts.explained += 1
-            claimed = claims.get(rerun.claim or "")
-            if succeeded and claimed is not None and succeeded[0] < claimed.recorded_at:
+            again = claims.get(rerun.claim or "")
+            if succeeded and again is not None and succeeded[0] < again.claimed_at:
                 counts.after_result += 1
     return counts
 
 
-def _explained(before: Run, claims: dict[str, RecordedEvent], faults: Faults) -> bool:
-    """Whether the fault explains why the run ``before`` a re-run did not settle."""
-    claimed = claims.get(before.claim or "")
-    if claimed is None:  # its claim never reached the disk: only a server crash does that
-        return faults.before_window_end(before.started)
-    assert isinstance(claimed.event, lc.Claimed)
-    return faults.killed_claim(claimed.event.consumer) or faults.before_window_end(
-        claimed.recorded_at
-    )
+def _claims(stream: Sequence[RecordedEvent]) -> dict[str, Claim]:
+    claims: dict[str, Claim] = {}
+    for record in stream:
+        event = record.event
+        if isinstance(event, lc.Claimed):
+            claims[event.claim] = Claim(event.consumer, record.recorded_at, event.lease_until)
+        elif isinstance(event, lc.LeaseRenewed) and event.claim in claims:
+            claims[event.claim].lease_until = max(claims[event.claim].lease_until,
+                                                  event.lease_until)
+    return claims

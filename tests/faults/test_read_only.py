@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from harness import Broker, Producer, wait_for
 from pgserver import EmbeddedPostgres
-from tally import Faults, count, finished, settle
+from tally import Faults, Window, count, finished, settle
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.exceptions import DatabaseUnavailable
@@ -150,7 +150,7 @@ def test_worker_and_producer_ride_out_a_read_only_spell(
             # is over once a fresh write goes through.
             wait_for(lambda: not _refused(lambda: _publish(broker.store, "probe")), 10,
                      "the server to take writes again")  # fmt: skip
-            faults.windows.append((start, time.time()))
+            faults.windows.append(Window(start, time.time()))
         resumed = len(producer.published)
         wait_for(lambda: len(producer.published) >= resumed + AFTER, TIMEOUT,
                  f"{AFTER} publishes after the spell",
