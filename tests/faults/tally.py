@@ -107,13 +107,16 @@ class Counts:
     after_result: int = 0
     unexplained: list[dict[str, Any]] = field(default_factory=list)
     refused: int = 0  # publishes that raised and are not in the log
+    #: Tasks that finished a run but have no ``Succeeded`` in the log.
+    no_result: list[str] = field(default_factory=list)
 
     def line(self, scenario: str) -> str:
         refused = f", publishes refused {self.refused}" if self.refused else ""
+        no_result = f", finished without a result {len(self.no_result)}" if self.no_result else ""
         return (
             f"faults: {scenario}: {self.tasks} tasks, lost {len(self.lost)}, "
             f"unexplained re-runs {len(self.unexplained)}, explained re-runs {self.explained} "
-            f"(re-runs after a recorded result: {self.after_result}){refused}"
+            f"(re-runs after a recorded result: {self.after_result}){refused}{no_result}"
         )
 
 
@@ -218,6 +221,8 @@ def tally(
             counts.lost.append(task)
         claims = _claims(stream)
         succeeded = [r.recorded_at for r in stream if isinstance(r.event, lc.Succeeded)]
+        if not succeeded and any(r.done for r in task_runs):
+            counts.no_result.append(task)
         for before, rerun in zip(task_runs, task_runs[1:], strict=False):
             explained = rerun.claim != before.claim and faults.explain(
                 claims.get(before.claim or ""), before
