@@ -124,9 +124,10 @@ class Counts:
 
 
 def ledger(broker: Broker) -> list[str]:
-    """The lines every run of ``resultproj.effect`` wrote so far."""
+    """The lines every run of ``resultproj.effect`` wrote so far (a line being
+    written as we read is left for the next read)."""
     path = broker.markers / EFFECTS
-    return path.read_text().splitlines() if path.exists() else []
+    return path.read_text().split("\n")[:-1] if path.exists() else []
 
 
 def read_runs(lines: Iterable[str]) -> dict[str, list[Run]]:
