@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from celery import Celery
 from proj import BROKER_ENV, OPTIONS_ENV, base_app, record, wait_for_go
+
+#: Marker file shared by every run of ``resultproj.effect`` (the fault suite's ledger).
+EFFECTS = "effects"
 
 
 def make_app(
@@ -57,6 +61,21 @@ def make_app(
     def errback(task_id: str) -> None:
         """A ``link_error`` callback: records which task failed."""
         record("errback", failed=task_id)
+
+    @app.task(name="resultproj.effect", shared=False, bind=True, acks_late=True)
+    def effect(self: Any, sleep: float = 0) -> str:
+        """A task with a side effect the fault suite counts: a ``start`` line when it
+        begins and a ``done`` line when it ends, naming the task, the claim it runs
+        under (the delivery tag) and the pool process (``pid``)."""
+        run = {
+            "task": self.request.id,
+            "claim": (self.request.properties or {}).get("delivery_tag"),
+            "redelivered": bool((self.request.delivery_info or {}).get("redelivered")),
+        }
+        record(EFFECTS, event="start", **run)
+        time.sleep(sleep)
+        record(EFFECTS, event="done", **run)
+        return str(self.request.id)
 
     return app
 
