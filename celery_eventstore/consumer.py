@@ -125,14 +125,15 @@ class QoS(virtual.QoS):
         """Reserve the credit for a claim and return its limit, or 0 when no
         claim may start now (the wake-up is remembered for :meth:`claim_due`)."""
         with self._lock:
+            if self._claiming:
+                # The claim in flight may have nominated before this wake-up's
+                # message committed: claim again when it comes back, whatever
+                # credit is left now (its own result decides _more).
+                self._again = True
+                return 0
             credit = self._credit()
             if credit <= 0:
                 self._more = True  # claim once the consumers free some credit
-                return 0
-            if self._claiming:
-                # The claim in flight may have nominated before this wake-up's
-                # message committed: claim again when it comes back.
-                self._again = True
                 return 0
             self._claiming = credit
             return credit
@@ -152,6 +153,8 @@ class QoS(virtual.QoS):
         """Whether to claim now: a wake-up came during the last claim and there
         is credit, or a backlog waits and half the prefetch window is free."""
         with self._lock:
+            if self._claiming:
+                return False  # keep a remembered wake-up for when it comes back
             again, self._again = self._again, False
             credit = self._credit()
             if again and credit <= 0:

@@ -69,7 +69,7 @@ def test_a_claim_writes_the_acks_buffered_before_it_and_keeps_those_that_come_du
     no_stale_writes(caplog)
 
 
-@pytest.mark.parametrize("credit_left", [True], ids=["credit-left"])
+@pytest.mark.parametrize("credit_left", [False, True], ids=["claim-took-all-credit", "credit-left"])
 def test_a_wake_up_during_a_claim_is_not_lost(
     make_rig: Callable[..., Rig], credit_left: bool
 ) -> None:
