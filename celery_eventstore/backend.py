@@ -54,7 +54,7 @@ from .stores import shared_store
 #: Longest a waiter sleeps between reads when no wake-up arrives (a safety net).
 WAIT_POLL_SECONDS = 1.0
 STORE_OPTIONS = (
-    "table_prefix", "schema", "auto_migrate", "notify", "async_commit", "engine_options"
+    "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "async_commit", "engine_options"
 )
 
 
