@@ -20,7 +20,7 @@ import pytest
 import resultproj
 import sqlalchemy as sa
 from harness import Broker, Producer, Worker, open_broker, wait_for
-from pgserver import CRASH_SAFE_SETTINGS, EmbeddedPostgres
+from pgserver import EmbeddedPostgres
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.exceptions import DatabaseUnavailable
@@ -34,15 +34,6 @@ TASK_SECONDS = 0.05
 BEFORE, AFTER = 15, 15
 #: Generous: a loaded 2-core machine, Celery's reconnect back-off, lease expiries.
 TIMEOUT = 60.0
-
-
-@pytest.fixture
-def pg_server() -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres.start(CRASH_SAFE_SETTINGS)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -25,18 +25,6 @@ from harness import (  # noqa: E402, F401 - fixtures and hooks pytest finds here
     result_app,
     start_worker,
 )
-from pgserver import CRASH_SAFE_SETTINGS, EmbeddedPostgres  # noqa: E402
-
-
-@pytest.fixture
-def pg_server() -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL server for one test, which may stop, restart or break it.  It
-    keeps every commit it acknowledged across a crash (``synchronous_commit`` on)."""
-    server = EmbeddedPostgres.start(CRASH_SAFE_SETTINGS)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from storehelpers import executed_statements
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.exceptions import ConfigurationError, EventStoreError, InvalidName
@@ -54,21 +54,6 @@ def store(db: tuple[Any, dict[str, Any]]) -> Iterator[EventStore]:
     store.publish([NewMessage(stream="t0", queue="q", message={"body": "ok"})])
     yield store
     store.close()
-
-
-@contextmanager
-def executed_statements() -> Iterator[list[str]]:
-    """Every statement any engine sends meanwhile."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    sa.event.listen(sa.Engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(sa.Engine, "before_cursor_execute", record)
 
 
 def snapshot(store: EventStore) -> dict[str, Any]:
