@@ -224,7 +224,8 @@ class Operations:
                 total = int(conn.execute(self.queries.count_events).scalar_one())
             for table in tables.projections:
                 table.create(conn, checkfirst=True)  # it may have been dropped
-                conn.execute(table.delete())
+            for statement in self.queries.empty_projections:
+                conn.execute(statement)
             batch: list[RecordedEvent] = []
             states: dict[str, lc.JobState] = {}
             for stream, recs in self._streams(conn):

@@ -115,6 +115,8 @@ class Queries:
         self.upsert_result = dialect.upsert(
             res, ("stream_id", "state", "result", "date_done"), keys=("stream_id",)
         )
+        #: Every derived table emptied, in an order that respects their links (rebuild).
+        self.empty_projections = [table.delete() for table in t.projections]
         #: ``streams``: results forgotten.
         self.delete_results = res.delete().where(res.c.stream_id.in_(_many("streams")))
 
