@@ -8,12 +8,13 @@
     ready    claimed    Claim               a consumer
     claimed  claimed    Renew               the claim's holder: its lease is extended
     claimed  acked      Ack                 the claim's holder
-    claimed  ready      Reject(requeue)     the claim's holder (after ``countdown``)
+    claimed  ready      Reject(requeue)     the claim's holder (after ``countdown``): a
+                                            run lost, as a lease running out is
     claimed  ready      Restore             the claim's holder, shutting down
     claimed  dead       Reject(no requeue)  the claim's holder
     claimed  ready      Claim               the next consumer, finding the lease run out
     ready    dead       Claim               the next consumer, finding ``max_claims``
-                                            leases lost
+                                            runs lost
     ready    discarded  Claim               the next consumer, finding it expired
     ready    discarded  Revoke              whoever revokes the task (a revoke broadcast,
                                             the backend, the CLI)
@@ -59,7 +60,7 @@ class Delivery:
     consumer: str | None = None
     lease_until: float | None = None
     claims: int = 0  # every Claimed
-    lost_claims: int = 0  # claims whose lease ran out without an outcome
+    lost_claims: int = 0  # claims that ended without an outcome (lease ran out, requeued)
     reason: str | None = None  # why it was requeued, dead-lettered or discarded
 
     @property

@@ -112,6 +112,10 @@ class Requeued(Event):
     claim: str
     reason: str
     not_before: float | None = None
+    #: The claim's run ended without an outcome (a reject with requeue, which
+    #: Celery sends when the pool process running the task died): it counts
+    #: towards ``max_claims`` like a lost lease.
+    lost: bool = False
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,7 @@ def _requeued(state: TaskState, event: Requeued) -> TaskState:
         lease_until=None,
         not_before=event.not_before if event.not_before is not None else delivery.not_before,
         reason=event.reason,
+        lost_claims=delivery.lost_claims + event.lost,
     )
 
 
@@ -358,8 +359,9 @@ def _claim_outcome(
         # Claimed before the revoke, then given back: it must not run now.
         return Discarded(delivery.id, "revoked")
     if command.max_claims is not None and lost >= command.max_claims:
+        runs = "1 run" if lost == 1 else f"{lost} runs"
         return DeadLettered(
-            delivery.id, f"claimed {lost} times without an outcome (lease expired each time)"
+            delivery.id, f"{runs} ended without an outcome (lease expired or requeued)"
         )
     if delivery.is_expired(now):
         return Discarded(delivery.id, "expired")
@@ -402,9 +404,12 @@ def _ack(command: Ack, state: TaskState, now: float) -> list[Event]:
 def _reject(command: Reject, state: TaskState, now: float) -> list[Event]:
     _current_claim(state, command.delivery, command.claim)
     if command.requeue:
+        # Celery requeues a message whose task's pool process died
+        # (reject_on_worker_lost) or timed out: a run that ended without an
+        # outcome, which counts towards max_claims like a lost lease.
         not_before = now + command.countdown if command.countdown else None
         return _unless_revoked(
-            state, Requeued(command.delivery, command.claim, command.reason, not_before)
+            state, Requeued(command.delivery, command.claim, command.reason, not_before, lost=True)
         )
     return [DeadLettered(command.delivery, command.reason)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -112,6 +113,16 @@ def make_app(
         if first:
             time.sleep(seconds)
         record(self.request.id, event="done")
+
+    @app.task(
+        name="proj.kill_pool_process", shared=False, bind=True, acks_late=True,
+        reject_on_worker_lost=True,
+    )
+    def kill_pool_process(self: Any) -> None:
+        """Kills the pool process running it; Celery then requeues its message
+        (``reject_on_worker_lost``).  Only meaningful on the prefork pool."""
+        record(self.request.id, event="ran")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     @app.task(name="proj.ordered", shared=False, bind=True)
     def ordered(self: Any, n: int) -> None:

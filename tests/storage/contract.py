@@ -271,7 +271,21 @@ class StoreContract:
         assert sorted(m.stream for m in again) == ["a", "b"]
         assert all(m.redelivered for m in again)
         assert store.load("b").deliveries[b.delivery].lost_claims == 0
+        assert store.load("a").deliveries[a.delivery].lost_claims == 1
         assert store.read_stream("c")[-1].event == lc.DeadLettered(c.delivery, "bad payload")
+
+    def test_requeues_count_towards_max_claims(self, store):
+        """A requeue is a run that ended without an outcome (Celery requeues when the
+        pool process died): a task that keeps doing that is dead-lettered."""
+        store.publish([msg("a")])
+        for _ in range(2):
+            [m] = store.claim(["q"], 1, "w", 30, max_claims=2)
+            store.reject([m.ref], requeue=True, reason="rejected and requeued")
+        assert store.claim(["q"], 1, "w", 30, max_claims=2) == []
+        assert [(d.stream, d.reason) for d in store.dead_letters()] == [
+            ("a", "2 runs ended without an outcome (lease expired or requeued)")
+        ]
+        assert store.queue_size("q") == 0
 
     # -- atomic publish on the caller's transaction --------------------------------
 

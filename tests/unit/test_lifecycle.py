@@ -461,11 +461,11 @@ def test_dead_letter_after_max_claims_lost_leases() -> None:
     events = _lose_lease(job, "c4", t)
     assert events == [
         LeaseExpired("d1", "c3"),
-        DeadLettered("d1", "claimed 3 times without an outcome (lease expired each time)"),
+        DeadLettered("d1", "3 runs ended without an outcome (lease expired or requeued)"),
     ]
     d = job.delivery()
     assert d.status is DeliveryStatus.DEAD
-    assert d.reason == "claimed 3 times without an outcome (lease expired each time)"
+    assert d.reason == "3 runs ended without an outcome (lease expired or requeued)"
     assert "lease expired" in d.reason
     assert (d.claims, d.lost_claims) == (3, 3)
     assert d.lease_until is None
@@ -489,25 +489,47 @@ def test_max_claims_one_dead_letters_on_the_first_lost_lease() -> None:
     assert [type(e) for e in events] == [LeaseExpired, DeadLettered]
 
 
-@pytest.mark.parametrize(
-    "give_back",
-    [
-        pytest.param(lambda c: Restore("d1", c), id="restore"),
-        pytest.param(lambda c: Reject("d1", c, requeue=True), id="reject-requeue"),
-    ],
-)
-def test_restore_and_requeue_do_not_count_as_lost_claims(give_back: Any) -> None:
+def test_restore_does_not_count_as_a_lost_claim() -> None:
     job = published(Job())
     for n in range(10):  # far more than max_claims
         events = job.do(Claim("d1", f"c{n}", "w", LEASE, max_claims=3), NOW + n)
         assert [type(e) for e in events] == [Claimed]
-        events = job.do(give_back(f"c{n}"), NOW + n)
-        assert [type(e) for e in events] == [Requeued]
+        events = job.do(Restore("d1", f"c{n}"), NOW + n)
+        assert events == [Requeued("d1", f"c{n}", "restored")]
         d = job.delivery()
         assert d.status is DeliveryStatus.READY
         assert (d.claim, d.consumer, d.lease_until) == (None, None, None)
         assert d.lost_claims == 0
         assert d.claims == n + 1
+
+
+def test_a_requeue_counts_as_a_lost_run_and_dead_letters_after_max_claims() -> None:
+    """Celery rejects with requeue when the pool process running the task died
+    (``task_reject_on_worker_lost``): a poison task must not loop forever."""
+    job = published(Job())
+    for n in range(3):
+        assert [type(e) for e in job.do(Claim("d1", f"c{n}", "w", LEASE, max_claims=3))] == [
+            Claimed
+        ]
+        events = job.do(Reject("d1", f"c{n}", requeue=True, reason="rejected and requeued"))
+        assert events == [Requeued("d1", f"c{n}", "rejected and requeued", lost=True)]
+        assert job.delivery().lost_claims == n + 1
+        assert job.delivery().status is DeliveryStatus.READY
+    events = job.do(Claim("d1", "c3", "w", LEASE, max_claims=3))
+    assert events == [
+        DeadLettered("d1", "3 runs ended without an outcome (lease expired or requeued)")
+    ]
+    assert job.delivery().status is DeliveryStatus.DEAD
+
+
+def test_lost_leases_and_requeues_share_the_budget() -> None:
+    job = published(Job())
+    job.do(Claim("d1", "c1", "w", LEASE, max_claims=2))
+    job.do(Reject("d1", "c1", requeue=True))
+    job.do(Claim("d1", "c2", "w", LEASE, max_claims=2))
+    events = job.do(Claim("d1", "c3", "w", LEASE, max_claims=2), NOW + LEASE)
+    assert [type(e) for e in events] == [LeaseExpired, DeadLettered]
+    assert job.delivery().lost_claims == 2
 
 
 def test_restore_requeues_with_reason_restored() -> None:
@@ -522,11 +544,11 @@ def test_restore_requeues_with_reason_restored() -> None:
 def test_reject_with_requeue_makes_the_delivery_ready_again() -> None:
     job = claimed(published(Job()))
     events = job.do(Reject("d1", "c1", requeue=True))
-    assert events == [Requeued("d1", "c1", "rejected", None)]
+    assert events == [Requeued("d1", "c1", "rejected", None, lost=True)]
     d = job.delivery()
     assert d.status is DeliveryStatus.READY
     assert d.reason == "rejected"
-    assert d.lost_claims == 0
+    assert d.lost_claims == 1
     assert [type(e) for e in job.do(Claim("d1", "c2", "w2", LEASE), NOW)] == [Claimed]
 
 
@@ -550,7 +572,7 @@ def test_reject_default_reason_is_rejected() -> None:
 def test_reject_with_countdown_schedules_the_requeue() -> None:
     job = claimed(published(Job()))
     events = job.do(Reject("d1", "c1", requeue=True, countdown=15.0), NOW + 2)
-    assert events == [Requeued("d1", "c1", "rejected", NOW + 17.0)]
+    assert events == [Requeued("d1", "c1", "rejected", NOW + 17.0, lost=True)]
     d = job.delivery()
     assert d.not_before == NOW + 17.0
     assert not d.is_due(NOW + 16.9)
@@ -693,7 +715,9 @@ def test_a_delivery_requeued_after_revoke_is_discarded() -> None:
     job = claimed(published(Job()))
     job.do(Revoke())
     events = job.do(Reject("d1", "c1", requeue=True, countdown=5.0), NOW + 1)
-    assert events == [Requeued("d1", "c1", "rejected", NOW + 6.0), Discarded("d1", "revoked")]
+    assert events == [
+        Requeued("d1", "c1", "rejected", NOW + 6.0, lost=True), Discarded("d1", "revoked")
+    ]
     assert job.delivery().status is DeliveryStatus.DISCARDED
 
 
@@ -907,6 +931,7 @@ LIFECYCLE_EVENTS: list[Event] = [
     Acked("d1", "c1"),
     Requeued("d1", "c1", "rejected", NOW + 10.25),
     Requeued("d1", "c1", "restored"),
+    Requeued("d1", "c1", "rejected and requeued", lost=True),
     LeaseExpired("d1", "c1"),
     DeadLettered("d1", "claimed 3 times"),
     Discarded("d1", "expired"),
@@ -975,6 +1000,7 @@ def test_event_data_holds_every_field_by_name() -> None:
         "claim": "c",
         "reason": "restored",
         "not_before": None,
+        "lost": False,
     }
 
 
