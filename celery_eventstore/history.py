@@ -141,8 +141,12 @@ def _detail(ev: lc.Event, metadata: Mapping[str, Any], at: float) -> dict[str, A
         return detail
     if isinstance(ev, (lc.Claimed, lc.LeaseRenewed)):
         return {"lease_until": _iso(ev.lease_until)}
-    if isinstance(ev, (lc.Requeued, lc.DeadLettered, lc.Discarded, lc.Revoked,
-                       lc.Quarantined, lc.Unreadable)):
+    if isinstance(ev, lc.LeaseExpired):  # which claim budget the loss spent
+        return {} if ev.started else {"started": False}
+    if isinstance(ev, lc.Requeued):
+        return {"reason": ev.reason, **({"lost": True} if ev.lost else {})}
+    if isinstance(ev, (lc.DeadLettered, lc.Discarded, lc.Revoked, lc.Quarantined,
+                       lc.Unreadable)):
         return {"reason": ev.reason}
     if isinstance(ev, lc.RetryScheduled):
         return {"exc": ev.exc, **({"countdown": ev.countdown} if ev.countdown else {})}

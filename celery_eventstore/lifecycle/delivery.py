@@ -10,11 +10,13 @@
     claimed  acked      Ack                 the claim's holder
     claimed  ready      Reject(requeue)     the claim's holder (after ``countdown``): a
                                             run lost, as a lease running out is
-    claimed  ready      Restore             the claim's holder, shutting down
+    claimed  ready      Restore             the claim's holder, shutting down (a run
+                                            lost if the task had started)
     claimed  dead       Reject(no requeue)  the claim's holder
     claimed  ready      Claim               the next consumer, finding the lease run out
     ready    dead       Claim               the next consumer, finding ``max_claims``
-                                            runs lost
+                                            runs lost, or ``3 * max_claims``
+                                            leases lost before a start
     ready    discarded  Claim               the next consumer, finding it expired
     ready    discarded  Revoke              whoever revokes the task (a revoke broadcast,
                                             the backend, the CLI)
@@ -60,7 +62,14 @@ class Delivery:
     consumer: str | None = None
     lease_until: float | None = None
     claims: int = 0  # every Claimed
-    lost_claims: int = 0  # claims that ended without an outcome (lease ran out, requeued)
+    #: Whether the current claim saw its task start (a result event followed it).
+    started: bool = False
+    #: Runs that ended without an outcome: a lease that ran out after the task
+    #: started, a requeue, a restore after the task started.  Spends ``max_claims``.
+    lost_claims: int = 0
+    #: Leases that ran out before the task started (prefetched beside a task that
+    #: killed the worker).  Spends a larger budget, so they are not the suspect.
+    lost_unstarted: int = 0
     reason: str | None = None  # why it was requeued, dead-lettered or discarded
 
     @property

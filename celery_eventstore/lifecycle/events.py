@@ -113,8 +113,8 @@ class Requeued(Event):
     reason: str
     not_before: float | None = None
     #: The claim's run ended without an outcome (a reject with requeue, which
-    #: Celery sends when the pool process running the task died): it counts
-    #: towards ``max_claims`` like a lost lease.
+    #: Celery sends when the pool process running the task died; a restore of a
+    #: task that had started): it counts towards ``max_claims`` like a lost lease.
     lost: bool = False
 
 
@@ -124,6 +124,12 @@ class LeaseExpired(Event):
 
     delivery: str
     claim: str
+    #: Whether the claim had seen its task start (a result event followed it).  A
+    #: lease lost by a message that never started -- one prefetched beside a task
+    #: that killed the worker -- counts towards a larger budget than
+    #: ``max_claims``.  Rows written before this field existed read as started:
+    #: every lost lease counted towards ``max_claims`` then.
+    started: bool = True
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,12 @@ from .streams import JobState, ResultState, Rules, StreamKind, replace
 
 rules = Rules(StreamKind.TASK)
 
+#: A delivery is dead-lettered after ``max_claims`` lost runs, or after this many
+#: times ``max_claims`` leases lost before its task started: a message prefetched
+#: beside a task that kills its worker loses its lease with it, and must not pay
+#: for it; yet a task that kills its worker before anything is recorded stops too.
+UNSTARTED_CLAIMS_FACTOR = 3
+
 
 @dataclass(frozen=True)
 class TaskState(JobState, rules=rules):
@@ -163,6 +169,7 @@ def _claimed(state: TaskState, event: Claimed) -> TaskState:
         consumer=event.consumer,
         lease_until=event.lease_until,
         claims=delivery.claims + 1,
+        started=False,
     )
 
 
@@ -190,6 +197,7 @@ def _requeued(state: TaskState, event: Requeued) -> TaskState:
         lease_until=None,
         not_before=event.not_before if event.not_before is not None else delivery.not_before,
         reason=event.reason,
+        started=False,
         lost_claims=delivery.lost_claims + event.lost,
     )
 
@@ -204,7 +212,9 @@ def _lease_expired(state: TaskState, event: LeaseExpired) -> TaskState:
         claim=None,
         consumer=None,
         lease_until=None,
-        lost_claims=delivery.lost_claims + 1,
+        started=False,
+        lost_claims=delivery.lost_claims + event.started,
+        lost_unstarted=delivery.lost_unstarted + (not event.started),
         reason="lease expired",
     )
 
@@ -276,7 +286,17 @@ def _forgotten(state: TaskState, event: Forgotten) -> TaskState:
 def _result(state: TaskState, new: ResultState, result: JSON | None) -> TaskState:
     if state.result_state is ResultState.SUCCESS:
         raise CorruptStream(f"{new.value} recorded after SUCCESS in {state.stream!r}")
+    state = _run_seen(state)
     return replace(state, result_state=new, result=result, forgotten=False, custom_state=None)
+
+
+def _run_seen(state: TaskState) -> TaskState:
+    """A result event shows that the task started under the claim it follows: the
+    claimed deliveries of its stream (one, but for duplicate publishes)."""
+    for d in state.deliveries.values():
+        if d.status is DeliveryStatus.CLAIMED and not d.started:
+            state = _with_delivery(state, d, started=True)
+    return state
 
 
 @rules.evolves(StateUpdated)
@@ -339,33 +359,45 @@ def _claim(command: Claim, state: TaskState, now: float) -> list[Event]:
         if not delivery.lease_expired(now):
             raise NotClaimable(f"delivery {delivery.id!r} is claimed until its lease ends")
         assert delivery.claim is not None
-        events.append(LeaseExpired(delivery.id, delivery.claim))
-        lost = delivery.lost_claims + 1
+        expired = LeaseExpired(delivery.id, delivery.claim, started=delivery.started)
+        events.append(expired)
+        state = _lease_expired(state, expired)
+        delivery = state.deliveries[delivery.id]
     elif delivery.status.is_final:
         raise NotClaimable(f"delivery {delivery.id!r} is {delivery.status.value}")
-    else:
-        lost = delivery.lost_claims
     if not delivery.is_due(now):
         raise NotClaimable(f"delivery {delivery.id!r} is scheduled for later")
-    events.append(_claim_outcome(command, state, delivery, lost, now))
+    events.append(_claim_outcome(command, state, delivery, now))
     return events
 
 
-def _claim_outcome(
-    command: Claim, state: TaskState, delivery: Delivery, lost: int, now: float
-) -> Event:
-    """What a claim of a claimable delivery that lost ``lost`` leases comes to."""
+def _claim_outcome(command: Claim, state: TaskState, delivery: Delivery, now: float) -> Event:
+    """What a claim of a claimable (ready, due) delivery comes to."""
     if state.revoked:
         # Claimed before the revoke, then given back: it must not run now.
         return Discarded(delivery.id, "revoked")
-    if command.max_claims is not None and lost >= command.max_claims:
-        runs = "1 run" if lost == 1 else f"{lost} runs"
-        return DeadLettered(
-            delivery.id, f"{runs} ended without an outcome (lease expired or requeued)"
-        )
+    spent = _budget_spent(delivery, command.max_claims)
+    if spent is not None:
+        return DeadLettered(delivery.id, spent)
     if delivery.is_expired(now):
         return Discarded(delivery.id, "expired")
     return Claimed(delivery.id, command.claim, command.consumer, now + command.lease_seconds)
+
+
+def _budget_spent(delivery: Delivery, max_claims: int | None) -> str | None:
+    """Why ``delivery`` must not be claimed again, if its claim budget is spent."""
+    if max_claims is None:
+        return None
+    if delivery.lost_claims >= max_claims:
+        runs = _times(delivery.lost_claims, "run")
+        return f"{runs} ended without an outcome (lease expired or requeued)"
+    if delivery.lost_unstarted >= UNSTARTED_CLAIMS_FACTOR * max_claims:
+        return f"lost its lease {_times(delivery.lost_unstarted, 'time')} before it started"
+    return None
+
+
+def _times(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _current_claim(state: TaskState, delivery_id: str, claim: str) -> Delivery:
@@ -416,8 +448,11 @@ def _reject(command: Reject, state: TaskState, now: float) -> list[Event]:
 
 @rules.decides(Restore)
 def _restore(command: Restore, state: TaskState, now: float) -> list[Event]:
-    _current_claim(state, command.delivery, command.claim)
-    return _unless_revoked(state, Requeued(command.delivery, command.claim, "restored"))
+    delivery = _current_claim(state, command.delivery, command.claim)
+    # Given back unstarted (prefetched), it cost nothing; a started task that is
+    # given back (a cold shutdown) is a run lost like any other.
+    restored = Requeued(command.delivery, command.claim, "restored", lost=delivery.started)
+    return _unless_revoked(state, restored)
 
 
 @rules.decides(Discard)

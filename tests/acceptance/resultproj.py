@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from typing import Any
 
 from celery import Celery
@@ -48,6 +50,25 @@ def make_app(
         self.update_state(state="PROGRESS", meta={"step": 1, "of": 2})
         wait_for_go(self.request.id)
         return "done"
+
+    @app.task(name="resultproj.mark", shared=False, bind=True)
+    def mark(self: Any) -> str:
+        """Records that it ran (marker file named by its task id)."""
+        record(self.request.id, event="ran")
+        return "ran"
+
+    @app.task(name="resultproj.hold", shared=False, bind=True, acks_late=True)
+    def hold(self: Any, seconds: float) -> None:
+        """Records that it started, then sleeps ``seconds`` (acked after it ran)."""
+        record(self.request.id, event="started")
+        time.sleep(seconds)
+
+    @app.task(name="resultproj.kill_worker", shared=False, bind=True, acks_late=True)
+    def kill_worker(self: Any) -> None:
+        """A poison task: kills the whole worker running it (its process group: the
+        main process and every pool process), as an out-of-memory killer would."""
+        record(self.request.id, event="ran")
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
     @app.task(name="resultproj.tsum", shared=False)
     def tsum(values: list[int]) -> int:

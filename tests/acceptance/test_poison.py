@@ -4,9 +4,13 @@ are not punished for it -- on both dialects."""
 
 from __future__ import annotations
 
+import signal
+import time
+import uuid
 from typing import Any
 
-from harness import Broker, wait_for
+import pytest
+from harness import Broker, Worker, wait_for
 
 from celery_eventstore import lifecycle as lc
 
@@ -48,3 +52,56 @@ def test_requeues_on_worker_lost_count_towards_max_claims(
     stats = broker.stats()
     assert stats is not None
     assert (stats.dead, stats.claimed, stats.ready) == (1, 0, 0)
+
+
+def _restart_until(
+    broker: Broker, done: Any, args: list[str], timeout: float = 120
+) -> list[Worker]:
+    """Start a ``resultproj`` worker, and another each time the last one died, until
+    ``done()``.  (Not ``start_worker``: a worker may die before it reports ready.)"""
+    deadline = time.monotonic() + timeout
+    workers: list[Worker] = []
+    while not done():
+        assert time.monotonic() < deadline, f"not done after {timeout}s: {len(workers)} workers"
+        if not workers or workers[-1].proc.poll() is not None:
+            worker = Worker(broker, f"w{len(workers) + 1}-{uuid.uuid4().hex[:6]}", args,
+                            "resultproj")
+            broker.workers.append(worker)  # stopped at teardown
+            workers.append(worker)
+        time.sleep(0.2)
+    return workers
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_innocent_tasks_are_not_dead_lettered_with_a_poison_one(
+    broker: Broker, result_app: Any, pool: str
+) -> None:
+    """A task that kills its whole worker takes the leases of the messages prefetched
+    beside it down too, each time.  Those never started, so they do not spend their
+    claim budget as the poison task (which recorded a start) does: the poison task is
+    dead-lettered after ``max_claims`` runs, and the others each run exactly once."""
+    broker.options.update(visibility_timeout=2, max_claims=2)
+    poison = result_app.tasks["resultproj.kill_worker"].apply_async().id
+    innocents = [result_app.tasks["resultproj.mark"].apply_async().id for _ in range(4)]
+    args = ["-P", pool, "-c", "1", "--prefetch-multiplier", "8"]
+
+    workers = _restart_until(broker, lambda: "DeadLettered" in broker.types(poison), args)
+    for task_id in innocents:
+        broker.wait_for_runs(task_id, ["ran"])
+        broker.wait_for_event(task_id, "Acked")
+
+    # Two died with the poison task, the last one lived.
+    assert [w.proc.poll() for w in workers] == [-signal.SIGKILL, -signal.SIGKILL, None]
+    assert len(broker.runs(poison)) == 2
+    events = broker.events(poison)
+    assert "2 runs ended" in events[-1].event.reason
+    assert [r.event.started for r in events if isinstance(r.event, lc.LeaseExpired)] == [
+        True, True,
+    ]  # fmt: skip
+    for task_id in innocents:
+        types = broker.types(task_id)
+        assert "DeadLettered" not in types, types
+        expired = [r.event for r in broker.events(task_id) if isinstance(r.event, lc.LeaseExpired)]
+        assert expired and not any(e.started for e in expired)
+        assert result_app.AsyncResult(task_id).get(timeout=10) == "ran"
+    assert [d.stream for d in broker.store.dead_letters()] == [poison]

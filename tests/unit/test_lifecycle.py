@@ -59,6 +59,7 @@ from celery_eventstore.lifecycle import (
     evolve,
     fold,
 )
+from celery_eventstore.lifecycle.task import UNSTARTED_CLAIMS_FACTOR
 
 STREAM = "task-1"
 NOW = 1000.0
@@ -244,7 +245,7 @@ def test_an_expired_delivery_is_not_claimable_again() -> None:
 def test_lease_expiry_of_an_expired_delivery_discards_it() -> None:
     job = claimed(published(Job(), expires=NOW + 10))
     events = job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE)
-    assert events == [LeaseExpired("d1", "c1"), Discarded("d1", "expired")]
+    assert events == [LeaseExpired("d1", "c1", started=False), Discarded("d1", "expired")]
     assert job.delivery().status is DeliveryStatus.DISCARDED
 
 
@@ -298,7 +299,7 @@ def test_renewal_extends_the_lease() -> None:
     job.refused(Claim("d1", "c2", "w2", LEASE), NotClaimable, now=NOW + LEASE + 1)
     job.refused(Claim("d1", "c2", "w2", LEASE), NotClaimable, now=NOW + 79.999)
     events = job.do(Claim("d1", "c2", "w2", LEASE), NOW + 80.0)
-    assert events[0] == LeaseExpired("d1", "c1")
+    assert events[0] == LeaseExpired("d1", "c1", started=False)
 
 
 def test_renewal_can_be_repeated() -> None:
@@ -405,11 +406,13 @@ def test_lease_expiry_then_reclaim_yields_lease_expired_and_claimed() -> None:
     job = claimed(published(Job()), claim="c1", consumer="w1")
     later = NOW + LEASE + 5
     events = job.do(Claim("d1", "c2", "w2", LEASE, max_claims=3), later)
-    assert events == [LeaseExpired("d1", "c1"), Claimed("d1", "c2", "w2", later + LEASE)]
+    assert events == [
+        LeaseExpired("d1", "c1", started=False), Claimed("d1", "c2", "w2", later + LEASE)
+    ]
     d = job.delivery()
     assert d.status is DeliveryStatus.CLAIMED
     assert (d.claim, d.consumer, d.lease_until) == ("c2", "w2", later + LEASE)
-    assert (d.claims, d.lost_claims) == (2, 1)
+    assert (d.claims, d.lost_claims, d.lost_unstarted) == (2, 0, 1)
     assert d.redelivered  # the claim before this one was lost
 
 
@@ -443,9 +446,13 @@ def test_a_given_back_delivery_is_redelivered(give_back: Any) -> None:
     assert job.delivery().redelivered
 
 
-def _lose_lease(job: Job, claim: str, now: float) -> list[Event]:
-    """Claim at ``now`` (with max_claims=3) after the previous lease ran out."""
-    return job.do(Claim("d1", claim, "w", LEASE, max_claims=3), now)
+def _lose_lease(job: Job, claim: str, now: float, *, start: bool = True) -> list[Event]:
+    """Claim at ``now`` (with max_claims=3) after the previous lease ran out; the
+    task then records its start, unless ``start`` is False."""
+    events = job.do(Claim("d1", claim, "w", LEASE, max_claims=3), now)
+    if start and isinstance(events[-1], Claimed):
+        job.do(Start("w"), now)
+    return events
 
 
 def test_dead_letter_after_max_claims_lost_leases() -> None:
@@ -467,7 +474,7 @@ def test_dead_letter_after_max_claims_lost_leases() -> None:
     assert d.status is DeliveryStatus.DEAD
     assert d.reason == "3 runs ended without an outcome (lease expired or requeued)"
     assert "lease expired" in d.reason
-    assert (d.claims, d.lost_claims) == (3, 3)
+    assert (d.claims, d.lost_claims, d.lost_unstarted) == (3, 3, 0)
     assert d.lease_until is None
     job.refused(Claim("d1", "c5", "w", LEASE, max_claims=3), NotClaimable, now=t + LEASE)
 
@@ -478,6 +485,7 @@ def test_no_max_claims_means_no_dead_letter() -> None:
     for n in range(10):
         events = job.do(Claim("d1", f"c{n}", "w", LEASE), t)
         assert isinstance(events[-1], Claimed)
+        job.do(Start("w"), t)
         t += LEASE
     assert job.delivery().lost_claims == 9
 
@@ -485,8 +493,84 @@ def test_no_max_claims_means_no_dead_letter() -> None:
 def test_max_claims_one_dead_letters_on_the_first_lost_lease() -> None:
     job = published(Job())
     job.do(Claim("d1", "c1", "w", LEASE, max_claims=1))
+    job.do(Start("w"))
     events = job.do(Claim("d1", "c2", "w", LEASE, max_claims=1), NOW + LEASE)
     assert [type(e) for e in events] == [LeaseExpired, DeadLettered]
+
+
+def test_a_lease_lost_before_a_start_spends_a_larger_budget() -> None:
+    """A message prefetched beside a task that kills its worker loses its lease
+    with it, without ever starting: it is not the suspect."""
+    job = published(Job())
+    t = NOW
+    assert [type(e) for e in _lose_lease(job, "c0", t, start=False)] == [Claimed]
+    for n in range(1, 9):  # 3 * max_claims - 1 leases lost before a start: still claimed
+        t += LEASE
+        events = _lose_lease(job, f"c{n}", t, start=False)
+        assert events == [
+            LeaseExpired("d1", f"c{n - 1}", started=False), Claimed("d1", f"c{n}", "w", t + LEASE)
+        ]
+    assert (job.delivery().lost_claims, job.delivery().lost_unstarted) == (0, 8)
+    t += LEASE
+    events = _lose_lease(job, "c9", t, start=False)
+    assert events == [
+        LeaseExpired("d1", "c8", started=False),
+        DeadLettered("d1", "lost its lease 9 times before it started"),
+    ]
+    assert UNSTARTED_CLAIMS_FACTOR == 3
+
+
+def test_the_budgets_are_counted_apart() -> None:
+    job = published(Job())
+    t = NOW
+    for n, start in enumerate([True, False, True, False, False]):
+        events = _lose_lease(job, f"c{n}", t, start=start)
+        assert isinstance(events[-1], Claimed), events
+        t += LEASE
+    d = job.delivery()
+    assert (d.lost_claims, d.lost_unstarted) == (2, 2)  # the fifth claim still holds
+    assert [type(e) for e in _lose_lease(job, "c5", t, start=True)] == [LeaseExpired, Claimed]
+    t += LEASE
+    assert _lose_lease(job, "c6", t)[-1] == DeadLettered(
+        "d1", "3 runs ended without an outcome (lease expired or requeued)"
+    )
+
+
+def test_started_belongs_to_the_claim_that_saw_it() -> None:
+    job = claimed(published(Job()))
+    job.do(Start("w1"))
+    assert job.delivery().started
+    events = job.do(Claim("d1", "c2", "w2", LEASE, max_claims=3), NOW + LEASE)
+    assert events[0] == LeaseExpired("d1", "c1", started=True)
+    assert not job.delivery().started  # c2 has not started (yet)
+    events = job.do(Claim("d1", "c3", "w3", LEASE, max_claims=3), NOW + 2 * LEASE)
+    assert events[0] == LeaseExpired("d1", "c2", started=False)
+    assert (job.delivery().lost_claims, job.delivery().lost_unstarted) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        Start("w1"),
+        UpdateState("PROGRESS"),
+        ScheduleRetry("Retry"),
+        Fail("boom"),
+    ],
+    ids=["start", "custom-state", "retry", "fail"],
+)
+def test_any_result_state_shows_the_claim_started(command: Any) -> None:
+    job = claimed(published(Job()))
+    job.do(command)
+    assert job.delivery().started
+
+
+def test_a_start_after_the_ack_changes_no_delivery() -> None:
+    """By default Celery acks before the task runs: the start comes after."""
+    job = claimed(published(Job()))
+    job.do(Ack("d1", "c1"))
+    acked = job.delivery()
+    job.do(Start("w1"))
+    assert job.delivery() == acked
 
 
 def test_restore_does_not_count_as_a_lost_claim() -> None:
@@ -527,9 +611,19 @@ def test_lost_leases_and_requeues_share_the_budget() -> None:
     job.do(Claim("d1", "c1", "w", LEASE, max_claims=2))
     job.do(Reject("d1", "c1", requeue=True))
     job.do(Claim("d1", "c2", "w", LEASE, max_claims=2))
+    job.do(Start("w"))
     events = job.do(Claim("d1", "c3", "w", LEASE, max_claims=2), NOW + LEASE)
     assert [type(e) for e in events] == [LeaseExpired, DeadLettered]
     assert job.delivery().lost_claims == 2
+
+
+def test_restore_of_a_started_task_is_a_lost_run() -> None:
+    """A cold shutdown gives back the task it interrupted: a run without an outcome."""
+    job = claimed(published(Job()))
+    job.do(Start("w1"))
+    assert job.do(Restore("d1", "c1")) == [Requeued("d1", "c1", "restored", lost=True)]
+    assert job.delivery().lost_claims == 1
+    assert not job.delivery().started
 
 
 def test_restore_requeues_with_reason_restored() -> None:
@@ -660,7 +754,7 @@ def test_revoked_started_task_whose_run_is_lost_reports_revoked() -> None:
     job.do(Revoke())
     # The worker died: the next claim finds the lease run out and a revoked task.
     events = job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE + 1)
-    assert events == [LeaseExpired("d1", "c1"), Discarded("d1", "revoked")]
+    assert events == [LeaseExpired("d1", "c1", started=True), Discarded("d1", "revoked")]
     assert job.state.result_state is ResultState.REVOKED
 
 
@@ -725,7 +819,7 @@ def test_a_lost_lease_after_revoke_discards_instead_of_claiming() -> None:
     job = claimed(published(Job()))
     job.do(Revoke())
     events = job.do(Claim("d1", "c2", "w2", LEASE, max_claims=3), NOW + LEASE)
-    assert events == [LeaseExpired("d1", "c1"), Discarded("d1", "revoked")]
+    assert events == [LeaseExpired("d1", "c1", started=False), Discarded("d1", "revoked")]
     assert job.delivery().status is DeliveryStatus.DISCARDED
     assert job.delivery().claims == 1
 

@@ -86,6 +86,10 @@ result_commands = st.one_of(
 )
 
 
+#: The events a result write records.
+RESULT_EVENTS = {"Started", "StateUpdated", "RetryScheduled", "Succeeded", "Failed"}
+
+
 def stored(events: list[Event]) -> list[Event]:
     """The events as a store writes and reads them back: type name and JSON data."""
     rows = json.loads(json.dumps([[event_type(e), event_data(e)] for e in events]))
@@ -228,18 +232,29 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.claim_now(chosen, consumer, lease)
 
     @precondition(lambda self: self.held())
-    @rule(index=picks, late=times, consumer=st.sampled_from(CONSUMERS), lease=leases)
-    def lose_lease(self, index: int, late: float, consumer: str, lease: float) -> None:
-        """The holder dies: the clock runs past its lease and someone else claims."""
+    @rule(
+        index=picks, late=times, consumer=st.sampled_from(CONSUMERS), lease=leases,
+        start=st.booleans(),
+    )
+    def lose_lease(self, index: int, late: float, consumer: str, lease: float,
+                   start: bool) -> None:
+        """The holder (which may have started the task first) dies: the clock runs
+        past its lease and someone else claims."""
         held = self.held()
         if index % 2:
             delivery_id = held[index % len(held)]
         else:  # the one closest to dead-lettering
-            delivery_id = max(held, key=lambda d: self.state.delivery(d).lost_claims)
+            delivery_id = max(held, key=lambda d: self._budget_used(self.state.delivery(d)))
+        if start:
+            self.run(Start("w"))
         lease_until = self.state.delivery(delivery_id).lease_until
         assert lease_until is not None
         self.now = max(self.now, lease_until + late)
         self.claim_now(delivery_id, consumer, lease)
+
+    @staticmethod
+    def _budget_used(d: Delivery) -> float:
+        return max(d.lost_claims / MAX_CLAIMS, d.lost_unstarted / (3 * MAX_CLAIMS))
 
     def claim_now(self, delivery_id: str, consumer: str, lease: float) -> None:
         """Claim ``delivery_id`` now and check the outcome against the rules."""
@@ -264,26 +279,35 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.run(command)
         self.claim_ids.setdefault(delivery_id, []).append(claim_id)
         after = self.state.delivery(delivery_id)
-        lost = before.lost_claims
+        lost, unstarted = before.lost_claims, before.lost_unstarted
         if before.status is DeliveryStatus.CLAIMED:
             assert lease_ran_out
-            assert events[0] == LeaseExpired(delivery_id, before.claim)  # type: ignore[arg-type]
+            assert events[0] == LeaseExpired(
+                delivery_id, before.claim, started=before.started  # type: ignore[arg-type]
+            )
             events = events[1:]
-            lost += 1
+            if before.started:
+                lost += 1
+            else:
+                unstarted += 1
         assert len(events) == 1
         outcome = events[0]
         expired_lease = before.status is DeliveryStatus.CLAIMED
         event(f"Claim: {event_type(outcome)}" + (" after a lost lease" if expired_lease else ""))
-        assert after.lost_claims == lost
+        assert (after.lost_claims, after.lost_unstarted) == (lost, unstarted)
         if self.state.revoked:
             # Only a delivery claimed before the revoke can get here; it must not run.
             assert expired_lease
             event("lost lease after revoke")
             assert outcome == Discarded(delivery_id, "revoked")
             assert after.status is DeliveryStatus.DISCARDED
-        elif lost >= MAX_CLAIMS:
+        elif lost >= MAX_CLAIMS or unstarted >= 3 * MAX_CLAIMS:
             assert isinstance(outcome, DeadLettered)
-            assert f"{lost} runs ended without an outcome" in outcome.reason
+            if lost >= MAX_CLAIMS:
+                assert f"{lost} runs ended without an outcome" in outcome.reason
+            else:
+                event("dead-lettered after leases lost before a start")
+                assert f"lost its lease {unstarted} times before it started" in outcome.reason
             assert after.status is DeliveryStatus.DEAD
             assert after.reason == outcome.reason
         elif before.expires is not None and before.expires <= self.now:
@@ -363,10 +387,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert before is not None
         after = self.state.delivery(delivery_id)
         # An outcome reported by the holder is never a lost claim; a requeue is a
-        # run that ended without one (Celery requeues when the pool process died).
-        requeued_run = kind == "reject" and requeue
-        assert (after.claims, after.lost_claims) == (
-            before.claims, before.lost_claims + requeued_run
+        # run that ended without one (Celery requeues when the pool process died),
+        # and so is a restore of a task that had started.
+        lost_run = (kind == "reject" and requeue) or (kind == "restore" and before.started)
+        assert (after.claims, after.lost_claims, after.lost_unstarted) == (
+            before.claims, before.lost_claims + lost_run, before.lost_unstarted
         )
         if kind == "renew":
             assert events == [LeaseRenewed(delivery_id, claim, self.now + lease)]
@@ -378,7 +403,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         elif kind == "restore" or requeue:
             # Given back: ready again, unless the task was revoked meanwhile.
             if kind == "restore":
-                requeued = Requeued(delivery_id, claim, "restored")
+                requeued = Requeued(delivery_id, claim, "restored", lost=before.started)
             else:
                 not_before = self.now + countdown if countdown else None
                 requeued = Requeued(delivery_id, claim, "rejected", not_before, lost=True)
@@ -489,15 +514,37 @@ class LifecycleMachine(RuleBasedStateMachine):
         claimed = Counter(e.delivery for e in self.events if isinstance(e, Claimed))
         lost = Counter(
             e.delivery for e in self.events
-            if isinstance(e, LeaseExpired) or (isinstance(e, Requeued) and e.lost)
+            if (isinstance(e, LeaseExpired) and e.started) or (isinstance(e, Requeued) and e.lost)
+        )
+        unstarted = Counter(
+            e.delivery for e in self.events if isinstance(e, LeaseExpired) and not e.started
         )
         for d in self.state.deliveries.values():
-            assert d.claims >= d.lost_claims >= 0
+            assert d.claims >= d.lost_claims + d.lost_unstarted
             assert d.lost_claims <= MAX_CLAIMS
-            assert (d.claims, d.lost_claims) == (claimed[d.id], lost[d.id])
-            if d.lost_claims == MAX_CLAIMS:
-                # Requeued with its budget spent: the next claim dead-letters it.
+            assert d.lost_unstarted <= 3 * MAX_CLAIMS
+            assert (d.claims, d.lost_claims, d.lost_unstarted) == (
+                claimed[d.id], lost[d.id], unstarted[d.id]
+            )
+            if d.lost_claims == MAX_CLAIMS or d.lost_unstarted == 3 * MAX_CLAIMS:
+                # Given back with its budget spent: the next claim dead-letters it.
                 assert d.status is not DeliveryStatus.CLAIMED
+
+    @invariant()
+    def started_means_a_result_since_the_claim(self) -> None:
+        """A claimed delivery has started exactly when a result event followed its
+        claim (none of these results name a delivery: each marks the claimed ones)."""
+        since_claim: dict[str, bool] = {}
+        for e in self.events:
+            if isinstance(e, Claimed):
+                since_claim[e.delivery] = False
+            elif type(e).__name__ in RESULT_EVENTS:
+                since_claim = dict.fromkeys(since_claim, True)
+            elif isinstance(e, (LeaseExpired, Requeued, Acked, DeadLettered, Discarded)):
+                since_claim.pop(e.delivery, None)
+        for d in self.state.deliveries.values():
+            if d.status is DeliveryStatus.CLAIMED:
+                assert d.started == since_claim[d.id]
 
     @invariant()
     def nothing_runs_after_a_revoke(self) -> None:
