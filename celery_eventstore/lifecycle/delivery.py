@@ -17,7 +17,11 @@
     ready    dead       Claim               the next consumer, finding ``max_claims``
                                             runs lost, or ``3 * max_claims``
                                             leases lost before a start
-    ready    discarded  Claim               the next consumer, finding it expired
+    ready    discarded  Claim               the next consumer, finding it expired, or
+                                            claimed before and its task's outcome
+                                            recorded since
+    claimed  discarded  Reject(requeue),    the claim's holder, when its task's outcome
+                        Restore             is recorded since the claim
     ready    discarded  Revoke              whoever revokes the task (a revoke broadcast,
                                             the backend, the CLI)
     ready    discarded  Discard             a queue purge or deletion
@@ -25,8 +29,10 @@
 ``acked``, ``dead`` and ``discarded`` are final; an operator retrying a dead
 letter publishes it again as a new delivery (``Publish(retry_of=...)``).  Once
 the task is revoked, a delivery given back or found with its lease run out is
-discarded rather than made ready.  Renewals and outcomes are fenced to the
-current claim: a holder whose lease ran out and was claimed again is refused
+discarded rather than made ready; so is one whose task's final outcome was recorded
+since it was claimed (the worker died after recording it, before its ack).
+Renewals and outcomes are fenced to the current claim: a holder whose lease ran
+out and was claimed again is refused
 (:class:`~celery_eventstore.exceptions.StaleClaim`).
 """
 
@@ -62,6 +68,8 @@ class Delivery:
     consumer: str | None = None
     lease_until: float | None = None
     claims: int = 0  # every Claimed
+    #: The stream version of its last ``Claimed`` (0: never claimed).
+    claimed_version: int = 0
     #: Whether the current claim saw its task start (a result event followed it).
     started: bool = False
     #: Runs that ended without an outcome: a lease that ran out after the task

@@ -6,8 +6,9 @@ A task stream holds every delivery of one Celery task -- the first publish, each
 delivery between its states) -- and the task's result states (``STARTED``,
 ``RETRY``, ``SUCCESS``, ``FAILURE``, ``REVOKED``), which the worker running it
 records.  Once ``SUCCESS`` is recorded later result writes are ignored, as with
-Celery's own backends.  Below: one function per event it folds, then one per
-command it decides.
+Celery's own backends.  Since both live in one stream, a delivery whose task's
+final outcome was recorded since its claim is settled rather than run again.
+Below: one function per event it folds, then one per command it decides.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ rules = Rules(StreamKind.TASK)
 #: for it; yet a task that kills its worker before anything is recorded stops too.
 UNSTARTED_CLAIMS_FACTOR = 3
 
+#: Why a delivery claimed before is settled once its task's final outcome is recorded.
+OUTCOME_RECORDED = "outcome recorded"
+
 
 @dataclass(frozen=True)
 class TaskState(JobState, rules=rules):
@@ -78,6 +82,9 @@ class TaskState(JobState, rules=rules):
     forgotten: bool = False
     #: A state of the task's own making (``update_state``); None for Celery's states.
     custom_state: str | None = None
+    #: The stream version of the last final outcome recorded (``Succeeded`` or
+    #: ``Failed``; not the ``FAILURE`` a dead letter implies); 0 while none is.
+    outcome_version: int = 0
 
     def delivery(self, delivery_id: str) -> Delivery:
         try:
@@ -169,6 +176,7 @@ def _claimed(state: TaskState, event: Claimed) -> TaskState:
         consumer=event.consumer,
         lease_until=event.lease_until,
         claims=delivery.claims + 1,
+        claimed_version=state.version + 1,
         started=False,
     )
 
@@ -317,12 +325,14 @@ def _retry_scheduled(state: TaskState, event: RetryScheduled) -> TaskState:
 
 @rules.evolves(Succeeded)
 def _succeeded(state: TaskState, event: Succeeded) -> TaskState:
-    return _result(state, ResultState.SUCCESS, event.result)
+    state = _result(state, ResultState.SUCCESS, event.result)
+    return replace(state, outcome_version=state.version + 1)
 
 
 @rules.evolves(Failed)
 def _failed(state: TaskState, event: Failed) -> TaskState:
-    return _result(state, ResultState.FAILURE, event.result)
+    state = _result(state, ResultState.FAILURE, event.result)
+    return replace(state, outcome_version=state.version + 1)
 
 
 # -- decide: one function per command -----------------------------------------------
@@ -376,6 +386,8 @@ def _claim_outcome(command: Claim, state: TaskState, delivery: Delivery, now: fl
     if state.revoked:
         # Claimed before the revoke, then given back: it must not run now.
         return Discarded(delivery.id, "revoked")
+    if _finished(state, delivery):
+        return Discarded(delivery.id, OUTCOME_RECORDED)
     spent = _budget_spent(delivery, command.max_claims)
     if spent is not None:
         return DeadLettered(delivery.id, spent)
@@ -413,10 +425,21 @@ def _current_claim(state: TaskState, delivery_id: str, claim: str) -> Delivery:
     return delivery
 
 
-def _unless_revoked(state: TaskState, requeued: Requeued) -> list[Event]:
-    """A delivery given back after its task was revoked is discarded, not re-run."""
+def _finished(state: TaskState, delivery: Delivery) -> bool:
+    """Whether the task's final outcome was recorded since ``delivery`` was last
+    claimed: by that run (its worker died before the ack), or by another delivery
+    of the task running beside it.  Running it again would repeat a finished task.
+    A delivery never claimed (a fresh publish of the task id) is not finished."""
+    return delivery.claims > 0 and state.outcome_version > delivery.claimed_version
+
+
+def _unless_settled(state: TaskState, delivery: Delivery, requeued: Requeued) -> list[Event]:
+    """A delivery given back after its task was revoked, or with its task's outcome
+    recorded since its claim, is discarded, not re-run."""
     if state.revoked:
         return [requeued, Discarded(requeued.delivery, "revoked")]
+    if _finished(state, delivery):
+        return [requeued, Discarded(requeued.delivery, OUTCOME_RECORDED)]
     return [requeued]
 
 
@@ -434,15 +457,14 @@ def _ack(command: Ack, state: TaskState, now: float) -> list[Event]:
 
 @rules.decides(Reject)
 def _reject(command: Reject, state: TaskState, now: float) -> list[Event]:
-    _current_claim(state, command.delivery, command.claim)
+    delivery = _current_claim(state, command.delivery, command.claim)
     if command.requeue:
         # Celery requeues a message whose task's pool process died
         # (reject_on_worker_lost) or timed out: a run that ended without an
         # outcome, which counts towards max_claims like a lost lease.
         not_before = now + command.countdown if command.countdown else None
-        return _unless_revoked(
-            state, Requeued(command.delivery, command.claim, command.reason, not_before, lost=True)
-        )
+        requeued = Requeued(command.delivery, command.claim, command.reason, not_before, lost=True)
+        return _unless_settled(state, delivery, requeued)
     return [DeadLettered(command.delivery, command.reason)]
 
 
@@ -452,7 +474,7 @@ def _restore(command: Restore, state: TaskState, now: float) -> list[Event]:
     # Given back unstarted (prefetched), it cost nothing; a started task that is
     # given back (a cold shutdown) is a run lost like any other.
     restored = Requeued(command.delivery, command.claim, "restored", lost=delivery.started)
-    return _unless_revoked(state, restored)
+    return _unless_settled(state, delivery, restored)
 
 
 @rules.decides(Discard)

@@ -14,7 +14,7 @@ import signal
 import time
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
 BROKER_ENV = "ACCEPTANCE_BROKER_URL"
 OPTIONS_ENV = "ACCEPTANCE_TRANSPORT_OPTIONS"
@@ -49,6 +49,16 @@ def wait_for_go(task_id: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the test never let the task finish")
         time.sleep(0.05)
+
+
+class DiesAfterItsResult(Task):  # type: ignore[misc]
+    """A task class whose first run kills its whole worker (the process group) once
+    the task has returned and its result is stored, before its ack is written."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        if not seen(f"killed-{task_id}"):
+            record(f"killed-{task_id}")
+            os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def base_app(
@@ -123,6 +133,14 @@ def make_app(
         (``reject_on_worker_lost``).  Only meaningful on the prefork pool."""
         record(self.request.id, event="ran")
         os.kill(os.getpid(), signal.SIGKILL)
+
+    @app.task(
+        name="proj.finish_then_die", shared=False, bind=True, acks_late=True,
+        base=DiesAfterItsResult,
+    )
+    def finish_then_die(self: Any) -> str:
+        record(self.request.id, event="ran")
+        return "done"
 
     @app.task(name="proj.ordered", shared=False, bind=True)
     def ordered(self: Any, n: int) -> None:

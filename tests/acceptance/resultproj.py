@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from celery import Celery
-from proj import BROKER_ENV, OPTIONS_ENV, base_app, record, wait_for_go
+from proj import BROKER_ENV, OPTIONS_ENV, DiesAfterItsResult, base_app, record, wait_for_go
 
 
 def make_app(
@@ -62,6 +62,14 @@ def make_app(
         """Records that it started, then sleeps ``seconds`` (acked after it ran)."""
         record(self.request.id, event="started")
         time.sleep(seconds)
+
+    @app.task(
+        name="resultproj.finish_then_die", shared=False, bind=True, acks_late=True,
+        base=DiesAfterItsResult,
+    )
+    def finish_then_die(self: Any) -> str:
+        record(self.request.id, event="ran")
+        return "done"
 
     @app.task(name="resultproj.kill_worker", shared=False, bind=True, acks_late=True)
     def kill_worker(self: Any) -> None:

@@ -105,3 +105,62 @@ def test_innocent_tasks_are_not_dead_lettered_with_a_poison_one(
         assert expired and not any(e.started for e in expired)
         assert result_app.AsyncResult(task_id).get(timeout=10) == "ran"
     assert [d.stream for d in broker.store.dead_letters()] == [poison]
+
+
+def _kill_after_result(broker: Broker, app: Any, task: str, args: list[str]) -> tuple[str, Any]:
+    """Run ``task`` (a :class:`proj.DiesAfterItsResult`) on a worker that it kills
+    once it returned: the result is stored, the ack is never written.  Then start
+    another worker.  Returns the task id and the second worker."""
+    first = Worker(broker, f"w1-{uuid.uuid4().hex[:6]}", args, app)
+    broker.workers.append(first)
+    first.wait_ready()
+    task_id = broker.app.send_task(task).id
+    first.proc.wait(30)
+    assert first.proc.returncode == -signal.SIGKILL
+    second = Worker(broker, f"w2-{uuid.uuid4().hex[:6]}", args, app)
+    broker.workers.append(second)
+    second.wait_ready()
+    return task_id, second
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_task_whose_result_is_recorded_is_not_run_again(
+    broker: Broker, result_app: Any, pool: str
+) -> None:
+    """The worker died after the task's result was recorded, before its ack: the
+    message is settled when its lease runs out, not run again."""
+    broker.options.update(visibility_timeout=2)
+    task_id, _ = _kill_after_result(
+        broker, "resultproj", "resultproj.finish_then_die", ["-P", pool, "-c", "1"]
+    )
+
+    wait_for(
+        lambda: "Discarded" in broker.types(task_id),
+        20,
+        f"the delivery of {task_id} to be settled",
+        show=lambda: broker.types(task_id),
+    )
+    events = broker.events(task_id)
+    assert _outcomes([r.type for r in events]) == [
+        "Published", "Claimed", "Started", "Succeeded", "LeaseExpired", "Discarded",
+    ]  # fmt: skip
+    assert events[-1].event.reason == "outcome recorded"
+    assert len(broker.runs(task_id)) == 1
+    assert result_app.AsyncResult(task_id).get(timeout=10) == "done"
+    assert broker.store.queue_size("celery") == 0
+    assert broker.store.dead_letters() == []
+
+
+def test_without_the_event_store_backend_the_task_runs_again(broker: Broker) -> None:
+    """With another result backend (here none) the stream holds no result: the
+    message is delivered again after its lease, as before."""
+    broker.options.update(visibility_timeout=2)
+    task_id, _ = _kill_after_result(
+        broker, "proj", "proj.finish_then_die", ["-P", "solo", "-c", "1"]
+    )
+
+    broker.wait_for_runs(task_id, ["ran", "ran"])
+    broker.wait_for_event(task_id, "Acked")
+    assert _outcomes(broker.types(task_id)) == [
+        "Published", "Claimed", "LeaseExpired", "Claimed", "Acked",
+    ]  # fmt: skip

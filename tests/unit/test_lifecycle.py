@@ -934,6 +934,94 @@ def test_not_a_command_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------------
+# a finished task is not run again
+# ---------------------------------------------------------------------------
+
+FINAL = [
+    pytest.param(Succeed({"v": 1}), id="success"),
+    pytest.param(Fail("boom", result={"exc": "boom"}), id="failure"),
+]
+
+
+@pytest.mark.parametrize("outcome", FINAL)
+def test_a_lost_lease_after_the_outcome_settles_the_delivery(outcome: Any) -> None:
+    """The worker died after recording the result, before its ack was written."""
+    job = claimed(published(Job()))
+    job.do(Start("w1"))
+    job.do(outcome)
+    state = job.state.result_state
+    events = job.do(Claim("d1", "c2", "w2", LEASE, max_claims=3), NOW + LEASE)
+    assert events == [LeaseExpired("d1", "c1", started=True), Discarded("d1", "outcome recorded")]
+    assert job.delivery().status is DeliveryStatus.DISCARDED
+    assert job.state.result_state is state
+    assert job.state.pending() == []
+
+
+@pytest.mark.parametrize(
+    "give_back",
+    [
+        pytest.param(Reject("d1", "c1", requeue=True), id="reject-requeue"),
+        pytest.param(Restore("d1", "c1"), id="restore"),
+    ],
+)
+@pytest.mark.parametrize("outcome", FINAL)
+def test_a_delivery_given_back_after_the_outcome_is_settled(outcome: Any, give_back: Any) -> None:
+    job = claimed(published(Job()))
+    job.do(outcome)
+    events = job.do(give_back)
+    assert [type(e) for e in events] == [Requeued, Discarded]
+    assert events[1] == Discarded("d1", "outcome recorded")
+
+
+def test_a_ready_delivery_claimed_before_the_outcome_is_settled() -> None:
+    """Given back (without an outcome), then another delivery of the task finished."""
+    job = claimed(published(published(Job()), "d2"), "d2", "c2")
+    job.do(Reject("d2", "c2", requeue=True))
+    claimed(job, "d1", "c1")
+    job.do(Succeed({"v": 1}))
+    assert job.do(Claim("d2", "c3", "w", LEASE)) == [Discarded("d2", "outcome recorded")]
+
+
+def test_an_outcome_from_another_delivery_settles_a_lost_one() -> None:
+    job = claimed(published(published(Job()), "d2"), "d1", "c1")
+    claimed(job, "d2", "c2")
+    job.do(Succeed({"v": 2}))  # d2's run, beside d1's
+    events = job.do(Claim("d1", "c3", "w", LEASE), NOW + LEASE)
+    assert events[-1] == Discarded("d1", "outcome recorded")
+
+
+def test_a_fresh_publish_of_a_finished_task_still_runs() -> None:
+    job = claimed(published(Job()))
+    job.do(Fail("boom"))
+    job.do(Ack("d1", "c1"))
+    published(job, "d2")
+    events = job.do(Claim("d2", "c2", "w", LEASE))
+    assert events == [Claimed("d2", "c2", "w", NOW + LEASE)]
+    # ... and if its worker dies, it runs again: the outcome is older than its claim.
+    events = job.do(Claim("d2", "c3", "w", LEASE), NOW + LEASE)
+    assert [type(e) for e in events] == [LeaseExpired, Claimed]
+
+
+def test_a_retry_is_not_an_outcome() -> None:
+    job = claimed(published(Job()))
+    job.do(ScheduleRetry("Retry", 5.0))
+    events = job.do(Claim("d1", "c2", "w", LEASE), NOW + LEASE)
+    assert [type(e) for e in events] == [LeaseExpired, Claimed]
+
+
+def test_a_dead_letter_is_not_an_outcome() -> None:
+    """A dead letter makes the result FAILURE; one retried from the dead letters runs,
+    and runs again if its worker dies."""
+    job = claimed(published(Job()))
+    job.do(Reject("d1", "c1", requeue=False, reason="poison"))
+    assert job.state.result_state is ResultState.FAILURE
+    published(job, "d2", retry_of="d1")
+    claimed(job, "d2", "c2")
+    events = job.do(Claim("d2", "c3", "w", LEASE), NOW + LEASE)
+    assert [type(e) for e in events] == [LeaseExpired, Claimed]
+
+
+# ---------------------------------------------------------------------------
 # evolve: impossible sequences
 # ---------------------------------------------------------------------------
 

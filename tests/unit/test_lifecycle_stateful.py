@@ -35,6 +35,7 @@ from celery_eventstore.lifecycle import (
     Discarded,
     Event,
     Fail,
+    Failed,
     JobState,
     LeaseExpired,
     LeaseRenewed,
@@ -50,6 +51,7 @@ from celery_eventstore.lifecycle import (
     ScheduleRetry,
     Start,
     Succeed,
+    Succeeded,
     decide,
     event_data,
     event_from,
@@ -252,6 +254,16 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.now = max(self.now, lease_until + late)
         self.claim_now(delivery_id, consumer, lease)
 
+    def finished_since_claim(self, delivery_id: str) -> bool:
+        """Whether a final outcome was recorded after the delivery's last claim."""
+        claimed_at = [
+            n for n, e in enumerate(self.events)
+            if isinstance(e, Claimed) and e.delivery == delivery_id
+        ]
+        return bool(claimed_at) and any(
+            isinstance(e, (Succeeded, Failed)) for e in self.events[claimed_at[-1]:]
+        )
+
     @staticmethod
     def _budget_used(d: Delivery) -> float:
         return max(d.lost_claims / MAX_CLAIMS, d.lost_unstarted / (3 * MAX_CLAIMS))
@@ -270,6 +282,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             and (before.status is not DeliveryStatus.CLAIMED or lease_ran_out)
             and (before.not_before is None or before.not_before <= self.now)
         )
+        finished = self.finished_since_claim(delivery_id)
         try:
             events = decide(command, self.state, self.now)
         except NotClaimable:
@@ -300,6 +313,11 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert expired_lease
             event("lost lease after revoke")
             assert outcome == Discarded(delivery_id, "revoked")
+            assert after.status is DeliveryStatus.DISCARDED
+        elif finished:
+            # Its run (or one beside it) recorded the task's outcome: not again.
+            event("settled: outcome recorded since its claim")
+            assert outcome == Discarded(delivery_id, "outcome recorded")
             assert after.status is DeliveryStatus.DISCARDED
         elif lost >= MAX_CLAIMS or unstarted >= 3 * MAX_CLAIMS:
             assert isinstance(outcome, DeadLettered)
@@ -374,6 +392,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         command = commands[kind]
         is_current = self.is_current(delivery_id, claim)
         before = self.state.deliveries.get(delivery_id)
+        finished = self.finished_since_claim(delivery_id)
         try:
             decide(command, self.state, self.now)
         except StaleClaim:
@@ -410,6 +429,10 @@ class LifecycleMachine(RuleBasedStateMachine):
             if self.state.revoked:
                 event("given back after revoke")
                 assert events == [requeued, Discarded(delivery_id, "revoked")]
+                assert after.status is DeliveryStatus.DISCARDED
+            elif finished:
+                event("given back after its outcome")
+                assert events == [requeued, Discarded(delivery_id, "outcome recorded")]
                 assert after.status is DeliveryStatus.DISCARDED
             else:
                 assert events == [requeued]
