@@ -230,15 +230,26 @@ class StoreContract:
         store.publish([msg("crashy")])
         for _ in range(3):
             assert len(store.claim(["q"], 1, "w", 10, max_claims=3)) == 1
+            store.execute("crashy", lc.Start("w"))  # it ran (task_track_started)
             clock.advance(10)
         assert store.claim(["q"], 1, "w", 10, max_claims=3) == []
         last = store.read_stream("crashy")[-1].event
-        assert isinstance(last, lc.DeadLettered) and "3 times" in last.reason
+        assert isinstance(last, lc.DeadLettered) and "3 runs" in last.reason
         assert store.results(["crashy"])["crashy"][:2] == ("FAILURE", None)
         (stats,) = store.queue_stats()
         assert (stats.queue, stats.dead, stats.ready, stats.claimed) == ("q", 1, 0, 0)
         dead = store.projection_rows()[store.tables.dead_letters.name]
         assert len(dead) == 1
+
+    def test_leases_lost_before_a_start_spend_a_larger_budget(self, store, clock):
+        """Messages prefetched beside a task that killed the worker never started."""
+        store.publish([msg("innocent")])
+        for _ in range(3 * 2):
+            assert len(store.claim(["q"], 1, "w", 10, max_claims=2)) == 1
+            clock.advance(10)
+        assert store.claim(["q"], 1, "w", 10, max_claims=2) == []
+        last = store.read_stream("innocent")[-1].event
+        assert last == lc.DeadLettered(last.delivery, "lost its lease 6 times before it started")
 
     def test_dead_letters_are_listed_retried_and_purged(self, store, clock):
         store.publish([msg("a", metadata={"task": "proj.a"}, expires=clock.now + 3600),
