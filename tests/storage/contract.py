@@ -251,6 +251,23 @@ class StoreContract:
         last = store.read_stream("innocent")[-1].event
         assert last == lc.DeadLettered(last.delivery, "lost its lease 6 times before it started")
 
+    def test_a_finished_task_is_settled_when_its_lease_runs_out(self, store, clock):
+        """The worker recorded the result, then died before its ack was written."""
+        store.publish([msg("done")])
+        (m,) = store.claim(["q"], 1, "w", 10)
+        store.execute("done", lc.Succeed({"body": "1", "encoding": "utf-8"}))
+        clock.advance(10)
+        assert store.claim(["q"], 1, "w", 10) == []
+        assert [r.event for r in store.read_stream("done")][-2:] == [
+            lc.LeaseExpired(m.delivery, m.claim, started=True),
+            lc.Discarded(m.delivery, "outcome recorded"),
+        ]
+        assert store.results(["done"])["done"][0] == "SUCCESS"
+        assert store.queue_size("q") == 0
+        live = store.projection_rows()
+        store.rebuild()
+        assert store.projection_rows() == live
+
     def test_dead_letters_are_listed_retried_and_purged(self, store, clock):
         store.publish([msg("a", metadata={"task": "proj.a"}, expires=clock.now + 3600),
                        msg("b")])
