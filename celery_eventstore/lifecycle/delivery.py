@@ -67,7 +67,9 @@ class Delivery:
     claim: str | None = None
     consumer: str | None = None
     lease_until: float | None = None
-    claims: int = 0  # every Claimed
+    #: The id of every claim it had, oldest first: the last one is the current
+    #: claim while it is claimed, and the one that settled it after.
+    claim_ids: tuple[str, ...] = ()
     #: The stream version of its last ``Claimed`` (0: never claimed).
     claimed_version: int = 0
     #: Whether the current claim saw its task start (a result event followed it).
@@ -79,6 +81,11 @@ class Delivery:
     #: killed the worker).  Spends a larger budget, so they are not the suspect.
     lost_unstarted: int = 0
     reason: str | None = None  # why it was requeued, dead-lettered or discarded
+
+    @property
+    def claims(self) -> int:
+        """How many times it was claimed."""
+        return len(self.claim_ids)
 
     @property
     def redelivered(self) -> bool:

@@ -156,6 +156,9 @@ class Discarded(Event):
 
 
 # -- a task's result (task streams) -----------------------------------------------
+#
+# A result a worker wrote names the delivery it ran (``delivery``); one written
+# from elsewhere (another broker, an eager call, ``mark_as_done``) names none.
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,7 @@ class StateUpdated(Event):
 
     state: str
     result: JSON | None = None
+    delivery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ class Started(Event):
 
     worker: str | None = None
     result: JSON | None = None
+    delivery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,7 @@ class RetryScheduled(Event):
     exc: str
     countdown: float | None = None
     result: JSON | None = None
+    delivery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,7 @@ class Succeeded(Event):
     """The task returned; ``result`` is the result as the backend encoded it."""
 
     result: JSON | None = None
+    delivery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,17 @@ class Failed(Event):
     exc: str
     traceback: str | None = None
     result: JSON | None = None
+    delivery: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultFenced(Event):
+    """A result (``state``) came from a claim of the delivery that another claim
+    took over after its lease ran out: kept for the history, it changes nothing."""
+
+    delivery: str
+    claim: str
+    state: str
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from .events import (
     Published,
     Quarantined,
     Requeued,
+    ResultFenced,
     RetryScheduled,
     Revoked,
     Started,
@@ -175,7 +176,7 @@ def _claimed(state: TaskState, event: Claimed) -> TaskState:
         claim=event.claim,
         consumer=event.consumer,
         lease_until=event.lease_until,
-        claims=delivery.claims + 1,
+        claim_ids=(*delivery.claim_ids, event.claim),
         claimed_version=state.version + 1,
         started=False,
     )
@@ -291,17 +292,24 @@ def _forgotten(state: TaskState, event: Forgotten) -> TaskState:
     return replace(state, forgotten=True)
 
 
-def _result(state: TaskState, new: ResultState, result: JSON | None) -> TaskState:
+def _result(
+    state: TaskState, event: Event, new: ResultState, result: JSON | None, delivery: str | None
+) -> TaskState:
     if state.result_state is ResultState.SUCCESS:
         raise CorruptStream(f"{new.value} recorded after SUCCESS in {state.stream!r}")
-    state = _run_seen(state)
+    state = _run_seen(state, event, delivery)
     return replace(state, result_state=new, result=result, forgotten=False, custom_state=None)
 
 
-def _run_seen(state: TaskState) -> TaskState:
-    """A result event shows that the task started under the claim it follows: the
-    claimed deliveries of its stream (one, but for duplicate publishes)."""
-    for d in state.deliveries.values():
+def _run_seen(state: TaskState, event: Event, delivery_id: str | None) -> TaskState:
+    """A result event shows that the task started under the claim it follows: that
+    of the delivery it names; one that names none (written before results named
+    their delivery) stands for every claimed delivery of the stream."""
+    if delivery_id is not None:
+        seen = [_known(state, event, delivery_id)]
+    else:
+        seen = list(state.deliveries.values())
+    for d in seen:
         if d.status is DeliveryStatus.CLAIMED and not d.started:
             state = _with_delivery(state, d, started=True)
     return state
@@ -309,30 +317,36 @@ def _run_seen(state: TaskState) -> TaskState:
 
 @rules.evolves(StateUpdated)
 def _state_updated(state: TaskState, event: StateUpdated) -> TaskState:
-    state = _result(state, ResultState.STARTED, event.result)
+    state = _result(state, event, ResultState.STARTED, event.result, event.delivery)
     return replace(state, custom_state=event.state)
 
 
 @rules.evolves(Started)
 def _started(state: TaskState, event: Started) -> TaskState:
-    return _result(state, ResultState.STARTED, event.result)
+    return _result(state, event, ResultState.STARTED, event.result, event.delivery)
 
 
 @rules.evolves(RetryScheduled)
 def _retry_scheduled(state: TaskState, event: RetryScheduled) -> TaskState:
-    return _result(state, ResultState.RETRY, event.result)
+    return _result(state, event, ResultState.RETRY, event.result, event.delivery)
 
 
 @rules.evolves(Succeeded)
 def _succeeded(state: TaskState, event: Succeeded) -> TaskState:
-    state = _result(state, ResultState.SUCCESS, event.result)
+    state = _result(state, event, ResultState.SUCCESS, event.result, event.delivery)
     return replace(state, outcome_version=state.version + 1)
 
 
 @rules.evolves(Failed)
 def _failed(state: TaskState, event: Failed) -> TaskState:
-    state = _result(state, ResultState.FAILURE, event.result)
+    state = _result(state, event, ResultState.FAILURE, event.result, event.delivery)
     return replace(state, outcome_version=state.version + 1)
+
+
+@rules.evolves(ResultFenced)
+def _result_fenced(state: TaskState, event: ResultFenced) -> TaskState:
+    _known(state, event, event.delivery)
+    return state  # history only
 
 
 # -- decide: one function per command -----------------------------------------------
@@ -510,33 +524,60 @@ def _forget(command: Forget, state: TaskState, now: float) -> list[Event]:
     return [] if state.forgotten else [Forgotten()]
 
 
-# Result states: once SUCCESS is recorded later writes are ignored, as in Celery.
+# Result states.  One written from elsewhere (no claim) is recorded unless SUCCESS
+# is, as in Celery.  One from a worker names the claim its message was delivered
+# under: fenced out if another claim of that delivery took over; else recorded,
+# naming the delivery, unless the task's final outcome is already recorded since
+# that claim (the first final outcome stands).
 
 
 @rules.decides(Start)
 def _start(command: Start, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, Started(command.worker, command.result))
+    started = Started(command.worker, command.result)
+    return _result_write(state, command.claim, ResultState.STARTED.value, started)
 
 
 @rules.decides(ScheduleRetry)
 def _schedule_retry(command: ScheduleRetry, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, RetryScheduled(command.exc, command.countdown, command.result))
+    retry = RetryScheduled(command.exc, command.countdown, command.result)
+    return _result_write(state, command.claim, ResultState.RETRY.value, retry)
 
 
 @rules.decides(Succeed)
 def _succeed(command: Succeed, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, Succeeded(command.result))
+    succeeded = Succeeded(command.result)
+    return _result_write(state, command.claim, ResultState.SUCCESS.value, succeeded)
 
 
 @rules.decides(Fail)
 def _fail(command: Fail, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, Failed(command.exc, command.traceback, command.result))
+    failed = Failed(command.exc, command.traceback, command.result)
+    return _result_write(state, command.claim, ResultState.FAILURE.value, failed)
 
 
 @rules.decides(UpdateState)
 def _update_state(command: UpdateState, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, StateUpdated(command.state, command.result))
+    updated = StateUpdated(command.state, command.result)
+    return _result_write(state, command.claim, command.state, updated)
 
 
-def _unless_succeeded(state: TaskState, event: Event) -> list[Event]:
-    return [] if state.result_state is ResultState.SUCCESS else [event]
+def _result_write(
+    state: TaskState, claim: str | None, result_state: str, event: Event
+) -> list[Event]:
+    """The events a result write comes to, by the claim it came from."""
+    delivery = _claimed_as(state, claim)
+    if delivery is None:  # written from elsewhere, or under a claim of another stream's
+        return [] if state.result_state is ResultState.SUCCESS else [event]
+    assert claim is not None
+    if delivery.claim_ids[-1] != claim:
+        return [ResultFenced(delivery.id, claim, result_state)]
+    if state.result_state is ResultState.SUCCESS or _finished(state, delivery):
+        return []
+    return [replace(event, delivery=delivery.id)]
+
+
+def _claimed_as(state: TaskState, claim: str | None) -> Delivery | None:
+    """The delivery that had claim ``claim``, if any of this stream's did."""
+    if claim is None:
+        return None
+    return next((d for d in state.deliveries.values() if claim in d.claim_ids), None)

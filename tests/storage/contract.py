@@ -268,6 +268,22 @@ class StoreContract:
         store.rebuild()
         assert store.projection_rows() == live
 
+    def test_a_result_from_a_claim_taken_over_is_fenced_out(self, store, clock):
+        store.publish([msg("t")])
+        (old,) = store.claim(["q"], 1, "w1", 10)
+        clock.advance(10)
+        (new,) = store.claim(["q"], 1, "w2", 10)  # the lease ran out: taken over
+        store.execute("t", lc.Start("w2", claim=new.claim))
+        fenced = store.execute("t", lc.Succeed({"body": "old"}, claim=old.claim))
+        assert [r.event for r in fenced] == [lc.ResultFenced(old.delivery, old.claim, "SUCCESS")]
+        assert store.results(["t"])["t"][0] == "STARTED"
+        (ok,) = store.execute("t", lc.Succeed({"body": "new"}, claim=new.claim))
+        assert ok.event == lc.Succeeded({"body": "new"}, delivery=new.delivery)
+        assert store.results(["t"])["t"][:2] == ("SUCCESS", {"body": "new"})
+        live = store.projection_rows()
+        store.rebuild()
+        assert store.projection_rows() == live
+
     def test_dead_letters_are_listed_retried_and_purged(self, store, clock):
         store.publish([msg("a", metadata={"task": "proj.a"}, expires=clock.now + 3600),
                        msg("b")])

@@ -49,3 +49,28 @@ def test_a_requeue_says_when_it_was_a_lost_run() -> None:
         ("Requeued", 1, {"reason": "rejected and requeued", "lost": True}),
         ("Requeued", 1, {"reason": "restored"}),
     ]
+
+
+def test_results_show_the_attempt_they_came_from_and_fenced_ones_their_worker() -> None:
+    details = _details(
+        lc.Published("d1", "q", {}),
+        lc.Published("d2", "q", {}),
+        lc.Claimed("d1", "c1", "w1", 1030.0),
+        lc.Claimed("d2", "c2", "w2", 1030.0),
+        lc.Started("celery@a", delivery="d1"),
+        lc.Claimed("d1", "c3", "w3", 1060.0),
+        lc.Succeeded({"body": '{"result": 1}', "encoding": "utf-8"}, delivery="d1"),
+        lc.ResultFenced("d1", "c1", "SUCCESS"),
+        lc.Started("celery@b"),
+    )
+    entries = entries_of(_recorded(
+        lc.Published("d1", "q", {}),
+        lc.Claimed("d1", "c1", "w1", 1030.0),
+        lc.Claimed("d1", "c3", "w3", 1060.0),
+        lc.ResultFenced("d1", "c1", "SUCCESS"),
+    ))
+    assert [(e, n) for e, n, _ in details[4:]] == [
+        ("Started", 1), ("Claimed", 1), ("Succeeded", 1), ("ResultFenced", 1), ("Started", 1),
+    ]
+    assert details[7][2] == {"state": "SUCCESS", "claim": "c1"}
+    assert entries[-1].worker == "w1"  # the claim's, not the claim that took over

@@ -42,6 +42,7 @@ from celery_eventstore.lifecycle import (
     Renew,
     Requeued,
     Restore,
+    ResultFenced,
     ResultState,
     RetryScheduled,
     Revoke,
@@ -1022,6 +1023,128 @@ def test_a_dead_letter_is_not_an_outcome() -> None:
 
 
 # ---------------------------------------------------------------------------
+# results come from a claim: fencing, and the first final outcome
+# ---------------------------------------------------------------------------
+
+
+def test_a_result_from_the_current_claim_names_its_delivery() -> None:
+    job = claimed(published(Job()))
+    assert job.do(Start("w1", claim="c1")) == [Started("w1", delivery="d1")]
+    assert job.delivery().started
+    assert job.do(Succeed({"v": 1}, claim="c1")) == [Succeeded({"v": 1}, delivery="d1")]
+    assert job.state.result_state is ResultState.SUCCESS
+
+
+def test_a_result_from_the_claim_that_acked_is_recorded() -> None:
+    """By default Celery acks before the task runs."""
+    job = claimed(published(Job()))
+    job.do(Ack("d1", "c1"))
+    assert job.do(Fail("boom", claim="c1")) == [Failed("boom", delivery="d1")]
+
+
+@pytest.mark.parametrize("late", [LEASE + 1, 10 * LEASE])
+def test_a_result_after_the_lease_ran_out_is_recorded_while_nobody_took_over(
+    late: float,
+) -> None:
+    job = claimed(published(Job()))
+    assert job.do(Succeed({"v": 1}, claim="c1"), NOW + late) == [
+        Succeeded({"v": 1}, delivery="d1")
+    ]
+
+
+def test_a_result_after_the_delivery_was_dead_lettered_is_recorded() -> None:
+    """Its lease ran out and the next claim dead-lettered it: no claim took over."""
+    job = claimed(published(Job()))
+    job.do(Start("w1", claim="c1"))
+    job.do(Claim("d1", "c2", "w2", LEASE, max_claims=1), NOW + LEASE)
+    assert job.delivery().status is DeliveryStatus.DEAD
+    assert job.do(Succeed({"v": 1}, claim="c1")) == [Succeeded({"v": 1}, delivery="d1")]
+    assert job.state.result_state is ResultState.SUCCESS
+
+
+@pytest.mark.parametrize(
+    ("command", "state"),
+    [
+        (Start("w1", claim="c1"), "STARTED"),
+        (UpdateState("PROGRESS", claim="c1"), "PROGRESS"),
+        (ScheduleRetry("Retry", claim="c1"), "RETRY"),
+        (Succeed({"v": "old"}, claim="c1"), "SUCCESS"),
+        (Fail("boom", claim="c1"), "FAILURE"),
+    ],
+)
+def test_a_result_from_a_claim_taken_over_is_fenced(command: Any, state: str) -> None:
+    job = claimed(published(Job()))
+    job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE)  # c1's lease ran out; c2 took over
+    job.do(Start("w2", claim="c2"))
+    before = job.state
+    assert job.do(command) == [ResultFenced("d1", "c1", state)]
+    assert job.state.result_state is ResultState.STARTED
+    assert (job.state.result, job.state.custom_state) == (before.result, before.custom_state)
+    assert job.state.deliveries == before.deliveries
+
+
+def test_a_fenced_result_is_recorded_after_success_too() -> None:
+    """The history shows every run that finished, the outcome is the current claim's."""
+    job = claimed(published(Job()))
+    job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE)
+    job.do(Succeed({"v": "new"}, claim="c2"))
+    assert job.do(Succeed({"v": "old"}, claim="c1")) == [ResultFenced("d1", "c1", "SUCCESS")]
+    assert job.state.result == {"v": "new"}
+
+
+def test_a_fenced_start_does_not_start_the_current_claim() -> None:
+    job = claimed(published(Job()))
+    job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE)
+    job.do(Start("w1", claim="c1"))
+    assert not job.delivery().started
+
+
+def test_a_result_under_a_claim_the_stream_does_not_know_is_recorded_as_before() -> None:
+    """A claim of another stream's (a chain element's result written with its
+    parent's request) names nothing here."""
+    job = claimed(published(Job()))
+    assert job.do(Succeed({"v": 1}, claim="elsewhere")) == [Succeeded({"v": 1})]
+
+
+def test_the_first_final_outcome_stands() -> None:
+    """Two deliveries of one task ran side by side: the first outcome stands, and
+    nothing the other records afterwards changes it."""
+    job = claimed(published(published(Job()), "d2"), "d1", "c1")
+    claimed(job, "d2", "c2")
+    job.do(Fail("boom", claim="c2"))
+    assert job.do(Start("w1", claim="c1")) == []
+    assert job.do(Succeed({"v": 1}, claim="c1")) == []
+    assert job.state.result_state is ResultState.FAILURE
+
+
+def test_a_second_write_of_the_same_run_after_its_outcome_changes_nothing() -> None:
+    """Celery's main process records FAILURE for a pool process it lost, which may
+    have recorded its own outcome first."""
+    job = claimed(published(Job()))
+    job.do(Fail("ValueError", claim="c1"))
+    assert job.do(Fail("WorkerLostError", claim="c1")) == []
+    assert job.state.result_state is ResultState.FAILURE
+
+
+def test_a_run_claimed_after_the_outcome_records_its_own() -> None:
+    """A task id published again after it failed (or a dead letter retried) runs
+    again, and its result is the task's."""
+    job = claimed(published(Job()))
+    job.do(Fail("boom", claim="c1"))
+    job.do(Ack("d1", "c1"))
+    claimed(published(job, "d2"), "d2", "c2")
+    assert job.do(Start("w", claim="c2")) == [Started("w", delivery="d2")]
+    assert job.do(Succeed({"v": 1}, claim="c2")) == [Succeeded({"v": 1}, delivery="d2")]
+    assert job.state.result_state is ResultState.SUCCESS
+
+
+def test_results_without_a_claim_follow_each_other_as_before() -> None:
+    job = claimed(published(Job()))
+    job.do(Fail("boom", claim="c1"))
+    assert job.do(Succeed({"v": 1})) == [Succeeded({"v": 1})]
+
+
+# ---------------------------------------------------------------------------
 # evolve: impossible sequences
 # ---------------------------------------------------------------------------
 
@@ -1125,8 +1248,12 @@ LIFECYCLE_EVENTS: list[Event] = [
     RetryScheduled("Retry"),
     Succeeded(),
     Succeeded({"result": [1, 2, 3]}),
+    Succeeded({"result": 4}, delivery="d1"),
+    Started("w1", delivery="d1"),
+    RetryScheduled("Retry", delivery="d1"),
     Failed("ValueError('x')", "Traceback (most recent call last): ...", {"exc": "x"}),
     Failed("boom"),
+    Failed("boom", delivery="d1"),
 ]
 
 # Other event types (results, groups, chords), built by name from EVENT_TYPES so this
@@ -1140,6 +1267,8 @@ OTHER_EVENT_SAMPLES: list[tuple[str, dict[str, Any]]] = [
     ("ChordCompleted", {"size": 3}),
     ("StateUpdated", {"state": "PROGRESS", "result": {"done": 1}}),
     ("Quarantined", {"delivery": "d1", "queue": "q", "reason": "unreadable event"}),
+    ("ResultFenced", {"delivery": "d1", "claim": "c1", "state": "SUCCESS"}),
+    ("StateUpdated", {"state": "PROGRESS", "result": None, "delivery": "d1"}),
 ]
 
 ALL_EVENTS: list[Event] = LIFECYCLE_EVENTS + [

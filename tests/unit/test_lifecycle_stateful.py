@@ -8,6 +8,7 @@ The invariants then check the state against the recorded log after every step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from typing import Any
@@ -45,6 +46,7 @@ from celery_eventstore.lifecycle import (
     Renew,
     Requeued,
     Restore,
+    ResultFenced,
     ResultState,
     Revoke,
     Revoked,
@@ -90,6 +92,8 @@ result_commands = st.one_of(
 
 #: The events a result write records.
 RESULT_EVENTS = {"Started", "StateUpdated", "RetryScheduled", "Succeeded", "Failed"}
+#: The state a fenced-out result of each command reports.
+RESULT_STATE = {Start: "STARTED", ScheduleRetry: "RETRY", Succeed: "SUCCESS", Fail: "FAILURE"}
 
 
 def stored(events: list[Event]) -> list[Event]:
@@ -486,6 +490,43 @@ class LifecycleMachine(RuleBasedStateMachine):
         else:
             assert len(events) == 1
 
+    @precondition(lambda self: self.state.deliveries)
+    @rule(
+        command=result_commands, index=picks,
+        which=st.sampled_from(["current", "current", "earlier", "unknown"]),
+    )
+    def worker_result(self, command: Any, index: int, which: str) -> None:
+        """A worker records a result under the claim its message came with: the
+        delivery's last claim, an earlier one, or one this stream never issued."""
+        delivery_id = self.pick(index)
+        assert delivery_id is not None
+        claims = [e.claim for e in self.events if isinstance(e, Claimed)
+                  and e.delivery == delivery_id]
+        if which == "unknown" or not claims:
+            claim = "issued-elsewhere"
+        elif which == "current":
+            claim = claims[-1]
+        else:  # an earlier claim if there is one
+            earlier = claims[:-1] or claims
+            claim = earlier[index % len(earlier)]
+        command = dataclasses.replace(command, claim=claim)
+        was_success = self.state.result_state is ResultState.SUCCESS
+        finished = self.finished_since_claim(delivery_id)
+        events = self.run(command)
+        assert events is not None
+        if claim not in claims:  # as a result written from elsewhere
+            assert len(events) == (0 if was_success else 1)
+            assert all(e.delivery is None for e in events)  # type: ignore[attr-defined]
+        elif claim != claims[-1]:
+            event("result fenced out")
+            assert events == [ResultFenced(delivery_id, claim, RESULT_STATE[type(command)])]
+        elif was_success or finished:
+            event("result after the outcome")
+            assert events == []
+        else:
+            assert len(events) == 1
+            assert events[0].delivery == delivery_id  # type: ignore[attr-defined]
+
     @rule(seconds=times)
     def advance_clock(self, seconds: float) -> None:
         self.now += seconds
@@ -556,13 +597,17 @@ class LifecycleMachine(RuleBasedStateMachine):
     @invariant()
     def started_means_a_result_since_the_claim(self) -> None:
         """A claimed delivery has started exactly when a result event followed its
-        claim (none of these results name a delivery: each marks the claimed ones)."""
+        claim: one naming it, or one naming none (which marks every claimed one)."""
         since_claim: dict[str, bool] = {}
         for e in self.events:
             if isinstance(e, Claimed):
                 since_claim[e.delivery] = False
             elif type(e).__name__ in RESULT_EVENTS:
-                since_claim = dict.fromkeys(since_claim, True)
+                named = e.delivery  # type: ignore[attr-defined]
+                if named is None:
+                    since_claim = dict.fromkeys(since_claim, True)
+                elif named in since_claim:
+                    since_claim[named] = True
             elif isinstance(e, (LeaseExpired, Requeued, Acked, DeadLettered, Discarded)):
                 since_claim.pop(e.delivery, None)
         for d in self.state.deliveries.values():
