@@ -887,8 +887,15 @@ class _Keeper(threading.Thread):
 
 
 def _for_delivery(message: Mapping[str, Any], tag: str, redelivered: bool) -> dict[str, Any]:
-    """A copy of a stored message with this delivery's tag and redelivered flag."""
+    """A copy of a stored message with this delivery's tag and redelivered flag.
+
+    The tag (the claim id) also goes in the ``eventstore_claim`` header
+    (:data:`celery_eventstore.backend.CLAIM_HEADER`): Celery copies message
+    headers onto the task's request, so the result backend records each result
+    with the claim it came from, and the store fences out a claim taken over.
+    """
     payload = dict(message)
+    payload["headers"] = {**(payload.get("headers") or {}), "eventstore_claim": tag}
     props = dict(payload.get("properties") or {})
     info = dict(props.get("delivery_info") or {})
     info["redelivered"] = redelivered

@@ -31,6 +31,15 @@ def record(name: str, **fields: Any) -> None:
         out.write(line + "\n")
 
 
+def runs(name: str) -> list[dict[str, Any]]:
+    """The lines of the marker file ``name`` (none if it does not exist)."""
+    path = os.path.join(os.environ[MARKERS_ENV], name)
+    if not os.path.exists(path):
+        return []
+    with open(path) as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
 def seen(name: str) -> bool:
     """Whether the marker file ``name`` exists."""
     return os.path.exists(os.path.join(os.environ[MARKERS_ENV], name))

@@ -15,7 +15,15 @@ import time
 from typing import Any
 
 from celery import Celery
-from proj import BROKER_ENV, OPTIONS_ENV, DiesAfterItsResult, base_app, record, wait_for_go
+from proj import (
+    BROKER_ENV,
+    OPTIONS_ENV,
+    DiesAfterItsResult,
+    base_app,
+    record,
+    runs,
+    wait_for_go,
+)
 
 
 def make_app(
@@ -70,6 +78,15 @@ def make_app(
     def finish_then_die(self: Any) -> str:
         record(self.request.id, event="ran")
         return "done"
+
+    @app.task(name="resultproj.wait_turn", shared=False, bind=True, acks_late=True)
+    def wait_turn(self: Any) -> int:
+        """Run n (1, 2, ...) of a task id waits for the test's go file
+        ``go-<task id>-<n>``, then returns n."""
+        n = len(runs(self.request.id)) + 1
+        record(self.request.id, event="started", run=n)
+        wait_for_go(f"{self.request.id}-{n}")
+        return n
 
     @app.task(name="resultproj.kill_worker", shared=False, bind=True, acks_late=True)
     def kill_worker(self: Any) -> None:
