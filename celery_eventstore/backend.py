@@ -61,7 +61,7 @@ CLAIM_HEADER = "eventstore_claim"
 #: Longest a waiter sleeps between reads when no wake-up arrives (a safety net).
 WAIT_POLL_SECONDS = 1.0
 STORE_OPTIONS = (
-    "table_prefix", "schema", "auto_migrate", "notify", "async_commit", "engine_options"
+    "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "async_commit", "engine_options"
 )
 
 

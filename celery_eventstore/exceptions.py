@@ -99,6 +99,16 @@ class SchemaTooNew(EventStoreError):
     understands; upgrade the package."""
 
 
+class InvalidName(EventStoreError, ValueError):
+    """A name (task id, queue, exchange, routing key...) is longer than the store's
+    column for it or contains a NUL character; nothing was written.
+
+    It is a ValueError too: the caller passed a value that can never be stored, and
+    retrying cannot help (it is not a connection error, so kombu and Celery do not
+    retry the publish).
+    """
+
+
 class MessageTooLarge(EventStoreError):
     """The message is larger than the store's configured ``max_message_size``."""
 

@@ -1,5 +1,10 @@
 """kombu transport on the celery_eventstore event store.
 
+``Channel`` keeps kombu's verbs (publish, get, consume, ack, reject, restore) and
+the routing; what a consumer holds and owes -- prefetch credit, the claim in
+flight, held claims and their leases, buffered acks -- is its ``QoS``'s, and the
+worker's event loop is served by a ``Poller``: both in :mod:`.consumer`.
+
 Connection String
 =================
 
@@ -54,14 +59,12 @@ Transport Options
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
@@ -70,16 +73,14 @@ from kombu import serialization
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
+from .consumer import Batch, Keeper, Poller, QoS
 from .exceptions import DatabaseUnavailable
 from .storage import (
-    ANY_QUEUE,
     BROKER_PREFIX,
     Binding,
-    ClaimRef,
     EventStore,
     Listener,
     NewMessage,
-    Outcome,
     QueueInfo,
     parse_url,
     redact,
@@ -94,16 +95,14 @@ DEFAULT_CLAIM_BATCH = 100
 DEFAULT_ACK_FLUSH_INTERVAL = 0.1
 #: How long a process trusts what it read of other processes' routing state.
 ROUTING_CACHE_SECONDS = 1.0
-#: How often a consuming process sweeps expired transient queues and messages.
-SWEEP_INTERVAL = 10.0
 
 #: Serialisations of control broadcasts the transport reads (to make revokes
 #: durable); nothing that can run code when loaded.
 CONTROL_CONTENT_TYPES = ("application/json", "application/x-msgpack", "application/x-yaml")
 
 STORE_OPTIONS = (
-    "table_prefix", "schema", "auto_migrate", "notify", "max_message_size", "async_commit",
-    "engine_options",
+    "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "max_message_size",
+    "async_commit", "engine_options",
 )
 
 
@@ -134,32 +133,6 @@ def to_epoch(value: Any) -> float | None:
     raise ValueError(f"not a time: {value!r}")
 
 
-class QoS(virtual.QoS):
-    """Prefetch accounting; unacked claims are released in one batch at shutdown."""
-
-    channel: Channel
-
-    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
-        self.channel.flush_acks()
-        self._flush()
-        refs = []
-        messages = []
-        while self._delivered:
-            tag, message = self._delivered.popitem()
-            ref = self.channel.forget_claim(tag)
-            if ref is not None:
-                refs.append(ref)
-                messages.append(message)
-        self._delivered.clear()
-        if not refs:
-            return []
-        try:
-            self.channel.store.restore(refs)
-        except Exception as exc:  # reported by kombu; the leases bring them back anyway
-            return [(exc, m) for m in messages]
-        return []
-
-
 class Channel(virtual.Channel):
     QoS = QoS
     supports_fanout = True
@@ -187,23 +160,10 @@ class Channel(virtual.Channel):
                 f"priority_order must be 'redis' or 'amqp', not {self.priority_order!r}"
             )
         self.store: EventStore = connection.store
-        # delivery tag -> (claim, lease end); touched by the consuming thread and
-        # read by the lease keeper, hence the lock.
-        self._claims: dict[str, tuple[ClaimRef, float]] = {}
-        self._claims_lock = threading.Lock()
-        self._pending_acks: list[ClaimRef] = []
-        self._acks_since: float | None = None  # when the oldest pending ack came
-        self._acks_lock = threading.Lock()
         self._noack_queues: set[str] = set()
         self._declared: dict[str, QueueInfo] = {}
         self._routing_cache: dict[str, tuple[float, Any]] = {}
         self._last_touch = 0.0
-        #: True when the last claim filled the credit: there may be more waiting.
-        self.maybe_more = False
-        #: Messages a background claim in flight may still bring (its limit).
-        self.claiming = 0
-        #: A wake-up came while a background claim was in flight.
-        self.claim_again = False
 
     # -- queues and routing ----------------------------------------------------
 
@@ -415,9 +375,7 @@ class Channel(virtual.Channel):
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
         if message is not None and no_ack:
-            ref = self.forget_claim(message.delivery_tag)
-            if ref is not None:
-                self.store.ack([ref])
+            self.qos.ack_at_once(message.delivery_tag)
         return message
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
@@ -429,76 +387,41 @@ class Channel(virtual.Channel):
         if not self.deliver_ready(queues):
             raise Empty()
 
-    def credit(self) -> int:
-        estimate = self.qos.can_consume_max_estimate()
-        credit = self.claim_batch if estimate is None else min(estimate, self.claim_batch)
-        # A claim in flight (the event loop's background claimer) may fill it.
-        return credit - self.claiming
+    def consuming_queues(self) -> list[str]:
+        """The queues this channel's consumers read (none without consumers)."""
+        return list(self._active_queues) if self._consumers else []
 
-    def refill_at(self) -> int:
-        """With a backlog waiting, claim again once half the prefetch window is
-        free: fewer, larger transactions than one claim per finished task."""
-        return max(1, (self.qos.prefetch_count or 0) // 2)
-
-    def deliver_ready(self, queues: Sequence[str] | None = None) -> int:
-        """Claim what the prefetch credit allows and hand it to the consumers."""
-        if queues is None:
-            queues = self._active_queues
+    def deliver_ready(self, queues: Sequence[str]) -> int:
+        """Claim what the prefetch credit allows and hand it to the consumers, on
+        this thread (the blocking ``drain_events`` path; the event loop's is the
+        :class:`~.consumer.Poller`)."""
         if not queues or not self._consumers:
             return 0
-        limit = self.credit()
-        if limit <= 0:
-            self.maybe_more = True
+        limit = self.qos.reserve()
+        if not limit:
             return 0
-        fetcher = self.connection._fetcher
-        if fetcher is not None:
-            # Under the worker's event loop: claim in the background, deliver
-            # when the claimer reports back (Transport._on_claimed).
-            if fetcher.request(self, list(queues), limit):
-                self.claiming += limit
-            else:
-                # A claim is already under way and may have nominated before
-                # this wake-up's message committed: claim again after it.
-                self.claim_again = True
-            return 0
-        return self.deliver_claimed(self.claim(queues, limit), limit)
-
-    def deliver_claimed(self, batch: list[tuple[dict[str, Any], str]], limit: int) -> int:
-        self.maybe_more = len(batch) >= limit
-        for payload, queue in batch:
-            self.connection._deliver(payload, queue)
+        try:
+            batch = self.claim(queues, limit)
+        except BaseException:
+            self.qos.claim_failed()
+            raise
+        self.qos.claim_done(len(batch))
+        self.deliver(batch)
         return len(batch)
 
-    def claim(self, queues: Sequence[str], limit: int) -> list[tuple[dict[str, Any], str]]:
+    def deliver(self, batch: Batch) -> None:
+        for payload, queue in batch:
+            self.connection._deliver(payload, queue)
+
+    def claim(self, queues: Sequence[str], limit: int) -> Batch:
         """Write the pending acks and claim up to ``limit`` messages from ``queues``,
         in one transaction (transient queues take one more)."""
         durable = [q for q in queues if not self._queue_info(q).transient]
         transient = [q for q in queues if q not in durable]
-        out: list[tuple[dict[str, Any], str]] = []
-        if not durable:
-            self.flush_acks()
-        else:
-            acks = self._take_acks()
-            try:
-                outcomes, claimed = self.store.ack_and_claim(
-                    acks, durable, limit, self.connection.consumer_id, self.visibility_timeout,
-                    max_claims=self.max_claims,
-                )
-            except Exception:
-                self._return_acks(acks)
-                raise
-            _warn_stale(outcomes, "ack")
-            noack: list[ClaimRef] = []
-            for m in claimed:
-                payload = _for_delivery(m.message, m.claim, m.redelivered)
-                if m.queue in self._noack_queues:
-                    noack.append(m.ref)
-                else:
-                    with self._claims_lock:
-                        self._claims[m.claim] = (m.ref, m.lease_until)
-                out.append((payload, m.queue))
-            if noack:
-                self.store.ack(noack)
+        out = [
+            (_for_delivery(m.message, m.claim, m.redelivered), m.queue)
+            for m in self.qos.claim(durable, limit, noack=self._noack_queues)
+        ]
         if transient and len(out) < limit:
             self._touch(transient)
             for queue, payload in self.store.take_transient(transient, limit - len(out)):
@@ -513,87 +436,17 @@ class Channel(virtual.Channel):
             self._last_touch = now
             self.store.touch_queues(list(queues))
 
-    def forget_claim(self, tag: str) -> ClaimRef | None:
-        with self._claims_lock:
-            entry = self._claims.pop(tag, None)
-        return entry[0] if entry else None
-
-    # -- outcomes --------------------------------------------------------------
-
-    def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
-        ref = self.forget_claim(delivery_tag)
-        if ref is not None:
-            with self._acks_lock:
-                self._pending_acks.append(ref)
-                if self._acks_since is None:
-                    self._acks_since = time.monotonic()
-                full = len(self._pending_acks) >= self.claim_batch
-            if full:
-                self.flush_acks()
-        super().basic_ack(delivery_tag, multiple)
-
-    def _take_acks(self) -> list[ClaimRef]:
-        with self._acks_lock:
-            refs, self._pending_acks = self._pending_acks, []
-            self._acks_since = None
-        return refs
-
-    def _return_acks(self, refs: list[ClaimRef]) -> None:
-        with self._acks_lock:
-            self._pending_acks[:0] = refs
-            self._acks_since = self._acks_since or time.monotonic()
-
-    def flush_acks(self, *, older_than: float = 0.0) -> None:
-        """Write the acks collected so far in one transaction (only once the oldest
-        has waited ``older_than`` seconds)."""
-        since = self._acks_since
-        if since is None or time.monotonic() - since < older_than:
-            return
-        refs = self._take_acks()
-        if not refs:
-            return
-        try:
-            outcomes = self.store.ack(refs)
-        except Exception:
-            self._return_acks(refs)
-            raise
-        _warn_stale(outcomes, "ack")
-
-    def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        ref = self.forget_claim(delivery_tag)
-        if ref is not None:
-            self.flush_acks()
-            reason = "rejected and requeued" if requeue else "rejected by the consumer"
-            _warn_stale(self.store.reject([ref], requeue=requeue, reason=reason), "reject")
-        super().basic_reject(delivery_tag, requeue=False)
+    # -- outcomes (the bookkeeping is the QoS's) ---------------------------------
 
     def _restore(self, message: Any) -> None:
-        ref = self.forget_claim(message.delivery_tag)
-        if ref is not None:
-            self.store.restore([ref])
+        self.qos.restore([message.delivery_tag])
 
     _restore_at_beginning = _restore
 
-    def renew_leases(self) -> None:
-        """Extend the leases of held messages that are past half their lease."""
-        now = self.store.now()
-        with self._claims_lock:
-            due = [
-                (tag, ref) for tag, (ref, until) in self._claims.items()
-                if until - now < self.visibility_timeout / 2
-            ]
-        if not due:
-            return
-        outcomes = self.store.renew([ref for _, ref in due], self.visibility_timeout)
-        with self._claims_lock:
-            for tag, ref in due:
-                if outcomes.get(ref.delivery) is Outcome.DONE and tag in self._claims:
-                    self._claims[tag] = (ref, now + self.visibility_timeout)
-        _warn_stale(outcomes, "lease renewal")
-
     def close(self) -> None:
         try:
-            self.flush_acks()
+            if self._qos is not None:
+                self._qos.flush_acks()
         except Exception:
             logger.exception("could not write pending acks; their leases will bring them back")
         super().close()
@@ -626,9 +479,9 @@ class Transport(virtual.Transport):
         )
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._listener: Listener | None = None
-        self._keeper: _Keeper | None = None
-        self._fetcher: _Claimer | None = None
-        self._hub: Any = None
+        self._keeper: Keeper | None = None
+        #: Drives the consumers while registered with the worker's event loop.
+        self.poller: Poller | None = None
         self._atomic: Any = None
 
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
@@ -646,13 +499,9 @@ class Transport(virtual.Transport):
         if self._keeper is not None:
             self._keeper.stop()
             self._keeper = None
-        if self._hub is not None:
-            self._hub.on_tick.discard(self._on_tick)
-        if self._fetcher is not None:
-            if self._hub is not None:
-                self._hub.remove_reader(self._fetcher.fileno())
-            self._fetcher.stop()  # gives back what it claimed and did not deliver
-            self._fetcher = None
+        if self.poller is not None:
+            self.poller.close()  # gives back what it claimed and did not deliver
+            self.poller = None
         super().close_connection(connection)
         if self._listener is not None:
             self._listener.close()
@@ -673,16 +522,8 @@ class Transport(virtual.Transport):
     def on_consume(self) -> None:
         """The first consumer starts the lease keeper (renewals, ack flushes, sweeps)."""
         if self._keeper is None:
-            self._keeper = _Keeper(self)
+            self._keeper = Keeper(self)
             self._keeper.start()
-
-    def _deliver_all(self, woken: Iterable[str] = (ANY_QUEUE,)) -> None:
-        woken = set(woken)
-        for channel in list(self.channels):
-            if not channel._consumers:
-                continue
-            if ANY_QUEUE in woken or woken & set(channel._active_queues) or channel.maybe_more:
-                channel.deliver_ready()
 
     # -- blocking path (celery inspect, synloop, eventlet/gevent) ---------------
 
@@ -707,183 +548,9 @@ class Transport(virtual.Transport):
     # -- event loop (the worker's hub) --------------------------------------------
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        self._hub = loop
-        fd = self.listener.fileno()
-        if fd is not None:
-            loop.add_reader(fd, self._on_readable)
-        else:
-            loop.call_repeatedly(self.listener_poll_interval, self._on_readable)
-        # Claims run on a thread of their own: the loop keeps feeding the pool
-        # while the database answers, as it does with Redis' asynchronous BRPOP.
-        if self._fetcher is None:
-            self._fetcher = _Claimer(self)
-            self._fetcher.start()
-        loop.add_reader(self._fetcher.fileno(), self._on_claimed)
-        loop.on_tick.add(self._on_tick)
-        loop.call_repeatedly(self.polling_interval, self._deliver_all)
-        # Messages published before we listened sent their wake-up to no one.
-        loop.call_soon(self._deliver_all)
-
-    def _on_readable(self) -> None:
-        woken = self.listener.poll()
-        if woken:
-            self._deliver_all(woken)
-
-    def _on_tick(self) -> None:
-        for channel in list(self.channels):
-            if channel.maybe_more and channel.credit() >= channel.refill_at():
-                channel.deliver_ready()  # writes the pending acks in the same commit
-            elif self._fetcher is None:
-                channel.flush_acks(older_than=channel.ack_flush_interval)
-            # (With a background claimer the keeper thread flushes lone acks.)
-
-    def _on_claimed(self) -> None:
-        """The background claimer finished claims: deliver them on the loop."""
-        assert self._fetcher is not None
-        error: BaseException | None = None
-        for channel, outcome, limit in self._fetcher.take_done():
-            channel.claiming -= limit
-            if isinstance(outcome, BaseException):
-                error = outcome
-            elif channel in self.channels:
-                channel.deliver_claimed(outcome, limit)
-            else:
-                _Claimer.give_back(channel, outcome)
-        if error is not None:
-            raise error  # a connection error: the consumer reconnects
-        for channel in list(self.channels):
-            again, channel.claim_again = channel.claim_again, False
-            credit = channel.credit()
-            if again and credit <= 0:
-                channel.maybe_more = True  # claim once the pool frees some credit
-            elif (again and credit > 0) or (channel.maybe_more and credit >= channel.refill_at()):
-                channel.deliver_ready()
-
-
-class _Claimer(threading.Thread):
-    """Claims (with the pending acks) for the worker's event loop, off its thread.
-
-    One request per channel at a time.  Finished claims wait in ``done`` and a
-    byte on a pipe wakes the loop, which delivers them.  The claimed messages are
-    in the channel's claim table from the start, so their leases are renewed and
-    a clean shutdown gives back the ones never delivered.
-    """
-
-    def __init__(self, transport: Transport) -> None:
-        super().__init__(name="celery-eventstore-claimer", daemon=True)
-        self.transport = transport
-        self._cond = threading.Condition()
-        self._requests: dict[Channel, tuple[list[str], int]] = {}
-        self._busy: Channel | None = None
-        self._done: list[tuple[Channel, Any, int]] = []
-        self._stopped = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-
-    def fileno(self) -> int:
-        return self._wake_r
-
-    def request(self, channel: Channel, queues: list[str], limit: int) -> bool:
-        """Ask for a claim unless one for ``channel`` is queued or running."""
-        with self._cond:
-            if self._stopped or channel in self._requests or self._busy is channel:
-                return False
-            self._requests[channel] = (queues, limit)
-            self._cond.notify()
-            return True
-
-    def take_done(self) -> list[tuple[Channel, Any, int]]:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 4096):
-                pass
-        with self._cond:
-            done, self._done = self._done, []
-        return done
-
-    def run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._requests and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                channel, (queues, limit) = next(iter(self._requests.items()))
-                del self._requests[channel]
-                self._busy = channel
-            outcome: Any
-            try:
-                outcome = channel.claim(queues, limit)
-            except BaseException as exc:  # reported on the loop, which reconnects
-                outcome = exc
-            with self._cond:
-                self._busy = None
-                if not self._stopped:
-                    self._done.append((channel, outcome, limit))
-                    # Under the lock: stop() closes the pipe under it too.
-                    os.write(self._wake_w, b"\0")
-                    continue
-            self.give_back(channel, outcome)
-            return
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._requests.clear()
-            self._cond.notify()
-            done, self._done = self._done, []
-            os.close(self._wake_w)
-            os.close(self._wake_r)
-        for channel, outcome, _ in done:
-            self.give_back(channel, outcome)
-
-    @staticmethod
-    def give_back(channel: Channel, outcome: Any) -> None:
-        """Restore claims that were never delivered (the consumer is closing)."""
-        if isinstance(outcome, BaseException):
-            return
-        refs = [ref for ref in (
-            channel.forget_claim(payload["properties"]["delivery_tag"]) for payload, _ in outcome
-        ) if ref is not None]
-        if refs:
-            try:
-                channel.store.restore(refs)
-            except Exception as exc:  # their leases bring them back instead
-                logger.warning("could not give back %d undelivered claim(s): %s", len(refs), exc)
-
-
-class _Keeper(threading.Thread):
-    """Renews leases while tasks run -- even when a task blocks the event loop
-    (solo pool) -- flushes acks written from pool threads, and sweeps expired
-    transient queues."""
-
-    def __init__(self, transport: Transport) -> None:
-        super().__init__(name="celery-eventstore-keeper", daemon=True)
-        self.transport = transport
-        self._stopped = threading.Event()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def run(self) -> None:
-        last_renew = last_sweep = time.monotonic()
-        interval = min(
-            [c.ack_flush_interval for c in self.transport.channels] or [DEFAULT_ACK_FLUSH_INTERVAL]
-        )
-        while not self._stopped.wait(max(interval / 2, 0.01)):
-            now = time.monotonic()
-            try:
-                renew = now - last_renew >= 1.0
-                for channel in list(self.transport.channels):
-                    channel.flush_acks(older_than=channel.ack_flush_interval)
-                    if renew:
-                        channel.renew_leases()  # only those past half their lease
-                if renew:
-                    last_renew = now
-                if now - last_sweep >= SWEEP_INTERVAL:
-                    last_sweep = now
-                    self.transport.store.sweep()
-            except Exception as exc:  # the consumer sees the same fault and reconnects
-                logger.warning("event store keeper: %s", exc)
+        if self.poller is None:
+            self.poller = Poller(self)
+        self.poller.register(loop)
 
 
 def _for_delivery(message: Mapping[str, Any], tag: str, redelivered: bool) -> dict[str, Any]:
@@ -923,12 +590,3 @@ def _publish_metadata(message: Mapping[str, Any]) -> dict[str, Any]:
         "routing_key": info.get("routing_key"),
     }
     return {k: v for k, v in fields.items() if v not in (None, "")}
-
-
-def _warn_stale(outcomes: Mapping[str, Outcome], what: str) -> None:
-    stale = [d for d, o in outcomes.items() if o is Outcome.STALE]
-    if stale:
-        logger.warning(
-            "%s of %d message(s) came too late: the lease ran out and the message was "
-            "claimed again or settled (%s)", what, len(stale), ", ".join(stale[:5]),
-        )

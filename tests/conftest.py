@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pgserver import EmbeddedPostgres
+from pgserver import CRASH_SAFE_SETTINGS, EmbeddedPostgres
 
 POSTGRESQL_URL_ENV = "CELERY_EVENTSTORE_TEST_POSTGRESQL_URL"
 
@@ -120,3 +120,14 @@ def postgresql_db(postgresql_url: str) -> Iterator[tuple[str, dict[str, Any]]]:
         with engine.begin() as conn:
             conn.execute(sa.schema.DropSchema(schema, cascade=True))
         engine.dispose()
+
+
+@pytest.fixture
+def pg_server() -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL server for one test, which may stop, restart or break it.  It
+    keeps every commit it acknowledged across a crash (``synchronous_commit`` on)."""
+    server = EmbeddedPostgres.start(CRASH_SAFE_SETTINGS)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -16,7 +16,10 @@ An :class:`EventStore` is built from small objects, each owning one concern:
 
 The face keeps the operations adapters call in one place; each method hands the
 call to the capability that owns it.  Schema versions are checked here and
-applied by the migration runner.
+applied by the migration runner.  Names enter the store here, so they are checked
+here, before any SQL is sent (:mod:`.names`): a command refuses a name that cannot
+be stored with :class:`~celery_eventstore.exceptions.InvalidName`; a query answers
+that nothing has it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sqlalchemy as sa
 
 from .. import lifecycle as lc
 from ..exceptions import (
+    DatabaseError,
     InvalidURL,
     SchemaMissing,
     SchemaOutdated,
@@ -37,8 +41,9 @@ from ..exceptions import (
 )
 from .database import Database, parse_url, redact
 from .deliveries import DEFAULT_MAX_MESSAGE_SIZE, Deliveries
-from .log import Channels, EventLog
+from .log import Channels, EventLog, fold
 from .migrations import Migrator
+from .names import Names, check_namespace
 from .notifiers import POLL, Listener, default_notifier, notifier_for
 from .operations import Operations, Progress
 from .queries import Queries
@@ -64,6 +69,10 @@ class EventStore:
         ``eventstore+`` broker URL is accepted too.
     :param table_prefix: prefix of every table, so applications can share a database.
     :param schema: PostgreSQL schema holding the tables (default: the search path).
+        Both may hold ASCII letters, digits and underscores, not starting with a
+        digit; ``table_prefix`` at most 38 characters and both together at most 55,
+        so every derived name fits PostgreSQL's 63 bytes (else
+        :class:`~celery_eventstore.exceptions.ConfigurationError`).
     :param clock: a function returning epoch seconds; by default the database's
         clock on PostgreSQL (so leases mean the same on every host), the host's on
         SQLite.  Tests inject one to move time without sleeping.
@@ -96,6 +105,7 @@ class EventStore:
         async_commit: bool = True,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
+        check_namespace(table_prefix, schema)
         self.db = Database(
             parse_url(url),
             clock=clock,
@@ -109,6 +119,7 @@ class EventStore:
         self.schema = schema
         self.auto_migrate = auto_migrate
         self.tables: Tables = make_tables(table_prefix, schema)
+        self.names = Names(self.tables)
         self._migrator = Migrator(self.db.dialect, table_prefix, schema)
         self._schema_ready = False
         backend = self.db.dialect.name
@@ -229,9 +240,19 @@ class EventStore:
         if self._schema_ready:
             return
         # Look first (a read), migrate only when behind: an up-to-date schema then
-        # costs no write lock, which matters inside an application's transaction.
-        if self.auto_migrate and self.schema_version() < SCHEMA_VERSION:
-            self.migrate()
+        # costs no write lock, which matters inside an application's transaction,
+        # and needs no right beyond reading (an application role without DDL).
+        if self.auto_migrate and (version := self.schema_version()) < SCHEMA_VERSION:
+            try:
+                self.migrate()
+            except DatabaseError as exc:  # e.g. a role that may not create tables
+                behind = SchemaMissing if version == 0 else SchemaOutdated
+                raise behind(
+                    f"the event store's schema is at version {version}, this code needs "
+                    f"{SCHEMA_VERSION}, and auto_migrate could not migrate it ({exc}): run "
+                    "`celery-eventstore migrate --url URL` as a role that may change the "
+                    "schema (see 'Database roles' in the operations docs)"
+                ) from exc
         self.check_schema()
         self._schema_ready = True
 
@@ -239,10 +260,14 @@ class EventStore:
 
     def read_stream(self, stream: str) -> list[RecordedEvent]:
         """Every event of one stream, oldest first."""
+        if not self.names.stream.fits(stream):
+            return []
         return self.log.read_stream(stream)
 
     def load(self, stream: str) -> lc.JobState:
         """One stream folded into its current state."""
+        if not self.names.stream.fits(stream):
+            return fold(stream, ())
         return self.log.load(stream)
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
@@ -267,6 +292,7 @@ class EventStore:
         connection: sa.Connection | None = None,
     ) -> list[RecordedEvent]:
         """Append ``events`` to ``stream`` if it is at ``expected_version``."""
+        self.names.stream.check(stream)
         return self.log.append(
             stream, events, expected_version, metadata=metadata, connection=connection
         )
@@ -280,6 +306,7 @@ class EventStore:
         connection: sa.Connection | None = None,
     ) -> list[RecordedEvent]:
         """Decide ``command`` on the stream's current state and append the result."""
+        self.names.stream.check(stream)
         return self.log.execute(stream, command, metadata=metadata, connection=connection)
 
     # -- deliveries --------------------------------------------------------------
@@ -288,6 +315,11 @@ class EventStore:
         self, messages: Sequence[NewMessage], *, connection: sa.Connection | None = None
     ) -> list[str]:
         """Publish messages; returns their delivery ids (see :meth:`.Deliveries.publish`)."""
+        for msg in messages:
+            self.names.stream.check(msg.stream)
+            self.names.queue.check(msg.queue)
+            if msg.delivery is not None:
+                self.names.delivery.check(msg.delivery)
         return self.deliveries.publish(messages, connection=connection)
 
     def claim(
@@ -300,6 +332,8 @@ class EventStore:
         max_claims: int | None = None,
     ) -> list[ClaimedMessage]:
         """Claim up to ``limit`` due messages (see :meth:`.Deliveries.claim`)."""
+        self.names.queue.check(*queues)
+        self.names.consumer.check(consumer)
         return self.deliveries.claim(
             queues, limit, consumer, lease_seconds, max_claims=max_claims
         )
@@ -315,6 +349,8 @@ class EventStore:
         max_claims: int | None = None,
     ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
         """Ack, then claim, in one transaction."""
+        self.names.queue.check(*queues)
+        self.names.consumer.check(consumer)
         return self.deliveries.ack_and_claim(
             acks, queues, limit, consumer, lease_seconds, max_claims=max_claims
         )
@@ -343,29 +379,38 @@ class EventStore:
         return self.operations.maintenance_warnings()
 
     def queue_size(self, queue: str) -> int:
+        if not self.names.queue.fits(queue):
+            return 0
         return self.operations.queue_size(queue)
 
     def queue_stats(self) -> list[QueueStats]:
         return self.operations.queue_stats()
 
     def purge(self, queue: str, *, reason: str = "purged") -> int:
+        self.names.queue.check(queue)
         return self.operations.purge(queue, reason=reason)
 
     def dead_letters(self, queue: str | None = None, limit: int = 1000) -> list[DeadLetter]:
+        if queue is not None and not self.names.queue.fits(queue):
+            return []
         return self.operations.dead_letters(queue, limit)
 
     def retry_dead(self, delivery: str) -> str:
+        self.names.delivery.check(delivery)
         return self.operations.retry_dead(delivery)
 
     def purge_dead(self, queue: str | None = None) -> int:
+        if queue is not None:
+            self.names.queue.check(queue)
         return self.operations.purge_dead(queue)
 
     def revoke(self, stream: str, reason: str = "revoked") -> list[RecordedEvent]:
         """Durably revoke a task: its pending deliveries are discarded, future ones too."""
+        self.names.stream.check(stream)
         return self.log.execute(stream, lc.Revoke(reason))
 
     def results(self, streams: Iterable[str]) -> dict[str, tuple[str, Any, float | None]]:
-        return self.operations.results(streams)
+        return self.operations.results(self.names.stream.storable(streams))
 
     def prune(
         self, before: float, *, batch: int = 500, progress: Progress | None = None
@@ -393,41 +438,59 @@ class EventStore:
     # -- routing -------------------------------------------------------------------
 
     def declare_queue(self, info: QueueInfo, *, connection: sa.Connection | None = None) -> None:
+        self.names.queue.check(info.name)
         self.routing.declare_queue(info, connection=connection)
 
     def queue_info(self, names: Iterable[str]) -> dict[str, QueueInfo]:
-        return self.routing.queue_info(names)
+        return self.routing.queue_info(self.names.queue.storable(names))
 
     def queue_exists(self, name: str) -> bool:
-        return self.routing.queue_exists(name)
+        return self.names.queue.fits(name) and self.routing.queue_exists(name)
 
     def touch_queues(self, names: Sequence[str]) -> None:
-        self.routing.touch_queues(names)
+        self.routing.touch_queues(self.names.queue.storable(names))
 
     def bind(self, binding: Binding, *, connection: sa.Connection | None = None) -> None:
+        self._check_binding(binding.exchange, binding.queue, binding.routing_key)
+        if binding.pattern is not None:
+            self.names.pattern.check(binding.pattern)
+        self.names.exchange_type.check(binding.exchange_type)
         self.routing.bind(binding, connection=connection)
 
     def unbind(self, exchange: str, queue: str, routing_key: str) -> None:
+        self._check_binding(exchange, queue, routing_key)
         self.routing.unbind(exchange, queue, routing_key)
 
+    def _check_binding(self, exchange: str, queue: str, routing_key: str) -> None:
+        self.names.exchange.check(exchange)
+        self.names.queue.check(queue)
+        self.names.routing_key.check(routing_key)
+
     def bindings(self, exchange: str) -> list[Binding]:
+        if not self.names.exchange.fits(exchange):
+            return []
         return self.routing.bindings(exchange)
 
     def put_transient(
         self, messages: Sequence[tuple[str, Mapping[str, Any], int, float | None]]
     ) -> None:
+        self.names.queue.check(*(queue for queue, _, _, _ in messages))
         self.routing.put_transient(messages)
 
     def take_transient(self, queues: Sequence[str], limit: int) -> list[tuple[str, dict[str, Any]]]:
-        return self.routing.take_transient(queues, limit)
+        return self.routing.take_transient(self.names.queue.storable(queues), limit)
 
     def transient_size(self, queue: str) -> int:
+        if not self.names.queue.fits(queue):
+            return 0
         return self.routing.transient_size(queue)
 
     def purge_transient(self, queue: str) -> int:
+        self.names.queue.check(queue)
         return self.routing.purge_transient(queue)
 
     def forget_queue(self, queue: str) -> None:
+        self.names.queue.check(queue)
         self.routing.forget_queue(queue)
 
     def sweep(self) -> int:

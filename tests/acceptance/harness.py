@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -82,6 +83,40 @@ def wait_for(
             seen = show() if show is not None else value
             pytest.fail(f"timed out after {timeout}s waiting for {what} (saw: {seen!r})")
         time.sleep(interval)
+
+
+class Producer(threading.Thread):
+    """Publishes ``task`` with ``kwargs`` every ``interval`` s, with Celery's default
+    publish retry, and keeps what became of each publish: an application's view of
+    a broker fault."""
+
+    def __init__(
+        self, app: Any, task: str, kwargs: dict[str, Any] | None = None, interval: float = 0.05
+    ) -> None:
+        super().__init__(name="fault-producer", daemon=True)
+        self.task = app.tasks[task]
+        self.kwargs = kwargs or {}
+        self.interval = interval
+        #: Task ids whose publish returned.
+        self.published: list[str] = []
+        #: Task ids whose publish raised, with what it raised.
+        self.failed: list[tuple[str, BaseException]] = []
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            task_id = uuid.uuid4().hex
+            try:
+                self.task.apply_async(kwargs=self.kwargs, task_id=task_id)
+            except Exception as exc:  # what an application sees of the fault
+                self.failed.append((task_id, exc))
+            else:
+                self.published.append(task_id)
+            self._stopped.wait(self.interval)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stopped.set()
+        self.join(timeout)
 
 
 class Broker:

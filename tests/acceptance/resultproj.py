@@ -25,6 +25,9 @@ from proj import (
     wait_for_go,
 )
 
+#: Marker file shared by every run of ``resultproj.effect`` (the fault suite's ledger).
+EFFECTS = "effects"
+
 
 def make_app(
     broker_url: str, transport_options: dict[str, Any], *, current: bool = False
@@ -103,6 +106,21 @@ def make_app(
     def errback(task_id: str) -> None:
         """A ``link_error`` callback: records which task failed."""
         record("errback", failed=task_id)
+
+    @app.task(name="resultproj.effect", shared=False, bind=True, acks_late=True)
+    def effect(self: Any, sleep: float = 0) -> str:
+        """A task with a side effect the fault suite counts: a ``start`` line when it
+        begins and a ``done`` line when it ends, naming the task, the claim it runs
+        under (the delivery tag) and the pool process (``pid``)."""
+        run = {
+            "task": self.request.id,
+            "claim": (self.request.properties or {}).get("delivery_tag"),
+            "redelivered": bool((self.request.delivery_info or {}).get("redelivered")),
+        }
+        record(EFFECTS, event="start", **run)
+        time.sleep(sleep)
+        record(EFFECTS, event="done", **run)
+        return str(self.request.id)
 
     return app
 

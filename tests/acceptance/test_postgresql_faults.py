@@ -19,8 +19,8 @@ import kombu.exceptions
 import pytest
 import resultproj
 import sqlalchemy as sa
-from harness import Broker, Worker, open_broker, wait_for
-from pgserver import CRASH_SAFE_SETTINGS, EmbeddedPostgres
+from harness import Broker, Producer, Worker, open_broker, wait_for
+from pgserver import EmbeddedPostgres
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.exceptions import DatabaseUnavailable
@@ -37,47 +37,11 @@ TIMEOUT = 60.0
 
 
 @pytest.fixture
-def pg_server() -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres.start(CRASH_SAFE_SETTINGS)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def broker(
     request: pytest.FixtureRequest, tmp_path: Path, pg_server: EmbeddedPostgres
 ) -> Iterator[Broker]:
     # No reaper: the workers stop before their server goes.
     yield from open_broker(request, tmp_path, None, pg_server.url)
-
-
-class Producer(threading.Thread):
-    """Publishes ``task`` every PUBLISH_INTERVAL s, with Celery's default publish
-    retry, and keeps what became of each publish."""
-
-    def __init__(self, app: Any, task: str) -> None:
-        super().__init__(name="fault-producer", daemon=True)
-        self.task = app.tasks[task]
-        self.published: list[str] = []
-        self.failed: list[tuple[str, BaseException]] = []
-        self._stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self._stopped.is_set():
-            task_id = uuid.uuid4().hex
-            try:
-                self.task.apply_async(kwargs={"sleep": TASK_SECONDS}, task_id=task_id)
-            except Exception as exc:  # what an application sees of the outage
-                self.failed.append((task_id, exc))
-            else:
-                self.published.append(task_id)
-            self._stopped.wait(PUBLISH_INTERVAL)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.join(TIMEOUT)
 
 
 def _ran(broker: Broker, task_ids: list[str]) -> int:
@@ -112,7 +76,7 @@ def test_worker_and_producer_survive_a_fault(
     # with no trace in the history (docs/guarantees.rst).  Test the strict setting.
     broker.options["async_commit"] = fault == "restart-fast"
     worker = start_worker()
-    producer = Producer(broker.app, task)
+    producer = Producer(broker.app, task, {"sleep": TASK_SECONDS}, PUBLISH_INTERVAL)
     producer.start()
     try:
         wait_for(lambda: _ran(broker, producer.published) >= BEFORE, TIMEOUT,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import sqlalchemy as sa
 
 from celery_eventstore.storage import EventStore
 
@@ -91,3 +94,18 @@ def migrate_when_told(url: str, options: dict[str, Any], ready: Any, go: Any, ou
         raise
     finally:
         store.close()
+
+
+@contextmanager
+def executed_statements() -> Iterator[list[str]]:
+    """Every statement any engine sends to a database meanwhile."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", record)

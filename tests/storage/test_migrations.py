@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from storehelpers import migrate_when_told
+from storehelpers import executed_statements, migrate_when_told
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.cli import eventstore as cli
@@ -160,21 +159,6 @@ def read_back(
 
 def _reflect(conn: sa.Connection, name: str, schema: str | None) -> sa.Table:
     return sa.Table(name, sa.MetaData(schema=schema), autoload_with=conn)
-
-
-@contextmanager
-def executed_statements() -> Iterator[list[str]]:
-    """Every statement any engine sends to a database meanwhile."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    sa.event.listen(sa.Engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(sa.Engine, "before_cursor_execute", record)
 
 
 def run_cli(store: EventStore, *args: str) -> str:

@@ -24,6 +24,20 @@ _RETRYABLE = {
     "40P01",  # deadlock_detected
 }
 
+#: SQLSTATEs that mean "the server cannot serve us now": wait and reconnect.  The
+#: drivers raise some of them as errors that are not OperationalError (read-only
+#: is InternalError), which the generic rule would take for a refusal.
+_UNAVAILABLE = {
+    "25006",  # read_only_sql_transaction: a primary failing over, a standby,
+    #           default_transaction_read_only switched on for maintenance
+    "57P01",  # admin_shutdown
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now: starting up, shutting down, in recovery
+    "53300",  # too_many_connections
+}
+#: SQLSTATE class of every connection exception (08000, 08003, 08006, ...).
+_CONNECTION_EXCEPTION_CLASS = "08"
+
 
 _CLOCK = "SELECT extract(epoch FROM clock_timestamp())"
 #: Relaxed commits are lost only if the server itself crashes within
@@ -120,8 +134,19 @@ class PostgreSQLDialect(Dialect):
         return sa.select(sa.extract("epoch", sa.func.clock_timestamp()))
 
     def is_conflict(self, exc: sa.exc.DBAPIError) -> bool:
-        code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
-        return code in _RETRYABLE
+        return _sqlstate(exc) in _RETRYABLE
+
+    def is_unavailable(self, exc: sa.exc.DBAPIError) -> bool:
+        code = _sqlstate(exc)
+        if code in _UNAVAILABLE or (code or "").startswith(_CONNECTION_EXCEPTION_CLASS):
+            return True
+        return super().is_unavailable(exc)
+
+
+def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
+    """The server's SQLSTATE: ``pgcode`` on psycopg2, ``sqlstate`` on psycopg 3."""
+    code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+    return code if isinstance(code, str) else None
 
 
 def _has_input(dbapi_conn: Any) -> bool:
