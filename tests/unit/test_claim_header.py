@@ -20,8 +20,12 @@ def test_each_delivery_names_its_claim_in_a_header() -> None:
     assert again["headers"][backend.CLAIM_HEADER] == "claim-3"
 
 
-def test_a_message_without_headers_gets_them() -> None:
-    assert transport._for_delivery({}, "c", False)["headers"] == {backend.CLAIM_HEADER: "c"}
+def test_other_messages_keep_the_headers_they_were_published_with() -> None:
+    """A plain kombu message is not a task: nothing reads the claim there."""
+    assert transport._for_delivery({"headers": {"k1": "v1"}}, "c", False)["headers"] == {
+        "k1": "v1"
+    }
+    assert "headers" not in transport._for_delivery({}, "c", False)
 
 
 def test_the_backend_reads_the_claim_of_the_requests_own_task() -> None:
