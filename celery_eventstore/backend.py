@@ -7,6 +7,10 @@
 Every state is an event on the task's stream -- ``Started``, ``RetryScheduled``,
 ``Succeeded``, ``Failed``, ``Revoked`` -- next to the broker's own events, so a
 task's history holds both what happened to its messages and what it returned.
+With the event-store broker too, a worker's result names the claim its message
+came with (the ``eventstore_claim`` header): it is recorded with its delivery,
+or, from a claim another worker took over, as ``ResultFenced``, which changes
+nothing.
 Results are stored as Celery's configured result serializer encoded them; the
 store never decodes one.
 
@@ -51,6 +55,9 @@ from .exceptions import DatabaseUnavailable, TaskDeadLettered
 from .storage import EventStore, Listener
 from .stores import shared_store
 
+#: The message header in which the event-store transport names the claim a
+#: message was delivered under; Celery copies it onto the task's request.
+CLAIM_HEADER = "eventstore_claim"
 #: Longest a waiter sleeps between reads when no wake-up arrives (a safety net).
 WAIT_POLL_SECONDS = 1.0
 STORE_OPTIONS = (
@@ -105,20 +112,27 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
                                      request=request)
         meta["task_id"] = task_id
         encoded = self._wrap(self.encode(meta))
+        claim = _claim_of(request, task_id)
         command: lc.Command
         if state == states.SUCCESS:
-            command = lc.Succeed(result=encoded)
+            command = lc.Succeed(result=encoded, claim=claim)
         elif state == states.FAILURE:
-            command = lc.Fail(exc=_describe(result), traceback=traceback, result=encoded)
+            command = lc.Fail(
+                exc=_describe(result), traceback=traceback, result=encoded, claim=claim
+            )
         elif state == states.RETRY:
-            command = lc.ScheduleRetry(exc=_describe(result), result=encoded)
+            command = lc.ScheduleRetry(exc=_describe(result), result=encoded, claim=claim)
         elif state == states.REVOKED:
             command = lc.Revoke(reason=_describe(result) or "revoked", result=encoded)
         elif state == states.STARTED:
-            command = lc.Start(worker=getattr(request, "hostname", None), result=encoded)
+            command = lc.Start(
+                worker=getattr(request, "hostname", None), result=encoded, claim=claim
+            )
         else:  # a custom state from task.update_state()
-            command = lc.UpdateState(state=state, result=encoded)
-        self.store.execute(task_id, command)
+            command = lc.UpdateState(state=state, result=encoded, claim=claim)
+        recorded = self.store.execute(task_id, command)
+        # Celery counts a chord's header task right after storing its result.
+        self._local.fenced = task_id if _fenced(recorded) else None
         return result
 
     def _meta_of(self, task_id: str, row: tuple[str, Any, float | None] | None) -> Any:
@@ -297,6 +311,9 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         gid = request.group
         if not gid:
             return
+        if getattr(self._local, "fenced", None) == request.id:
+            # A run whose claim another worker took over: that worker's run counts.
+            return
         callback = maybe_signature(request.chord, app=app)
         try:
             deps = GroupResult.restore(gid, backend=self)
@@ -355,12 +372,27 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             )
 
 
+def _claim_of(request: Any, task_id: str) -> str | None:
+    """The claim the worker's message of ``task_id`` was delivered under: the
+    transport's header on the request, when the request is that task's own (a
+    failing chain also writes its other tasks' results with it).  None for a
+    result written from elsewhere (another broker, an eager call, ``mark_as_done``)."""
+    if request is None or getattr(request, "id", None) != task_id:
+        return None
+    claim = getattr(request, CLAIM_HEADER, None)
+    return claim if isinstance(claim, str) else None
+
+
 def _header_size(result: Any) -> int:
     """How many header tasks report to the chord: each task of a group nested in the
     header (a chain ending in a group) counts, as in Celery's ``set_chord_size``."""
     if isinstance(result, ResultSet):
         return sum(_header_size(child) for child in result.results)
     return 1
+
+
+def _fenced(recorded: Iterable[Any]) -> bool:
+    return any(isinstance(r.event, lc.ResultFenced) for r in recorded)
 
 
 def _completes(recorded: Iterable[Any]) -> bool:

@@ -31,7 +31,8 @@ class Entry:
     #: The attempt: 1 for the task's first message, 2 for the next one (a retry's,
     #: or one published again from the dead letters), ...  Results and states
     #: (``Started``, ``RetryScheduled``, ``Succeeded``...) carry the attempt whose
-    #: message was claimed last.
+    #: message the worker ran (the one claimed last, for results written before
+    #: results named their delivery, or from elsewhere).
     delivery: int | None = None
     worker: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
@@ -50,7 +51,8 @@ def history(store: EventStore, task_id: str) -> list[Entry]:
 def entries_of(recorded: Sequence[RecordedEvent]) -> list[Entry]:
     """One stream's events (oldest first) as :class:`Entry` values."""
     numbers: dict[str, int] = {}
-    consumers: dict[str, str] = {}
+    consumers: dict[str, str] = {}  # by delivery: its last claim's
+    claimers: dict[str, str] = {}  # by claim
     running: int | None = None  # the attempt a worker holds: the last one claimed
     out = []
     for rec in recorded:
@@ -59,25 +61,27 @@ def entries_of(recorded: Sequence[RecordedEvent]) -> list[Entry]:
         if isinstance(ev, lc.Published):
             numbers[ev.delivery] = len(numbers) + 1
         if isinstance(ev, lc.Claimed):
-            consumers[ev.delivery] = ev.consumer
+            consumers[ev.delivery] = claimers[ev.claim] = ev.consumer
             running = numbers.get(ev.delivery)
         number = numbers.get(delivery) if delivery else None
-        if isinstance(ev, _RUN_EVENTS):
+        if isinstance(ev, _RUN_EVENTS) and delivery is None:
             number = running
+        consumer = claimers.get(ev.claim) if isinstance(ev, lc.ResultFenced) else None
         out.append(
             Entry(
                 time=rec.recorded_at,
                 version=rec.version,
                 event=rec.type,
                 delivery=number,
-                worker=_worker(ev, consumers.get(delivery or "")),
+                worker=_worker(ev, consumer or consumers.get(delivery or "")),
                 detail=_detail(ev, rec.metadata or {}, rec.recorded_at),
             )
         )
     return out
 
 
-#: What a worker records while it runs an attempt (they name no delivery).
+#: What a worker records while it runs an attempt; one written before results named
+#: their delivery is shown with the attempt claimed last.
 _RUN_EVENTS = (lc.Started, lc.StateUpdated, lc.RetryScheduled, lc.Succeeded, lc.Failed)
 
 
@@ -123,7 +127,8 @@ def canvas(store: EventStore, stream: str) -> list[str]:
 def _worker(ev: lc.Event, consumer: str | None) -> str | None:
     if isinstance(ev, lc.Started):
         return ev.worker
-    if isinstance(ev, (lc.Claimed, lc.LeaseRenewed, lc.Acked, lc.Requeued, lc.LeaseExpired)):
+    if isinstance(ev, (lc.Claimed, lc.LeaseRenewed, lc.Acked, lc.Requeued, lc.LeaseExpired,
+                       lc.ResultFenced)):
         return consumer
     return None
 
@@ -141,8 +146,12 @@ def _detail(ev: lc.Event, metadata: Mapping[str, Any], at: float) -> dict[str, A
         return detail
     if isinstance(ev, (lc.Claimed, lc.LeaseRenewed)):
         return {"lease_until": _iso(ev.lease_until)}
-    if isinstance(ev, (lc.Requeued, lc.DeadLettered, lc.Discarded, lc.Revoked,
-                       lc.Quarantined, lc.Unreadable)):
+    if isinstance(ev, lc.LeaseExpired):  # which claim budget the loss spent
+        return {} if ev.started else {"started": False}
+    if isinstance(ev, lc.Requeued):
+        return {"reason": ev.reason, **({"lost": True} if ev.lost else {})}
+    if isinstance(ev, (lc.DeadLettered, lc.Discarded, lc.Revoked, lc.Quarantined,
+                       lc.Unreadable)):
         return {"reason": ev.reason}
     if isinstance(ev, lc.RetryScheduled):
         return {"exc": ev.exc, **({"countdown": ev.countdown} if ev.countdown else {})}
@@ -150,6 +159,8 @@ def _detail(ev: lc.Event, metadata: Mapping[str, Any], at: float) -> dict[str, A
         return {"exc": ev.exc}
     if isinstance(ev, lc.Succeeded) and ev.result is not None:
         return {"result": _result_summary(ev.result)}
+    if isinstance(ev, lc.ResultFenced):  # a claim taken over: not the outcome
+        return {"state": ev.state, "claim": ev.claim}
     return {}
 
 

@@ -554,8 +554,18 @@ class Transport(virtual.Transport):
 
 
 def _for_delivery(message: Mapping[str, Any], tag: str, redelivered: bool) -> dict[str, Any]:
-    """A copy of a stored message with this delivery's tag and redelivered flag."""
+    """A copy of a stored message with this delivery's tag and redelivered flag.
+
+    In a Celery task message the tag (the claim id) also goes in the
+    ``eventstore_claim`` header (:data:`celery_eventstore.backend.CLAIM_HEADER`):
+    Celery copies message headers onto the task's request, so the result backend
+    records each result with the claim it came from, and the store fences out a
+    claim taken over.  Other messages keep the headers they were published with.
+    """
     payload = dict(message)
+    headers = payload.get("headers") or {}
+    if "task" in headers:  # Celery's task protocol 2 names the task in a header
+        payload["headers"] = {**headers, "eventstore_claim": tag}
     props = dict(payload.get("properties") or {})
     info = dict(props.get("delivery_info") or {})
     info["redelivered"] = redelivered

@@ -100,6 +100,11 @@ class PurgeDeadLetter(Command):
 
 
 # -- the task's result (task streams) --------------------------------------------
+#
+# ``claim`` is the claim the worker's message was delivered under (the
+# transport's ``eventstore_claim`` header); None for a result written from
+# elsewhere.  It names the delivery the result came from, and fences out a
+# result from a claim that another claim took over.
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class UpdateState(Command):
 
     state: str
     result: JSON | None = None
+    claim: str | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,7 @@ class Start(Command):
 
     worker: str | None = None
     result: JSON | None = None
+    claim: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,7 @@ class ScheduleRetry(Command):
     exc: str
     countdown: float | None = None
     result: JSON | None = None
+    claim: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,7 @@ class Succeed(Command):
     """Record the task's return value."""
 
     result: JSON | None = None
+    claim: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,7 @@ class Fail(Command):
     exc: str
     traceback: str | None = None
     result: JSON | None = None
+    claim: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,20 @@
     ready    claimed    Claim               a consumer
     claimed  claimed    Renew               the claim's holder: its lease is extended
     claimed  acked      Ack                 the claim's holder
-    claimed  ready      Reject(requeue)     the claim's holder (after ``countdown``)
-    claimed  ready      Restore             the claim's holder, shutting down
+    claimed  ready      Reject(requeue)     the claim's holder (after ``countdown``): a
+                                            run lost, as a lease running out is
+    claimed  ready      Restore             the claim's holder, shutting down (a run
+                                            lost if the task had started)
     claimed  dead       Reject(no requeue)  the claim's holder
     claimed  ready      Claim               the next consumer, finding the lease run out
     ready    dead       Claim               the next consumer, finding ``max_claims``
-                                            leases lost
-    ready    discarded  Claim               the next consumer, finding it expired
+                                            runs lost, or ``3 * max_claims``
+                                            leases lost before a start
+    ready    discarded  Claim               the next consumer, finding it expired, or
+                                            claimed before and its task's outcome
+                                            recorded since
+    claimed  discarded  Reject(requeue),    the claim's holder, when its task's outcome
+                        Restore             is recorded since the claim
     ready    discarded  Revoke              whoever revokes the task (a revoke broadcast,
                                             the backend, the CLI)
     ready    discarded  Discard             a queue purge or deletion
@@ -22,8 +29,10 @@
 ``acked``, ``dead`` and ``discarded`` are final; an operator retrying a dead
 letter publishes it again as a new delivery (``Publish(retry_of=...)``).  Once
 the task is revoked, a delivery given back or found with its lease run out is
-discarded rather than made ready.  Renewals and outcomes are fenced to the
-current claim: a holder whose lease ran out and was claimed again is refused
+discarded rather than made ready; so is one whose task's final outcome was recorded
+since it was claimed (the worker died after recording it, before its ack).
+Renewals and outcomes are fenced to the current claim: a holder whose lease ran
+out and was claimed again is refused
 (:class:`~celery_eventstore.exceptions.StaleClaim`).
 """
 
@@ -58,9 +67,25 @@ class Delivery:
     claim: str | None = None
     consumer: str | None = None
     lease_until: float | None = None
-    claims: int = 0  # every Claimed
-    lost_claims: int = 0  # claims whose lease ran out without an outcome
+    #: The id of every claim it had, oldest first: the last one is the current
+    #: claim while it is claimed, and the one that settled it after.
+    claim_ids: tuple[str, ...] = ()
+    #: The stream version of its last ``Claimed`` (0: never claimed).
+    claimed_version: int = 0
+    #: Whether the current claim saw its task start (a result event followed it).
+    started: bool = False
+    #: Runs that ended without an outcome: a lease that ran out after the task
+    #: started, a requeue, a restore after the task started.  Spends ``max_claims``.
+    lost_claims: int = 0
+    #: Leases that ran out before the task started (prefetched beside a task that
+    #: killed the worker).  Spends a larger budget, so they are not the suspect.
+    lost_unstarted: int = 0
     reason: str | None = None  # why it was requeued, dead-lettered or discarded
+
+    @property
+    def claims(self) -> int:
+        """How many times it was claimed."""
+        return len(self.claim_ids)
 
     @property
     def redelivered(self) -> bool:

@@ -112,6 +112,10 @@ class Requeued(Event):
     claim: str
     reason: str
     not_before: float | None = None
+    #: The claim's run ended without an outcome (a reject with requeue, which
+    #: Celery sends when the pool process running the task died; a restore of a
+    #: task that had started): it counts towards ``max_claims`` like a lost lease.
+    lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,12 @@ class LeaseExpired(Event):
 
     delivery: str
     claim: str
+    #: Whether the claim had seen its task start (a result event followed it).  A
+    #: lease lost by a message that never started -- one prefetched beside a task
+    #: that killed the worker -- counts towards a larger budget than
+    #: ``max_claims``.  Rows written before this field existed read as started:
+    #: every lost lease counted towards ``max_claims`` then.
+    started: bool = True
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,9 @@ class Discarded(Event):
 
 
 # -- a task's result (task streams) -----------------------------------------------
+#
+# A result a worker wrote names the delivery it ran (``delivery``); one written
+# from elsewhere (another broker, an eager call, ``mark_as_done``) names none.
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,7 @@ class StateUpdated(Event):
 
     state: str
     result: JSON | None = None
+    delivery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,7 @@ class Started(Event):
 
     worker: str | None = None
     result: JSON | None = None
+    delivery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,7 @@ class RetryScheduled(Event):
     exc: str
     countdown: float | None = None
     result: JSON | None = None
+    delivery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +202,7 @@ class Succeeded(Event):
     """The task returned; ``result`` is the result as the backend encoded it."""
 
     result: JSON | None = None
+    delivery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +212,17 @@ class Failed(Event):
     exc: str
     traceback: str | None = None
     result: JSON | None = None
+    delivery: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultFenced(Event):
+    """A result (``state``) came from a claim of the delivery that another claim
+    took over after its lease ran out: kept for the history, it changes nothing."""
+
+    delivery: str
+    claim: str
+    state: str
 
 
 @dataclass(frozen=True)

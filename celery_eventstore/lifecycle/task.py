@@ -6,8 +6,9 @@ A task stream holds every delivery of one Celery task -- the first publish, each
 delivery between its states) -- and the task's result states (``STARTED``,
 ``RETRY``, ``SUCCESS``, ``FAILURE``, ``REVOKED``), which the worker running it
 records.  Once ``SUCCESS`` is recorded later result writes are ignored, as with
-Celery's own backends.  Below: one function per event it folds, then one per
-command it decides.
+Celery's own backends.  Since both live in one stream, a delivery whose task's
+final outcome was recorded since its claim is settled rather than run again.
+Below: one function per event it folds, then one per command it decides.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .events import (
     Published,
     Quarantined,
     Requeued,
+    ResultFenced,
     RetryScheduled,
     Revoked,
     Started,
@@ -59,6 +61,15 @@ from .events import (
 from .streams import JobState, ResultState, Rules, StreamKind, replace
 
 rules = Rules(StreamKind.TASK)
+
+#: A delivery is dead-lettered after ``max_claims`` lost runs, or after this many
+#: times ``max_claims`` leases lost before its task started: a message prefetched
+#: beside a task that kills its worker loses its lease with it, and must not pay
+#: for it; yet a task that kills its worker before anything is recorded stops too.
+UNSTARTED_CLAIMS_FACTOR = 3
+
+#: Why a delivery claimed before is settled once its task's final outcome is recorded.
+OUTCOME_RECORDED = "outcome recorded"
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,9 @@ class TaskState(JobState, rules=rules):
     forgotten: bool = False
     #: A state of the task's own making (``update_state``); None for Celery's states.
     custom_state: str | None = None
+    #: The stream version of the last final outcome recorded (``Succeeded`` or
+    #: ``Failed``; not the ``FAILURE`` a dead letter implies); 0 while none is.
+    outcome_version: int = 0
 
     def delivery(self, delivery_id: str) -> Delivery:
         try:
@@ -162,7 +176,9 @@ def _claimed(state: TaskState, event: Claimed) -> TaskState:
         claim=event.claim,
         consumer=event.consumer,
         lease_until=event.lease_until,
-        claims=delivery.claims + 1,
+        claim_ids=(*delivery.claim_ids, event.claim),
+        claimed_version=state.version + 1,
+        started=False,
     )
 
 
@@ -190,6 +206,8 @@ def _requeued(state: TaskState, event: Requeued) -> TaskState:
         lease_until=None,
         not_before=event.not_before if event.not_before is not None else delivery.not_before,
         reason=event.reason,
+        started=False,
+        lost_claims=delivery.lost_claims + event.lost,
     )
 
 
@@ -203,7 +221,9 @@ def _lease_expired(state: TaskState, event: LeaseExpired) -> TaskState:
         claim=None,
         consumer=None,
         lease_until=None,
-        lost_claims=delivery.lost_claims + 1,
+        started=False,
+        lost_claims=delivery.lost_claims + event.started,
+        lost_unstarted=delivery.lost_unstarted + (not event.started),
         reason="lease expired",
     )
 
@@ -272,36 +292,61 @@ def _forgotten(state: TaskState, event: Forgotten) -> TaskState:
     return replace(state, forgotten=True)
 
 
-def _result(state: TaskState, new: ResultState, result: JSON | None) -> TaskState:
+def _result(
+    state: TaskState, event: Event, new: ResultState, result: JSON | None, delivery: str | None
+) -> TaskState:
     if state.result_state is ResultState.SUCCESS:
         raise CorruptStream(f"{new.value} recorded after SUCCESS in {state.stream!r}")
+    state = _run_seen(state, event, delivery)
     return replace(state, result_state=new, result=result, forgotten=False, custom_state=None)
+
+
+def _run_seen(state: TaskState, event: Event, delivery_id: str | None) -> TaskState:
+    """A result event shows that the task started under the claim it follows: that
+    of the delivery it names; one that names none (written before results named
+    their delivery) stands for every claimed delivery of the stream."""
+    if delivery_id is not None:
+        seen = [_known(state, event, delivery_id)]
+    else:
+        seen = list(state.deliveries.values())
+    for d in seen:
+        if d.status is DeliveryStatus.CLAIMED and not d.started:
+            state = _with_delivery(state, d, started=True)
+    return state
 
 
 @rules.evolves(StateUpdated)
 def _state_updated(state: TaskState, event: StateUpdated) -> TaskState:
-    state = _result(state, ResultState.STARTED, event.result)
+    state = _result(state, event, ResultState.STARTED, event.result, event.delivery)
     return replace(state, custom_state=event.state)
 
 
 @rules.evolves(Started)
 def _started(state: TaskState, event: Started) -> TaskState:
-    return _result(state, ResultState.STARTED, event.result)
+    return _result(state, event, ResultState.STARTED, event.result, event.delivery)
 
 
 @rules.evolves(RetryScheduled)
 def _retry_scheduled(state: TaskState, event: RetryScheduled) -> TaskState:
-    return _result(state, ResultState.RETRY, event.result)
+    return _result(state, event, ResultState.RETRY, event.result, event.delivery)
 
 
 @rules.evolves(Succeeded)
 def _succeeded(state: TaskState, event: Succeeded) -> TaskState:
-    return _result(state, ResultState.SUCCESS, event.result)
+    state = _result(state, event, ResultState.SUCCESS, event.result, event.delivery)
+    return replace(state, outcome_version=state.version + 1)
 
 
 @rules.evolves(Failed)
 def _failed(state: TaskState, event: Failed) -> TaskState:
-    return _result(state, ResultState.FAILURE, event.result)
+    state = _result(state, event, ResultState.FAILURE, event.result, event.delivery)
+    return replace(state, outcome_version=state.version + 1)
+
+
+@rules.evolves(ResultFenced)
+def _result_fenced(state: TaskState, event: ResultFenced) -> TaskState:
+    _known(state, event, event.delivery)
+    return state  # history only
 
 
 # -- decide: one function per command -----------------------------------------------
@@ -338,32 +383,47 @@ def _claim(command: Claim, state: TaskState, now: float) -> list[Event]:
         if not delivery.lease_expired(now):
             raise NotClaimable(f"delivery {delivery.id!r} is claimed until its lease ends")
         assert delivery.claim is not None
-        events.append(LeaseExpired(delivery.id, delivery.claim))
-        lost = delivery.lost_claims + 1
+        expired = LeaseExpired(delivery.id, delivery.claim, started=delivery.started)
+        events.append(expired)
+        state = _lease_expired(state, expired)
+        delivery = state.deliveries[delivery.id]
     elif delivery.status.is_final:
         raise NotClaimable(f"delivery {delivery.id!r} is {delivery.status.value}")
-    else:
-        lost = delivery.lost_claims
     if not delivery.is_due(now):
         raise NotClaimable(f"delivery {delivery.id!r} is scheduled for later")
-    events.append(_claim_outcome(command, state, delivery, lost, now))
+    events.append(_claim_outcome(command, state, delivery, now))
     return events
 
 
-def _claim_outcome(
-    command: Claim, state: TaskState, delivery: Delivery, lost: int, now: float
-) -> Event:
-    """What a claim of a claimable delivery that lost ``lost`` leases comes to."""
+def _claim_outcome(command: Claim, state: TaskState, delivery: Delivery, now: float) -> Event:
+    """What a claim of a claimable (ready, due) delivery comes to."""
     if state.revoked:
         # Claimed before the revoke, then given back: it must not run now.
         return Discarded(delivery.id, "revoked")
-    if command.max_claims is not None and lost >= command.max_claims:
-        return DeadLettered(
-            delivery.id, f"claimed {lost} times without an outcome (lease expired each time)"
-        )
+    if _finished(state, delivery):
+        return Discarded(delivery.id, OUTCOME_RECORDED)
+    spent = _budget_spent(delivery, command.max_claims)
+    if spent is not None:
+        return DeadLettered(delivery.id, spent)
     if delivery.is_expired(now):
         return Discarded(delivery.id, "expired")
     return Claimed(delivery.id, command.claim, command.consumer, now + command.lease_seconds)
+
+
+def _budget_spent(delivery: Delivery, max_claims: int | None) -> str | None:
+    """Why ``delivery`` must not be claimed again, if its claim budget is spent."""
+    if max_claims is None:
+        return None
+    if delivery.lost_claims >= max_claims:
+        runs = _times(delivery.lost_claims, "run")
+        return f"{runs} ended without an outcome (lease expired or requeued)"
+    if delivery.lost_unstarted >= UNSTARTED_CLAIMS_FACTOR * max_claims:
+        return f"lost its lease {_times(delivery.lost_unstarted, 'time')} before it started"
+    return None
+
+
+def _times(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _current_claim(state: TaskState, delivery_id: str, claim: str) -> Delivery:
@@ -379,10 +439,21 @@ def _current_claim(state: TaskState, delivery_id: str, claim: str) -> Delivery:
     return delivery
 
 
-def _unless_revoked(state: TaskState, requeued: Requeued) -> list[Event]:
-    """A delivery given back after its task was revoked is discarded, not re-run."""
+def _finished(state: TaskState, delivery: Delivery) -> bool:
+    """Whether the task's final outcome was recorded since ``delivery`` was last
+    claimed: by that run (its worker died before the ack), or by another delivery
+    of the task running beside it.  Running it again would repeat a finished task.
+    A delivery never claimed (a fresh publish of the task id) is not finished."""
+    return delivery.claims > 0 and state.outcome_version > delivery.claimed_version
+
+
+def _unless_settled(state: TaskState, delivery: Delivery, requeued: Requeued) -> list[Event]:
+    """A delivery given back after its task was revoked, or with its task's outcome
+    recorded since its claim, is discarded, not re-run."""
     if state.revoked:
         return [requeued, Discarded(requeued.delivery, "revoked")]
+    if _finished(state, delivery):
+        return [requeued, Discarded(requeued.delivery, OUTCOME_RECORDED)]
     return [requeued]
 
 
@@ -400,19 +471,24 @@ def _ack(command: Ack, state: TaskState, now: float) -> list[Event]:
 
 @rules.decides(Reject)
 def _reject(command: Reject, state: TaskState, now: float) -> list[Event]:
-    _current_claim(state, command.delivery, command.claim)
+    delivery = _current_claim(state, command.delivery, command.claim)
     if command.requeue:
+        # Celery requeues a message whose task's pool process died
+        # (reject_on_worker_lost) or timed out: a run that ended without an
+        # outcome, which counts towards max_claims like a lost lease.
         not_before = now + command.countdown if command.countdown else None
-        return _unless_revoked(
-            state, Requeued(command.delivery, command.claim, command.reason, not_before)
-        )
+        requeued = Requeued(command.delivery, command.claim, command.reason, not_before, lost=True)
+        return _unless_settled(state, delivery, requeued)
     return [DeadLettered(command.delivery, command.reason)]
 
 
 @rules.decides(Restore)
 def _restore(command: Restore, state: TaskState, now: float) -> list[Event]:
-    _current_claim(state, command.delivery, command.claim)
-    return _unless_revoked(state, Requeued(command.delivery, command.claim, "restored"))
+    delivery = _current_claim(state, command.delivery, command.claim)
+    # Given back unstarted (prefetched), it cost nothing; a started task that is
+    # given back (a cold shutdown) is a run lost like any other.
+    restored = Requeued(command.delivery, command.claim, "restored", lost=delivery.started)
+    return _unless_settled(state, delivery, restored)
 
 
 @rules.decides(Discard)
@@ -448,33 +524,60 @@ def _forget(command: Forget, state: TaskState, now: float) -> list[Event]:
     return [] if state.forgotten else [Forgotten()]
 
 
-# Result states: once SUCCESS is recorded later writes are ignored, as in Celery.
+# Result states.  One written from elsewhere (no claim) is recorded unless SUCCESS
+# is, as in Celery.  One from a worker names the claim its message was delivered
+# under: fenced out if another claim of that delivery took over; else recorded,
+# naming the delivery, unless the task's final outcome is already recorded since
+# that claim (the first final outcome stands).
 
 
 @rules.decides(Start)
 def _start(command: Start, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, Started(command.worker, command.result))
+    started = Started(command.worker, command.result)
+    return _result_write(state, command.claim, ResultState.STARTED.value, started)
 
 
 @rules.decides(ScheduleRetry)
 def _schedule_retry(command: ScheduleRetry, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, RetryScheduled(command.exc, command.countdown, command.result))
+    retry = RetryScheduled(command.exc, command.countdown, command.result)
+    return _result_write(state, command.claim, ResultState.RETRY.value, retry)
 
 
 @rules.decides(Succeed)
 def _succeed(command: Succeed, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, Succeeded(command.result))
+    succeeded = Succeeded(command.result)
+    return _result_write(state, command.claim, ResultState.SUCCESS.value, succeeded)
 
 
 @rules.decides(Fail)
 def _fail(command: Fail, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, Failed(command.exc, command.traceback, command.result))
+    failed = Failed(command.exc, command.traceback, command.result)
+    return _result_write(state, command.claim, ResultState.FAILURE.value, failed)
 
 
 @rules.decides(UpdateState)
 def _update_state(command: UpdateState, state: TaskState, now: float) -> list[Event]:
-    return _unless_succeeded(state, StateUpdated(command.state, command.result))
+    updated = StateUpdated(command.state, command.result)
+    return _result_write(state, command.claim, command.state, updated)
 
 
-def _unless_succeeded(state: TaskState, event: Event) -> list[Event]:
-    return [] if state.result_state is ResultState.SUCCESS else [event]
+def _result_write(
+    state: TaskState, claim: str | None, result_state: str, event: Event
+) -> list[Event]:
+    """The events a result write comes to, by the claim it came from."""
+    delivery = _claimed_as(state, claim)
+    if delivery is None:  # written from elsewhere, or under a claim of another stream's
+        return [] if state.result_state is ResultState.SUCCESS else [event]
+    assert claim is not None
+    if delivery.claim_ids[-1] != claim:
+        return [ResultFenced(delivery.id, claim, result_state)]
+    if state.result_state is ResultState.SUCCESS or _finished(state, delivery):
+        return []
+    return [replace(event, delivery=delivery.id)]
+
+
+def _claimed_as(state: TaskState, claim: str | None) -> Delivery | None:
+    """The delivery that had claim ``claim``, if any of this stream's did."""
+    if claim is None:
+        return None
+    return next((d for d in state.deliveries.values() if claim in d.claim_ids), None)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
 BROKER_ENV = "ACCEPTANCE_BROKER_URL"
 OPTIONS_ENV = "ACCEPTANCE_TRANSPORT_OPTIONS"
@@ -28,6 +29,15 @@ def record(name: str, **fields: Any) -> None:
     line = json.dumps({"pid": os.getpid(), "time": time.time(), **fields})
     with open(os.path.join(os.environ[MARKERS_ENV], name), "a") as out:
         out.write(line + "\n")
+
+
+def runs(name: str) -> list[dict[str, Any]]:
+    """The lines of the marker file ``name`` (none if it does not exist)."""
+    path = os.path.join(os.environ[MARKERS_ENV], name)
+    if not os.path.exists(path):
+        return []
+    with open(path) as lines:
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 def seen(name: str) -> bool:
@@ -48,6 +58,16 @@ def wait_for_go(task_id: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the test never let the task finish")
         time.sleep(0.05)
+
+
+class DiesAfterItsResult(Task):  # type: ignore[misc]
+    """A task class whose first run kills its whole worker (the process group) once
+    the task has returned and its result is stored, before its ack is written."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        if not seen(f"killed-{task_id}"):
+            record(f"killed-{task_id}")
+            os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def base_app(
@@ -112,6 +132,24 @@ def make_app(
         if first:
             time.sleep(seconds)
         record(self.request.id, event="done")
+
+    @app.task(
+        name="proj.kill_pool_process", shared=False, bind=True, acks_late=True,
+        reject_on_worker_lost=True,
+    )
+    def kill_pool_process(self: Any) -> None:
+        """Kills the pool process running it; Celery then requeues its message
+        (``reject_on_worker_lost``).  Only meaningful on the prefork pool."""
+        record(self.request.id, event="ran")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @app.task(
+        name="proj.finish_then_die", shared=False, bind=True, acks_late=True,
+        base=DiesAfterItsResult,
+    )
+    def finish_then_die(self: Any) -> str:
+        record(self.request.id, event="ran")
+        return "done"
 
     @app.task(name="proj.ordered", shared=False, bind=True)
     def ordered(self: Any, n: int) -> None:

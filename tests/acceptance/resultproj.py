@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
 from celery import Celery
-from proj import BROKER_ENV, OPTIONS_ENV, base_app, record, wait_for_go
+from proj import (
+    BROKER_ENV,
+    OPTIONS_ENV,
+    DiesAfterItsResult,
+    base_app,
+    record,
+    runs,
+    wait_for_go,
+)
 
 #: Marker file shared by every run of ``resultproj.effect`` (the fault suite's ledger).
 EFFECTS = "effects"
@@ -52,6 +61,42 @@ def make_app(
         self.update_state(state="PROGRESS", meta={"step": 1, "of": 2})
         wait_for_go(self.request.id)
         return "done"
+
+    @app.task(name="resultproj.mark", shared=False, bind=True)
+    def mark(self: Any) -> str:
+        """Records that it ran (marker file named by its task id)."""
+        record(self.request.id, event="ran")
+        return "ran"
+
+    @app.task(name="resultproj.hold", shared=False, bind=True, acks_late=True)
+    def hold(self: Any, seconds: float) -> None:
+        """Records that it started, then sleeps ``seconds`` (acked after it ran)."""
+        record(self.request.id, event="started")
+        time.sleep(seconds)
+
+    @app.task(
+        name="resultproj.finish_then_die", shared=False, bind=True, acks_late=True,
+        base=DiesAfterItsResult,
+    )
+    def finish_then_die(self: Any) -> str:
+        record(self.request.id, event="ran")
+        return "done"
+
+    @app.task(name="resultproj.wait_turn", shared=False, bind=True, acks_late=True)
+    def wait_turn(self: Any) -> int:
+        """Run n (1, 2, ...) of a task id waits for the test's go file
+        ``go-<task id>-<n>``, then returns n."""
+        n = len(runs(self.request.id)) + 1
+        record(self.request.id, event="started", run=n)
+        wait_for_go(f"{self.request.id}-{n}")
+        return n
+
+    @app.task(name="resultproj.kill_worker", shared=False, bind=True, acks_late=True)
+    def kill_worker(self: Any) -> None:
+        """A poison task: kills the whole worker running it (its process group: the
+        main process and every pool process), as an out-of-memory killer would."""
+        record(self.request.id, event="ran")
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
     @app.task(name="resultproj.tsum", shared=False)
     def tsum(values: list[int]) -> int:

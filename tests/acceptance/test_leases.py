@@ -76,11 +76,17 @@ def test_running_task_keeps_its_lease(broker: Broker, start_worker: Any) -> None
     assert [r["event"] for r in broker.runs(task_id)] == ["started", "done"]
 
 
-def test_crash_loop_is_dead_lettered(broker: Broker, start_worker: Any) -> None:
+def test_crash_loop_is_dead_lettered(broker: Broker, start_worker: Any, result_app: Any) -> None:
+    """A task the store saw start (``task_track_started``) whose worker died is a
+    lost run: ``max_claims`` of those and it is dead-lettered."""
     broker.options.update(visibility_timeout=3, max_claims=1)
-    task_id, _ = _start_and_kill(broker, start_worker, 30)
+    first = start_worker(app="resultproj")
+    task_id = result_app.tasks["resultproj.hold"].apply_async(args=(30,)).id
+    broker.wait_for_runs(task_id, ["started"])
+    broker.wait_for_event(task_id, "Started")
+    first.kill()
 
-    second = start_worker()
+    second = start_worker(app="resultproj")
 
     wait_for(
         lambda: broker.types(task_id)[-1] == "DeadLettered",
@@ -90,11 +96,30 @@ def test_crash_loop_is_dead_lettered(broker: Broker, start_worker: Any) -> None:
     )
     events = broker.events(task_id)
     assert _outcomes([r.type for r in events]) == [
-        "Published", "Claimed", "LeaseExpired", "DeadLettered",
+        "Published", "Claimed", "Started", "LeaseExpired", "DeadLettered",
     ]  # fmt: skip
+    assert events[-2].event == lc.LeaseExpired(events[1].event.delivery, events[1].event.claim,
+                                               started=True)
     assert "lease" in events[-1].event.reason
     assert [r["event"] for r in broker.runs(task_id)] == ["started"]
     assert not second.received(task_id)
     stats = broker.stats()
     assert stats is not None
     assert (stats.dead, stats.claimed, stats.ready, stats.scheduled) == (1, 0, 0, 0)
+
+
+def test_a_lease_lost_before_any_start_is_not_a_lost_run(
+    broker: Broker, start_worker: Any
+) -> None:
+    """Without ``task_track_started`` the store cannot tell a task that was running
+    from one only prefetched: a lost lease then spends the larger budget (three
+    times ``max_claims``), and the task runs again."""
+    broker.options.update(visibility_timeout=3, max_claims=1)
+    task_id, _ = _start_and_kill(broker, start_worker, 30)
+
+    start_worker()
+
+    broker.wait_for_runs(task_id, ["started", "started", "done"], timeout=30)
+    broker.wait_for_event(task_id, "Acked")
+    expired = [r.event for r in broker.events(task_id) if isinstance(r.event, lc.LeaseExpired)]
+    assert [e.started for e in expired] == [False]

@@ -23,7 +23,8 @@ both:
   healthy worker, a claim forgotten without a crash.  Must be 0.
 * **re-runs after a recorded result**: explained re-runs whose task already had
   ``Succeeded`` in its stream when the re-run's claim was taken: the fault fell
-  between the result and the ack (issue 10, item 7: to be settled, not run again).
+  between the result and the ack.  Since issue 10, item 7 such a message is settled
+  (``Discarded``, reason ``outcome recorded``), which is not a loss.
 """
 
 from __future__ import annotations
@@ -216,9 +217,7 @@ def tally(
     counts.tasks = len(expected)
     for task in expected:
         stream, task_runs = streams.get(task, []), runs.get(task, [])
-        if not any(r.done for r in task_runs) or any(
-            isinstance(r.event, (lc.DeadLettered, lc.Discarded)) for r in stream
-        ):
+        if not any(r.done for r in task_runs) or any(_dropped(r.event) for r in stream):
             counts.lost.append(task)
         claims = _claims(stream)
         succeeded = [r.recorded_at for r in stream if isinstance(r.event, lc.Succeeded)]
@@ -240,6 +239,15 @@ def tally(
             if succeeded and again is not None and succeeded[0] < again.claimed_at:
                 counts.after_result += 1
     return counts
+
+
+def _dropped(event: lc.Event) -> bool:
+    """A message that will not run: dead-lettered, or discarded -- unless it was
+    settled because its task's outcome was recorded (the worker died after the
+    result, before the ack: issue 10, item 7)."""
+    if isinstance(event, lc.Discarded):
+        return event.reason != "outcome recorded"
+    return isinstance(event, lc.DeadLettered)
 
 
 def _claims(stream: Sequence[RecordedEvent]) -> dict[str, Claim]:

@@ -81,6 +81,16 @@ def test_a_rerun_after_a_recorded_result_is_counted_apart():
     assert (counts.explained, counts.after_result) == (1, 1)
 
 
+def test_a_message_settled_after_its_result_is_not_lost():
+    """The worker died between the result and the ack: the message is settled."""
+    log = _log("t", (10, _claimed("c1", KILLED, 14)), (11, lc.Succeeded()),
+               (18, lc.LeaseExpired("d", "c1")), (18, lc.Discarded("d", "outcome recorded")))
+    counts = _count(_runs("t", ("c1", 10.5)), log, Faults(kills={KILLED: 12}))
+    assert (counts.lost, counts.explained, counts.after_result) == ([], 0, 0)
+    purged = _log("t", (1, lc.Discarded("d", "purged")))
+    assert _count(_runs("t", ("c1", 10.5)), purged, Faults()).lost == ["t"]
+
+
 def test_lost_tasks_and_refused_publishes():
     never_finished = [Run("a", "c1", 1, 1.0)]
     dead = _log("b", (1, lc.DeadLettered("d", "lease ran out")))

@@ -230,15 +230,59 @@ class StoreContract:
         store.publish([msg("crashy")])
         for _ in range(3):
             assert len(store.claim(["q"], 1, "w", 10, max_claims=3)) == 1
+            store.execute("crashy", lc.Start("w"))  # it ran (task_track_started)
             clock.advance(10)
         assert store.claim(["q"], 1, "w", 10, max_claims=3) == []
         last = store.read_stream("crashy")[-1].event
-        assert isinstance(last, lc.DeadLettered) and "3 times" in last.reason
+        assert isinstance(last, lc.DeadLettered) and "3 runs" in last.reason
         assert store.results(["crashy"])["crashy"][:2] == ("FAILURE", None)
         (stats,) = store.queue_stats()
         assert (stats.queue, stats.dead, stats.ready, stats.claimed) == ("q", 1, 0, 0)
         dead = store.projection_rows()[store.tables.dead_letters.name]
         assert len(dead) == 1
+
+    def test_leases_lost_before_a_start_spend_a_larger_budget(self, store, clock):
+        """Messages prefetched beside a task that killed the worker never started."""
+        store.publish([msg("innocent")])
+        for _ in range(3 * 2):
+            assert len(store.claim(["q"], 1, "w", 10, max_claims=2)) == 1
+            clock.advance(10)
+        assert store.claim(["q"], 1, "w", 10, max_claims=2) == []
+        last = store.read_stream("innocent")[-1].event
+        assert last == lc.DeadLettered(last.delivery, "lost its lease 6 times before it started")
+
+    def test_a_finished_task_is_settled_when_its_lease_runs_out(self, store, clock):
+        """The worker recorded the result, then died before its ack was written."""
+        store.publish([msg("done")])
+        (m,) = store.claim(["q"], 1, "w", 10)
+        store.execute("done", lc.Succeed({"body": "1", "encoding": "utf-8"}))
+        clock.advance(10)
+        assert store.claim(["q"], 1, "w", 10) == []
+        assert [r.event for r in store.read_stream("done")][-2:] == [
+            lc.LeaseExpired(m.delivery, m.claim, started=True),
+            lc.Discarded(m.delivery, "outcome recorded"),
+        ]
+        assert store.results(["done"])["done"][0] == "SUCCESS"
+        assert store.queue_size("q") == 0
+        live = store.projection_rows()
+        store.rebuild()
+        assert store.projection_rows() == live
+
+    def test_a_result_from_a_claim_taken_over_is_fenced_out(self, store, clock):
+        store.publish([msg("t")])
+        (old,) = store.claim(["q"], 1, "w1", 10)
+        clock.advance(10)
+        (new,) = store.claim(["q"], 1, "w2", 10)  # the lease ran out: taken over
+        store.execute("t", lc.Start("w2", claim=new.claim))
+        fenced = store.execute("t", lc.Succeed({"body": "old"}, claim=old.claim))
+        assert [r.event for r in fenced] == [lc.ResultFenced(old.delivery, old.claim, "SUCCESS")]
+        assert store.results(["t"])["t"][0] == "STARTED"
+        (ok,) = store.execute("t", lc.Succeed({"body": "new"}, claim=new.claim))
+        assert ok.event == lc.Succeeded({"body": "new"}, delivery=new.delivery)
+        assert store.results(["t"])["t"][:2] == ("SUCCESS", {"body": "new"})
+        live = store.projection_rows()
+        store.rebuild()
+        assert store.projection_rows() == live
 
     def test_dead_letters_are_listed_retried_and_purged(self, store, clock):
         store.publish([msg("a", metadata={"task": "proj.a"}, expires=clock.now + 3600),
@@ -271,7 +315,21 @@ class StoreContract:
         assert sorted(m.stream for m in again) == ["a", "b"]
         assert all(m.redelivered for m in again)
         assert store.load("b").deliveries[b.delivery].lost_claims == 0
+        assert store.load("a").deliveries[a.delivery].lost_claims == 1
         assert store.read_stream("c")[-1].event == lc.DeadLettered(c.delivery, "bad payload")
+
+    def test_requeues_count_towards_max_claims(self, store):
+        """A requeue is a run that ended without an outcome (Celery requeues when the
+        pool process died): a task that keeps doing that is dead-lettered."""
+        store.publish([msg("a")])
+        for _ in range(2):
+            [m] = store.claim(["q"], 1, "w", 30, max_claims=2)
+            store.reject([m.ref], requeue=True, reason="rejected and requeued")
+        assert store.claim(["q"], 1, "w", 30, max_claims=2) == []
+        assert [(d.stream, d.reason) for d in store.dead_letters()] == [
+            ("a", "2 runs ended without an outcome (lease expired or requeued)")
+        ]
+        assert store.queue_size("q") == 0
 
     # -- atomic publish on the caller's transaction --------------------------------
 

@@ -42,6 +42,7 @@ from celery_eventstore.lifecycle import (
     Renew,
     Requeued,
     Restore,
+    ResultFenced,
     ResultState,
     RetryScheduled,
     Revoke,
@@ -59,6 +60,7 @@ from celery_eventstore.lifecycle import (
     evolve,
     fold,
 )
+from celery_eventstore.lifecycle.task import UNSTARTED_CLAIMS_FACTOR
 
 STREAM = "task-1"
 NOW = 1000.0
@@ -244,7 +246,7 @@ def test_an_expired_delivery_is_not_claimable_again() -> None:
 def test_lease_expiry_of_an_expired_delivery_discards_it() -> None:
     job = claimed(published(Job(), expires=NOW + 10))
     events = job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE)
-    assert events == [LeaseExpired("d1", "c1"), Discarded("d1", "expired")]
+    assert events == [LeaseExpired("d1", "c1", started=False), Discarded("d1", "expired")]
     assert job.delivery().status is DeliveryStatus.DISCARDED
 
 
@@ -298,7 +300,7 @@ def test_renewal_extends_the_lease() -> None:
     job.refused(Claim("d1", "c2", "w2", LEASE), NotClaimable, now=NOW + LEASE + 1)
     job.refused(Claim("d1", "c2", "w2", LEASE), NotClaimable, now=NOW + 79.999)
     events = job.do(Claim("d1", "c2", "w2", LEASE), NOW + 80.0)
-    assert events[0] == LeaseExpired("d1", "c1")
+    assert events[0] == LeaseExpired("d1", "c1", started=False)
 
 
 def test_renewal_can_be_repeated() -> None:
@@ -405,11 +407,13 @@ def test_lease_expiry_then_reclaim_yields_lease_expired_and_claimed() -> None:
     job = claimed(published(Job()), claim="c1", consumer="w1")
     later = NOW + LEASE + 5
     events = job.do(Claim("d1", "c2", "w2", LEASE, max_claims=3), later)
-    assert events == [LeaseExpired("d1", "c1"), Claimed("d1", "c2", "w2", later + LEASE)]
+    assert events == [
+        LeaseExpired("d1", "c1", started=False), Claimed("d1", "c2", "w2", later + LEASE)
+    ]
     d = job.delivery()
     assert d.status is DeliveryStatus.CLAIMED
     assert (d.claim, d.consumer, d.lease_until) == ("c2", "w2", later + LEASE)
-    assert (d.claims, d.lost_claims) == (2, 1)
+    assert (d.claims, d.lost_claims, d.lost_unstarted) == (2, 0, 1)
     assert d.redelivered  # the claim before this one was lost
 
 
@@ -443,9 +447,13 @@ def test_a_given_back_delivery_is_redelivered(give_back: Any) -> None:
     assert job.delivery().redelivered
 
 
-def _lose_lease(job: Job, claim: str, now: float) -> list[Event]:
-    """Claim at ``now`` (with max_claims=3) after the previous lease ran out."""
-    return job.do(Claim("d1", claim, "w", LEASE, max_claims=3), now)
+def _lose_lease(job: Job, claim: str, now: float, *, start: bool = True) -> list[Event]:
+    """Claim at ``now`` (with max_claims=3) after the previous lease ran out; the
+    task then records its start, unless ``start`` is False."""
+    events = job.do(Claim("d1", claim, "w", LEASE, max_claims=3), now)
+    if start and isinstance(events[-1], Claimed):
+        job.do(Start("w"), now)
+    return events
 
 
 def test_dead_letter_after_max_claims_lost_leases() -> None:
@@ -461,13 +469,13 @@ def test_dead_letter_after_max_claims_lost_leases() -> None:
     events = _lose_lease(job, "c4", t)
     assert events == [
         LeaseExpired("d1", "c3"),
-        DeadLettered("d1", "claimed 3 times without an outcome (lease expired each time)"),
+        DeadLettered("d1", "3 runs ended without an outcome (lease expired or requeued)"),
     ]
     d = job.delivery()
     assert d.status is DeliveryStatus.DEAD
-    assert d.reason == "claimed 3 times without an outcome (lease expired each time)"
+    assert d.reason == "3 runs ended without an outcome (lease expired or requeued)"
     assert "lease expired" in d.reason
-    assert (d.claims, d.lost_claims) == (3, 3)
+    assert (d.claims, d.lost_claims, d.lost_unstarted) == (3, 3, 0)
     assert d.lease_until is None
     job.refused(Claim("d1", "c5", "w", LEASE, max_claims=3), NotClaimable, now=t + LEASE)
 
@@ -478,6 +486,7 @@ def test_no_max_claims_means_no_dead_letter() -> None:
     for n in range(10):
         events = job.do(Claim("d1", f"c{n}", "w", LEASE), t)
         assert isinstance(events[-1], Claimed)
+        job.do(Start("w"), t)
         t += LEASE
     assert job.delivery().lost_claims == 9
 
@@ -485,29 +494,137 @@ def test_no_max_claims_means_no_dead_letter() -> None:
 def test_max_claims_one_dead_letters_on_the_first_lost_lease() -> None:
     job = published(Job())
     job.do(Claim("d1", "c1", "w", LEASE, max_claims=1))
+    job.do(Start("w"))
     events = job.do(Claim("d1", "c2", "w", LEASE, max_claims=1), NOW + LEASE)
     assert [type(e) for e in events] == [LeaseExpired, DeadLettered]
 
 
+def test_a_lease_lost_before_a_start_spends_a_larger_budget() -> None:
+    """A message prefetched beside a task that kills its worker loses its lease
+    with it, without ever starting: it is not the suspect."""
+    job = published(Job())
+    t = NOW
+    assert [type(e) for e in _lose_lease(job, "c0", t, start=False)] == [Claimed]
+    for n in range(1, 9):  # 3 * max_claims - 1 leases lost before a start: still claimed
+        t += LEASE
+        events = _lose_lease(job, f"c{n}", t, start=False)
+        assert events == [
+            LeaseExpired("d1", f"c{n - 1}", started=False), Claimed("d1", f"c{n}", "w", t + LEASE)
+        ]
+    assert (job.delivery().lost_claims, job.delivery().lost_unstarted) == (0, 8)
+    t += LEASE
+    events = _lose_lease(job, "c9", t, start=False)
+    assert events == [
+        LeaseExpired("d1", "c8", started=False),
+        DeadLettered("d1", "lost its lease 9 times before it started"),
+    ]
+    assert UNSTARTED_CLAIMS_FACTOR == 3
+
+
+def test_the_budgets_are_counted_apart() -> None:
+    job = published(Job())
+    t = NOW
+    for n, start in enumerate([True, False, True, False, False]):
+        events = _lose_lease(job, f"c{n}", t, start=start)
+        assert isinstance(events[-1], Claimed), events
+        t += LEASE
+    d = job.delivery()
+    assert (d.lost_claims, d.lost_unstarted) == (2, 2)  # the fifth claim still holds
+    assert [type(e) for e in _lose_lease(job, "c5", t, start=True)] == [LeaseExpired, Claimed]
+    t += LEASE
+    assert _lose_lease(job, "c6", t)[-1] == DeadLettered(
+        "d1", "3 runs ended without an outcome (lease expired or requeued)"
+    )
+
+
+def test_started_belongs_to_the_claim_that_saw_it() -> None:
+    job = claimed(published(Job()))
+    job.do(Start("w1"))
+    assert job.delivery().started
+    events = job.do(Claim("d1", "c2", "w2", LEASE, max_claims=3), NOW + LEASE)
+    assert events[0] == LeaseExpired("d1", "c1", started=True)
+    assert not job.delivery().started  # c2 has not started (yet)
+    events = job.do(Claim("d1", "c3", "w3", LEASE, max_claims=3), NOW + 2 * LEASE)
+    assert events[0] == LeaseExpired("d1", "c2", started=False)
+    assert (job.delivery().lost_claims, job.delivery().lost_unstarted) == (1, 1)
+
+
 @pytest.mark.parametrize(
-    "give_back",
+    "command",
     [
-        pytest.param(lambda c: Restore("d1", c), id="restore"),
-        pytest.param(lambda c: Reject("d1", c, requeue=True), id="reject-requeue"),
+        Start("w1"),
+        UpdateState("PROGRESS"),
+        ScheduleRetry("Retry"),
+        Fail("boom"),
     ],
+    ids=["start", "custom-state", "retry", "fail"],
 )
-def test_restore_and_requeue_do_not_count_as_lost_claims(give_back: Any) -> None:
+def test_any_result_state_shows_the_claim_started(command: Any) -> None:
+    job = claimed(published(Job()))
+    job.do(command)
+    assert job.delivery().started
+
+
+def test_a_start_after_the_ack_changes_no_delivery() -> None:
+    """By default Celery acks before the task runs: the start comes after."""
+    job = claimed(published(Job()))
+    job.do(Ack("d1", "c1"))
+    acked = job.delivery()
+    job.do(Start("w1"))
+    assert job.delivery() == acked
+
+
+def test_restore_does_not_count_as_a_lost_claim() -> None:
     job = published(Job())
     for n in range(10):  # far more than max_claims
         events = job.do(Claim("d1", f"c{n}", "w", LEASE, max_claims=3), NOW + n)
         assert [type(e) for e in events] == [Claimed]
-        events = job.do(give_back(f"c{n}"), NOW + n)
-        assert [type(e) for e in events] == [Requeued]
+        events = job.do(Restore("d1", f"c{n}"), NOW + n)
+        assert events == [Requeued("d1", f"c{n}", "restored")]
         d = job.delivery()
         assert d.status is DeliveryStatus.READY
         assert (d.claim, d.consumer, d.lease_until) == (None, None, None)
         assert d.lost_claims == 0
         assert d.claims == n + 1
+
+
+def test_a_requeue_counts_as_a_lost_run_and_dead_letters_after_max_claims() -> None:
+    """Celery rejects with requeue when the pool process running the task died
+    (``task_reject_on_worker_lost``): a poison task must not loop forever."""
+    job = published(Job())
+    for n in range(3):
+        assert [type(e) for e in job.do(Claim("d1", f"c{n}", "w", LEASE, max_claims=3))] == [
+            Claimed
+        ]
+        events = job.do(Reject("d1", f"c{n}", requeue=True, reason="rejected and requeued"))
+        assert events == [Requeued("d1", f"c{n}", "rejected and requeued", lost=True)]
+        assert job.delivery().lost_claims == n + 1
+        assert job.delivery().status is DeliveryStatus.READY
+    events = job.do(Claim("d1", "c3", "w", LEASE, max_claims=3))
+    assert events == [
+        DeadLettered("d1", "3 runs ended without an outcome (lease expired or requeued)")
+    ]
+    assert job.delivery().status is DeliveryStatus.DEAD
+
+
+def test_lost_leases_and_requeues_share_the_budget() -> None:
+    job = published(Job())
+    job.do(Claim("d1", "c1", "w", LEASE, max_claims=2))
+    job.do(Reject("d1", "c1", requeue=True))
+    job.do(Claim("d1", "c2", "w", LEASE, max_claims=2))
+    job.do(Start("w"))
+    events = job.do(Claim("d1", "c3", "w", LEASE, max_claims=2), NOW + LEASE)
+    assert [type(e) for e in events] == [LeaseExpired, DeadLettered]
+    assert job.delivery().lost_claims == 2
+
+
+def test_restore_of_a_started_task_is_a_lost_run() -> None:
+    """A cold shutdown gives back the task it interrupted: a run without an outcome."""
+    job = claimed(published(Job()))
+    job.do(Start("w1"))
+    assert job.do(Restore("d1", "c1")) == [Requeued("d1", "c1", "restored", lost=True)]
+    assert job.delivery().lost_claims == 1
+    assert not job.delivery().started
 
 
 def test_restore_requeues_with_reason_restored() -> None:
@@ -522,11 +639,11 @@ def test_restore_requeues_with_reason_restored() -> None:
 def test_reject_with_requeue_makes_the_delivery_ready_again() -> None:
     job = claimed(published(Job()))
     events = job.do(Reject("d1", "c1", requeue=True))
-    assert events == [Requeued("d1", "c1", "rejected", None)]
+    assert events == [Requeued("d1", "c1", "rejected", None, lost=True)]
     d = job.delivery()
     assert d.status is DeliveryStatus.READY
     assert d.reason == "rejected"
-    assert d.lost_claims == 0
+    assert d.lost_claims == 1
     assert [type(e) for e in job.do(Claim("d1", "c2", "w2", LEASE), NOW)] == [Claimed]
 
 
@@ -550,7 +667,7 @@ def test_reject_default_reason_is_rejected() -> None:
 def test_reject_with_countdown_schedules_the_requeue() -> None:
     job = claimed(published(Job()))
     events = job.do(Reject("d1", "c1", requeue=True, countdown=15.0), NOW + 2)
-    assert events == [Requeued("d1", "c1", "rejected", NOW + 17.0)]
+    assert events == [Requeued("d1", "c1", "rejected", NOW + 17.0, lost=True)]
     d = job.delivery()
     assert d.not_before == NOW + 17.0
     assert not d.is_due(NOW + 16.9)
@@ -638,7 +755,7 @@ def test_revoked_started_task_whose_run_is_lost_reports_revoked() -> None:
     job.do(Revoke())
     # The worker died: the next claim finds the lease run out and a revoked task.
     events = job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE + 1)
-    assert events == [LeaseExpired("d1", "c1"), Discarded("d1", "revoked")]
+    assert events == [LeaseExpired("d1", "c1", started=True), Discarded("d1", "revoked")]
     assert job.state.result_state is ResultState.REVOKED
 
 
@@ -693,7 +810,9 @@ def test_a_delivery_requeued_after_revoke_is_discarded() -> None:
     job = claimed(published(Job()))
     job.do(Revoke())
     events = job.do(Reject("d1", "c1", requeue=True, countdown=5.0), NOW + 1)
-    assert events == [Requeued("d1", "c1", "rejected", NOW + 6.0), Discarded("d1", "revoked")]
+    assert events == [
+        Requeued("d1", "c1", "rejected", NOW + 6.0, lost=True), Discarded("d1", "revoked")
+    ]
     assert job.delivery().status is DeliveryStatus.DISCARDED
 
 
@@ -701,7 +820,7 @@ def test_a_lost_lease_after_revoke_discards_instead_of_claiming() -> None:
     job = claimed(published(Job()))
     job.do(Revoke())
     events = job.do(Claim("d1", "c2", "w2", LEASE, max_claims=3), NOW + LEASE)
-    assert events == [LeaseExpired("d1", "c1"), Discarded("d1", "revoked")]
+    assert events == [LeaseExpired("d1", "c1", started=False), Discarded("d1", "revoked")]
     assert job.delivery().status is DeliveryStatus.DISCARDED
     assert job.delivery().claims == 1
 
@@ -816,6 +935,216 @@ def test_not_a_command_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------------
+# a finished task is not run again
+# ---------------------------------------------------------------------------
+
+FINAL = [
+    pytest.param(Succeed({"v": 1}), id="success"),
+    pytest.param(Fail("boom", result={"exc": "boom"}), id="failure"),
+]
+
+
+@pytest.mark.parametrize("outcome", FINAL)
+def test_a_lost_lease_after_the_outcome_settles_the_delivery(outcome: Any) -> None:
+    """The worker died after recording the result, before its ack was written."""
+    job = claimed(published(Job()))
+    job.do(Start("w1"))
+    job.do(outcome)
+    state = job.state.result_state
+    events = job.do(Claim("d1", "c2", "w2", LEASE, max_claims=3), NOW + LEASE)
+    assert events == [LeaseExpired("d1", "c1", started=True), Discarded("d1", "outcome recorded")]
+    assert job.delivery().status is DeliveryStatus.DISCARDED
+    assert job.state.result_state is state
+    assert job.state.pending() == []
+
+
+@pytest.mark.parametrize(
+    "give_back",
+    [
+        pytest.param(Reject("d1", "c1", requeue=True), id="reject-requeue"),
+        pytest.param(Restore("d1", "c1"), id="restore"),
+    ],
+)
+@pytest.mark.parametrize("outcome", FINAL)
+def test_a_delivery_given_back_after_the_outcome_is_settled(outcome: Any, give_back: Any) -> None:
+    job = claimed(published(Job()))
+    job.do(outcome)
+    events = job.do(give_back)
+    assert [type(e) for e in events] == [Requeued, Discarded]
+    assert events[1] == Discarded("d1", "outcome recorded")
+
+
+def test_a_ready_delivery_claimed_before_the_outcome_is_settled() -> None:
+    """Given back (without an outcome), then another delivery of the task finished."""
+    job = claimed(published(published(Job()), "d2"), "d2", "c2")
+    job.do(Reject("d2", "c2", requeue=True))
+    claimed(job, "d1", "c1")
+    job.do(Succeed({"v": 1}))
+    assert job.do(Claim("d2", "c3", "w", LEASE)) == [Discarded("d2", "outcome recorded")]
+
+
+def test_an_outcome_from_another_delivery_settles_a_lost_one() -> None:
+    job = claimed(published(published(Job()), "d2"), "d1", "c1")
+    claimed(job, "d2", "c2")
+    job.do(Succeed({"v": 2}))  # d2's run, beside d1's
+    events = job.do(Claim("d1", "c3", "w", LEASE), NOW + LEASE)
+    assert events[-1] == Discarded("d1", "outcome recorded")
+
+
+def test_a_fresh_publish_of_a_finished_task_still_runs() -> None:
+    job = claimed(published(Job()))
+    job.do(Fail("boom"))
+    job.do(Ack("d1", "c1"))
+    published(job, "d2")
+    events = job.do(Claim("d2", "c2", "w", LEASE))
+    assert events == [Claimed("d2", "c2", "w", NOW + LEASE)]
+    # ... and if its worker dies, it runs again: the outcome is older than its claim.
+    events = job.do(Claim("d2", "c3", "w", LEASE), NOW + LEASE)
+    assert [type(e) for e in events] == [LeaseExpired, Claimed]
+
+
+def test_a_retry_is_not_an_outcome() -> None:
+    job = claimed(published(Job()))
+    job.do(ScheduleRetry("Retry", 5.0))
+    events = job.do(Claim("d1", "c2", "w", LEASE), NOW + LEASE)
+    assert [type(e) for e in events] == [LeaseExpired, Claimed]
+
+
+def test_a_dead_letter_is_not_an_outcome() -> None:
+    """A dead letter makes the result FAILURE; one retried from the dead letters runs,
+    and runs again if its worker dies."""
+    job = claimed(published(Job()))
+    job.do(Reject("d1", "c1", requeue=False, reason="poison"))
+    assert job.state.result_state is ResultState.FAILURE
+    published(job, "d2", retry_of="d1")
+    claimed(job, "d2", "c2")
+    events = job.do(Claim("d2", "c3", "w", LEASE), NOW + LEASE)
+    assert [type(e) for e in events] == [LeaseExpired, Claimed]
+
+
+# ---------------------------------------------------------------------------
+# results come from a claim: fencing, and the first final outcome
+# ---------------------------------------------------------------------------
+
+
+def test_a_result_from_the_current_claim_names_its_delivery() -> None:
+    job = claimed(published(Job()))
+    assert job.do(Start("w1", claim="c1")) == [Started("w1", delivery="d1")]
+    assert job.delivery().started
+    assert job.do(Succeed({"v": 1}, claim="c1")) == [Succeeded({"v": 1}, delivery="d1")]
+    assert job.state.result_state is ResultState.SUCCESS
+
+
+def test_a_result_from_the_claim_that_acked_is_recorded() -> None:
+    """By default Celery acks before the task runs."""
+    job = claimed(published(Job()))
+    job.do(Ack("d1", "c1"))
+    assert job.do(Fail("boom", claim="c1")) == [Failed("boom", delivery="d1")]
+
+
+@pytest.mark.parametrize("late", [LEASE + 1, 10 * LEASE])
+def test_a_result_after_the_lease_ran_out_is_recorded_while_nobody_took_over(
+    late: float,
+) -> None:
+    job = claimed(published(Job()))
+    assert job.do(Succeed({"v": 1}, claim="c1"), NOW + late) == [
+        Succeeded({"v": 1}, delivery="d1")
+    ]
+
+
+def test_a_result_after_the_delivery_was_dead_lettered_is_recorded() -> None:
+    """Its lease ran out and the next claim dead-lettered it: no claim took over."""
+    job = claimed(published(Job()))
+    job.do(Start("w1", claim="c1"))
+    job.do(Claim("d1", "c2", "w2", LEASE, max_claims=1), NOW + LEASE)
+    assert job.delivery().status is DeliveryStatus.DEAD
+    assert job.do(Succeed({"v": 1}, claim="c1")) == [Succeeded({"v": 1}, delivery="d1")]
+    assert job.state.result_state is ResultState.SUCCESS
+
+
+@pytest.mark.parametrize(
+    ("command", "state"),
+    [
+        (Start("w1", claim="c1"), "STARTED"),
+        (UpdateState("PROGRESS", claim="c1"), "PROGRESS"),
+        (ScheduleRetry("Retry", claim="c1"), "RETRY"),
+        (Succeed({"v": "old"}, claim="c1"), "SUCCESS"),
+        (Fail("boom", claim="c1"), "FAILURE"),
+    ],
+)
+def test_a_result_from_a_claim_taken_over_is_fenced(command: Any, state: str) -> None:
+    job = claimed(published(Job()))
+    job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE)  # c1's lease ran out; c2 took over
+    job.do(Start("w2", claim="c2"))
+    before = job.state
+    assert job.do(command) == [ResultFenced("d1", "c1", state)]
+    assert job.state.result_state is ResultState.STARTED
+    assert (job.state.result, job.state.custom_state) == (before.result, before.custom_state)
+    assert job.state.deliveries == before.deliveries
+
+
+def test_a_fenced_result_is_recorded_after_success_too() -> None:
+    """The history shows every run that finished, the outcome is the current claim's."""
+    job = claimed(published(Job()))
+    job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE)
+    job.do(Succeed({"v": "new"}, claim="c2"))
+    assert job.do(Succeed({"v": "old"}, claim="c1")) == [ResultFenced("d1", "c1", "SUCCESS")]
+    assert job.state.result == {"v": "new"}
+
+
+def test_a_fenced_start_does_not_start_the_current_claim() -> None:
+    job = claimed(published(Job()))
+    job.do(Claim("d1", "c2", "w2", LEASE), NOW + LEASE)
+    job.do(Start("w1", claim="c1"))
+    assert not job.delivery().started
+
+
+def test_a_result_under_a_claim_the_stream_does_not_know_is_recorded_as_before() -> None:
+    """A claim of another stream's (a chain element's result written with its
+    parent's request) names nothing here."""
+    job = claimed(published(Job()))
+    assert job.do(Succeed({"v": 1}, claim="elsewhere")) == [Succeeded({"v": 1})]
+
+
+def test_the_first_final_outcome_stands() -> None:
+    """Two deliveries of one task ran side by side: the first outcome stands, and
+    nothing the other records afterwards changes it."""
+    job = claimed(published(published(Job()), "d2"), "d1", "c1")
+    claimed(job, "d2", "c2")
+    job.do(Fail("boom", claim="c2"))
+    assert job.do(Start("w1", claim="c1")) == []
+    assert job.do(Succeed({"v": 1}, claim="c1")) == []
+    assert job.state.result_state is ResultState.FAILURE
+
+
+def test_a_second_write_of_the_same_run_after_its_outcome_changes_nothing() -> None:
+    """Celery's main process records FAILURE for a pool process it lost, which may
+    have recorded its own outcome first."""
+    job = claimed(published(Job()))
+    job.do(Fail("ValueError", claim="c1"))
+    assert job.do(Fail("WorkerLostError", claim="c1")) == []
+    assert job.state.result_state is ResultState.FAILURE
+
+
+def test_a_run_claimed_after_the_outcome_records_its_own() -> None:
+    """A task id published again after it failed (or a dead letter retried) runs
+    again, and its result is the task's."""
+    job = claimed(published(Job()))
+    job.do(Fail("boom", claim="c1"))
+    job.do(Ack("d1", "c1"))
+    claimed(published(job, "d2"), "d2", "c2")
+    assert job.do(Start("w", claim="c2")) == [Started("w", delivery="d2")]
+    assert job.do(Succeed({"v": 1}, claim="c2")) == [Succeeded({"v": 1}, delivery="d2")]
+    assert job.state.result_state is ResultState.SUCCESS
+
+
+def test_results_without_a_claim_follow_each_other_as_before() -> None:
+    job = claimed(published(Job()))
+    job.do(Fail("boom", claim="c1"))
+    assert job.do(Succeed({"v": 1})) == [Succeeded({"v": 1})]
+
+
+# ---------------------------------------------------------------------------
 # evolve: impossible sequences
 # ---------------------------------------------------------------------------
 
@@ -907,6 +1236,7 @@ LIFECYCLE_EVENTS: list[Event] = [
     Acked("d1", "c1"),
     Requeued("d1", "c1", "rejected", NOW + 10.25),
     Requeued("d1", "c1", "restored"),
+    Requeued("d1", "c1", "rejected and requeued", lost=True),
     LeaseExpired("d1", "c1"),
     DeadLettered("d1", "claimed 3 times"),
     Discarded("d1", "expired"),
@@ -918,8 +1248,12 @@ LIFECYCLE_EVENTS: list[Event] = [
     RetryScheduled("Retry"),
     Succeeded(),
     Succeeded({"result": [1, 2, 3]}),
+    Succeeded({"result": 4}, delivery="d1"),
+    Started("w1", delivery="d1"),
+    RetryScheduled("Retry", delivery="d1"),
     Failed("ValueError('x')", "Traceback (most recent call last): ...", {"exc": "x"}),
     Failed("boom"),
+    Failed("boom", delivery="d1"),
 ]
 
 # Other event types (results, groups, chords), built by name from EVENT_TYPES so this
@@ -933,6 +1267,8 @@ OTHER_EVENT_SAMPLES: list[tuple[str, dict[str, Any]]] = [
     ("ChordCompleted", {"size": 3}),
     ("StateUpdated", {"state": "PROGRESS", "result": {"done": 1}}),
     ("Quarantined", {"delivery": "d1", "queue": "q", "reason": "unreadable event"}),
+    ("ResultFenced", {"delivery": "d1", "claim": "c1", "state": "SUCCESS"}),
+    ("StateUpdated", {"state": "PROGRESS", "result": None, "delivery": "d1"}),
 ]
 
 ALL_EVENTS: list[Event] = LIFECYCLE_EVENTS + [
@@ -975,6 +1311,7 @@ def test_event_data_holds_every_field_by_name() -> None:
         "claim": "c",
         "reason": "restored",
         "not_before": None,
+        "lost": False,
     }
 
 

@@ -8,6 +8,7 @@ The invariants then check the state against the recorded log after every step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from typing import Any
@@ -35,6 +36,7 @@ from celery_eventstore.lifecycle import (
     Discarded,
     Event,
     Fail,
+    Failed,
     JobState,
     LeaseExpired,
     LeaseRenewed,
@@ -44,12 +46,14 @@ from celery_eventstore.lifecycle import (
     Renew,
     Requeued,
     Restore,
+    ResultFenced,
     ResultState,
     Revoke,
     Revoked,
     ScheduleRetry,
     Start,
     Succeed,
+    Succeeded,
     decide,
     event_data,
     event_from,
@@ -84,6 +88,12 @@ result_commands = st.one_of(
     st.builds(Succeed, result=results),
     st.builds(Fail, exc=st.just("ValueError()"), traceback=st.none(), result=results),
 )
+
+
+#: The events a result write records.
+RESULT_EVENTS = {"Started", "StateUpdated", "RetryScheduled", "Succeeded", "Failed"}
+#: The state a fenced-out result of each command reports.
+RESULT_STATE = {Start: "STARTED", ScheduleRetry: "RETRY", Succeed: "SUCCESS", Fail: "FAILURE"}
 
 
 def stored(events: list[Event]) -> list[Event]:
@@ -228,18 +238,39 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.claim_now(chosen, consumer, lease)
 
     @precondition(lambda self: self.held())
-    @rule(index=picks, late=times, consumer=st.sampled_from(CONSUMERS), lease=leases)
-    def lose_lease(self, index: int, late: float, consumer: str, lease: float) -> None:
-        """The holder dies: the clock runs past its lease and someone else claims."""
+    @rule(
+        index=picks, late=times, consumer=st.sampled_from(CONSUMERS), lease=leases,
+        start=st.booleans(),
+    )
+    def lose_lease(self, index: int, late: float, consumer: str, lease: float,
+                   start: bool) -> None:
+        """The holder (which may have started the task first) dies: the clock runs
+        past its lease and someone else claims."""
         held = self.held()
         if index % 2:
             delivery_id = held[index % len(held)]
         else:  # the one closest to dead-lettering
-            delivery_id = max(held, key=lambda d: self.state.delivery(d).lost_claims)
+            delivery_id = max(held, key=lambda d: self._budget_used(self.state.delivery(d)))
+        if start:
+            self.run(Start("w"))
         lease_until = self.state.delivery(delivery_id).lease_until
         assert lease_until is not None
         self.now = max(self.now, lease_until + late)
         self.claim_now(delivery_id, consumer, lease)
+
+    def finished_since_claim(self, delivery_id: str) -> bool:
+        """Whether a final outcome was recorded after the delivery's last claim."""
+        claimed_at = [
+            n for n, e in enumerate(self.events)
+            if isinstance(e, Claimed) and e.delivery == delivery_id
+        ]
+        return bool(claimed_at) and any(
+            isinstance(e, (Succeeded, Failed)) for e in self.events[claimed_at[-1]:]
+        )
+
+    @staticmethod
+    def _budget_used(d: Delivery) -> float:
+        return max(d.lost_claims / MAX_CLAIMS, d.lost_unstarted / (3 * MAX_CLAIMS))
 
     def claim_now(self, delivery_id: str, consumer: str, lease: float) -> None:
         """Claim ``delivery_id`` now and check the outcome against the rules."""
@@ -255,6 +286,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             and (before.status is not DeliveryStatus.CLAIMED or lease_ran_out)
             and (before.not_before is None or before.not_before <= self.now)
         )
+        finished = self.finished_since_claim(delivery_id)
         try:
             events = decide(command, self.state, self.now)
         except NotClaimable:
@@ -264,26 +296,40 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.run(command)
         self.claim_ids.setdefault(delivery_id, []).append(claim_id)
         after = self.state.delivery(delivery_id)
-        lost = before.lost_claims
+        lost, unstarted = before.lost_claims, before.lost_unstarted
         if before.status is DeliveryStatus.CLAIMED:
             assert lease_ran_out
-            assert events[0] == LeaseExpired(delivery_id, before.claim)  # type: ignore[arg-type]
+            assert events[0] == LeaseExpired(
+                delivery_id, before.claim, started=before.started  # type: ignore[arg-type]
+            )
             events = events[1:]
-            lost += 1
+            if before.started:
+                lost += 1
+            else:
+                unstarted += 1
         assert len(events) == 1
         outcome = events[0]
         expired_lease = before.status is DeliveryStatus.CLAIMED
         event(f"Claim: {event_type(outcome)}" + (" after a lost lease" if expired_lease else ""))
-        assert after.lost_claims == lost
+        assert (after.lost_claims, after.lost_unstarted) == (lost, unstarted)
         if self.state.revoked:
             # Only a delivery claimed before the revoke can get here; it must not run.
             assert expired_lease
             event("lost lease after revoke")
             assert outcome == Discarded(delivery_id, "revoked")
             assert after.status is DeliveryStatus.DISCARDED
-        elif lost >= MAX_CLAIMS:
+        elif finished:
+            # Its run (or one beside it) recorded the task's outcome: not again.
+            event("settled: outcome recorded since its claim")
+            assert outcome == Discarded(delivery_id, "outcome recorded")
+            assert after.status is DeliveryStatus.DISCARDED
+        elif lost >= MAX_CLAIMS or unstarted >= 3 * MAX_CLAIMS:
             assert isinstance(outcome, DeadLettered)
-            assert f"claimed {lost} times" in outcome.reason
+            if lost >= MAX_CLAIMS:
+                assert f"{lost} runs ended without an outcome" in outcome.reason
+            else:
+                event("dead-lettered after leases lost before a start")
+                assert f"lost its lease {unstarted} times before it started" in outcome.reason
             assert after.status is DeliveryStatus.DEAD
             assert after.reason == outcome.reason
         elif before.expires is not None and before.expires <= self.now:
@@ -350,6 +396,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         command = commands[kind]
         is_current = self.is_current(delivery_id, claim)
         before = self.state.deliveries.get(delivery_id)
+        finished = self.finished_since_claim(delivery_id)
         try:
             decide(command, self.state, self.now)
         except StaleClaim:
@@ -362,8 +409,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         assert before is not None
         after = self.state.delivery(delivery_id)
-        # An outcome reported by the holder is never a lost claim.
-        assert (after.claims, after.lost_claims) == (before.claims, before.lost_claims)
+        # An outcome reported by the holder is never a lost claim; a requeue is a
+        # run that ended without one (Celery requeues when the pool process died),
+        # and so is a restore of a task that had started.
+        lost_run = (kind == "reject" and requeue) or (kind == "restore" and before.started)
+        assert (after.claims, after.lost_claims, after.lost_unstarted) == (
+            before.claims, before.lost_claims + lost_run, before.lost_unstarted
+        )
         if kind == "renew":
             assert events == [LeaseRenewed(delivery_id, claim, self.now + lease)]
             assert after.status is DeliveryStatus.CLAIMED
@@ -374,13 +426,17 @@ class LifecycleMachine(RuleBasedStateMachine):
         elif kind == "restore" or requeue:
             # Given back: ready again, unless the task was revoked meanwhile.
             if kind == "restore":
-                requeued = Requeued(delivery_id, claim, "restored")
+                requeued = Requeued(delivery_id, claim, "restored", lost=before.started)
             else:
                 not_before = self.now + countdown if countdown else None
-                requeued = Requeued(delivery_id, claim, "rejected", not_before)
+                requeued = Requeued(delivery_id, claim, "rejected", not_before, lost=True)
             if self.state.revoked:
                 event("given back after revoke")
                 assert events == [requeued, Discarded(delivery_id, "revoked")]
+                assert after.status is DeliveryStatus.DISCARDED
+            elif finished:
+                event("given back after its outcome")
+                assert events == [requeued, Discarded(delivery_id, "outcome recorded")]
                 assert after.status is DeliveryStatus.DISCARDED
             else:
                 assert events == [requeued]
@@ -434,6 +490,43 @@ class LifecycleMachine(RuleBasedStateMachine):
         else:
             assert len(events) == 1
 
+    @precondition(lambda self: self.state.deliveries)
+    @rule(
+        command=result_commands, index=picks,
+        which=st.sampled_from(["current", "current", "earlier", "unknown"]),
+    )
+    def worker_result(self, command: Any, index: int, which: str) -> None:
+        """A worker records a result under the claim its message came with: the
+        delivery's last claim, an earlier one, or one this stream never issued."""
+        delivery_id = self.pick(index)
+        assert delivery_id is not None
+        claims = [e.claim for e in self.events if isinstance(e, Claimed)
+                  and e.delivery == delivery_id]
+        if which == "unknown" or not claims:
+            claim = "issued-elsewhere"
+        elif which == "current":
+            claim = claims[-1]
+        else:  # an earlier claim if there is one
+            earlier = claims[:-1] or claims
+            claim = earlier[index % len(earlier)]
+        command = dataclasses.replace(command, claim=claim)
+        was_success = self.state.result_state is ResultState.SUCCESS
+        finished = self.finished_since_claim(delivery_id)
+        events = self.run(command)
+        assert events is not None
+        if claim not in claims:  # as a result written from elsewhere
+            assert len(events) == (0 if was_success else 1)
+            assert all(e.delivery is None for e in events)  # type: ignore[attr-defined]
+        elif claim != claims[-1]:
+            event("result fenced out")
+            assert events == [ResultFenced(delivery_id, claim, RESULT_STATE[type(command)])]
+        elif was_success or finished:
+            event("result after the outcome")
+            assert events == []
+        else:
+            assert len(events) == 1
+            assert events[0].delivery == delivery_id  # type: ignore[attr-defined]
+
     @rule(seconds=times)
     def advance_clock(self, seconds: float) -> None:
         self.now += seconds
@@ -483,14 +576,43 @@ class LifecycleMachine(RuleBasedStateMachine):
     @invariant()
     def claim_counters_are_bounded(self) -> None:
         claimed = Counter(e.delivery for e in self.events if isinstance(e, Claimed))
-        lost = Counter(e.delivery for e in self.events if isinstance(e, LeaseExpired))
+        lost = Counter(
+            e.delivery for e in self.events
+            if (isinstance(e, LeaseExpired) and e.started) or (isinstance(e, Requeued) and e.lost)
+        )
+        unstarted = Counter(
+            e.delivery for e in self.events if isinstance(e, LeaseExpired) and not e.started
+        )
         for d in self.state.deliveries.values():
-            assert d.claims >= d.lost_claims >= 0
+            assert d.claims >= d.lost_claims + d.lost_unstarted
             assert d.lost_claims <= MAX_CLAIMS
-            assert (d.claims, d.lost_claims) == (claimed[d.id], lost[d.id])
-            if d.lost_claims == MAX_CLAIMS:
+            assert d.lost_unstarted <= 3 * MAX_CLAIMS
+            assert (d.claims, d.lost_claims, d.lost_unstarted) == (
+                claimed[d.id], lost[d.id], unstarted[d.id]
+            )
+            if d.lost_claims == MAX_CLAIMS or d.lost_unstarted == 3 * MAX_CLAIMS:
+                # Given back with its budget spent: the next claim dead-letters it.
                 assert d.status is not DeliveryStatus.CLAIMED
-                assert d.status is not DeliveryStatus.READY
+
+    @invariant()
+    def started_means_a_result_since_the_claim(self) -> None:
+        """A claimed delivery has started exactly when a result event followed its
+        claim: one naming it, or one naming none (which marks every claimed one)."""
+        since_claim: dict[str, bool] = {}
+        for e in self.events:
+            if isinstance(e, Claimed):
+                since_claim[e.delivery] = False
+            elif type(e).__name__ in RESULT_EVENTS:
+                named = e.delivery  # type: ignore[attr-defined]
+                if named is None:
+                    since_claim = dict.fromkeys(since_claim, True)
+                elif named in since_claim:
+                    since_claim[named] = True
+            elif isinstance(e, (LeaseExpired, Requeued, Acked, DeadLettered, Discarded)):
+                since_claim.pop(e.delivery, None)
+        for d in self.state.deliveries.values():
+            if d.status is DeliveryStatus.CLAIMED:
+                assert d.started == since_claim[d.id]
 
     @invariant()
     def nothing_runs_after_a_revoke(self) -> None:

@@ -31,7 +31,8 @@ EVENTS_HELD = {
     StreamKind.TASK: {
         "Published", "Claimed", "LeaseRenewed", "Acked", "Requeued", "LeaseExpired",
         "DeadLettered", "DeadLetterPurged", "Quarantined", "Discarded", "Revoked",
-        "StateUpdated", "Started", "RetryScheduled", "Succeeded", "Failed", "Forgotten",
+        "StateUpdated", "Started", "RetryScheduled", "Succeeded", "Failed", "ResultFenced",
+        "Forgotten",
     },
     StreamKind.GROUP: {"GroupSaved", "GroupDeleted", "Forgotten"},
     StreamKind.CHORD: {"ChordPartDone", "ChordCompleted"},
