@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os.path
+import random
+import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -39,9 +42,9 @@ class SQLiteDialect(Dialect):
             # Let us emit BEGIN ourselves instead of the driver's implicit one.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            _enter_wal(cur)
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -71,3 +74,22 @@ class SQLiteDialect(Dialect):
 
     def read_options(self) -> dict[str, Any]:
         return {_READ_ONLY: True}
+
+
+def _enter_wal(cursor: Any) -> None:
+    """Switch the file to WAL mode, waiting out other processes doing the same.
+
+    Several processes opening a new file at once (a newcomer's first workers) race to
+    change its journal mode, and SQLite answers the losers "database is locked" at
+    once, without its busy handler, to break the deadlock: they try again until the
+    busy timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.005, 0.05))
