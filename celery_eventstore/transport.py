@@ -40,18 +40,21 @@ Transport Options
 
 * ``visibility_timeout``: lease length in seconds (default 60).  Held messages
   are renewed well before it runs out, so it bounds crash recovery, not task length.
-* ``max_claims``: a message whose lease ran out this many times is dead-lettered
-  (default 5).
+* ``max_claims``: a message whose runs ended this many times without an outcome
+  (a lease lost after the task started, a requeue) is dead-lettered (default 5); a
+  lease lost before the task started counts toward three times as many.
 * ``priority_order``: ``"redis"`` (0 is served first, the default) or ``"amqp"``
   (9 is served first).
 * ``polling_interval``: seconds between safety-net polls (default 1.0).
 * ``ack_flush_interval``: longest time an ack waits to be written with others
   (default 0.1 s).  A crash inside that window redelivers the message after its
-  lease, as a crash just before the ack would.
+  lease, as a crash just before the ack would -- unless the task's result is
+  already recorded in the store: then the message is settled, not run again.
 * ``claim_batch``: most messages claimed in one round trip when prefetch is
   unlimited (default 100).
 * ``table_prefix``, ``schema``, ``auto_migrate`` (default True), ``notify``
-  (default True; turn off behind PgBouncer transaction pooling),
+  (default True; turn off behind PgBouncer transaction pooling), ``wakeup``
+  (``"notify"``, ``"data_version"`` or ``"poll"``; default: the database's own),
   ``max_message_size``, ``async_commit`` (default True: claims, acks and lease
   renewals do not wait for the disk; publishes and results always do): passed
   to the store.
