@@ -30,11 +30,6 @@ CORRUPTIONS = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    return request.getfixturevalue(f"{request.param}_db")
-
-
 @pytest.fixture
 def store(db: tuple[str, dict[str, Any]]) -> Iterator[EventStore]:
     url, options = db

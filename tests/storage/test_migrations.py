@@ -67,13 +67,6 @@ ROWS_CREATED_BY: dict[int, dict[str, list[dict[str, Any]]]] = {
 }
 
 
-@pytest.fixture(params=["sqlite", "psycopg2", "psycopg"])
-def db(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    if request.param == "sqlite":
-        return request.getfixturevalue("sqlite_db")
-    url, options = request.getfixturevalue("postgresql_db")
-    return sa.make_url(url).set(drivername=f"postgresql+{request.param}"), options
-
 
 @pytest.fixture
 def store(db: tuple[str, dict[str, Any]]) -> Iterator[EventStore]:

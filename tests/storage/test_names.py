@@ -35,13 +35,6 @@ NUL = "bad\x00name"
 SECRET_BODY = "the-message-body-must-not-appear"
 
 
-@pytest.fixture(params=["sqlite", "psycopg2", "psycopg"])
-def db(request: pytest.FixtureRequest) -> tuple[Any, dict[str, Any]]:
-    if request.param == "sqlite":
-        return request.getfixturevalue("sqlite_db")
-    url, options = request.getfixturevalue("postgresql_db")
-    return sa.make_url(url).set(drivername=f"postgresql+{request.param}"), options
-
 
 @pytest.fixture
 def store(db: tuple[Any, dict[str, Any]]) -> Iterator[EventStore]:
