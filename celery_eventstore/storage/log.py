@@ -184,14 +184,7 @@ class EventLog:
             return []
         versions = [version + offset for offset in range(1, len(events) + 1)]
         rows = [
-            {
-                "stream_id": error.stream,
-                "version": v,
-                "type": lc.event_type(event),
-                "data": lc.event_data(event),
-                "metadata": None,
-                "recorded_at": tx.now,
-            }
+            _event_row(error.stream, v, event, None, tx.now)
             for v, event in zip(versions, events, strict=True)
         ]
         positions = tx.conn.execute(self.queries.append_returning, rows).scalars().all()
@@ -313,14 +306,21 @@ def _rows(
     states: dict[str, lc.JobState] = {}
     for state, decided_events, metadata in pending:
         for offset, event in enumerate(decided_events, start=1):
-            rows.append({
-                "stream_id": state.stream,
-                "version": state.version + offset,
-                "type": lc.event_type(event),
-                "data": lc.event_data(event),
-                "metadata": dict(metadata) if metadata else None,
-                "recorded_at": now,
-            })
+            rows.append(_event_row(state.stream, state.version + offset, event, metadata, now))
             events.append(event)
         states[state.stream] = evolve_all(state, decided_events)
     return rows, events, states
+
+
+def _event_row(
+    stream: str, version: int, event: lc.Event, metadata: Mapping[str, Any] | None, now: float
+) -> dict[str, Any]:
+    """The log row of one event."""
+    return {
+        "stream_id": stream,
+        "version": version,
+        "type": lc.event_type(event),
+        "data": lc.event_data(event),
+        "metadata": dict(metadata) if metadata else None,
+        "recorded_at": now,
+    }
