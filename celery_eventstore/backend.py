@@ -52,7 +52,7 @@ from kombu.utils.encoding import bytes_to_str
 from . import lifecycle as lc
 from .enqueue import atomic, same_database
 from .exceptions import DatabaseUnavailable, TaskDeadLettered
-from .storage import EventStore, Listener
+from .storage import BROKER_PREFIX, EventStore, Listener
 from .stores import shared_store
 
 #: The message header in which the event-store transport names the claim a
@@ -83,6 +83,12 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             target, {k: options[k] for k in STORE_OPTIONS if k in options}
         )
         self._local = threading.local()
+
+    def as_uri(self, include_password: bool = False) -> str:
+        """The URL as the worker's banner shows it: with the ``eventstore+`` that
+        names this backend (Celery drops it when it picks the backend)."""
+        text: str = super().as_uri(include_password)
+        return text if text.startswith(BROKER_PREFIX) else BROKER_PREFIX + text
 
     def __reduce__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         return super().__reduce__(args, {**(kwargs or {}), "url": self.url})

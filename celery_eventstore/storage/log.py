@@ -94,6 +94,20 @@ class EventLog:
             found[row.stream_id].append(self.recorded(row))
         return found
 
+    def task_names(self, streams: Iterable[str]) -> dict[str, str]:
+        """The task name each stream's first publish recorded (streams without one
+        are left out)."""
+        wanted = sorted(set(streams))
+        names: dict[str, str] = {}
+        if not wanted:
+            return names
+        with self.db.read() as conn:
+            for row in conn.execute(self.queries.read_publishes, {"streams": wanted}):
+                metadata = self.recorded(row).metadata or {}
+                if row.stream_id not in names and isinstance(metadata.get("task"), str):
+                    names[row.stream_id] = metadata["task"]
+        return names
+
     def load_all(self, conn: sa.Connection, streams: Iterable[str]) -> dict[str, lc.JobState]:
         return {s: fold(s, recs) for s, recs in self.read_streams(conn, streams).items()}
 

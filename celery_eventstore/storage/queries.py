@@ -59,6 +59,12 @@ class Queries:
             events.where(ev.c.position > sa.bindparam("after"))
             .order_by(ev.c.position).limit(sa.bindparam("limit", type_=sa.Integer))
         )
+        #: ``streams``: the publishes of those streams (their metadata names the
+        #: task), in stream then version order.
+        self.read_publishes = (
+            events.where(ev.c.stream_id.in_(_many("streams")), ev.c.type == "Published")
+            .order_by(ev.c.stream_id, ev.c.version)
+        )
         #: ``positions``: the events at those positions that are committed.
         self.read_positions = (
             events.where(ev.c.position.in_(_many("positions"))).order_by(ev.c.position)
