@@ -151,7 +151,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         if stored is not None:
             return self._unwrap(stored)
         error: Exception = (
-            TaskRevokedError("expired") if state == states.REVOKED
+            TaskRevokedError(self._revoke_reason(task_id)) if state == states.REVOKED
             else TaskDeadLettered(f"task {task_id} was dead-lettered; see "
                                   f"`celery-eventstore history {task_id}`")
         )
@@ -160,6 +160,17 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         )
         meta["task_id"] = task_id
         return self.encode(meta)
+
+    def _revoke_reason(self, task_id: str) -> str:
+        """Why the store revoked a task no worker reported on: the reason its
+        ``Revoked`` recorded (``celery-eventstore revoke --reason``, a control
+        broadcast), or ``expired`` for a task that expired before any worker saw it,
+        as Celery says."""
+        reason = "expired"
+        for rec in self.store.read_stream(task_id):
+            if isinstance(rec.event, lc.Revoked):
+                reason = rec.event.reason
+        return reason
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         task_id = bytes_to_str(task_id)

@@ -24,6 +24,7 @@ import click
 from . import lifecycle as lc
 from .exceptions import DatabaseError, EventStoreError, UnreadableStream
 from .history import LogFollower, canvas, entries_of, format_timeline
+from .monitoring import announce
 from .replay import replay
 from .storage import (
     SCHEMA_VERSION,
@@ -49,6 +50,7 @@ class _Context:
                     "give the database with --url (or run as `celery -A app eventstore`)"
                 )
             self._store = EventStore(self.url, **self.options)
+            announce(self._store, self.options)  # `revoke` is seen by monitors
         return self._store
 
 

@@ -70,8 +70,8 @@ class EventLog:
         stops a read of many (folding its stream fails, with the position)."""
         metadata = None
         try:
-            event = lc.event_from(row.type, _decoded(row.data))
-            metadata = _decoded(row.metadata)
+            event = lc.event_from(row.type, decode_json(row.data))
+            metadata = decode_json(row.metadata)
         except (ValueError, CorruptStream) as exc:
             event = lc.Unreadable(type=str(row.type), reason=str(exc).splitlines()[0][:200])
         return RecordedEvent(
@@ -175,6 +175,7 @@ class EventLog:
         ]
         project(tx.conn, self.queries, recorded, states)
         self._wake(tx, recorded, states)
+        tx.appended.extend(recorded)
         return recorded, states
 
     def _wake(
@@ -212,6 +213,7 @@ class EventLog:
         ]
         project(tx.conn, self.queries, recorded, {})
         self.notifier.send(tx.conn, self.channels.results, [error.stream])
+        tx.appended.extend(recorded)
         return recorded
 
     def append(
@@ -288,7 +290,7 @@ def fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:
     return state
 
 
-def _decoded(value: Any) -> Any:
+def decode_json(value: Any) -> Any:
     """A JSON column's value: drivers decode PostgreSQL's jsonb, SQLite gives text."""
     return json.loads(value) if isinstance(value, (str, bytes)) else value
 

@@ -15,9 +15,9 @@ from typing import Any
 from .. import lifecycle as lc
 from ..exceptions import CorruptStream, InvalidTransition, UnreadableStream
 from .database import Database
-from .log import EventLog, Pending, decided, evolve_all, fold
+from .log import EventLog, Pending, decided, decode_json, evolve_all, fold
 from .projection import project
-from .records import DeadLetter, QueueStats, RecordedEvent
+from .records import DeadLetter, QueueStats, RecordedEvent, ScheduledMessage
 
 #: ``progress(done, total)``: how a long operation reports how far it got.
 Progress = Callable[[int, int], None]
@@ -66,6 +66,20 @@ class Operations:
             for queue, count in conn.execute(self.queries.dead_counts):
                 stats[queue]["dead"] = count
         return [QueueStats(queue=q, **v) for q, v in sorted(stats.items())]
+
+    def scheduled(self, queues: Iterable[str], limit: int = 1000) -> list[ScheduledMessage]:
+        """Messages of ``queues`` waiting for their ETA, soonest first."""
+        wanted = sorted(set(queues))
+        if not wanted:
+            return []
+        with self.db.read() as conn:
+            rows = conn.execute(self.queries.scheduled_messages,
+                                {"queues": wanted, "now": self.db.now(), "limit": limit})
+            return [
+                ScheduledMessage(r.stream_id, r.delivery_id, r.queue, r.priority, r.not_before,
+                                 decode_json(r.data).get("message") or {})
+                for r in rows
+            ]
 
     def purge(self, queue: str, *, reason: str = "purged") -> int:
         """Discard every unclaimed message in ``queue``; returns how many."""

@@ -173,6 +173,22 @@ class Queries:
             .where(sa.or_(queue.is_(None), dl.c.queue == queue))
             .order_by(dl.c.position).limit(sa.bindparam("limit", type_=sa.Integer))
         )
+        #: ``queues``, ``now``, ``limit``: messages waiting for their ETA, soonest
+        #: first, with the publish that holds the body (``inspect scheduled``).
+        self.scheduled_messages = (
+            sa.select(
+                msgs.c.stream_id, msgs.c.delivery_id, msgs.c.queue, msgs.c.priority,
+                msgs.c.not_before, sa.type_coerce(ev.c.data, sa.Text).label("data"),
+            )
+            .join(ev, ev.c.position == msgs.c.seq)
+            .where(
+                msgs.c.queue.in_(_many("queues")),
+                msgs.c.claim_id.is_(None),
+                msgs.c.available_at > now,
+            )
+            .order_by(msgs.c.available_at, msgs.c.seq)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+        )
         #: ``delivery``: the stream of a dead letter.
         self.dead_letter_stream = sa.select(dl.c.stream_id).where(
             dl.c.delivery_id == sa.bindparam("delivery")

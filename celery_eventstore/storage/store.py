@@ -55,6 +55,7 @@ from .records import (
     Outcome,
     QueueStats,
     RecordedEvent,
+    ScheduledMessage,
 )
 from .routing import Binding, QueueInfo, Routing
 from .schema import SCHEMA_VERSION, Tables, make_tables
@@ -196,6 +197,13 @@ class EventStore:
         channel = self.channels.results if results else self.channels.ready
         with self.db.translate_errors():
             return self.notifier.listen(self.engine, [channel])
+
+    def watch(self, watcher: Callable[[list[RecordedEvent]], None]) -> None:
+        """Call ``watcher`` with the events of each of the store's own write
+        transactions once it has committed (not of those joined to a caller's
+        connection: their commit is the caller's).  Its errors are logged."""
+        if watcher not in self.db.committed:
+            self.db.committed.append(watcher)
 
     def now(self) -> float:
         """Epoch seconds by the store's clock (the database's on PostgreSQL)."""
@@ -406,6 +414,10 @@ class EventStore:
 
     def queue_stats(self) -> list[QueueStats]:
         return self.operations.queue_stats()
+
+    def scheduled(self, queues: Iterable[str], limit: int = 1000) -> list[ScheduledMessage]:
+        """Messages of ``queues`` held until their ETA, soonest first."""
+        return self.operations.scheduled(self.names.queue.storable(queues), limit)
 
     def purge(self, queue: str, *, reason: str = "purged") -> int:
         self.names.queue.check(queue)
