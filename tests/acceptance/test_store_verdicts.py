@@ -28,9 +28,11 @@ import resultproj
 from celery.exceptions import NotRegistered, TaskRevokedError
 from click.testing import CliRunner
 from harness import LOG_TAIL_LINES, Broker, Worker, _failed, make_broker, reaper_for, wait_for
+from kombu.utils.url import maybe_sanitize_url
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.cli import eventstore
+from celery_eventstore.replay import replay
 
 TIMEOUT = 30.0
 
@@ -128,6 +130,15 @@ def _worker_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
         worker = request.getfixturevalue("run").worker
         print(f"\n----- log of worker {worker.name} (last {LOG_TAIL_LINES} lines) -----")
         print(worker.tail())
+
+
+# -- item 9 ---------------------------------------------------------------------------
+
+
+def test_the_worker_banner_shows_the_result_backend_with_its_prefix(run: Run) -> None:
+    (line,) = [x for x in run.worker.log().splitlines() if ".> results:" in x]
+    shown = maybe_sanitize_url(run.broker.db_url)  # a password is masked
+    assert line.split(".> results:")[1].strip() == f"eventstore+{shown}"
 
 
 # -- item 8 ---------------------------------------------------------------------------
@@ -231,6 +242,61 @@ def test_inspect_reserved_lists_the_claimed_messages_not_started(run: Run) -> No
     assert "Claimed" in run.broker.types(waiting.id)
     assert "Started" not in run.broker.types(waiting.id)
     waiting.get(timeout=TIMEOUT)
+
+
+# -- item 5 ---------------------------------------------------------------------------
+
+
+def test_replay_equals_the_live_queues_at_each_snapshot_of_a_run(run: Run) -> None:
+    """Snapshots of the live counts while a worker runs, each with the log position
+    it was taken at (read before and after: taken only while the log stood still),
+    equal the queues replayed from the log at those positions."""
+    store = run.broker.store
+    snapshots: list[tuple[int, dict[str, dict[str, int]]]] = []
+
+    def snapshot() -> None:
+        def still() -> tuple[int, dict[str, dict[str, int]]] | None:
+            before = store.last_position()
+            counts = {q.queue: {"ready": q.ready, "scheduled": q.scheduled,
+                                "claimed": q.claimed, "dead": q.dead}
+                      for q in store.queue_stats()}
+            return (before, counts) if store.last_position() == before else None
+
+        snapshots.append(wait_for(still, TIMEOUT, "a moment the log stands still",
+                                  interval=0.02))
+
+    snapshot()
+    later = run.task("add").apply_async((1, 1), countdown=120)
+    parked = [run.task("add").apply_async((n, 1), queue="parked") for n in range(2)]
+    snapshot()
+    hold = run.task("hold")
+    running = [hold.apply_async((3,)) for _ in range(2)]
+    for r in running:
+        run.broker.wait_for_event(r.id, "Started")
+    snapshot()
+    unknown = run.app.send_task("resultproj.not_here")
+    run.broker.wait_for_event(unknown.id, "DeadLettered")
+    snapshot()
+    for r in running:
+        r.get(timeout=TIMEOUT)
+        run.broker.wait_for_event(r.id, "Acked")
+    run.cli("revoke", later.id)
+    snapshot()
+
+    assert len({position for position, _ in snapshots}) == len(snapshots)
+    for position, counts in snapshots:
+        replayed = {q.queue: q.counts() for q in replay(store, position=position).queues}
+        assert replayed == counts, position
+    # What the replay names: the parked tasks were waiting, the holds in flight.
+    middle = replay(store, position=snapshots[2][0])
+    queues = {q.queue: q for q in middle.queues}
+    assert sorted(queues["parked"].ready) == sorted(r.id for r in parked)
+    assert sorted(t for t, _ in queues["celery"].in_flight) == sorted(r.id for r in running)
+    assert all(worker.startswith(socket.gethostname()) for _, worker in
+               queues["celery"].in_flight)
+    assert queues["celery"].scheduled == [later.id]
+    with run.app.connection_for_write() as conn:
+        conn.default_channel.queue_purge("parked")
 
 
 # -- item 4 ---------------------------------------------------------------------------
