@@ -32,6 +32,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.cli import eventstore
+from celery_eventstore.monitoring import announce
 from celery_eventstore.replay import replay
 
 TIMEOUT = 30.0
@@ -191,6 +192,23 @@ def test_a_purged_task_is_rejected_for_monitors(run: Run) -> None:
         assert conn.default_channel.queue_purge("nobody-reads") == 1
     rejected = wait_for(lambda: run.events_of(result.id), TIMEOUT, "a task-rejected event")
     assert [(e["type"], e["requeue"]) for e in rejected] == [("task-rejected", False)]
+
+
+def test_a_dead_letter_after_the_claim_budget_fails_for_monitors(run: Run) -> None:
+    """A consumer outside the worker (here the test's own store, announcing as the
+    CLI does) loses a lease after the task started; the next claim spends the budget."""
+    store = run.broker.store
+    announce(store, run.broker.transport_options())
+    result = run.task("add").apply_async((1, 2), queue="budget")
+    run.broker.wait_for_event(result.id, "Published")
+    (claimed,) = store.claim(["budget"], 1, "lost-worker", 0.05)
+    store.execute(result.id, lc.Start(worker="lost@host", claim=claimed.claim))
+    wait_for(lambda: store.claim(["budget"], 1, "next-worker", 30, max_claims=1) == []
+             and "DeadLettered" in run.broker.types(result.id), TIMEOUT, "the dead letter")
+    failed = wait_for(lambda: [e for e in run.events_of(result.id) if e["type"] == "task-failed"],
+                      TIMEOUT, "a task-failed event")
+    assert failed[0]["exception"].startswith("TaskDeadLettered('1 run ended without")
+    assert failed[0]["hostname"].startswith("eventstore@")
 
 
 def test_inspect_scheduled_lists_the_eta_tasks_the_store_holds(run: Run) -> None:
