@@ -178,7 +178,9 @@ class Queries:
         self.scheduled_messages = (
             sa.select(
                 msgs.c.stream_id, msgs.c.delivery_id, msgs.c.queue, msgs.c.priority,
-                msgs.c.not_before, sa.type_coerce(ev.c.data, sa.Text).label("data"),
+                # When it becomes claimable: its ETA, or a requeue's countdown.
+                msgs.c.available_at.label("not_before"),
+                sa.type_coerce(ev.c.data, sa.Text).label("data"),
             )
             .join(ev, ev.c.position == msgs.c.seq)
             .where(
