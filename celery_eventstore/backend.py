@@ -52,7 +52,7 @@ from kombu.utils.encoding import bytes_to_str
 from . import lifecycle as lc
 from .enqueue import atomic, same_database
 from .exceptions import DatabaseUnavailable, TaskDeadLettered
-from .storage import EventStore, Listener
+from .storage import BROKER_PREFIX, EventStore, Listener
 from .stores import shared_store
 
 #: The message header in which the event-store transport names the claim a
@@ -83,6 +83,12 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             target, {k: options[k] for k in STORE_OPTIONS if k in options}
         )
         self._local = threading.local()
+
+    def as_uri(self, include_password: bool = False) -> str:
+        """The URL as the worker's banner shows it: with the ``eventstore+`` that
+        names this backend (Celery drops it when it picks the backend)."""
+        text: str = super().as_uri(include_password)
+        return text if text.startswith(BROKER_PREFIX) else BROKER_PREFIX + text
 
     def __reduce__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         return super().__reduce__(args, {**(kwargs or {}), "url": self.url})
@@ -145,7 +151,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         if stored is not None:
             return self._unwrap(stored)
         error: Exception = (
-            TaskRevokedError("expired") if state == states.REVOKED
+            TaskRevokedError(self._revoke_reason(task_id)) if state == states.REVOKED
             else TaskDeadLettered(f"task {task_id} was dead-lettered; see "
                                   f"`celery-eventstore history {task_id}`")
         )
@@ -154,6 +160,17 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         )
         meta["task_id"] = task_id
         return self.encode(meta)
+
+    def _revoke_reason(self, task_id: str) -> str:
+        """Why the store revoked a task no worker reported on: the reason its
+        ``Revoked`` recorded (``celery-eventstore revoke --reason``, a control
+        broadcast), or ``expired`` for a task that expired before any worker saw it,
+        as Celery says."""
+        reason = "expired"
+        for rec in self.store.read_stream(task_id):
+            if isinstance(rec.event, lc.Revoked):
+                reason = rec.event.reason
+        return reason
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         task_id = bytes_to_str(task_id)

@@ -24,6 +24,8 @@ import click
 from . import lifecycle as lc
 from .exceptions import DatabaseError, EventStoreError, UnreadableStream
 from .history import LogFollower, canvas, entries_of, format_timeline
+from .monitoring import announce
+from .replay import replay
 from .storage import (
     SCHEMA_VERSION,
     EventStore,
@@ -48,6 +50,7 @@ class _Context:
                     "give the database with --url (or run as `celery -A app eventstore`)"
                 )
             self._store = EventStore(self.url, **self.options)
+            announce(self._store, self.options)  # `revoke` is seen by monitors
         return self._store
 
 
@@ -306,10 +309,17 @@ def _age(seconds: float | None) -> str:
 
 @eventstore.command()
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--at", "at", default=None, metavar="TIME|POSITION",
+              help="the queues as they were then, with their tasks, replayed from the "
+              "log: a log position (an integer), an ISO-8601 time (UTC unless it "
+              "says) or an age such as 10m, 2h, 1d")
 @click.pass_context
-def queues(ctx: click.Context, as_json: bool) -> None:
+def queues(ctx: click.Context, as_json: bool, at: str | None) -> None:
     """Ready, scheduled, in-flight and dead counts per queue, with ages."""
     store = _store(ctx)
+    if at is not None:
+        _queues_at(store, at, as_json)
+        return
     stats = store.queue_stats()
     if as_json:
         click.echo(json.dumps([vars(s) for s in stats], indent=2))
@@ -323,21 +333,79 @@ def queues(ctx: click.Context, as_json: bool) -> None:
         click.echo("no messages")
 
 
+def _queues_at(store: EventStore, at: str, as_json: bool) -> None:
+    """``queues --at``: every queue folded from the log up to a point, with its tasks."""
+    position, when = _point_in_time(store, at)
+    then = replay(store, position=position, at=when)
+    if as_json:
+        click.echo(json.dumps({
+            "position": then.position,
+            "time": _iso_time(then.time),
+            "queues": [q.as_json() for q in then.queues],
+            "unreadable": [str(e) for e in then.unreadable],
+        }, indent=2))
+        return
+    click.echo(f"as of position {then.position} ({_iso_time(then.time)}), replayed from the log")
+    click.echo(f"{'queue':<30} {'ready':>7} {'scheduled':>9} {'in-flight':>9} {'dead':>6}")
+    for q in then.queues:
+        click.echo(f"{q.queue:<30} {len(q.ready):>7} {len(q.scheduled):>9} "
+                   f"{len(q.in_flight):>9} {len(q.dead):>6}")
+        for label, tasks in (("ready", q.ready), ("scheduled", q.scheduled),
+                             ("in flight", [f"{t} (by {w})" for t, w in q.in_flight]),
+                             ("dead", q.dead)):
+            for task in tasks:
+                click.echo(f"  {label:<10} {task}")
+    if not then.queues:
+        click.echo("no messages")
+    for error in then.unreadable:
+        click.echo(f"unreadable {error} (left out)")
+
+
+def _point_in_time(store: EventStore, text: str) -> tuple[int | None, float | None]:
+    """``(position, None)`` for a log position, ``(None, epoch seconds)`` for a time:
+    an ISO-8601 time (UTC unless it says otherwise) or an age (``10m``: ten minutes
+    before now by the store's clock)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text), None
+    if text and text[-1] in _UNITS:
+        return None, store.now() - _duration(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a log position, an ISO-8601 time or an age like 10m",
+            param_hint="--at",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return None, moment.timestamp()
+
+
+def _iso_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
 @eventstore.group(invoke_without_command=True)
-@click.option("--queue", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--queue", default=None, help="only the dead letters of this queue")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a list")
 @click.pass_context
 def dead(ctx: click.Context, queue: str | None, as_json: bool) -> None:
     """Dead-lettered messages (list; `dead retry`, `dead purge`)."""
     if ctx.invoked_subcommand is not None:
         return
-    letters = _store(ctx).dead_letters(queue)
+    store = _store(ctx)
+    letters = store.dead_letters(queue)
+    names = store.task_names(d.stream for d in letters)
     if as_json:
-        click.echo(json.dumps([vars(d) for d in letters], indent=2))
+        click.echo(json.dumps(
+            [{**vars(d), "task_name": names.get(d.stream)} for d in letters], indent=2
+        ))
         return
     for d in letters:
         when = datetime.fromtimestamp(d.dead_at, timezone.utc).isoformat(timespec="seconds")
-        click.echo(f"{d.delivery}  task={d.stream} queue={d.queue} at={when} reason={d.reason}")
+        click.echo(f"{d.delivery}  task={names.get(d.stream, '?')} id={d.stream} "
+                   f"queue={d.queue} at={when} reason={d.reason}")
     if not letters:
         click.echo("no dead letters")
 
@@ -366,14 +434,32 @@ def dead_purge(ctx: click.Context, queue: str | None) -> None:
 
 @eventstore.command()
 @click.argument("task_id")
-@click.option("--reason", default="revoked from the command line")
+@click.option("--reason", default="revoked from the command line", show_default=True,
+              help="why, kept in the history and in the result's TaskRevokedError")
+@click.option("--force", is_flag=True,
+              help="revoke a task id the store has never seen (a task published "
+              "later with this id is then discarded)")
 @click.pass_context
-def revoke(ctx: click.Context, task_id: str, reason: str) -> None:
+def revoke(ctx: click.Context, task_id: str, reason: str, force: bool) -> None:
     """Durably revoke a task: no pending or future delivery of it will run."""
-    recorded = _store(ctx).revoke(task_id, reason)
+    store = _store(ctx)
+    _refuse_unknown_task(store, task_id, force)
+    recorded = store.revoke(task_id, reason)
     discarded = sum(isinstance(r.event, lc.Discarded) for r in recorded)
     click.echo(f"revoked {task_id}: {discarded} pending deliveries discarded"
                if recorded else f"{task_id} was already revoked")
+
+
+def _refuse_unknown_task(store: EventStore, task_id: str, force: bool) -> None:
+    """A revoke of an id the store never saw is most likely a typo: refuse it,
+    before anything is written, unless ``--force`` says it is meant."""
+    if force or lc.stream_kind(task_id) is not lc.StreamKind.TASK:
+        return
+    if not store.read_stream(task_id):
+        raise click.ClickException(
+            f"no events for {task_id!r}: unknown task, or pruned; nothing revoked "
+            "(--force revokes it ahead of its publish)"
+        )
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -406,14 +492,16 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
 @click.option("--older-than", required=True, help="e.g. 30d, 12h, 3600 (seconds)")
 @click.option("--batch", default=500, show_default=True,
               help="streams examined per transaction")
+@click.option("--dry-run", is_flag=True, help="count the streams that would go; delete nothing")
 @click.pass_context
-def prune(ctx: click.Context, older_than: str, batch: int) -> None:
+def prune(ctx: click.Context, older_than: str, batch: int, dry_run: bool) -> None:
     """Delete whole finished streams older than the retention."""
     store = _store(ctx)
     cutoff = store.now() - _duration(older_than)
-    with _progress("pruning") as progress:
-        pruned = store.prune(before=cutoff, batch=batch, progress=progress)
-    click.echo(f"pruned {pruned} streams")
+    with _progress("counting" if dry_run else "pruning") as progress:
+        pruned = store.prune(before=cutoff, batch=batch, progress=progress, dry_run=dry_run)
+    click.echo(f"would prune {pruned} streams (dry run: nothing deleted)" if dry_run
+               else f"pruned {pruned} streams")
 
 
 @eventstore.command()

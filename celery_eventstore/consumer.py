@@ -48,7 +48,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kombu.transport import virtual
@@ -223,12 +223,22 @@ class QoS(virtual.QoS):
             self._warn_stale(self.store.ack(refs), "ack")
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """Give the claim back (``requeue``) or dead-letter it.  A dead letter made
+        while the message is being handed to its consumer waits until the hand-over
+        returns (see :func:`handing_over`)."""
         refs = self._release([delivery_tag])
         if refs:
-            self.flush_acks()  # what was acked before is written before
-            reason = "rejected and requeued" if requeue else "rejected by the consumer"
-            self._warn_stale(self.store.reject(refs, requeue=requeue, reason=reason), "reject")
+            held_back = getattr(_handing_over, "rejects", None)
+            if held_back is not None and not requeue:
+                held_back.append((self, refs))
+            else:
+                self.write_reject(refs, requeue=requeue)
         super().reject(delivery_tag, requeue=False)
+
+    def write_reject(self, refs: list[ClaimRef], *, requeue: bool) -> None:
+        self.flush_acks()  # what was acked before is written before
+        reason = "rejected and requeued" if requeue else "rejected by the consumer"
+        self._warn_stale(self.store.reject(refs, requeue=requeue, reason=reason), "reject")
 
     def restore(self, tags: Iterable[str]) -> None:
         """Give these claims back to their queues."""
@@ -337,6 +347,40 @@ class QoS(virtual.QoS):
                 done = outcomes.get(ref.delivery) is Outcome.DONE
                 self._held[tag] = (ref, now + lease / 2 if done else math.inf)
         self._warn_stale(outcomes, "lease renewal")
+
+
+#: Per thread: the dead-letter rejects held back while a message is handed over.
+_handing_over = threading.local()
+
+
+@contextlib.contextmanager
+def handing_over() -> Iterator[None]:
+    """Hand one message to its consumer: dead-letter rejects made meanwhile, on
+    this thread, are written when the consumer's callback returns.
+
+    Celery's worker, given a task it does not know (or cannot decode), rejects
+    the message and *then* records the task's ``FAILURE`` (``NotRegistered``).
+    Written in that order, a result waiter could wake on the dead letter's own
+    ``FAILURE`` (``TaskDeadLettered``) before the worker's verdict commits, or
+    not, depending on timing.  Held back, the worker's verdict always comes
+    first and the dead letter keeps it: one outcome.
+    """
+    if getattr(_handing_over, "rejects", None) is not None:  # already handing over
+        yield
+        return
+    _handing_over.rejects = []
+    try:
+        yield
+    finally:
+        held_back, _handing_over.rejects = _handing_over.rejects, None
+        errors = []
+        for qos, refs in held_back:
+            try:
+                qos.write_reject(refs, requeue=False)
+            except Exception as exc:  # noqa: BLE001 - the rest are still written
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 class Poller:

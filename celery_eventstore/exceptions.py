@@ -86,12 +86,12 @@ class DatabaseError(EventStoreError):
 
 class SchemaMissing(EventStoreError):
     """The event store's tables do not exist in this database; run
-    ``celery-eventstore migrate --url URL`` (or enable auto_migrate)."""
+    ``celery-eventstore --url URL migrate`` (or enable auto_migrate)."""
 
 
 class SchemaOutdated(EventStoreError):
     """The event store's schema is older than this version of celery_eventstore;
-    run ``celery-eventstore migrate --url URL``."""
+    run ``celery-eventstore --url URL migrate``."""
 
 
 class SchemaTooNew(EventStoreError):

@@ -76,8 +76,10 @@ from kombu import serialization
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
-from .consumer import Batch, Keeper, Poller, QoS
+from . import control  # noqa: F401 - registers `inspect scheduled` for held ETA tasks
+from .consumer import Batch, Keeper, Poller, QoS, handing_over
 from .exceptions import DatabaseUnavailable
+from .monitoring import announce
 from .storage import (
     BROKER_PREFIX,
     Binding,
@@ -480,6 +482,8 @@ class Transport(virtual.Transport):
         self.store = shared_store(
             client.hostname, {k: options[k] for k in STORE_OPTIONS if k in options}
         )
+        # Monitors see the verdicts the store makes itself (expiry, revoke, purge...).
+        announce(self.store, options)
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._listener: Listener | None = None
         self._keeper: Keeper | None = None
@@ -527,6 +531,10 @@ class Transport(virtual.Transport):
         if self._keeper is None:
             self._keeper = Keeper(self)
             self._keeper.start()
+
+    def _deliver(self, message: Any, queue: str | None) -> None:
+        with handing_over():
+            super()._deliver(message, queue)
 
     # -- blocking path (celery inspect, synloop, eventlet/gevent) ---------------
 

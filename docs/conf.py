@@ -8,6 +8,8 @@ import sys
 # The API reference imports the package: make the repository root importable
 # even when the package is not installed (an editable install works too).
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+# The local extension that runs the demo and the CLI for the sample outputs.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "_ext")))
 
 project = "celery-eventstore"
 author = "celery-eventstore contributors"
@@ -15,8 +17,9 @@ copyright = "the celery-eventstore contributors"
 version = "0.1"
 release = "0.1.0"
 
-# Only extensions that ship with Sphinx itself.
-extensions: list[str] = ["sphinx.ext.autodoc"]
+# Extensions that ship with Sphinx, and ours: every sample output in the pages is
+# produced by the build itself (see _ext/eventstore_samples.py), so none goes stale.
+extensions: list[str] = ["sphinx.ext.autodoc", "eventstore_samples"]
 templates_path: list[str] = []
 exclude_patterns = ["_build"]
 

@@ -97,6 +97,7 @@ from .streams import (
     fold,
     group_of,
     group_stream,
+    replace,
     state_type,
     stream_kind,
 )
@@ -170,4 +171,5 @@ __all__ = [
     "event_type",
     "evolve",
     "fold",
+    "replace",
 ]

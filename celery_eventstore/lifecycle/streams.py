@@ -11,7 +11,7 @@ refused loudly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
@@ -123,6 +123,10 @@ class JobState:
 
     stream: str
     version: int = 0
+    #: The recorded time of the stream's last event, as the store read it (0 for a
+    #: state folded from bare events).  Not part of the model -- events carry no
+    #: time -- it lets the store record a stream's times without running backwards.
+    recorded_until: float = field(default=0.0, compare=False)
 
     rules: ClassVar[Rules]
 

@@ -19,6 +19,7 @@ from .records import (
     Outcome,
     QueueStats,
     RecordedEvent,
+    ScheduledMessage,
 )
 from .routing import Binding, QueueInfo
 from .schema import SCHEMA_VERSION
@@ -39,6 +40,7 @@ __all__ = [
     "QueueInfo",
     "QueueStats",
     "RecordedEvent",
+    "ScheduledMessage",
     "fold_stream",
     "parse_url",
     "redact",

@@ -8,10 +8,11 @@ the package's own exceptions: nothing above this module sees ``sqlalchemy.exc``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -25,6 +26,7 @@ from ..exceptions import (
 from .dialects import Dialect, dialect_for
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 #: How often a lost race is retried before ConcurrencyConflict reaches the caller.
 CONFLICT_RETRIES = 20
@@ -54,10 +56,12 @@ def redact(url: str | sa.URL) -> str:
 
 @dataclass(frozen=True)
 class Tx:
-    """One write transaction: its connection and the time it decides with."""
+    """One write transaction: its connection, the time it decides with, and the
+    events it appended (for whoever watches commits)."""
 
     conn: sa.Connection
     now: float
+    appended: list[Any] = field(default_factory=list)
 
 
 class Database:
@@ -86,6 +90,8 @@ class Database:
             raise InvalidURL(f"cannot use {redact(self.url)}: {exc}") from None
         self.dialect.configure(self.engine)
         self._prepare = prepare
+        #: Called with the events of each transaction of our own once it commits.
+        self.committed: list[Callable[[list[Any]], None]] = []
         self._clock = clock
         self._clock_offset: float | None = None
         self._clock_measured = 0.0
@@ -142,7 +148,19 @@ class Database:
             else:
                 with self.engine.begin() as conn:
                     relaxed = not durable and self.async_commit
-                    yield Tx(conn, self._begin(conn, relaxed=relaxed))
+                    tx = Tx(conn, self._begin(conn, relaxed=relaxed))
+                    yield tx
+                if tx.appended:
+                    self._announce(tx.appended)
+
+    def _announce(self, appended: list[Any]) -> None:
+        """Tell the watchers what a transaction committed.  A watcher's failure is
+        logged, never raised: the commit has happened."""
+        for watcher in list(self.committed):
+            try:
+                watcher(appended)
+            except Exception:  # noqa: BLE001 - monitoring must not fail a write
+                logger.exception("a commit watcher failed")
 
     def _begin(self, conn: sa.Connection, *, relaxed: bool) -> float:
         if self._clock is not None:  # a test's clock

@@ -229,7 +229,11 @@ class Deliveries:
                 states[stream] = fold(stream, recs)
             except UnreadableStream as error:
                 logger.error("quarantined: %s", error)
-                self.log.quarantine(tx, error, max((r.version for r in recs), default=0))
+                self.log.quarantine(
+                    tx, error,
+                    max((r.version for r in recs), default=0),
+                    max((r.recorded_at for r in recs), default=0.0),
+                )
                 unreadable.add(stream)
         return states, unreadable
 

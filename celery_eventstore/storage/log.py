@@ -70,8 +70,8 @@ class EventLog:
         stops a read of many (folding its stream fails, with the position)."""
         metadata = None
         try:
-            event = lc.event_from(row.type, _decoded(row.data))
-            metadata = _decoded(row.metadata)
+            event = lc.event_from(row.type, decode_json(row.data))
+            metadata = decode_json(row.metadata)
         except (ValueError, CorruptStream) as exc:
             event = lc.Unreadable(type=str(row.type), reason=str(exc).splitlines()[0][:200])
         return RecordedEvent(
@@ -93,6 +93,20 @@ class EventLog:
         for row in conn.execute(self.queries.read_streams, {"streams": wanted}):
             found[row.stream_id].append(self.recorded(row))
         return found
+
+    def task_names(self, streams: Iterable[str]) -> dict[str, str]:
+        """The task name each stream's first publish recorded (streams without one
+        are left out)."""
+        wanted = sorted(set(streams))
+        names: dict[str, str] = {}
+        if not wanted:
+            return names
+        with self.db.read() as conn:
+            for row in conn.execute(self.queries.read_publishes, {"streams": wanted}):
+                metadata = self.recorded(row).metadata or {}
+                if row.stream_id not in names and isinstance(metadata.get("task"), str):
+                    names[row.stream_id] = metadata["task"]
+        return names
 
     def load_all(self, conn: sa.Connection, streams: Iterable[str]) -> dict[str, lc.JobState]:
         return {s: fold(s, recs) for s, recs in self.read_streams(conn, streams).items()}
@@ -155,12 +169,13 @@ class EventLog:
                 version=row["version"],
                 event=event,
                 metadata=row["metadata"],
-                recorded_at=tx.now,
+                recorded_at=row["recorded_at"],
             )
             for pos, row, event in zip(positions, rows, events, strict=True)
         ]
         project(tx.conn, self.queries, recorded, states)
         self._wake(tx, recorded, states)
+        tx.appended.extend(recorded)
         return recorded, states
 
     def _wake(
@@ -173,9 +188,12 @@ class EventLog:
         if finished:
             self.notifier.send(tx.conn, self.channels.results, finished)
 
-    def quarantine(self, tx: Tx, error: UnreadableStream, version: int) -> list[RecordedEvent]:
+    def quarantine(
+        self, tx: Tx, error: UnreadableStream, version: int, after: float = 0.0
+    ) -> list[RecordedEvent]:
         """Take an unreadable stream's messages out of the queue as dead letters,
-        recording why (``Quarantined``) after its last ``version``."""
+        recording why (``Quarantined``) after its last ``version``, recorded at
+        ``after`` (its last event's time) or later."""
         pending = tx.conn.execute(
             self.queries.pending_of_stream, {"stream": error.stream}
         ).all()
@@ -183,17 +201,19 @@ class EventLog:
         if not events:
             return []
         versions = [version + offset for offset in range(1, len(events) + 1)]
+        at = max(tx.now, after)
         rows = [
-            _event_row(error.stream, v, event, None, tx.now)
+            _event_row(error.stream, v, event, None, at)
             for v, event in zip(versions, events, strict=True)
         ]
         positions = tx.conn.execute(self.queries.append_returning, rows).scalars().all()
         recorded = [
-            RecordedEvent(pos, error.stream, v, event, None, tx.now)
+            RecordedEvent(pos, error.stream, v, event, None, at)
             for pos, v, event in zip(positions, versions, events, strict=True)
         ]
         project(tx.conn, self.queries, recorded, {})
         self.notifier.send(tx.conn, self.channels.results, [error.stream])
+        tx.appended.extend(recorded)
         return recorded
 
     def append(
@@ -264,10 +284,13 @@ def fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:
             )
         if isinstance(rec.event, lc.Unreadable):
             raise UnreadableStream(stream, rec.position, rec.event.reason)
-    return lc.fold(stream, (rec.event for rec in recorded))
+    state = lc.fold(stream, (rec.event for rec in recorded))
+    if recorded:
+        state = lc.replace(state, recorded_until=max(rec.recorded_at for rec in recorded))
+    return state
 
 
-def _decoded(value: Any) -> Any:
+def decode_json(value: Any) -> Any:
     """A JSON column's value: drivers decode PostgreSQL's jsonb, SQLite gives text."""
     return json.loads(value) if isinstance(value, (str, bytes)) else value
 
@@ -305,11 +328,26 @@ def _rows(
     events: list[lc.Event] = []
     states: dict[str, lc.JobState] = {}
     for state, decided_events, metadata in pending:
+        at = recorded_time(state, now)
         for offset, event in enumerate(decided_events, start=1):
-            rows.append(_event_row(state.stream, state.version + offset, event, metadata, now))
+            rows.append(_event_row(state.stream, state.version + offset, event, metadata, at))
             events.append(event)
-        states[state.stream] = evolve_all(state, decided_events)
+        states[state.stream] = lc.replace(
+            evolve_all(state, decided_events), recorded_until=at
+        )
     return rows, events, states
+
+
+def recorded_time(state: lc.JobState, now: float) -> float:
+    """The time to record a stream's next events at: the transaction's, unless
+    the stream already holds a later one.
+
+    A transaction reads the clock first and the stream later, so one that was
+    slow in between can append after an event of a transaction that read the
+    clock after it; a host's clock (SQLite) can also be stepped back.  A
+    stream's recorded times never run backwards.
+    """
+    return max(now, state.recorded_until)
 
 
 def _event_row(

@@ -15,9 +15,9 @@ from typing import Any
 from .. import lifecycle as lc
 from ..exceptions import CorruptStream, InvalidTransition, UnreadableStream
 from .database import Database
-from .log import EventLog, Pending, decided, evolve_all, fold
+from .log import EventLog, Pending, decided, decode_json, evolve_all, fold
 from .projection import project
-from .records import DeadLetter, QueueStats, RecordedEvent
+from .records import DeadLetter, QueueStats, RecordedEvent, ScheduledMessage
 
 #: ``progress(done, total)``: how a long operation reports how far it got.
 Progress = Callable[[int, int], None]
@@ -66,6 +66,20 @@ class Operations:
             for queue, count in conn.execute(self.queries.dead_counts):
                 stats[queue]["dead"] = count
         return [QueueStats(queue=q, **v) for q, v in sorted(stats.items())]
+
+    def scheduled(self, queues: Iterable[str], limit: int = 1000) -> list[ScheduledMessage]:
+        """Messages of ``queues`` waiting for their ETA, soonest first."""
+        wanted = sorted(set(queues))
+        if not wanted:
+            return []
+        with self.db.read() as conn:
+            rows = conn.execute(self.queries.scheduled_messages,
+                                {"queues": wanted, "now": self.db.now(), "limit": limit})
+            return [
+                ScheduledMessage(r.stream_id, r.delivery_id, r.queue, r.priority, r.not_before,
+                                 decode_json(r.data).get("message") or {})
+                for r in rows
+            ]
 
     def purge(self, queue: str, *, reason: str = "purged") -> int:
         """Discard every unclaimed message in ``queue``; returns how many."""
@@ -147,9 +161,11 @@ class Operations:
     # -- retention ---------------------------------------------------------------------
 
     def prune(
-        self, before: float, *, batch: int = 500, progress: Progress | None = None
+        self, before: float, *, batch: int = 500, progress: Progress | None = None,
+        dry_run: bool = False,
     ) -> int:
         """Delete whole streams whose last event is older than ``before``; returns how many.
+        With ``dry_run`` nothing is deleted: it returns how many would be.
 
         A stream with a message still pending (ready, scheduled or claimed) or a
         dead letter nobody retried or purged is kept.
@@ -167,7 +183,7 @@ class Operations:
         pruned = examined = 0
         after = ""
         while True:
-            candidates, doomed = self._prune_batch(before, after, batch)
+            candidates, doomed = self._prune_batch(before, after, batch, dry_run)
             if not candidates:
                 return pruned
             after = candidates[-1]
@@ -176,25 +192,37 @@ class Operations:
                 examined += len(candidates)
                 progress(examined, max(total, examined))
 
-    def _prune_batch(self, before: float, after: str, batch: int) -> tuple[list[str], int]:
-        q = self.queries
+    def _prune_batch(
+        self, before: float, after: str, batch: int, dry_run: bool = False
+    ) -> tuple[list[str], int]:
+        if dry_run:
+            with self.db.read() as conn:
+                candidates, doomed = self._prunable(conn, before, after, batch)
+                return candidates, len(doomed)
         with self.db.write() as tx:
-            conn = tx.conn
-            candidates = list(conn.execute(
-                q.old_streams, {"before": before, "after": after, "limit": batch}
-            ).scalars())
-            if not candidates:
-                return [], 0
-            keep = set(conn.execute(
-                q.recent_streams, {"streams": candidates, "before": before}
-            ).scalars())
-            # Pending messages and unhandled dead letters keep their stream.
-            keep |= set(conn.execute(q.pending_streams, {"streams": candidates}).scalars())
-            doomed = [s for s in candidates if s not in keep]
+            candidates, doomed = self._prunable(tx.conn, before, after, batch)
             if doomed:
-                for statement in q.delete_streams:
-                    conn.execute(statement, {"streams": doomed})
+                for statement in self.queries.delete_streams:
+                    tx.conn.execute(statement, {"streams": doomed})
             return candidates, len(doomed)
+
+    def _prunable(
+        self, conn: Any, before: float, after: str, batch: int
+    ) -> tuple[list[str], list[str]]:
+        """The next ``batch`` streams with an event older than ``before`` (after
+        ``after``), and those of them that may go."""
+        q = self.queries
+        candidates = list(conn.execute(
+            q.old_streams, {"before": before, "after": after, "limit": batch}
+        ).scalars())
+        if not candidates:
+            return [], []
+        keep = set(conn.execute(
+            q.recent_streams, {"streams": candidates, "before": before}
+        ).scalars())
+        # Pending messages and unhandled dead letters keep their stream.
+        keep |= set(conn.execute(q.pending_streams, {"streams": candidates}).scalars())
+        return candidates, [s for s in candidates if s not in keep]
 
     # -- projections -----------------------------------------------------------------
 

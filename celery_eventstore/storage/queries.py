@@ -59,6 +59,12 @@ class Queries:
             events.where(ev.c.position > sa.bindparam("after"))
             .order_by(ev.c.position).limit(sa.bindparam("limit", type_=sa.Integer))
         )
+        #: ``streams``: the publishes of those streams (their metadata names the
+        #: task), in stream then version order.
+        self.read_publishes = (
+            events.where(ev.c.stream_id.in_(_many("streams")), ev.c.type == "Published")
+            .order_by(ev.c.stream_id, ev.c.version)
+        )
         #: ``positions``: the events at those positions that are committed.
         self.read_positions = (
             events.where(ev.c.position.in_(_many("positions"))).order_by(ev.c.position)
@@ -166,6 +172,24 @@ class Queries:
             sa.select(dl)
             .where(sa.or_(queue.is_(None), dl.c.queue == queue))
             .order_by(dl.c.position).limit(sa.bindparam("limit", type_=sa.Integer))
+        )
+        #: ``queues``, ``now``, ``limit``: messages waiting for their ETA, soonest
+        #: first, with the publish that holds the body (``inspect scheduled``).
+        self.scheduled_messages = (
+            sa.select(
+                msgs.c.stream_id, msgs.c.delivery_id, msgs.c.queue, msgs.c.priority,
+                # When it becomes claimable: its ETA, or a requeue's countdown.
+                msgs.c.available_at.label("not_before"),
+                sa.type_coerce(ev.c.data, sa.Text).label("data"),
+            )
+            .join(ev, ev.c.position == msgs.c.seq)
+            .where(
+                msgs.c.queue.in_(_many("queues")),
+                msgs.c.claim_id.is_(None),
+                msgs.c.available_at > now,
+            )
+            .order_by(msgs.c.available_at, msgs.c.seq)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
         )
         #: ``delivery``: the stream of a dead letter.
         self.dead_letter_stream = sa.select(dl.c.stream_id).where(

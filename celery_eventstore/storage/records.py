@@ -62,6 +62,18 @@ class ClaimedMessage:
 
 
 @dataclass(frozen=True)
+class ScheduledMessage:
+    """A message the store holds until its ETA (``not_before``)."""
+
+    stream: str
+    delivery: str
+    queue: str
+    priority: int
+    not_before: float
+    message: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class ClaimRef:
     """What a consumer keeps to settle or renew a claim later."""
 

@@ -55,9 +55,13 @@ from .records import (
     Outcome,
     QueueStats,
     RecordedEvent,
+    ScheduledMessage,
 )
 from .routing import Binding, QueueInfo, Routing
 from .schema import SCHEMA_VERSION, Tables, make_tables
+
+#: The tables' prefix unless one is given.
+DEFAULT_TABLE_PREFIX = "eventstore_"
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "EventStore", "Progress", "parse_url", "redact"]
 
@@ -95,7 +99,7 @@ class EventStore:
         self,
         url: str | sa.URL,
         *,
-        table_prefix: str = "eventstore_",
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
         schema: str | None = None,
         clock: Callable[[], float] | None = None,
         auto_migrate: bool = False,
@@ -194,6 +198,13 @@ class EventStore:
         with self.db.translate_errors():
             return self.notifier.listen(self.engine, [channel])
 
+    def watch(self, watcher: Callable[[list[RecordedEvent]], None]) -> None:
+        """Call ``watcher`` with the events of each of the store's own write
+        transactions once it has committed (not of those joined to a caller's
+        connection: their commit is the caller's).  Its errors are logged."""
+        if watcher not in self.db.committed:
+            self.db.committed.append(watcher)
+
     def now(self) -> float:
         """Epoch seconds by the store's clock (the database's on PostgreSQL)."""
         return self.db.now()
@@ -223,15 +234,29 @@ class EventStore:
         """The SQL :meth:`migrate` would run from ``from_version``, for a DBA to review."""
         return self._migrator.script(self.engine.dialect, from_version)
 
+    def migrate_command(self) -> str:
+        """The command line that migrates this store's schema (its options before
+        the sub-command, where the CLI takes them).  The URL stays a placeholder:
+        it may hold a password."""
+        options = ["--url URL"]
+        if self.table_prefix != DEFAULT_TABLE_PREFIX:
+            options.append(f"--table-prefix {self.table_prefix}")
+        if self.schema:
+            options.append(f"--schema {self.schema}")
+        return f"celery-eventstore {' '.join(options)} migrate"
+
     def check_schema(self) -> None:
         """Raise unless the schema is exactly the version this code expects."""
         version = self.schema_version()
         if version == 0:
-            raise SchemaMissing()
+            raise SchemaMissing(
+                f"the event store's tables do not exist in this database: run "
+                f"`{self.migrate_command()}` (or enable auto_migrate)"
+            )
         if version < SCHEMA_VERSION:
             raise SchemaOutdated(
                 f"the event store's schema is at version {version}, this code needs "
-                f"{SCHEMA_VERSION}: run `celery-eventstore migrate --url URL`"
+                f"{SCHEMA_VERSION}: run `{self.migrate_command()}`"
             )
         if version > SCHEMA_VERSION:
             raise SchemaTooNew()
@@ -250,7 +275,7 @@ class EventStore:
                 raise behind(
                     f"the event store's schema is at version {version}, this code needs "
                     f"{SCHEMA_VERSION}, and auto_migrate could not migrate it ({exc}): run "
-                    "`celery-eventstore migrate --url URL` as a role that may change the "
+                    f"`{self.migrate_command()}` as a role that may change the "
                     "schema (see 'Database roles' in the operations docs)"
                 ) from exc
         self.check_schema()
@@ -269,6 +294,10 @@ class EventStore:
         if not self.names.stream.fits(stream):
             return fold(stream, ())
         return self.log.load(stream)
+
+    def task_names(self, streams: Iterable[str]) -> dict[str, str]:
+        """``stream -> task name`` as the first publish of each stream recorded it."""
+        return self.log.task_names(self.names.stream.storable(streams))
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Events of every stream with a position above ``after``, in log order."""
@@ -386,6 +415,10 @@ class EventStore:
     def queue_stats(self) -> list[QueueStats]:
         return self.operations.queue_stats()
 
+    def scheduled(self, queues: Iterable[str], limit: int = 1000) -> list[ScheduledMessage]:
+        """Messages of ``queues`` held until their ETA, soonest first."""
+        return self.operations.scheduled(self.names.queue.storable(queues), limit)
+
     def purge(self, queue: str, *, reason: str = "purged") -> int:
         self.names.queue.check(queue)
         return self.operations.purge(queue, reason=reason)
@@ -413,9 +446,10 @@ class EventStore:
         return self.operations.results(self.names.stream.storable(streams))
 
     def prune(
-        self, before: float, *, batch: int = 500, progress: Progress | None = None
+        self, before: float, *, batch: int = 500, progress: Progress | None = None,
+        dry_run: bool = False,
     ) -> int:
-        return self.operations.prune(before, batch=batch, progress=progress)
+        return self.operations.prune(before, batch=batch, progress=progress, dry_run=dry_run)
 
     def rebuild(
         self,

@@ -365,7 +365,9 @@ def test_python_api_answers_what_the_commands_print(data: Data) -> None:
         for age in ages:  # a moment apart
             assert getattr(s, age) == (None if p[age] is None else pytest.approx(p[age], abs=2))
     letters = data.store.dead_letters()
-    assert json.loads(data.cli("dead", "--json").output) == [vars(d) for d in letters]
+    printed_letters = json.loads(data.cli("dead", "--json").output)
+    names = data.store.task_names(d.stream for d in letters)
+    assert printed_letters == [{**vars(d), "task_name": names[d.stream]} for d in letters]
 
 
 # -- revoke ------------------------------------------------------------------------------
@@ -410,14 +412,16 @@ def test_dead_letters_listed_retried_and_purged(data: Data) -> None:
     listed = data.celery("dead").stdout.splitlines()
     assert len(listed) == 3
     letters = {d.stream: d for d in data.store.dead_letters()}
+    names = data.store.task_names(letters)
     for line in listed:
-        delivery, task, queue, _, reason = line.split(maxsplit=4)
-        letter = letters[task.removeprefix("task=")]
-        assert (delivery, queue, reason) == (
-            letter.delivery, f"queue={letter.queue}", "reason=rejected by the consumer",
+        delivery, task, stream, queue, _, reason = line.split(maxsplit=5)
+        letter = letters[stream.removeprefix("id=")]
+        assert (delivery, task, queue, reason) == (
+            letter.delivery, f"task={names[letter.stream]}", f"queue={letter.queue}",
+            "reason=rejected by the consumer",
         )  # fmt: skip
     assert [d["stream"] for d in json.loads(data.cli("dead", "--json").output)] == [
-        line.split()[1].removeprefix("task=") for line in listed
+        line.split()[2].removeprefix("id=") for line in listed
     ]
     poisoned = data.cli("dead", "--queue", cliproj.POISON_QUEUE).output
     assert poisoned.count("\n") == 1 and ids["poison_purge"] in poisoned

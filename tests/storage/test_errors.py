@@ -53,6 +53,6 @@ def test_sqlite_in_a_missing_directory_is_unavailable(tmp_path):
 
 def test_missing_schema_says_how_to_create_it(tmp_path):
     store = EventStore(f"sqlite:///{tmp_path / 'empty.db'}")
-    with pytest.raises(SchemaMissing, match="celery-eventstore migrate"):
+    with pytest.raises(SchemaMissing, match=r"`celery-eventstore --url URL migrate`"):
         store.publish([NewMessage(stream="t", queue="q", message={})])
     assert store.schema_version() == 0
