@@ -22,6 +22,7 @@ from ..exceptions import (
     DatabaseUnavailable,
     InvalidURL,
 )
+from .borrowed import Lenders
 from .dialects import Dialect, dialect_for
 
 T = TypeVar("T")
@@ -85,6 +86,8 @@ class Database:
         except (sa.exc.ArgumentError, ImportError) as exc:
             raise InvalidURL(f"cannot use {redact(self.url)}: {exc}") from None
         self.dialect.configure(self.engine)
+        #: Engines for callers' own DB-API connections (atomic enqueue).
+        self.lenders = Lenders(self.engine, self.dialect.engine_options)
         self._prepare = prepare
         self._clock = clock
         self._clock_offset: float | None = None
@@ -143,6 +146,15 @@ class Database:
                 with self.engine.begin() as conn:
                     relaxed = not durable and self.async_commit
                     yield Tx(conn, self._begin(conn, relaxed=relaxed))
+
+    @contextlib.contextmanager
+    def borrow(self, dbapi_connection: Any, url: sa.URL) -> Iterator[sa.Connection]:
+        """A ``Connection`` over a caller's DB-API connection (of ``url``'s driver)
+        that runs statements and never controls its transaction (:mod:`.borrowed`)."""
+        with self.translate_errors():
+            lender = self.lenders.lender(url.drivername)
+        with lender.lend(dbapi_connection) as conn:
+            yield conn
 
     def _begin(self, conn: sa.Connection, *, relaxed: bool) -> float:
         if self._clock is not None:  # a test's clock

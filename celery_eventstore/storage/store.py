@@ -39,6 +39,7 @@ from ..exceptions import (
     SchemaTooNew,
     UnreadableStream,
 )
+from .borrowed import ConnectionInfo
 from .database import Database, parse_url, redact
 from .deliveries import DEFAULT_MAX_MESSAGE_SIZE, Deliveries
 from .log import Channels, EventLog, fold
@@ -177,6 +178,15 @@ class EventStore:
         must commit together (pass it as ``connection=``)."""
         with self.db.write() as tx:
             yield tx.conn
+
+    @contextlib.contextmanager
+    def borrow(self, dbapi_connection: Any, info: ConnectionInfo) -> Iterator[sa.Connection]:
+        """A ``Connection`` over a caller's DB-API connection (described by
+        :func:`~.dialects.describe_connection` as ``info``) to pass as ``connection=``:
+        the store's statements join the caller's transaction, and the store never
+        begins, commits, rolls back or reconfigures it."""
+        with self.db.borrow(dbapi_connection, info.url) as conn:
+            yield conn
 
     @contextlib.contextmanager
     def _write(
