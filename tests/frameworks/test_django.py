@@ -150,3 +150,19 @@ def _published(shop: Shop) -> Counter[str]:
         out.update(r.stream for r in page if r.type == "Published" and r.stream.startswith("job-"))
         after = page[-1].position
     return out
+
+
+@pytest.mark.parametrize("automatic", [True, False], ids=["automatic", "explicit"])
+def test_what_a_django_testcase_sees(shop: Shop, automatic: bool) -> None:
+    """TestCase wraps each test in a transaction it rolls back.  Automatic mode
+    publishes into that transaction, so the jobs vanish with it; without it a
+    publish commits on its own and outlives the test."""
+    if shop.broker.dialect == "sqlite" and not automatic:
+        pytest.skip("on SQLite a publish outside the test's transaction waits for its lock")
+    shop.set_automatic(automatic)
+    answer = shop.run("testcase")
+    assert answer["ok"], answer
+    for order in ("testcase", "testcase-on-commit"):
+        published = [r.type for r in shop.broker.events(f"job-{order}")]
+        assert published == ([] if automatic else ["Published"]), order
+    assert shop.orders() == set()
