@@ -14,6 +14,7 @@ if ACCEPTANCE not in sys.path:
     sys.path.insert(0, ACCEPTANCE)
 
 from harness import (  # noqa: E402, F401 - fixtures and hooks pytest finds here
+    broker,
     pytest_runtest_makereport,
     start_worker,
 )
