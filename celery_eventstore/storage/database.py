@@ -78,6 +78,8 @@ class Database:
         prepare: Callable[[], None] = lambda: None,
     ) -> None:
         self.dialect: Dialect = dialect_for(url)
+        #: The URL as given: it may name no driver (``postgresql://``).
+        self.given_url = url
         self.url = self.dialect.normalize_url(url)
         self.async_commit = async_commit
         options = {**self.dialect.engine_options(self.url), **(engine_options or {})}
@@ -95,6 +97,22 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def describe_driver(self) -> str:
+        """The DB-API driver in use with its version, and, for a URL that names no
+        driver, which one that means here and which one SQLAlchemy would pick."""
+        name = self.url.get_driver_name()
+        dbapi = self.engine.dialect.dbapi
+        version = getattr(dbapi, "__version__", None) or getattr(dbapi, "sqlite_version", "")
+        text = f"{name} {str(version).split(' ')[0]}".strip()
+        given = self.given_url.drivername
+        default = self.given_url.get_dialect().driver  # what sa.create_engine() picks
+        if "+" in given or default == name:
+            return text
+        return (
+            f"{text} ({given}:// names no driver: the store uses {name}, while "
+            f"sa.create_engine('{given}://...') picks {default})"
+        )
 
     def after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""

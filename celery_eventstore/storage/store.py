@@ -142,6 +142,11 @@ class EventStore:
         """``"postgresql"`` or ``"sqlite"``."""
         return self.db.dialect.name
 
+    def driver(self) -> str:
+        """The DB-API driver the store talks through, its version, and what a URL
+        without a driver resolves to (``postgresql://`` is psycopg2 here)."""
+        return self.db.describe_driver()
+
     @property
     def single_writer(self) -> bool:
         """One writer at a time for the whole database (SQLite): a caller must not keep
