@@ -59,6 +59,7 @@ def create_app() -> Flask:
         options["connect_args"] = {"timeout": 30}
     app.config["SQLALCHEMY_DATABASE_URI"] = url
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
+    # [flask]
     db.init_app(app)
     # The one line that makes every publish during a request join db.session.
     atomic_requests(app, db.session, celery)
@@ -69,11 +70,12 @@ def create_app() -> Flask:
         db.session.flush()
         receipt.apply_async([order_id], task_id=f"job-{order_id}")
         if request.args.get("fail"):
-            abort(500)  # the request ends without a commit
+            abort(500)  # the request ends without a commit: no order, no job
         if request.args.get("sleep"):
             time.sleep(float(request.args["sleep"]))
-        db.session.commit()
+        db.session.commit()  # the order and its job, together
         return {"id": order_id}
+    # [flask]
 
     return app
 

@@ -49,8 +49,15 @@ def publish(order_id: str) -> str:
     """Publish the order's receipt as the application's mode has it."""
     if AUTOMATIC:
         return str(receipt.apply_async([order_id], task_id=job_id(order_id)).id)
-    with atomic(connection):
-        return str(receipt.apply_async([order_id], task_id=job_id(order_id)).id)
+    return publish_explicitly(order_id)
+
+
+def publish_explicitly(order_id: str) -> str:
+    # [explicit]
+    with atomic(connection):  # django.db.connection: joins its transaction
+        result = receipt.apply_async([order_id], task_id=job_id(order_id))
+    # [explicit]
+    return str(result.id)
 
 
 def rolled_back(block: Callable[[], None]) -> None:
@@ -69,9 +76,11 @@ def outcomes(plain: bool = True) -> dict[str, Any]:
     driver = connection.Database.__name__.split(".")[0]
     out: dict[str, Any] = {"vendor": connection.vendor, "module": driver}
 
-    with transaction.atomic():  # commit
+    # [commit]
+    with transaction.atomic():
         Order.objects.create(id="commit")
-        publish("commit")
+        publish("commit")  # automatic mode: receipt.apply_async(["commit"], ...)
+    # [commit]
 
     def rollback() -> None:
         Order.objects.create(id="rollback")
@@ -79,15 +88,18 @@ def outcomes(plain: bool = True) -> dict[str, Any]:
 
     rolled_back(rollback)
 
-    with transaction.atomic():  # an inner savepoint rolled back, the outer block commits
+    # [savepoint]
+    with transaction.atomic():  # the outer block commits...
         Order.objects.create(id="outer")
         publish("outer")
-
-        def inner() -> None:
-            Order.objects.create(id="inner")
-            publish("inner")
-
-        rolled_back(inner)
+        try:
+            with transaction.atomic():  # ...its savepoint rolls back
+                Order.objects.create(id="inner")
+                publish("inner")
+                raise Rollback()
+        except Rollback:
+            pass
+    # [savepoint]
 
     try:  # outside any atomic block
         publish("outside")
@@ -95,9 +107,11 @@ def outcomes(plain: bool = True) -> dict[str, Any]:
         out["outside"] = f"{type(exc).__name__}: {exc}"
         receipt.apply_async(["outside"], task_id=job_id("outside"))
 
-    with transaction.atomic():  # Celery's own habit: publish after commit
+    # [on-commit]
+    with transaction.atomic():  # Celery's own habit: publish after the commit
         Order.objects.create(id="on-commit")
         receipt.apply_async_on_commit(["on-commit"], task_id=job_id("on-commit"))
+    # [on-commit]
 
     def on_commit_rolled_back() -> None:
         Order.objects.create(id="on-commit-rollback")

@@ -10,8 +10,10 @@ DATABASES = {"default": json.loads(os.environ["SHOP_DATABASE"])}
 
 INSTALLED_APPS = ["shop"]
 if os.environ.get("SHOP_AUTOMATIC") == "1":
+    # [automatic]
     # The one setting that makes every publish inside transaction.atomic() join it.
     INSTALLED_APPS.append("celery_eventstore.contrib.django")
+    # [automatic]
 
 CELERY_BROKER_URL = os.environ["ACCEPTANCE_BROKER_URL"]
 CELERY_BROKER_TRANSPORT_OPTIONS = json.loads(os.environ["ACCEPTANCE_TRANSPORT_OPTIONS"])
