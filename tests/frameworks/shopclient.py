@@ -130,6 +130,42 @@ def outcomes(plain: bool = True) -> dict[str, Any]:
     return out
 
 
+def checks() -> dict[str, Any]:
+    """What atomic() refuses, and what the automatic mode leaves alone."""
+    from django.db import connections
+
+    from celery_eventstore.enqueue import AtomicEnqueueError
+
+    out: dict[str, Any] = {}
+
+    def refused(name: str, block: Callable[[], None]) -> None:
+        try:
+            block()
+        except AtomicEnqueueError as exc:
+            out[name] = str(exc)
+
+    def other_database() -> None:
+        with transaction.atomic(using="other"), atomic(connections["other"]):
+            receipt.apply_async(["other"], task_id=job_id("other"))
+
+    def marked_for_rollback() -> None:
+        with transaction.atomic():
+            transaction.set_rollback(True)
+            with atomic(connection):
+                receipt.apply_async(["marked"], task_id=job_id("marked"))
+
+    refused("other", other_database)
+    refused("marked", marked_for_rollback)
+    if AUTOMATIC:  # an atomic block on another database is not the broker's transaction
+        try:
+            with transaction.atomic(using="other"):
+                receipt.apply_async(["unrelated"], task_id=job_id("unrelated"))
+                raise Rollback()
+        except Rollback:
+            pass
+    return out
+
+
 def migrate() -> dict[str, Any]:
     call_command("migrate", run_syncdb=True, verbosity=0)
     return {}
@@ -186,6 +222,7 @@ def race(config: dict[str, Any]) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "migrate": migrate,
     "outcomes": outcomes,
+    "checks": checks,
     "testcase": testcase,
     "race": race,
 }

@@ -166,3 +166,18 @@ def test_what_a_django_testcase_sees(shop: Shop, automatic: bool) -> None:
         published = [r.type for r in shop.broker.events(f"job-{order}")]
         assert published == ([] if automatic else ["Published"]), order
     assert shop.orders() == set()
+
+
+@pytest.mark.parametrize("automatic", [True, False], ids=["automatic", "explicit"])
+def test_what_atomic_refuses_through_django(
+    shop: Shop, automatic: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOP_OTHER_DATABASE", str(tmp_path / "other.db"))
+    shop.set_automatic(automatic)
+    answer = shop.run("checks")
+    assert "can only join a transaction on the same database" in answer["other"], answer
+    assert "marked for rollback" in answer["marked"], answer
+    for order in ("other", "marked"):
+        assert shop.broker.events(f"job-{order}") == []
+    if automatic:  # published on its own: the other database's rollback is not ours
+        assert [r.type for r in shop.broker.events("job-unrelated")] == ["Published"]

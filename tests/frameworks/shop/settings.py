@@ -7,6 +7,10 @@ SECRET_KEY = "framework-tests-only"
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 DATABASES = {"default": json.loads(os.environ["SHOP_DATABASE"])}
+if os.environ.get("SHOP_OTHER_DATABASE"):  # a database that is not the broker's
+    DATABASES["other"] = {
+        "ENGINE": "django.db.backends.sqlite3", "NAME": os.environ["SHOP_OTHER_DATABASE"],
+    }
 
 INSTALLED_APPS = ["shop"]
 if os.environ.get("SHOP_AUTOMATIC") == "1":
