@@ -165,3 +165,16 @@ def test_a_naive_engine_is_caught(store: EventStore, caller: Caller) -> None:
     else:
         assert [s for s in caller.traced if _CONTROL.match(s)]
     assert caller.orders() == set(), "the naive engine's rollback discarded the caller's write"
+
+
+def test_a_connection_through_the_unix_socket_is_on_the_local_server() -> None:
+    """psycopg reports a socket connection's host as the socket's directory; the
+    store's URL names no host for the same server."""
+    from celery_eventstore.storage.dialects import dialect_for
+
+    store_url = sa.make_url("postgresql://app@/app")
+    dialect = dialect_for(store_url)
+    socket = sa.URL.create("postgresql+psycopg2", host="/var/run/postgresql", database="app")
+    assert dialect.same_database(socket, store_url)
+    assert not dialect.same_database(socket.set(database="other"), store_url)
+    assert not dialect.same_database(socket.set(host="db.example"), store_url)

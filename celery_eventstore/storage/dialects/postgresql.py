@@ -70,7 +70,11 @@ class PostgreSQLDialect(Dialect):
 
     def same_database(self, a: sa.URL, b: sa.URL) -> bool:
         def where(url: sa.URL) -> tuple[str, int, str | None]:
-            return (url.host or "localhost", url.port or 5432, url.database)
+            # No host, or a Unix socket's directory (what a connection made through
+            # the socket reports as its host), is this machine's server.
+            host = url.host or ""
+            local = not host or host.startswith("/")
+            return ("localhost" if local else host, url.port or 5432, url.database)
 
         return where(a) == where(b)
 
