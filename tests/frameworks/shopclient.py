@@ -79,7 +79,7 @@ def outcomes(plain: bool = True) -> dict[str, Any]:
     # [commit]
     with transaction.atomic():
         Order.objects.create(id="commit")
-        publish("commit")  # automatic mode: receipt.apply_async(["commit"], ...)
+        publish("commit")  # joins the block: committed with the order
     # [commit]
 
     def rollback() -> None:
