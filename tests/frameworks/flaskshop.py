@@ -80,7 +80,7 @@ def create_app() -> Flask:
     return app
 
 
-@celery.task(name="flaskshop.receipt")
+@celery.task(name="flaskshop.receipt", shared=False)
 def receipt(order_id: str) -> None:
     with create_app().app_context():
         exists = db.session.get(Order, order_id) is not None
