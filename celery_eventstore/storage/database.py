@@ -88,8 +88,18 @@ class Database:
         except (sa.exc.ArgumentError, ImportError) as exc:
             raise InvalidURL(f"cannot use {redact(self.url)}: {exc}") from None
         self.dialect.configure(self.engine)
-        #: Engines for callers' own DB-API connections (atomic enqueue).
-        self.lenders = Lenders(self.engine, self.dialect.engine_options)
+        #: Engines for callers' own DB-API connections (atomic enqueue).  Another
+        #: driver's dialect is set up on a connection made with the application's
+        #: connect_args (SSL, server options), not its pool settings.
+        connect_args = (engine_options or {}).get("connect_args")
+
+        def lender_options(url: sa.URL) -> dict[str, Any]:
+            options = self.dialect.engine_options(url)
+            if connect_args:
+                options["connect_args"] = {**options.get("connect_args", {}), **connect_args}
+            return options
+
+        self.lenders = Lenders(self.engine, lender_options)
         self._prepare = prepare
         self._clock = clock
         self._clock_offset: float | None = None

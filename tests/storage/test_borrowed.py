@@ -47,9 +47,11 @@ def store(db: tuple[Any, dict[str, Any]]) -> Iterator[EventStore]:
 class Caller:
     """An application's connection with its own table and an open transaction."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, driver: str | None = None) -> None:
         self.store = store
         url = store.url
+        if driver is not None:
+            url = url.set(drivername=f"postgresql+{driver}")
         self.schema = store.schema
         self.traced: list[str] = []
         if url.get_backend_name() == "sqlite":
@@ -134,6 +136,37 @@ def test_the_store_writes_inside_the_callers_transaction_and_nothing_more(
     assert published == (["Published", "Published"] if outcome == "commit" else [])
     assert store.queue_size("q") == (4 if outcome == "commit" else 0)
     assert caller.orders() == ({"o1"} if outcome == "commit" else set())
+
+
+@pytest.mark.parametrize(("store_driver", "caller_driver"),
+                         [("psycopg2", "psycopg"), ("psycopg", "psycopg2")])
+def test_a_caller_on_the_other_postgresql_driver(
+    postgresql_db: tuple[str, dict[str, Any]], store_driver: str, caller_driver: str
+) -> None:
+    """The store's dialect is psycopg2's and Django's connection is psycopg 3's (or the
+    reverse): the other driver's dialect is set up on a connection of the store's,
+    made with the application's connect_args."""
+    url, options = postgresql_db
+    store = EventStore(
+        sa.make_url(url).set(drivername=f"postgresql+{store_driver}"),
+        engine_options={"connect_args": {"application_name": "eventstore-lender"}},
+        **options,
+    )
+    store.migrate()
+    caller = Caller(store, caller_driver)
+    try:
+        caller.run(f"INSERT INTO {caller.table} VALUES ('o1')")
+        before = caller.fingerprint()
+        info = describe_connection(caller.conn)
+        assert info is not None and info.url.get_driver_name() == caller_driver
+        with store.borrow(caller.conn, info) as conn:
+            _publish(store, conn, "job-o1")
+        assert caller.fingerprint() == before
+        caller.conn.commit()
+        assert [r.type for r in store.read_stream("job-o1")] == ["Published", "Published"]
+    finally:
+        caller.conn.close()
+        store.close()
 
 
 def test_an_autocommit_connection_has_no_transaction_to_join(
