@@ -57,7 +57,12 @@ if str(_ROOT) not in sys.path:
 
 import celery_eventstore  # noqa: E402
 from celery_eventstore import lifecycle as lc  # noqa: E402
-from celery_eventstore.storage import EventStore, NewMessage, Outcome  # noqa: E402
+from celery_eventstore.storage import (  # noqa: E402
+    EventStore,
+    NewMessage,
+    Outcome,
+    describe_connection,
+)
 
 DEFAULT_POSTGRESQL_URL = os.environ.get(
     "CELERY_EVENTSTORE_TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -504,9 +509,58 @@ def bench_history(target: Target, cfg: Config, report: DialectReport) -> None:
         report.results += [report.control_fresh, report.control_filled]
 
 
+def dbapi_connect(url: sa.URL) -> Any:
+    """An application's own DB-API connection (not the store's), by the URL's driver."""
+    if url.get_backend_name() == "sqlite":
+        return sqlite3.connect(url.database or "", timeout=30)
+    driver = __import__(url.get_driver_name())
+    return driver.connect(host=url.host, port=url.port, user=url.username,
+                          password=url.password, dbname=url.database)
+
+
+def bench_atomic(target: Target, cfg: Config, report: DialectReport) -> None:
+    """One publish joined to the caller's transaction, then the caller's commit:
+    through a SQLAlchemy Connection, and through a borrowed DB-API connection (what
+    Django's connection goes through)."""
+    with open_store(target, "bj_") as (store, _):
+        ids = Ids("atomic")
+        engine = sa.create_engine(target.url, connect_args=(
+            {"timeout": 30} if target.url.get_backend_name() == "sqlite" else {}
+        ))
+        raw = dbapi_connect(store.url)
+        try:
+
+            def op_connection() -> int:
+                with engine.connect() as conn, conn.begin():
+                    store.publish(messages(ids, "bench.atomic", 1), connection=conn)
+                return 1
+
+            def op_borrowed() -> int:
+                info = describe_connection(raw)
+                assert info is not None
+                with store.borrow(raw, info) as conn:
+                    store.publish(messages(ids, "bench.atomic", 1), connection=conn)
+                raw.commit()
+                return 1
+
+            # The borrowed engine is not the store's: its statements are not counted.
+            results = measure_interleaved(
+                Workload(target.label, "atomic publish 1 + commit, SQLAlchemy Connection",
+                         "publishes", op_connection, None),
+                Workload(target.label, "atomic publish 1 + commit, borrowed DB-API",
+                         "publishes", op_borrowed, None),
+                cfg,
+            )
+            report.results.extend(results)
+        finally:
+            raw.close()
+            engine.dispose()
+
+
 def run_dialect(target: Target, cfg: Config, report: DialectReport) -> None:
     log(f"[{target.label}]")
     bench_append(target, cfg, report)
+    bench_atomic(target, cfg, report)
     if target.is_postgresql:
         bench_raw(target, cfg, report)
     bench_cycles(target, cfg, report)

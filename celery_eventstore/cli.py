@@ -126,10 +126,11 @@ def migrate(ctx: click.Context, sql: bool) -> None:
 @eventstore.command()
 @click.pass_context
 def check(ctx: click.Context) -> None:
-    """Connectivity, schema version, wake-ups, clock skew, and unreadable events in the log."""
+    """Connectivity, driver, schema version, wake-ups, clock skew, and unreadable events."""
     store = _store(ctx)
     store.ping()
     click.echo(f"database   {store!r}")
+    click.echo(f"driver     {store.driver()}")
     click.echo(f"schema     version {store.schema_version()}")
     skew = store.clock_skew()
     click.echo(f"clock skew {skew * 1000:+.1f} ms (database minus this host)")

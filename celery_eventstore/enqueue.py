@@ -12,44 +12,144 @@
 Inside the block every task published to an event-store broker on the same
 database joins the caller's transaction: the job exists if and only if the
 transaction commits, and workers are woken at commit.
+
+``atomic`` takes a SQLAlchemy ``Connection`` or ``Session`` (a scoped session
+too), a Django connection (``django.db.connection``, ``connections[alias]``) or a
+DB-API connection (psycopg2, psycopg 3, sqlite3).  A Session or scoped session is
+asked for its connection at each publish, so one ``atomic`` block can span a whole
+unit of work (a web request) whose transactions come and go.  Without any
+``atomic`` block, an automatic binding may apply: the Django app
+``celery_eventstore.contrib.django`` registers one that joins the transaction of
+Django's open ``transaction.atomic()`` block (:func:`join_automatically`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
 from .exceptions import EventStoreError
-from .storage import BROKER_PREFIX, EventStore, redact
+from .storage import ABORTED, BROKER_PREFIX, NONE, EventStore, describe_connection, redact
 
 
 class AtomicEnqueueError(EventStoreError):
     """A task could not join the caller's transaction; nothing was published."""
 
 
-_bound: contextvars.ContextVar[sa.Connection | None] = contextvars.ContextVar(
+class Binding(Protocol):
+    """Something a publish can join: it yields the connection to write through."""
+
+    def joined(self, store: EventStore) -> contextlib.AbstractContextManager[sa.Connection]:
+        """The caller's connection for ``store``, checked (same database, a
+        transaction open), or :class:`AtomicEnqueueError`."""
+        ...
+
+
+#: Finds the binding a publish joins when no ``atomic`` block is open, or None.
+AutomaticBinding = Callable[[EventStore], "Binding | None"]
+
+_bound: contextvars.ContextVar[Binding | None] = contextvars.ContextVar(
     "celery_eventstore_atomic", default=None
 )
+_automatic: list[AutomaticBinding] = []
 
 
-def _connection_of(target: Any) -> sa.Connection:
-    if isinstance(target, sa.Connection):
-        return target
-    connection = getattr(target, "connection", None)
-    if callable(connection):  # a Session: its connection for the store's engine
-        conn = connection()
-        if isinstance(conn, sa.Connection):
-            return conn
-    raise TypeError(f"atomic() takes a SQLAlchemy Connection or Session, not {target!r}")
+def _different_database(what: Any, store: EventStore) -> AtomicEnqueueError:
+    return AtomicEnqueueError(
+        f"atomic() was given a connection to {redact(what)}, but the broker "
+        f"stores its jobs in {redact(store.url)}: a task can only join a transaction "
+        "on the same database"
+    )
+
+
+class SQLAlchemyBinding:
+    """A SQLAlchemy ``Connection``, or a ``Session`` asked for its connection at
+    each publish (so a scoped session follows its current scope)."""
+
+    def __init__(self, target: Any) -> None:
+        if not isinstance(target, sa.Connection) and not callable(
+            getattr(target, "connection", None)
+        ):
+            raise TypeError(
+                "atomic() takes a SQLAlchemy Connection or Session, a Django connection "
+                f"or a DB-API connection (psycopg2, psycopg, sqlite3), not {target!r}"
+            )
+        self.target = target
+
+    def _connection(self) -> sa.Connection:
+        if isinstance(self.target, sa.Connection):
+            return self.target
+        conn = self.target.connection()  # a Session: its connection for its default bind
+        if not isinstance(conn, sa.Connection):
+            raise TypeError(f"{self.target!r}.connection() is not a SQLAlchemy Connection")
+        return conn
+
+    @contextlib.contextmanager
+    def joined(self, store: EventStore) -> Iterator[sa.Connection]:
+        conn = self._connection()
+        if not store.same_database(conn.engine.url):
+            raise _different_database(conn.engine.url, store)
+        if not conn.in_transaction():
+            raise AtomicEnqueueError(
+                "atomic() has no open transaction to join: begin one (session.begin() or "
+                "connection.begin()) around the block"
+            )
+        yield conn
+
+
+class DBAPIBinding:
+    """A DB-API connection the caller manages (psycopg2, psycopg 3, sqlite3): the
+    store writes through it and never begins, commits, rolls back or reconfigures
+    its transaction."""
+
+    def __init__(self, get_connection: Callable[[], Any]) -> None:
+        self.get_connection = get_connection
+
+    @contextlib.contextmanager
+    def joined(self, store: EventStore) -> Iterator[sa.Connection]:
+        dbapi_connection = self.get_connection()
+        info = describe_connection(dbapi_connection)
+        if info is None:
+            raise TypeError(f"atomic() does not know the driver of {dbapi_connection!r}")
+        if not store.same_database(info.url):
+            raise _different_database(info.url, store)
+        if info.transaction == NONE:
+            raise AtomicEnqueueError(
+                "atomic() has no open transaction to join: the connection is in "
+                "autocommit mode; begin a transaction around the block"
+            )
+        if info.transaction == ABORTED:
+            raise AtomicEnqueueError(
+                "atomic() cannot join a failed transaction: an earlier statement in it "
+                "failed, so it can only be rolled back"
+            )
+        with store.borrow(dbapi_connection, info) as conn:
+            yield conn
+
+
+def binding_for(target: Any) -> Binding:
+    """The :class:`Binding` for what a caller passes to :func:`atomic`."""
+    if _is_django_connection(target):
+        from .contrib.django import DjangoBinding
+
+        return DjangoBinding(target)
+    if not isinstance(target, sa.Connection) and describe_connection(target) is not None:
+        return DBAPIBinding(lambda: target)
+    return SQLAlchemyBinding(target)
+
+
+def _is_django_connection(target: Any) -> bool:
+    """A ``django.db`` connection wrapper, recognised without importing Django."""
+    return all(hasattr(target, name) for name in ("in_atomic_block", "settings_dict", "vendor"))
 
 
 @contextlib.contextmanager
-def atomic(target: Any, app: Any = None) -> Iterator[sa.Connection]:
-    """Make task publishes in the block join ``target``'s transaction.
+def atomic(target: Any, app: Any = None) -> Iterator[Any]:
+    """Make task publishes in the block join ``target``'s transaction; yields ``target``.
 
     ``app`` (default: Celery's current app) must use the eventstore broker:
     with any other broker the publishes could not join, so that is an error
@@ -65,12 +165,25 @@ def atomic(target: Any, app: Any = None) -> Iterator[sa.Connection]:
             f"atomic() needs the eventstore broker, but the Celery app {app.main!r} "
             f"publishes to {broker.split('://')[0] or 'the default broker'}://"
         )
-    conn = _connection_of(target)
-    token = _bound.set(conn)
+    token = _bound.set(binding_for(target))
     try:
-        yield conn
+        yield target
     finally:
         _bound.reset(token)
+
+
+def join_automatically(find: AutomaticBinding) -> None:
+    """Consult ``find`` for publishes outside any ``atomic`` block: the binding it
+    returns is joined, None publishes on the store's own.  Registering the same
+    function again is a no-op."""
+    if find not in _automatic:
+        _automatic.append(find)
+
+
+def stop_joining_automatically(find: AutomaticBinding) -> None:
+    """Undo :func:`join_automatically`."""
+    if find in _automatic:
+        _automatic.remove(find)
 
 
 def same_database(url: str | sa.URL, store: EventStore) -> bool:
@@ -81,20 +194,24 @@ def same_database(url: str | sa.URL, store: EventStore) -> bool:
     return store.same_database(url)
 
 
-def current_connection(store: EventStore) -> sa.Connection | None:
-    """The connection a publish to ``store`` must join, or None outside ``atomic``."""
-    conn = _bound.get()
-    if conn is None:
-        return None
-    if not store.same_database(conn.engine.url):
-        raise AtomicEnqueueError(
-            f"atomic() was given a connection to {redact(conn.engine.url)}, but the broker "
-            f"stores its jobs in {redact(store.url)}: a task can only join a transaction "
-            "on the same database"
-        )
-    if not conn.in_transaction():
-        raise AtomicEnqueueError(
-            "atomic() has no open transaction to join: begin one (session.begin() or "
-            "connection.begin()) around the block"
-        )
-    return conn
+def _binding(store: EventStore) -> Binding | None:
+    bound = _bound.get()
+    if bound is not None:
+        return bound
+    for find in _automatic:
+        found = find(store)
+        if found is not None:
+            return found
+    return None
+
+
+@contextlib.contextmanager
+def joined(store: EventStore) -> Iterator[sa.Connection | None]:
+    """The connection a publish to ``store`` must write through: the caller's
+    while a binding applies, None (the store's own transaction) otherwise."""
+    binding = _binding(store)
+    if binding is None:
+        yield None
+        return
+    with binding.joined(store) as conn:
+        yield conn

@@ -62,12 +62,13 @@ Transport Options
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from queue import Empty
 from typing import Any
@@ -188,7 +189,8 @@ class Channel(virtual.Channel):
             message_ttl=ttl / 1000.0 if ttl else None,
         )
         if self._declared.get(queue) != info:
-            self.store.declare_queue(info, connection=self.connection.atomic_connection())
+            with self.connection.joined() as conn:
+                self.store.declare_queue(info, connection=conn)
             self._declared[queue] = info
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
@@ -225,10 +227,11 @@ class Channel(virtual.Channel):
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str | None, queue: str) -> None:
         exchange_type = self.state.exchanges.get(exchange, {}).get("type", "direct")
-        self.store.bind(
-            Binding(exchange, queue, routing_key or "", pattern, exchange_type),
-            connection=self.connection.atomic_connection(),
-        )
+        with self.connection.joined() as conn:
+            self.store.bind(
+                Binding(exchange, queue, routing_key or "", pattern, exchange_type),
+                connection=conn,
+            )
         self._routing_cache.pop(f"table:{exchange}", None)
 
     def _bindings(self, exchange: str) -> list[Binding]:
@@ -358,7 +361,8 @@ class Channel(virtual.Channel):
                     )
                 )
         if durable:
-            self.store.publish(durable, connection=self.connection.atomic_connection())
+            with self.connection.joined() as conn:
+                self.store.publish(durable, connection=conn)
         if transient:
             self.store.put_transient(transient)
 
@@ -514,11 +518,14 @@ class Transport(virtual.Transport):
             self._listener.close()
             self._listener = None
 
-    def atomic_connection(self) -> Any:
-        """The caller's SQLAlchemy connection while inside ``celery_eventstore.atomic``."""
-        from .enqueue import current_connection
+    @contextlib.contextmanager
+    def joined(self) -> Iterator[Any]:
+        """The caller's connection a publish joins (``celery_eventstore.atomic``, or
+        an automatic binding), or None outside one."""
+        from .enqueue import joined
 
-        return current_connection(self.store)
+        with joined(self.store) as conn:
+            yield conn
 
     @property
     def listener(self) -> Listener:

@@ -8,7 +8,9 @@ that outlives a call.
 
 from __future__ import annotations
 
+from .borrowed import ABORTED, NONE, OPEN, ConnectionInfo
 from .database import BROKER_PREFIX, parse_url, redact
+from .dialects import describe_connection
 from .log import fold as fold_stream
 from .notifiers import ANY_QUEUE, Listener
 from .records import (
@@ -26,21 +28,26 @@ from .schema import SCHEMA_VERSION
 from .store import EventStore
 
 __all__ = [
+    "ABORTED",
     "ANY_QUEUE",
     "BROKER_PREFIX",
     "SCHEMA_VERSION",
     "Binding",
     "ClaimRef",
     "ClaimedMessage",
+    "ConnectionInfo",
     "DeadLetter",
     "EventStore",
     "Listener",
+    "NONE",
     "NewMessage",
+    "OPEN",
     "Outcome",
     "QueueInfo",
     "QueueStats",
     "RecordedEvent",
     "ScheduledMessage",
+    "describe_connection",
     "fold_stream",
     "parse_url",
     "redact",

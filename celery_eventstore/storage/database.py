@@ -23,6 +23,7 @@ from ..exceptions import (
     DatabaseUnavailable,
     InvalidURL,
 )
+from .borrowed import Lenders
 from .dialects import Dialect, dialect_for
 
 T = TypeVar("T")
@@ -81,6 +82,8 @@ class Database:
         prepare: Callable[[], None] = lambda: None,
     ) -> None:
         self.dialect: Dialect = dialect_for(url)
+        #: The URL as given: it may name no driver (``postgresql://``).
+        self.given_url = url
         self.url = self.dialect.normalize_url(url)
         self.async_commit = async_commit
         options = {**self.dialect.engine_options(self.url), **(engine_options or {})}
@@ -89,6 +92,18 @@ class Database:
         except (sa.exc.ArgumentError, ImportError) as exc:
             raise InvalidURL(f"cannot use {redact(self.url)}: {exc}") from None
         self.dialect.configure(self.engine)
+        #: Engines for callers' own DB-API connections (atomic enqueue).  Another
+        #: driver's dialect is set up on a connection made with the application's
+        #: connect_args (SSL, server options), not its pool settings.
+        connect_args = (engine_options or {}).get("connect_args")
+
+        def lender_options(url: sa.URL) -> dict[str, Any]:
+            options = self.dialect.engine_options(url)
+            if connect_args:
+                options["connect_args"] = {**options.get("connect_args", {}), **connect_args}
+            return options
+
+        self.lenders = Lenders(self.engine, lender_options)
         self._prepare = prepare
         #: Called with the events of each transaction of our own once it commits.
         self.committed: list[Callable[[list[Any]], None]] = []
@@ -98,6 +113,22 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def describe_driver(self) -> str:
+        """The DB-API driver in use with its version, and, for a URL that names no
+        driver, which one that means here and which one SQLAlchemy would pick."""
+        name = self.url.get_driver_name()
+        dbapi = self.engine.dialect.dbapi
+        version = getattr(dbapi, "__version__", None) or getattr(dbapi, "sqlite_version", "")
+        text = f"{name} {str(version).split(' ')[0]}".strip()
+        given = self.given_url.drivername
+        default = self.given_url.get_dialect().driver  # what sa.create_engine() picks
+        if "+" in given or default == name:
+            return text
+        return (
+            f"{text} ({given}:// names no driver: the store uses {name}, while "
+            f"sa.create_engine('{given}://...') picks {default})"
+        )
 
     def after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""
@@ -161,6 +192,15 @@ class Database:
                 watcher(appended)
             except Exception:  # noqa: BLE001 - monitoring must not fail a write
                 logger.exception("a commit watcher failed")
+
+    @contextlib.contextmanager
+    def borrow(self, dbapi_connection: Any, url: sa.URL) -> Iterator[sa.Connection]:
+        """A ``Connection`` over a caller's DB-API connection (of ``url``'s driver)
+        that runs statements and never controls its transaction (:mod:`.borrowed`)."""
+        with self.translate_errors():
+            lender = self.lenders.lender(url.drivername)
+        with lender.lend(dbapi_connection) as conn:
+            yield conn
 
     def _begin(self, conn: sa.Connection, *, relaxed: bool) -> float:
         if self._clock is not None:  # a test's clock

@@ -39,6 +39,7 @@ from ..exceptions import (
     SchemaTooNew,
     UnreadableStream,
 )
+from .borrowed import ConnectionInfo
 from .database import Database, parse_url, redact
 from .deliveries import DEFAULT_MAX_MESSAGE_SIZE, Deliveries
 from .log import Channels, EventLog, fold
@@ -145,6 +146,11 @@ class EventStore:
         """``"postgresql"`` or ``"sqlite"``."""
         return self.db.dialect.name
 
+    def driver(self) -> str:
+        """The DB-API driver the store talks through, its version, and what a URL
+        without a driver resolves to (``postgresql://`` is psycopg2 here)."""
+        return self.db.describe_driver()
+
     @property
     def single_writer(self) -> bool:
         """One writer at a time for the whole database (SQLite): a caller must not keep
@@ -181,6 +187,15 @@ class EventStore:
         must commit together (pass it as ``connection=``)."""
         with self.db.write() as tx:
             yield tx.conn
+
+    @contextlib.contextmanager
+    def borrow(self, dbapi_connection: Any, info: ConnectionInfo) -> Iterator[sa.Connection]:
+        """A ``Connection`` over a caller's DB-API connection (described by
+        :func:`~.dialects.describe_connection` as ``info``) to pass as ``connection=``:
+        the store's statements join the caller's transaction, and the store never
+        begins, commits, rolls back or reconfigures it."""
+        with self.db.borrow(dbapi_connection, info.url) as conn:
+            yield conn
 
     @contextlib.contextmanager
     def _write(

@@ -317,3 +317,61 @@ def test_first_publish_of_a_process_inside_atomic(
     assert client.lines()[-1] == "done"
     rows = _rows(engine, table)
     assert set(_published_streams(broker)) == {job_id(r) for r in rows}
+
+
+# -- a DB-API connection (psycopg2, psycopg 3, sqlite3) -------------------------------
+
+
+def _dbapi_connections(broker: Broker) -> Iterator[tuple[str, Any]]:
+    """The application's own connection to the broker's database, by each driver."""
+    url = sa.make_url(broker.db_url)
+    if broker.dialect == "sqlite":
+        import sqlite3
+
+        yield "sqlite3", sqlite3.connect(url.database, timeout=30)
+        return
+    for name in ("psycopg2", "psycopg"):
+        driver = __import__(name)
+        yield name, driver.connect(
+            host=url.host, port=url.port, user=url.username, dbname=url.database
+        )
+
+
+def test_atomic_with_a_dbapi_connection(
+    broker: Broker, app: Any, business: tuple[sa.Engine, sa.Table]
+) -> None:
+    engine, table = business
+    name = f"{broker.schema}.{table.name}" if broker.schema else table.name
+    expected: set[str] = set()
+    for driver, conn in _dbapi_connections(broker):
+        try:
+            cur = conn.cursor()
+            for outcome in ("commit", "rollback"):
+                row = f"{driver}-{outcome}"
+                cur.execute(f"INSERT INTO {name} (id) VALUES ('{row}')")
+                with atomic(conn):
+                    app.send_task(TASK, task_id=job_id(row))
+                getattr(conn, outcome)()
+            expected.add(f"{driver}-commit")
+
+            if driver == "sqlite3":
+                conn.isolation_level = None
+            else:
+                conn.autocommit = True
+            with pytest.raises(AtomicEnqueueError, match="autocommit"):
+                with atomic(conn):
+                    app.send_task(TASK, task_id=job_id(f"{driver}-autocommit"))
+
+            if driver != "sqlite3":  # a PostgreSQL transaction that failed
+                conn.autocommit = False
+                with pytest.raises(Exception):  # noqa: B017 - the driver's own error
+                    cur.execute("SELECT no_such_column FROM no_such_table")
+                with pytest.raises(AtomicEnqueueError, match="failed transaction"):
+                    with atomic(conn):
+                        app.send_task(TASK, task_id=job_id(f"{driver}-failed"))
+                conn.rollback()
+        finally:
+            conn.close()
+    assert _rows(engine, table) == expected
+    assert _published_streams(broker) == Counter({job_id(r): 1 for r in expected})
+    assert _message_streams(broker) == _published_streams(broker)

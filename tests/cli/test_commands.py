@@ -99,17 +99,20 @@ def test_check_reports_schema_wakeups_and_clock_skew(data: Data) -> None:
     # PostgreSQL with autovacuum off gets a warning line (CI's server has it off).
     autovacuum_off = data.broker.dialect == "postgresql" and _autovacuum_off(data)
     assert [line.split()[0] for line in lines] == [
-        "database", "schema", "clock", "wake-ups", *(["warning"] if autovacuum_off else []),
+        "database", "driver", "schema", "clock", "wake-ups",
+        *(["warning"] if autovacuum_off else []),
         "log",
     ]
     assert lines[-1] == "log        0 unreadable stream(s)"
     if autovacuum_off:
-        assert "autovacuum is off" in lines[4]
+        assert "autovacuum is off" in lines[5]
     assert data.broker.db_url.split("://")[0].split("+")[0] in lines[0]
-    assert lines[1].split() == ["schema", "version", str(SCHEMA_VERSION)]
-    skew_ms = float(lines[2].split()[2])
-    assert abs(skew_ms) < 60_000, lines[2]  # same machine: any skew is measurement noise
-    assert lines[3] == "wake-ups   working"
+    driver = sa.make_url(data.broker.db_url).get_driver_name()
+    assert lines[1].split()[:2] == ["driver", driver], lines[1]
+    assert lines[2].split() == ["schema", "version", str(SCHEMA_VERSION)]
+    skew_ms = float(lines[3].split()[2])
+    assert abs(skew_ms) < 60_000, lines[3]  # same machine: any skew is measurement noise
+    assert lines[4] == "wake-ups   working"
 
 
 def _autovacuum_off(data: Data) -> bool:

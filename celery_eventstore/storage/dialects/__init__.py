@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ...exceptions import UnsupportedDatabase
+from ..borrowed import ConnectionInfo
 
 
 class Dialect:
@@ -56,6 +57,12 @@ class Dialect:
         """
         with connection.begin_nested():
             yield connection
+
+    @classmethod
+    def describe(cls, dbapi_connection: Any) -> ConnectionInfo | None:
+        """Where a caller's DB-API connection of this database is connected and the
+        state of its transaction, without changing it; None for another driver."""
+        return None
 
     def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         """Make a claim's candidate query safe against concurrent claimers."""
@@ -122,3 +129,15 @@ def dialect_for(url: sa.URL) -> Dialect:
     raise UnsupportedDatabase(
         f"unsupported database {backend!r}: the event store runs on postgresql and sqlite"
     )
+
+
+def describe_connection(dbapi_connection: Any) -> ConnectionInfo | None:
+    """:meth:`Dialect.describe` by whichever dialect knows the connection's driver."""
+    from .postgresql import PostgreSQLDialect
+    from .sqlite import SQLiteDialect
+
+    for dialect in (PostgreSQLDialect, SQLiteDialect):
+        info = dialect.describe(dbapi_connection)
+        if info is not None:
+            return info
+    return None

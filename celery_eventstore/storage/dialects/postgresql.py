@@ -8,12 +8,14 @@ here).  Name the driver to choose: ``postgresql+psycopg://`` works as well.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from ..borrowed import ABORTED, NONE, OPEN, ConnectionInfo
 from ..notifiers.postgresql_notify import readable
 from . import Dialect
 
@@ -35,6 +37,11 @@ _UNAVAILABLE = {
     "57P03",  # cannot_connect_now: starting up, shutting down, in recovery
     "53300",  # too_many_connections
 }
+#: libpq's PQtransactionStatus values (both drivers' ``info.transaction_status``).
+_IDLE, _IN_ERROR = 0, 3
+#: The drivers whose connections atomic enqueue accepts: module, connection class.
+_DRIVERS = {"psycopg2": "extensions.connection", "psycopg": "Connection"}
+
 #: SQLSTATE class of every connection exception (08000, 08003, 08006, ...).
 _CONNECTION_EXCEPTION_CLASS = "08"
 
@@ -63,7 +70,11 @@ class PostgreSQLDialect(Dialect):
 
     def same_database(self, a: sa.URL, b: sa.URL) -> bool:
         def where(url: sa.URL) -> tuple[str, int, str | None]:
-            return (url.host or "localhost", url.port or 5432, url.database)
+            # No host, or a Unix socket's directory (what a connection made through
+            # the socket reports as its host), is this machine's server.
+            host = url.host or ""
+            local = not host or host.startswith("/")
+            return ("localhost" if local else host, url.port or 5432, url.database)
 
         return where(a) == where(b)
 
@@ -87,6 +98,26 @@ class PostgreSQLDialect(Dialect):
             # pool discard it and connect afresh.
             if _has_input(dbapi_conn):
                 raise sa.exc.DisconnectionError("the server closed this pooled connection")
+
+    @classmethod
+    def describe(cls, dbapi_connection: Any) -> ConnectionInfo | None:
+        driver = _driver_of(dbapi_connection)
+        if driver is None:
+            return None
+        info = dbapi_connection.info  # the driver's cached connection parameters
+        url = sa.URL.create(
+            f"postgresql+{driver}",
+            username=info.user,
+            host=info.host,
+            port=int(info.port) if info.port else None,
+            database=info.dbname,
+        )
+        status = int(info.transaction_status)
+        if status == _IN_ERROR:
+            return ConnectionInfo(url, ABORTED)
+        # Outside autocommit the driver begins a transaction with the next statement.
+        idle = status == _IDLE and dbapi_connection.autocommit
+        return ConnectionInfo(url, NONE if idle else OPEN)
 
     def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         # SKIP LOCKED nominates rows no one else is claiming; the (stream, version)
@@ -147,6 +178,18 @@ def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
     """The server's SQLSTATE: ``pgcode`` on psycopg2, ``sqlstate`` on psycopg 3."""
     code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
     return code if isinstance(code, str) else None
+
+
+def _driver_of(dbapi_connection: Any) -> str | None:
+    """``psycopg2`` or ``psycopg`` for their connections (drivers not imported by
+    the application cannot have made this one)."""
+    for name, path in _DRIVERS.items():
+        cls: Any = sys.modules.get(name)
+        for part in path.split("."):
+            cls = getattr(cls, part, None)
+        if isinstance(cls, type) and isinstance(dbapi_connection, cls):
+            return name
+    return None
 
 
 def _has_input(dbapi_conn: Any) -> bool:

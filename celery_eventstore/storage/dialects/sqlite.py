@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from ..borrowed import NONE, OPEN, ConnectionInfo
 from . import Dialect
 
 #: How long a writer waits for the write lock before giving up.
@@ -54,6 +55,16 @@ class SQLiteDialect(Dialect):
             else:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    @classmethod
+    def describe(cls, dbapi_connection: Any) -> ConnectionInfo | None:
+        if not isinstance(dbapi_connection, sqlite3.Connection):
+            return None
+        # A read of the schema list: it starts no transaction and takes no lock.
+        rows = dbapi_connection.execute("PRAGMA database_list").fetchall()
+        path = next((file for _, name, file in rows if name == "main"), "")
+        url = sa.URL.create("sqlite+pysqlite", database=path or None)
+        return ConnectionInfo(url, OPEN if _in_transaction(dbapi_connection) else NONE)
+
     def upsert(
         self, table: sa.Table, columns: Sequence[str], keys: Sequence[str]
     ) -> sa.Executable:
@@ -74,6 +85,16 @@ class SQLiteDialect(Dialect):
 
     def read_options(self) -> dict[str, Any]:
         return {_READ_ONLY: True}
+
+
+def _in_transaction(conn: sqlite3.Connection) -> bool:
+    """Open, or opened by the driver with the next write (its DB-API mode)."""
+    if conn.in_transaction:
+        return True
+    autocommit = getattr(conn, "autocommit", None)  # Python 3.12+
+    if isinstance(autocommit, bool):
+        return not autocommit
+    return conn.isolation_level is not None
 
 
 def _enter_wal(cursor: Any) -> None:

@@ -1,0 +1,1 @@
+"""Integrations with application frameworks (Django, Flask): glue only, no SQL."""
