@@ -195,17 +195,19 @@ def _write_results(
     conn: sa.Connection, queries: Queries, touched: Mapping[str, float],
     states: Mapping[str, JobState],
 ) -> None:
-    gone = []
+    gone, rows = [], []
     for stream, at in touched.items():
         state = states[stream]
         if state.forgotten or (state.result_state is ResultState.PENDING and state.result is None):
             gone.append(stream)
             continue
-        conn.execute(queries.upsert_result, {
+        rows.append({
             "stream_id": stream,
             "state": state.custom_state or state.result_state.value,
             "result": dict(state.result) if state.result is not None else None,
             "date_done": at if state.result_state in _READY else None,
         })
+    if rows:  # one statement for the batch (each stream once: ``touched`` is keyed by it)
+        conn.execute(queries.upsert_result, rows)
     if gone:
         conn.execute(queries.delete_results, {"streams": gone})

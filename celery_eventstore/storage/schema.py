@@ -189,12 +189,13 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.Column("parent_id", _Id, nullable=True),
         sa.Column("root_id", _Id, nullable=True),
         sa.Column("group_id", _Id, nullable=True),
-        # When its stream began: the listing's order (newest first) and time range.
+        # When its stream began: the listing's order (newest first, then by id: one
+        # transaction may publish thousands) and time range.
         sa.Column("created_at", _Time, nullable=False),
     )
-    sa.Index(f"{prefix}tasks_created", tasks.c.created_at)
+    sa.Index(f"{prefix}tasks_created", tasks.c.created_at, tasks.c.stream_id)
     for column in ("name", "state", "queue", "worker"):
-        sa.Index(f"{prefix}tasks_{column}", tasks.c[column], tasks.c.created_at)
+        sa.Index(f"{prefix}tasks_{column}", tasks.c[column], tasks.c.created_at, tasks.c.stream_id)
     for column in ("parent_id", "root_id", "group_id"):
         sa.Index(f"{prefix}tasks_{column}", tasks.c[column])
     return Tables(

@@ -28,9 +28,9 @@ def statements(prefix: str, schema: str | None) -> list[sa.ClauseElement]:
         sa.Column("group_id", Id, nullable=True),
         sa.Column("created_at", Time, nullable=False),
     )
-    indexes = [sa.Index(f"{prefix}tasks_created", tasks.c.created_at)]
+    indexes = [sa.Index(f"{prefix}tasks_created", tasks.c.created_at, tasks.c.stream_id)]
     indexes += [
-        sa.Index(f"{prefix}tasks_{column}", tasks.c[column], tasks.c.created_at)
+        sa.Index(f"{prefix}tasks_{column}", tasks.c[column], tasks.c.created_at, tasks.c.stream_id)
         for column in ("name", "state", "queue", "worker")
     ]
     indexes += [
