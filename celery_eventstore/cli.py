@@ -292,9 +292,9 @@ def _event_json(rec: RecordedEvent) -> dict[str, Any]:
 @click.option("--task", "task_name", default=None, help="only this task name")
 @click.option("--type", "event_types", multiple=True, callback=_event_types,
               metavar="TYPE", help="only this event type (any case; repeat for several)")
-@click.option("--since", default=None,
+@click.option("--since", default=None, metavar="WHEN",
               help="only events recorded since: ISO time or a duration ago (1h, 2d)")
-@click.option("--until", default=None,
+@click.option("--until", default=None, metavar="WHEN",
               help="only events recorded until: ISO time or a duration ago")
 @click.option("-n", "--lines", type=click.IntRange(min=0), default=None,
               help="show the last N matching events first  [default: 20; all of --since]")
@@ -303,7 +303,10 @@ def _event_json(rec: RecordedEvent) -> dict[str, Any]:
 def tail(ctx: click.Context, follow: bool, queue: str | None, task_name: str | None,
          event_types: tuple[str, ...], since: str | None, until: str | None,
          lines: int | None, as_json: bool) -> None:
-    """The live event feed: the end of the log, without reading the rest."""
+    """The live event feed, read from the end of the log.
+
+    It reads only the events it prints (newest first, by position), never the
+    log from its beginning; ``-f`` follows from where it started."""
     if follow and until is not None:
         raise click.UsageError("--follow cannot stop at --until")
     store = _store(ctx)
@@ -389,9 +392,9 @@ def _follow(
 @click.option("--state", default=None, help="only tasks in this state (SUCCESS, FAILURE...)")
 @click.option("--queue", default=None, help="only tasks whose latest message went to this queue")
 @click.option("--worker", default=None, help="only tasks this worker started (celery@host)")
-@click.option("--since", default=None,
+@click.option("--since", default=None, metavar="WHEN",
               help="only tasks published since: ISO time or a duration ago (1h, 2d)")
-@click.option("--until", default=None,
+@click.option("--until", default=None, metavar="WHEN",
               help="only tasks published until: ISO time or a duration ago")
 @click.option("--parent", "parent_id", default=None, help="only children of this task")
 @click.option("--root", "root_id", default=None, help="only tasks of this workflow root")
@@ -404,7 +407,9 @@ def tasks_command(ctx: click.Context, name: str | None, state: str | None,
                   queue: str | None, worker: str | None, since: str | None,
                   until: str | None, parent_id: str | None, root_id: str | None,
                   group_id: str | None, limit: int, as_json: bool) -> None:
-    """Find tasks, newest first, from the task index (not a scan of the log)."""
+    """Find tasks by name, state, queue, worker, time or links.
+
+    Newest first (ties by task id), from the task index: not a scan of the log."""
     store = _store(ctx)
     now = store.now()
     if state is not None and state.upper() in lc.ResultState.__members__:
