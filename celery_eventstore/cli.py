@@ -371,8 +371,10 @@ def _follow(
         while True:
             batch = follower.poll()
             if where.name is not None or where.queue is not None:
-                unknown = {r.stream for r in batch if known.get(r.stream) is None}
-                known.update(store.task_summaries(unknown))
+                # A task's row commits with its first event: one look-up per stream.
+                unknown = {r.stream for r in batch if r.stream not in known}
+                found = store.task_summaries(unknown)
+                known.update({s: found.get(s) for s in unknown})
             for rec in batch:
                 if keep(rec):
                     show(rec)

@@ -160,12 +160,14 @@ class Operations:
                 self.queries.expired_results, {"before": before, "limit": batch}
             ).scalars())
             states = self.log.load_all(tx.conn, streams)
-            pending: Pending = [
+            pending = decided([
                 (states[s], lc.decide(lc.ExpireResult(), states[s], tx.now), None)
                 for s in streams
-            ]
-            self.log.append_pending(tx, decided(pending))
-            return len(streams)
+            ])
+            self.log.append_pending(tx, pending)
+            # Counted by what expired: a row nothing can expire would come back first
+            # in every batch, and must end the loop rather than spin on it.
+            return len(pending)
 
     # -- retention ---------------------------------------------------------------------
 

@@ -297,8 +297,8 @@ class EventStore:
         (both exclusive), oldest first, or newest first: ``tail`` reads the end of
         the log this way without reading the rest."""
         where = where or LogFilter()
-        if where.queue is not None and not self.names.queue.fits(where.queue):
-            return []
+        if not all(self.names.stream.fits(v) for v in (where.queue, where.name) if v):
+            return []  # a name no column can hold: nothing has it
         return self.log.read_log(
             where, after=after, before=before, limit=limit, newest_first=newest_first
         )
@@ -308,7 +308,11 @@ class EventStore:
     def tasks(self, where: TaskFilter | None = None, *, limit: int = 50) -> list[TaskSummary]:
         """Tasks matching ``where``, newest first (ties by task id, descending), at
         most ``limit``: answered from the task index, not the log."""
-        return self.task_index.tasks(where or TaskFilter(), limit)
+        where = where or TaskFilter()
+        if not all(self.names.stream.fits(v) for v in where.given().values()
+                   if isinstance(v, str)):
+            return []  # a name no column can hold: nothing has it
+        return self.task_index.tasks(where, limit)
 
     def task_summaries(self, task_ids: Iterable[str]) -> dict[str, TaskSummary]:
         """The task index's rows for those task ids that have one."""

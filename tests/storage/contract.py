@@ -559,6 +559,7 @@ class StoreContract:
         assert ids(since=start + 1, until=start + 2) == ["m1", "a2"]
         assert ids(name="proj.add", since=start + 1) == ["a2"]
         assert [t.task_id for t in store.tasks(limit=2)] == ["plain", "m2"]
+        assert ids(name="x" * 1000) == [] and ids(worker="nul\x00") == []
         (a2,) = store.tasks(TaskFilter(queue="other"))
         assert (a2.name, a2.state, a2.worker, a2.parent_id, a2.group_id, a2.created_at) == (
             "proj.add", "STARTED", "celery@alpha", "a1", "g1", start + 1
@@ -622,6 +623,7 @@ class StoreContract:
         assert store.read_log(LogFilter(until=start - 1)) == []
         assert store.read_log(LogFilter(), after=last) == []
         assert store.read_log(LogFilter(queue="x" * 1000)) == []
+        assert store.read_log(LogFilter(name="nul\x00")) == []
 
     # -- rebuild -------------------------------------------------------------------
 
