@@ -22,12 +22,15 @@ store never decodes one.
   exactly once.  When the broker is the same database, the callback's message
   is published in the very transaction that completes the count.
 * ``forget()`` appends ``Forgotten``: the result is gone, the history stays.
-* ``result_expires`` (through ``celery beat``'s ``backend_cleanup``) prunes whole
-  finished streams older than it: it is the history's retention too.
+* ``result_expires`` (through ``celery beat``'s ``backend_cleanup``) expires the
+  results recorded longer ago than it (``ResultExpired``): ``AsyncResult`` then
+  reports ``PENDING``, as for any result Celery's backends have expired.  The
+  history stays: whole finished streams are pruned by the same cleanup only when
+  ``history_retention`` is set (default: never), or by ``celery-eventstore prune``.
 
 Options come from ``result_backend_transport_options`` (``table_prefix``,
-``schema``, ``auto_migrate``, ``notify``); give them the broker's values when
-both share a database.
+``schema``, ``auto_migrate``, ``notify``; ``history_retention``: seconds or a
+``timedelta``); give them the broker's values when both share a database.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import base64
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any, cast
 
 from celery import states
@@ -82,6 +86,8 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         self.store: EventStore = shared_store(
             target, {k: options[k] for k in STORE_OPTIONS if k in options}
         )
+        #: Seconds of history ``cleanup`` keeps (None: all of it).
+        self.history_retention: float | None = _seconds(options.get("history_retention"))
         self._local = threading.local()
 
     def as_uri(self, include_password: bool = False) -> str:
@@ -202,15 +208,20 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         raise NotImplementedError("chords are counted per task on the chord's stream")
 
     def expire(self, key: Any, value: Any) -> None:
-        """Results expire with their streams (see :meth:`cleanup`)."""
+        """Results are expired by :meth:`cleanup` (``celery beat``), not per key."""
 
     def _forget(self, task_id: str) -> None:
         self.store.execute(bytes_to_str(task_id), lc.Forget())
 
     def cleanup(self) -> None:
-        """Prune whole finished streams older than ``result_expires``."""
+        """Expire results older than ``result_expires`` (their history stays), and
+        prune whole finished streams older than ``history_retention`` if it is set."""
+        now = self.store.now()
+        # Pruning first: expiring appends an event, which would keep the stream.
+        if self.history_retention:
+            self.store.prune(before=now - self.history_retention)
         if self.expires:
-            self.store.prune(before=self.store.now() - self.expires)
+            self.store.expire_results(before=now - self.expires)
 
     # -- groups ----------------------------------------------------------------
 
@@ -398,6 +409,15 @@ def _claim_of(request: Any, task_id: str) -> str | None:
         return None
     claim = getattr(request, CLAIM_HEADER, None)
     return claim if isinstance(claim, str) else None
+
+
+def _seconds(value: Any) -> float | None:
+    """A duration option: seconds, a ``timedelta``, or None."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return float(value)
 
 
 def _header_size(result: Any) -> int:

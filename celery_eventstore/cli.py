@@ -5,8 +5,8 @@ Two ways in, one set of commands::
     celery-eventstore --url sqlite:///jobs.db history TASK_ID
     celery -A proj eventstore history TASK_ID      # reads the app's broker_url
 
-Commands: migrate, check, history, tail, queues, dead (list/retry/purge), revoke,
-prune, rebuild.
+Commands: migrate, check, history, tasks, tail, queues, dead (list/retry/purge),
+revoke, prune, rebuild.
 """
 
 from __future__ import annotations
@@ -23,15 +23,19 @@ import click
 
 from . import lifecycle as lc
 from .exceptions import DatabaseError, EventStoreError, UnreadableStream
-from .history import LogFollower, canvas, entries_of, format_timeline
+from .history import LogFollower, canvas, entries_of, format_timeline, iso_time
 from .monitoring import announce
 from .replay import replay
 from .storage import (
     SCHEMA_VERSION,
+    DeadLetter,
     EventStore,
     Listener,
+    LogFilter,
     QueueInfo,
     RecordedEvent,
+    TaskFilter,
+    TaskSummary,
     fold_stream,
 )
 
@@ -196,6 +200,8 @@ def history(ctx: click.Context, task_id: str, as_json: bool, tree: bool) -> None
     candidates = [task_id, lc.group_stream(task_id), lc.chord_stream(task_id)]
     found = {s: r for s in candidates if (r := store.read_stream(s))}
     if not found:
+        found = _group_members(store, task_id)
+    if not found:
         raise click.ClickException(f"no events for {task_id!r}: unknown task, or pruned")
     if tree:
         streams = canvas(store, next(iter(found)))
@@ -212,6 +218,17 @@ def history(ctx: click.Context, task_id: str, as_json: bool, tree: bool) -> None
     if as_json:
         click.echo(json.dumps(documents if len(documents) > 1 or tree else documents[0],
                               indent=2, default=str))
+
+
+#: Most members ``history GROUP_ID`` shows of a group that was never saved.
+_MAX_MEMBERS = 1000
+
+
+def _group_members(store: EventStore, group_id: str) -> dict[str, list[RecordedEvent]]:
+    """The streams of a group's members, oldest first, found by the task index: a
+    plain ``group()`` whose result was never saved has no stream of its own."""
+    members = store.tasks(TaskFilter(group_id=group_id), limit=_MAX_MEMBERS)
+    return {t.task_id: store.read_stream(t.task_id) for t in reversed(members)}
 
 
 def _summary(stream: str, recorded: list[RecordedEvent]) -> str:
@@ -236,57 +253,132 @@ def _summary(stream: str, recorded: list[RecordedEvent]) -> str:
     return "  ".join(parts)
 
 
-def _all_events(store: EventStore, after: int = 0) -> Iterator[RecordedEvent]:
-    while True:
-        batch = store.read_all(after=after, limit=5000)
-        if not batch:
-            return
-        yield from batch
-        after = batch[-1].position
+def _event_types(ctx: click.Context, param: click.Parameter,
+                 values: tuple[str, ...]) -> tuple[str, ...]:
+    """Event type names as stored, from any case; an unknown one is refused."""
+    by_folded = {name.casefold(): name for name in lc.EVENT_TYPES}
+    unknown = [v for v in values if v.casefold() not in by_folded]
+    if unknown:
+        raise click.BadParameter(
+            f"{unknown[0]!r} is not an event type; one of {', '.join(sorted(by_folded.values()))}"
+        )
+    return tuple(by_folded[v.casefold()] for v in values)
+
+
+def _when(text: str | None, now: float) -> float | None:
+    """A point in time: ISO-8601 (UTC unless it says otherwise), or a duration ago
+    (``90s``, ``15m``, ``1h``, ``2d``, ``1w``, or seconds)."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            return now - _duration(text)
+        except click.BadParameter:
+            raise click.BadParameter(
+                f"{text!r} is neither an ISO time (2026-12-06T13:00) nor a duration ago "
+                "(1h, 2d, 3600)"
+            ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _event_json(rec: RecordedEvent) -> dict[str, Any]:
+    (entry,) = entries_of([rec])
+    return {**entry.as_json(), "stream": rec.stream, "position": rec.position}
 
 
 @eventstore.command()
 @click.option("-f", "--follow", is_flag=True, help="keep printing new events")
-@click.option("--queue", default=None, help="only events of messages in this queue")
+@click.option("--queue", default=None, help="only events of tasks in this queue")
 @click.option("--task", "task_name", default=None, help="only this task name")
-@click.option("--type", "event_type", default=None, help="only this event type")
-@click.option("-n", "--lines", default=20, show_default=True, help="events to show first")
+@click.option("--type", "event_types", multiple=True, callback=_event_types,
+              metavar="TYPE", help="only this event type (any case; repeat for several)")
+@click.option("--since", default=None, metavar="WHEN",
+              help="only events recorded since: ISO time or a duration ago (1h, 2d)")
+@click.option("--until", default=None, metavar="WHEN",
+              help="only events recorded until: ISO time or a duration ago")
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=None,
+              help="show the last N matching events first  [default: 20; all of --since]")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 @click.pass_context
 def tail(ctx: click.Context, follow: bool, queue: str | None, task_name: str | None,
-         event_type: str | None, lines: int) -> None:
-    """The live event feed."""
-    store = _store(ctx)
-    queues: dict[str, str] = {}
-    names: dict[str, str] = {}
+         event_types: tuple[str, ...], since: str | None, until: str | None,
+         lines: int | None, as_json: bool) -> None:
+    """The live event feed, read from the end of the log.
 
-    def keep(rec: RecordedEvent) -> bool:
-        ev = rec.event
-        if isinstance(ev, lc.Published):
-            queues[rec.stream] = ev.queue
-            if rec.metadata and rec.metadata.get("task"):
-                names[rec.stream] = rec.metadata["task"]
-        return (
-            (queue is None or queues.get(rec.stream) == queue)
-            and (task_name is None or names.get(rec.stream) == task_name)
-            and (event_type is None or rec.type == event_type)
-        )
+    It reads only the events it prints (newest first, by position), never the
+    log from its beginning; ``-f`` follows from where it started."""
+    if follow and until is not None:
+        raise click.UsageError("--follow cannot stop at --until")
+    store = _store(ctx)
+    now = store.now()
+    where = LogFilter(
+        types=event_types or None, name=task_name, queue=queue,
+        since=_when(since, now), until=_when(until, now),
+    )
 
     def show(rec: RecordedEvent) -> None:
+        if as_json:
+            click.echo(json.dumps(_event_json(rec), default=str))
+            return
         (entry,) = entries_of([rec])
-        line = format_timeline([entry])
-        click.echo(f"{rec.stream:<36} {line}")  # whole: it is what `history` takes
+        click.echo(f"{rec.stream:<36} {format_timeline([entry])}")  # whole: `history` takes it
 
-    backlog = [rec for rec in _all_events(store) if keep(rec)]
-    for rec in backlog[-lines:] if lines else []:
+    end = store.last_position()  # followed from here: nothing is printed twice or missed
+    for rec in _backlog(store, where, end, lines):
         show(rec)
-    position = backlog[-1].position if backlog else store.last_position()
-    if not follow:
+    if follow:
+        _follow(store, where, end, show)
+
+
+def _backlog(
+    store: EventStore, where: LogFilter, end: int, lines: int | None
+) -> Iterator[RecordedEvent]:
+    """The matching events up to position ``end``: the last ``lines`` of them, read
+    from the end; or, from ``since`` without ``lines``, all of them, oldest first."""
+    if lines is None and where.since is not None:
+        after = 0
+        while page := store.read_log(where, after=after, before=end + 1, limit=1000):
+            yield from page
+            after = page[-1].position
         return
+    wanted = 20 if lines is None else lines
+    if wanted:
+        yield from reversed(store.read_log(where, before=end + 1, limit=wanted,
+                                           newest_first=True))
+
+
+def _follow(
+    store: EventStore, where: LogFilter, after: int, show: Callable[[RecordedEvent], None]
+) -> None:
+    """Print the matching events committed after position ``after`` until interrupted."""
+    types = set(where.types or ())
+    known: dict[str, TaskSummary | None] = {}  # task streams by id, from the task index
+
+    def keep(rec: RecordedEvent) -> bool:
+        if types and rec.type not in types:
+            return False
+        if where.name is None and where.queue is None:
+            return True
+        task = known.get(rec.stream)
+        return task is not None and (
+            (where.name is None or task.name == where.name)
+            and (where.queue is None or task.queue == where.queue)
+        )
+
     listener = store.listener()
-    follower = LogFollower(store, position)
+    follower = LogFollower(store, after)
     try:
         while True:
             batch = follower.poll()
+            if where.name is not None or where.queue is not None:
+                # A task's row commits with its first event: one look-up per stream.
+                unknown = {r.stream for r in batch if r.stream not in known}
+                found = store.task_summaries(unknown)
+                known.update({s: found.get(s) for s in unknown})
             for rec in batch:
                 if keep(rec):
                     show(rec)
@@ -296,6 +388,55 @@ def tail(ctx: click.Context, follow: bool, queue: str | None, task_name: str | N
         pass
     finally:
         listener.close()
+
+
+# -- tasks -------------------------------------------------------------------------
+
+
+@eventstore.command("tasks")
+@click.option("--name", default=None, help="only tasks of this name")
+@click.option("--state", default=None, help="only tasks in this state (SUCCESS, FAILURE...)")
+@click.option("--queue", default=None, help="only tasks whose latest message went to this queue")
+@click.option("--worker", default=None, help="only tasks this worker started (celery@host)")
+@click.option("--since", default=None, metavar="WHEN",
+              help="only tasks published since: ISO time or a duration ago (1h, 2d)")
+@click.option("--until", default=None, metavar="WHEN",
+              help="only tasks published until: ISO time or a duration ago")
+@click.option("--parent", "parent_id", default=None, help="only children of this task")
+@click.option("--root", "root_id", default=None, help="only tasks of this workflow root")
+@click.option("--group", "group_id", default=None, help="only members of this group")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="most tasks listed")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.pass_context
+def tasks_command(ctx: click.Context, name: str | None, state: str | None,
+                  queue: str | None, worker: str | None, since: str | None,
+                  until: str | None, parent_id: str | None, root_id: str | None,
+                  group_id: str | None, limit: int, as_json: bool) -> None:
+    """Find tasks by name, state, queue, worker, time or links.
+
+    Newest first (ties by task id), from the task index: not a scan of the log."""
+    store = _store(ctx)
+    now = store.now()
+    if state is not None and state.upper() in lc.ResultState.__members__:
+        state = state.upper()  # Celery's states in any case; custom ones as given
+    found = store.tasks(TaskFilter(
+        name=name, state=state, queue=queue, worker=worker, parent_id=parent_id,
+        root_id=root_id, group_id=group_id, since=_when(since, now), until=_when(until, now),
+    ), limit=limit)
+    if as_json:
+        click.echo(json.dumps([_task_json(t) for t in found], indent=2))
+        return
+    for t in found:
+        when = datetime.fromtimestamp(t.created_at, timezone.utc).isoformat(timespec="seconds")
+        click.echo(f"{t.task_id:<36} {when} {t.state:<8} {t.name or '-'} "
+                   f"queue={t.queue or '-'} worker={t.worker or '-'}")
+    if not found:
+        click.echo("no tasks")
+
+
+def _task_json(task: TaskSummary) -> dict[str, Any]:
+    return {**vars(task), "created_at": iso_time(task.created_at)}
 
 
 def _age(seconds: float | None) -> str:
@@ -341,12 +482,12 @@ def _queues_at(store: EventStore, at: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({
             "position": then.position,
-            "time": _iso_time(then.time),
+            "time": iso_time(then.time),
             "queues": [q.as_json() for q in then.queues],
             "unreadable": [str(e) for e in then.unreadable],
         }, indent=2))
         return
-    click.echo(f"as of position {then.position} ({_iso_time(then.time)}), replayed from the log")
+    click.echo(f"as of position {then.position} ({iso_time(then.time)}), replayed from the log")
     click.echo(f"{'queue':<30} {'ready':>7} {'scheduled':>9} {'in-flight':>9} {'dead':>6}")
     for q in then.queues:
         click.echo(f"{q.queue:<30} {len(q.ready):>7} {len(q.scheduled):>9} "
@@ -383,10 +524,6 @@ def _point_in_time(store: EventStore, text: str) -> tuple[int | None, float | No
     return None, moment.timestamp()
 
 
-def _iso_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
-
-
 @eventstore.group(invoke_without_command=True)
 @click.option("--queue", default=None, help="only the dead letters of this queue")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a list")
@@ -400,7 +537,7 @@ def dead(ctx: click.Context, queue: str | None, as_json: bool) -> None:
     names = store.task_names(d.stream for d in letters)
     if as_json:
         click.echo(json.dumps(
-            [{**vars(d), "task_name": names.get(d.stream)} for d in letters], indent=2
+            [_dead_letter_json(d, names.get(d.stream)) for d in letters], indent=2
         ))
         return
     for d in letters:
@@ -409,6 +546,10 @@ def dead(ctx: click.Context, queue: str | None, as_json: bool) -> None:
                    f"queue={d.queue} at={when} reason={d.reason}")
     if not letters:
         click.echo("no dead letters")
+
+
+def _dead_letter_json(letter: DeadLetter, task_name: str | None) -> dict[str, Any]:
+    return {**vars(letter), "dead_at": iso_time(letter.dead_at), "task_name": task_name}
 
 
 @dead.command("retry")

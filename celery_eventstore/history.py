@@ -39,7 +39,7 @@ class Entry:
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["time"] = _iso(self.time)
+        data["time"] = iso_time(self.time)
         return data
 
 
@@ -135,17 +135,9 @@ def _worker(ev: lc.Event, consumer: str | None) -> str | None:
 
 def _detail(ev: lc.Event, metadata: Mapping[str, Any], at: float) -> dict[str, Any]:
     if isinstance(ev, lc.Published):
-        detail: dict[str, Any] = {"queue": ev.queue}
-        for key in ("task", "retries", "parent_id", "origin", "retry_of"):
-            if key in metadata:
-                detail[key] = metadata[key]
-        if ev.not_before and ev.not_before > at:
-            detail["not_before"] = _iso(ev.not_before)
-        if ev.expires:
-            detail["expires"] = _iso(ev.expires)
-        return detail
+        return _published_detail(ev, metadata)
     if isinstance(ev, (lc.Claimed, lc.LeaseRenewed)):
-        return {"lease_until": _iso(ev.lease_until)}
+        return {"lease_until": iso_time(ev.lease_until)}
     if isinstance(ev, lc.LeaseExpired):  # which claim budget the loss spent
         return {} if ev.started else {"started": False}
     if isinstance(ev, lc.Requeued):
@@ -161,7 +153,33 @@ def _detail(ev: lc.Event, metadata: Mapping[str, Any], at: float) -> dict[str, A
         return {"result": _result_summary(ev.result)}
     if isinstance(ev, lc.ResultFenced):  # a claim taken over: not the outcome
         return {"state": ev.state, "claim": ev.claim}
+    if isinstance(ev, lc.ChordPartDone):  # which header task it counts
+        return {"task_id": ev.task_id, "state": ev.state}
     return {}
+
+
+def _published_detail(ev: lc.Published, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What a publish says: where, which task, with what (Celery's ``argsrepr`` and
+    ``kwargsrepr``: its own, possibly redacted, rendering), when due, until when."""
+    detail: dict[str, Any] = {"queue": ev.queue}
+    for key in ("task", "retries"):
+        if key in metadata:
+            detail[key] = metadata[key]
+    headers = ev.message.get("headers")
+    if isinstance(headers, Mapping):
+        for key, header in (("args", "argsrepr"), ("kwargs", "kwargsrepr")):
+            if headers.get(header) is not None:
+                detail[key] = headers[header]
+    for key in ("parent_id", "origin"):
+        if key in metadata:
+            detail[key] = metadata[key]
+    if ev.not_before:
+        detail["eta"] = iso_time(ev.not_before)
+    if ev.expires:
+        detail["expires"] = iso_time(ev.expires)
+    if "retry_of" in metadata:
+        detail["retry_of"] = metadata["retry_of"]
+    return detail
 
 
 def _result_summary(stored: Mapping[str, Any]) -> Any:
@@ -179,7 +197,8 @@ def _result_summary(stored: Mapping[str, Any]) -> Any:
     return f"<{len(str(body))} bytes, {stored.get('encoding', 'opaque')}>"
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """Epoch seconds as ISO-8601 in UTC, to the millisecond: every time in JSON output."""
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
 
 

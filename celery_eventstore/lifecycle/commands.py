@@ -166,6 +166,12 @@ class Forget(Command):
     """Forget the result (task and group streams); the history stays."""
 
 
+@dataclass(frozen=True)
+class ExpireResult(Command):
+    """Expire a final result (task and group streams); the history stays.
+    Nothing to do for a stream without one, or whose result is gone already."""
+
+
 # -- groups and chords (their own streams) ----------------------------------------
 
 

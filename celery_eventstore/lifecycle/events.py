@@ -232,6 +232,15 @@ class Forgotten(Event):
     Task and group streams."""
 
 
+@dataclass(frozen=True)
+class ResultExpired(Event):
+    """The result outlived Celery's ``result_expires`` and was expired
+    (``backend_cleanup``): the backend reports the task as unknown (``PENDING``),
+    as Celery's own backends do; the history stays until it is pruned.
+
+    Task and group streams."""
+
+
 # -- corrupt streams ---------------------------------------------------------------
 
 

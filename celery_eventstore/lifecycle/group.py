@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .commands import DeleteGroup, Forget, SaveGroup
-from .events import JSON, Event, Forgotten, GroupDeleted, GroupSaved
+from .commands import DeleteGroup, ExpireResult, Forget, SaveGroup
+from .events import JSON, Event, Forgotten, GroupDeleted, GroupSaved, ResultExpired
 from .streams import JobState, ResultState, Rules, StreamKind, replace
 
 rules = Rules(StreamKind.GROUP)
@@ -35,8 +35,8 @@ def _group_deleted(state: GroupState, event: GroupDeleted) -> GroupState:
     return replace(state, result_state=ResultState.PENDING, result=None)
 
 
-@rules.evolves(Forgotten)
-def _forgotten(state: GroupState, event: Forgotten) -> GroupState:
+@rules.evolves(Forgotten, ResultExpired)
+def _forgotten(state: GroupState, event: Forgotten | ResultExpired) -> GroupState:
     return replace(state, forgotten=True)
 
 
@@ -53,3 +53,8 @@ def _delete_group(command: DeleteGroup, state: GroupState, now: float) -> list[E
 @rules.decides(Forget)
 def _forget(command: Forget, state: GroupState, now: float) -> list[Event]:
     return [] if state.forgotten else [Forgotten()]
+
+
+@rules.decides(ExpireResult)
+def _expire_result(command: ExpireResult, state: GroupState, now: float) -> list[Event]:
+    return [] if state.forgotten or state.result is None else [ResultExpired()]

@@ -21,6 +21,7 @@ from .commands import (
     Ack,
     Claim,
     Discard,
+    ExpireResult,
     Fail,
     Forget,
     Publish,
@@ -50,6 +51,7 @@ from .events import (
     Published,
     Quarantined,
     Requeued,
+    ResultExpired,
     ResultFenced,
     RetryScheduled,
     Revoked,
@@ -101,6 +103,7 @@ class TaskState(JobState, rules=rules):
 
 
 _UNFINISHED = (ResultState.PENDING, ResultState.STARTED, ResultState.RETRY)
+_FINAL = (ResultState.SUCCESS, ResultState.FAILURE, ResultState.REVOKED)
 
 
 def _running(state: TaskState) -> bool:
@@ -287,8 +290,9 @@ def _revoked(state: TaskState, event: Revoked) -> TaskState:
     )
 
 
-@rules.evolves(Forgotten)
-def _forgotten(state: TaskState, event: Forgotten) -> TaskState:
+@rules.evolves(Forgotten, ResultExpired)
+def _forgotten(state: TaskState, event: Forgotten | ResultExpired) -> TaskState:
+    # The result is gone for the backend; the history (and this state) stays.
     return replace(state, forgotten=True)
 
 
@@ -522,6 +526,13 @@ def _revoke(command: Revoke, state: TaskState, now: float) -> list[Event]:
 @rules.decides(Forget)
 def _forget(command: Forget, state: TaskState, now: float) -> list[Event]:
     return [] if state.forgotten else [Forgotten()]
+
+
+@rules.decides(ExpireResult)
+def _expire_result(command: ExpireResult, state: TaskState, now: float) -> list[Event]:
+    if state.forgotten or state.result_state not in _FINAL:
+        return []
+    return [ResultExpired()]
 
 
 # Result states.  One written from elsewhere (no claim) is recorded unless SUCCESS

@@ -17,11 +17,14 @@ from .records import (
     ClaimedMessage,
     ClaimRef,
     DeadLetter,
+    LogFilter,
     NewMessage,
     Outcome,
     QueueStats,
     RecordedEvent,
     ScheduledMessage,
+    TaskFilter,
+    TaskSummary,
 )
 from .routing import Binding, QueueInfo
 from .schema import SCHEMA_VERSION
@@ -38,6 +41,7 @@ __all__ = [
     "ConnectionInfo",
     "DeadLetter",
     "EventStore",
+    "LogFilter",
     "Listener",
     "NONE",
     "NewMessage",
@@ -48,6 +52,8 @@ __all__ = [
     "RecordedEvent",
     "ScheduledMessage",
     "describe_connection",
+    "TaskFilter",
+    "TaskSummary",
     "fold_stream",
     "parse_url",
     "redact",

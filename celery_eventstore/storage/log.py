@@ -23,7 +23,7 @@ from .database import Database, Tx
 from .notifiers import Notifier
 from .projection import project
 from .queries import Queries
-from .records import RecordedEvent
+from .records import LogFilter, RecordedEvent
 
 #: Decisions made but not appended yet: the state each was decided on, its
 #: events and their metadata.
@@ -133,6 +133,38 @@ class EventLog:
             return []
         with self.db.read() as conn:
             rows = conn.execute(self.queries.read_positions, {"positions": wanted})
+            return [self.recorded(row) for row in rows]
+
+    def read_log(
+        self, where: LogFilter, *, after: int = 0, before: int | None = None,
+        limit: int = 1000, newest_first: bool = False,
+    ) -> list[RecordedEvent]:
+        """Events matching ``where`` between positions ``after`` and ``before``
+        (exclusive), oldest first or newest first.  A time bound narrows the
+        positions first (an index lookup), so a read near the end of a long log
+        never walks the log from its start."""
+        given = where.given()
+        if "types" in given:
+            given["types"] = list(given["types"])
+        with self.db.read() as conn:
+            if where.since is not None:
+                first = conn.execute(
+                    self.queries.first_position_since, {"since": where.since}
+                ).scalar()
+                if first is None:
+                    return []
+                after = max(after, first - 1)
+            if where.until is not None:
+                last = conn.execute(
+                    self.queries.last_position_until, {"until": where.until}
+                ).scalar()
+                if last is None:
+                    return []
+                before = last + 1 if before is None else min(before, last + 1)
+            if before is not None:
+                given["before"] = before
+            statement = self.queries.log_page(tuple(sorted(given)), newest_first)
+            rows = conn.execute(statement, {**given, "after": after, "limit": limit})
             return [self.recorded(row) for row in rows]
 
     def last_position(self) -> int:

@@ -158,6 +158,31 @@ class Operations:
             rows = conn.execute(self.queries.results, {"streams": wanted})
             return {r.stream_id: (r.state, r.result, r.date_done) for r in rows}
 
+    def expire_results(self, before: float, *, batch: int = 500) -> int:
+        """Expire the final results recorded before ``before`` (Celery's
+        ``result_expires``): each gets a ``ResultExpired`` event and leaves the
+        results table, so the backend reports it as unknown; its history stays.
+        Returns how many were expired."""
+        total = 0
+        while done := self.db.retrying(lambda: self._expire_batch(before, batch)):
+            total += done
+        return total
+
+    def _expire_batch(self, before: float, batch: int) -> int:
+        with self.db.write() as tx:
+            streams = list(tx.conn.execute(
+                self.queries.expired_results, {"before": before, "limit": batch}
+            ).scalars())
+            states = self.log.load_all(tx.conn, streams)
+            pending = decided([
+                (states[s], lc.decide(lc.ExpireResult(), states[s], tx.now), None)
+                for s in streams
+            ])
+            self.log.append_pending(tx, pending)
+            # Counted by what expired: a row nothing can expire would come back first
+            # in every batch, and must end the loop rather than spin on it.
+            return len(pending)
+
     # -- retention ---------------------------------------------------------------------
 
     def prune(

@@ -9,7 +9,7 @@ not one per event.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,6 +30,7 @@ from ..lifecycle import (
     Published,
     Quarantined,
     Requeued,
+    ResultExpired,
     ResultState,
     RetryScheduled,
     Revoked,
@@ -39,11 +40,12 @@ from ..lifecycle import (
 )
 from .queries import Queries
 from .records import RecordedEvent
+from .task_index import project_tasks
 
 #: Events that change what the result backend reports.
 _RESULT_EVENTS = (
     Started, StateUpdated, RetryScheduled, Succeeded, Failed, Revoked, Forgotten, GroupSaved,
-    GroupDeleted,
+    GroupDeleted, ResultExpired,
 )
 _READY = {ResultState.SUCCESS, ResultState.FAILURE, ResultState.REVOKED}
 
@@ -66,7 +68,7 @@ def _unclaimed(available_at: float) -> dict[str, Any]:
 def project(
     conn: sa.Connection,
     queries: Queries,
-    recorded: Iterable[RecordedEvent],
+    recorded: Sequence[RecordedEvent],
     states: Mapping[str, JobState],
 ) -> None:
     """Apply ``recorded`` (in log order) to the derived tables.
@@ -147,6 +149,7 @@ def project(
     if retried:
         conn.execute(queries.delete_dead_letters, {"deliveries": retried})
     _write_results(conn, queries, results, states)
+    project_tasks(conn, queries, recorded, states)
 
 
 def _merge(changes: dict[str, tuple[str, dict[str, Any]]], delivery: str,
@@ -192,17 +195,19 @@ def _write_results(
     conn: sa.Connection, queries: Queries, touched: Mapping[str, float],
     states: Mapping[str, JobState],
 ) -> None:
-    gone = []
+    gone, rows = [], []
     for stream, at in touched.items():
         state = states[stream]
         if state.forgotten or (state.result_state is ResultState.PENDING and state.result is None):
             gone.append(stream)
             continue
-        conn.execute(queries.upsert_result, {
+        rows.append({
             "stream_id": stream,
             "state": state.custom_state or state.result_state.value,
             "result": dict(state.result) if state.result is not None else None,
             "date_done": at if state.result_state in _READY else None,
         })
+    if rows:  # one statement for the batch (each stream once: ``touched`` is keyed by it)
+        conn.execute(queries.upsert_result, rows)
     if gone:
         conn.execute(queries.delete_results, {"streams": gone})

@@ -35,6 +35,7 @@ class Queries:
         self._operations(tables)
         self._retention(tables)
         self._routing(tables, dialect)
+        self._tasks(tables)
 
     # -- the log: streams, positions, appends ---------------------------------
 
@@ -48,6 +49,15 @@ class Queries:
             sa.type_coerce(ev.c.data, sa.Text).label("data"),
             sa.type_coerce(ev.c.metadata, sa.Text).label("metadata"),
             ev.c.recorded_at,
+        )
+        self._events = events
+        #: ``since``: the first position recorded then or later (None: none is).
+        self.first_position_since = sa.select(sa.func.min(ev.c.position)).where(
+            ev.c.recorded_at >= sa.bindparam("since", type_=ev.c.recorded_at.type)
+        )
+        #: ``until``: the last position recorded then or earlier (None: none is).
+        self.last_position_until = sa.select(sa.func.max(ev.c.position)).where(
+            ev.c.recorded_at <= sa.bindparam("until", type_=ev.c.recorded_at.type)
         )
         #: ``streams``: every event of those streams, in stream then version order.
         self.read_streams = (
@@ -77,6 +87,33 @@ class Queries:
         self.append = ev.insert()
         self.append_returning = ev.insert().returning(
             ev.c.position, sort_by_parameter_order=True
+        )
+
+    @functools.cache  # noqa: B019 - one Queries per store, one per set of filters
+    def log_page(self, filters: tuple[str, ...], newest_first: bool) -> sa.Select[Any]:
+        """``after``, ``limit`` and each of ``filters`` (``before``, and the fields of
+        a :class:`~.records.LogFilter`): events between two positions, oldest or
+        newest first.  ``name`` and ``queue`` select streams by the task index."""
+        ev, tasks = self.tables.events, self.tables.tasks
+        time = ev.c.recorded_at.type
+        where = [ev.c.position > sa.bindparam("after")]
+        for name in filters:
+            if name == "before":
+                where.append(ev.c.position < sa.bindparam("before"))
+            elif name == "types":
+                where.append(ev.c.type.in_(_many("types")))
+            elif name == "since":
+                where.append(ev.c.recorded_at >= sa.bindparam("since", type_=time))
+            elif name == "until":
+                where.append(ev.c.recorded_at <= sa.bindparam("until", type_=time))
+            else:  # name, queue: the task index's columns
+                where.append(ev.c.stream_id.in_(
+                    sa.select(tasks.c.stream_id).where(tasks.c[name] == sa.bindparam(name))
+                ))
+        order = ev.c.position.desc() if newest_first else ev.c.position
+        return (
+            self._events.where(*where).order_by(order)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
         )
 
     # -- deliveries: claims -----------------------------------------------------
@@ -195,6 +232,12 @@ class Queries:
         self.dead_letter_stream = sa.select(dl.c.stream_id).where(
             dl.c.delivery_id == sa.bindparam("delivery")
         )
+        #: ``before``, ``limit``: streams whose final result was recorded before then.
+        self.expired_results = (
+            sa.select(res.c.stream_id)
+            .where(res.c.date_done < sa.bindparam("before", type_=res.c.date_done.type))
+            .order_by(res.c.date_done).limit(sa.bindparam("limit", type_=sa.Integer))
+        )
         #: ``streams``: result rows.
         self.results = sa.select(
             res.c.stream_id, res.c.state, res.c.result, res.c.date_done
@@ -311,3 +354,45 @@ class Queries:
             b.delete().where(b.c.queue.in_(names)),
             q.delete().where(q.c.name.in_(names)),
         ]
+
+    # -- the task index -------------------------------------------------------------
+
+    def _tasks(self, t: Tables) -> None:
+        tasks = t.tasks
+        self.insert_tasks = tasks.insert()
+        #: ``streams``: unreadable streams leave the index.
+        self.delete_tasks = tasks.delete().where(tasks.c.stream_id.in_(_many("streams")))
+        #: ``streams``: the index rows of those tasks.
+        self.tasks_by_id = sa.select(tasks).where(tasks.c.stream_id.in_(_many("streams")))
+
+    @functools.cache  # noqa: B019 - one Queries per store, a handful of column sets
+    def update_tasks(self, columns: tuple[str, ...]) -> sa.Update:
+        """``b_stream_id`` and the ``columns``: a batch of changes to task rows."""
+        tasks = self.tables.tasks
+        return (
+            tasks.update()
+            .where(tasks.c.stream_id == sa.bindparam("b_stream_id"))
+            .values({c: sa.bindparam(c) for c in columns})
+        )
+
+    @functools.cache  # noqa: B019 - one Queries per store, one per set of filters
+    def list_tasks(self, filters: tuple[str, ...]) -> sa.Select[Any]:
+        """``limit`` and each of ``filters`` (a :class:`TaskFilter` field): tasks,
+        newest first.  Only the filters given are in the statement, so the planner
+        sees plain equalities and ranges and picks the index that serves them."""
+        tasks = self.tables.tasks
+        where = []
+        for name in filters:
+            param = sa.bindparam(name, type_=tasks.c.created_at.type if name in (
+                "since", "until") else sa.String)
+            if name == "since":
+                where.append(tasks.c.created_at >= param)
+            elif name == "until":
+                where.append(tasks.c.created_at <= param)
+            else:
+                where.append(tasks.c[name] == param)
+        return (
+            sa.select(tasks).where(*where)
+            .order_by(tasks.c.created_at.desc(), tasks.c.stream_id.desc())
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+        )

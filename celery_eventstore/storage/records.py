@@ -124,3 +124,66 @@ class DeadLetter:
     reason: str
     #: When, in epoch seconds.
     dead_at: float
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """One task as the task index holds it (:meth:`EventStore.tasks`)."""
+
+    #: The task id (its stream).
+    task_id: str
+    #: The task's name, from its first message (None for a stream begun by a result
+    #: written from elsewhere, or a plain kombu message).
+    name: str | None
+    #: Its state as the history tells it: Celery's state names, or a custom state.
+    #: Expiring or forgetting the result leaves it as it was.
+    state: str
+    #: The queue of its latest message.
+    queue: str | None
+    #: The worker (Celery's hostname) that last reported the task started.
+    worker: str | None
+    parent_id: str | None
+    root_id: str | None
+    #: The group it is a member of.
+    group_id: str | None
+    #: When its stream began (its first publish), in epoch seconds.
+    created_at: float
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """What :meth:`EventStore.tasks` selects; every field left None matches all.
+
+    ``since``/``until`` bound when a task began (epoch seconds, inclusive)."""
+
+    name: str | None = None
+    state: str | None = None
+    queue: str | None = None
+    worker: str | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+    group_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The fields that select something, by name."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    """Which events :meth:`EventStore.read_log` returns; None matches all.
+
+    ``types`` are stored type names; ``name``/``queue`` select the task streams
+    the task index gives that name or latest queue; ``since``/``until`` bound
+    when an event was recorded (epoch seconds, inclusive)."""
+
+    types: tuple[str, ...] | None = None
+    name: str | None = None
+    queue: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v is not None}

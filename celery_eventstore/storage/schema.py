@@ -15,6 +15,9 @@ from the log at any time:
 * ``dead_letters`` -- deliveries that were dead-lettered and not retried.
 * ``results`` -- each task's (or group's) latest result state, for the result
   backend: one indexed read per ``AsyncResult``, however long the stream.
+* ``tasks`` -- one row per task stream (name, state, queue, worker, links, when it
+  began), for finding tasks (``celery-eventstore tasks``) without scanning the log.
+  It outlives results: an expired or forgotten result leaves the row as it was.
 
 Routing state is kept apart from history.  ``queues``, ``bindings`` and
 ``transient_messages`` hold what Celery's control plane needs across processes
@@ -35,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Big integers that are also SQLite's rowid alias (so positions autoincrement).
 _Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -56,11 +59,12 @@ class Tables:
     bindings: sa.Table
     transient_messages: sa.Table
     results: sa.Table
+    tasks: sa.Table
 
     @property
     def projections(self) -> tuple[sa.Table, ...]:
         """Tables derived from the log, in the order they may be emptied."""
-        return (self.messages, self.dead_letters, self.results)
+        return (self.messages, self.dead_letters, self.results, self.tasks)
 
 
 def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Tables:
@@ -172,6 +176,28 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.Column("date_done", _Time, nullable=True),
     )
     sa.Index(f"{prefix}results_date_done", results.c.date_done)
+
+    tasks = sa.Table(
+        f"{prefix}tasks",
+        md,
+        sa.Column("stream_id", _Id, primary_key=True),
+        sa.Column("name", _Id, nullable=True),
+        # The task's state as the history tells it: an expired result keeps it.
+        sa.Column("state", _Id, nullable=False),
+        sa.Column("queue", _Id, nullable=True),
+        sa.Column("worker", _Id, nullable=True),
+        sa.Column("parent_id", _Id, nullable=True),
+        sa.Column("root_id", _Id, nullable=True),
+        sa.Column("group_id", _Id, nullable=True),
+        # When its stream began: the listing's order (newest first, then by id: one
+        # transaction may publish thousands) and time range.
+        sa.Column("created_at", _Time, nullable=False),
+    )
+    sa.Index(f"{prefix}tasks_created", tasks.c.created_at, tasks.c.stream_id)
+    for column in ("name", "state", "queue", "worker"):
+        sa.Index(f"{prefix}tasks_{column}", tasks.c[column], tasks.c.created_at, tasks.c.stream_id)
+    for column in ("parent_id", "root_id", "group_id"):
+        sa.Index(f"{prefix}tasks_{column}", tasks.c[column])
     return Tables(
         md,
         events,
@@ -182,4 +208,5 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         bindings,
         transient_messages,
         results,
+        tasks,
     )

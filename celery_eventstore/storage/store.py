@@ -11,6 +11,8 @@ An :class:`EventStore` is built from small objects, each owning one concern:
 * :class:`~.operations.Operations` -- queue statistics, dead letters, results,
   purge, prune and rebuild;
 * :class:`~.routing.Routing` -- queue declarations, bindings, transient messages;
+* :class:`~.task_index.TaskIndex` -- finding tasks by name, state, queue, worker,
+  links and time;
 * a :class:`~.notifiers.Notifier` -- the wake-up seam (NOTIFY, SQLite change
   detection, or polling), chosen apart from the dialect.
 
@@ -52,14 +54,18 @@ from .records import (
     ClaimedMessage,
     ClaimRef,
     DeadLetter,
+    LogFilter,
     NewMessage,
     Outcome,
     QueueStats,
     RecordedEvent,
     ScheduledMessage,
+    TaskFilter,
+    TaskSummary,
 )
 from .routing import Binding, QueueInfo, Routing
 from .schema import SCHEMA_VERSION, Tables, make_tables
+from .task_index import TaskIndex
 
 #: The tables' prefix unless one is given.
 DEFAULT_TABLE_PREFIX = "eventstore_"
@@ -137,6 +143,7 @@ class EventStore:
         self.deliveries = Deliveries(self.db, self.log, max_message_size)
         self.operations = Operations(self.db, self.log)
         self.routing = Routing(self.db, self.queries, self.notifier, self.channels.ready)
+        self.task_index = TaskIndex(self.db, self.queries)
 
     def __repr__(self) -> str:
         return f"<EventStore {redact(self.url)} prefix={self.table_prefix!r}>"
@@ -326,6 +333,35 @@ class EventStore:
         """The log's highest position (0 when it is empty)."""
         return self.log.last_position()
 
+    def read_log(
+        self, where: LogFilter | None = None, *, after: int = 0, before: int | None = None,
+        limit: int = 1000, newest_first: bool = False,
+    ) -> list[RecordedEvent]:
+        """Events matching ``where`` between positions ``after`` and ``before``
+        (both exclusive), oldest first, or newest first: ``tail`` reads the end of
+        the log this way without reading the rest."""
+        where = where or LogFilter()
+        if not all(self.names.stream.fits(v) for v in (where.queue, where.name) if v):
+            return []  # a name no column can hold: nothing has it
+        return self.log.read_log(
+            where, after=after, before=before, limit=limit, newest_first=newest_first
+        )
+
+    # -- the task index -------------------------------------------------------------
+
+    def tasks(self, where: TaskFilter | None = None, *, limit: int = 50) -> list[TaskSummary]:
+        """Tasks matching ``where``, newest first (ties by task id, descending), at
+        most ``limit``: answered from the task index, not the log."""
+        where = where or TaskFilter()
+        if not all(self.names.stream.fits(v) for v in where.given().values()
+                   if isinstance(v, str)):
+            return []  # a name no column can hold: nothing has it
+        return self.task_index.tasks(where, limit)
+
+    def task_summaries(self, task_ids: Iterable[str]) -> dict[str, TaskSummary]:
+        """The task index's rows for those task ids that have one."""
+        return self.task_index.summaries(self.names.stream.storable(task_ids))
+
     def append(
         self,
         stream: str,
@@ -459,6 +495,10 @@ class EventStore:
 
     def results(self, streams: Iterable[str]) -> dict[str, tuple[str, Any, float | None]]:
         return self.operations.results(self.names.stream.storable(streams))
+
+    def expire_results(self, before: float, *, batch: int = 500) -> int:
+        """Expire the results recorded before ``before``; their history stays."""
+        return self.operations.expire_results(before, batch=batch)
 
     def prune(
         self, before: float, *, batch: int = 500, progress: Progress | None = None,

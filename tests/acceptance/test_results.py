@@ -349,6 +349,52 @@ def test_forget_leaves_the_history(results: Results) -> None:
 # -- 9. expiry -----------------------------------------------------------------------------
 
 
+def _cleanup_app(results: Results, **transport: Any) -> Any:
+    """Another app on the store whose ``result_expires`` is one second."""
+    app = resultproj.make_app(
+        results.broker.url, {**results.broker.transport_options(), **transport}
+    )
+    app.conf.result_expires = 1
+    return app
+
+
+def test_result_expiry_expires_the_result_and_keeps_the_history(results: Results) -> None:
+    r = results.task("add").delay(2, 3)
+    assert r.get(timeout=TIMEOUT) == 5
+    results.broker.wait_for_event(r.id, "Acked")
+    history = results.types(r.id)
+    store = results.broker.store
+    done = store.results([r.id])[r.id][2]
+    wait_for(lambda: store.now() > done + 1.2, 10, "the result to be a second old")
+
+    app = _cleanup_app(results)
+    try:
+        app.tasks["celery.backend_cleanup"].apply().get()  # what celery beat runs
+        assert app.AsyncResult(r.id).state == "PENDING"  # as Celery reports expired results
+        assert results.types(r.id) == [*history, "ResultExpired"]
+        assert store.task_summaries([r.id])[r.id].state == "SUCCESS"
+    finally:
+        _close_listener(app)  # not app.close(): see second_app
+
+
+def test_history_retention_prunes_the_history_with_the_cleanup(results: Results) -> None:
+    r = results.task("add").delay(3, 3)
+    assert r.get(timeout=TIMEOUT) == 6
+    results.broker.wait_for_event(r.id, "Acked")
+    store = results.broker.store
+    last = store.read_stream(r.id)[-1].recorded_at
+    wait_for(lambda: store.now() > last + 2.2, 10, "the history to be two seconds old")
+
+    app = _cleanup_app(results, history_retention=2)
+    try:
+        assert app.backend.history_retention == 2
+        app.tasks["celery.backend_cleanup"].apply().get()
+        assert store.read_stream(r.id) == []
+        assert store.task_summaries([r.id]) == {}
+    finally:
+        _close_listener(app)
+
+
 def test_a_task_that_expired_unrun_is_revoked(
     broker: Broker, start_worker: Any, result_app: Any
 ) -> None:

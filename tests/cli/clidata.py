@@ -25,7 +25,7 @@ import cliproj
 import proj
 import pytest
 import sqlalchemy as sa
-from celery import chord
+from celery import chord, group
 from click.testing import CliRunner, Result
 from harness import HERE as ACCEPTANCE
 from harness import Broker, Worker, make_broker, wait_for
@@ -133,6 +133,13 @@ def produce(data: Data) -> None:
         ids["chord"], ids["group"] = result.id, result.parent.id
         ids["header"] = result.parent.results[0].id
         ids["eta"] = tasks["add"].apply_async((1, 1), countdown=1).id
+        # A plain group, never saved: no stream of its own, its members know it.
+        plain_group = group(tasks["add"].s(7, 7), tasks["add"].s(8, 8)).apply_async()
+        ids["plain_group"] = plain_group.id
+        ids["plain_group_members"] = ",".join(r.id for r in plain_group.results)
+        ids["failed"] = tasks["fail"].apply_async(
+            ("no such customer",), kwargs={}, expires=3600
+        ).id
         ids["revoked"] = tasks["add"].apply_async((9, 9), countdown=REVOKED_COUNTDOWN).id
         ids["scheduled"] = tasks["add"].apply_async((0, 0), countdown=3600).id
         ids["idle"] = tasks["add"].apply_async((5, 5), queue=cliproj.IDLE_QUEUE).id
@@ -142,7 +149,7 @@ def produce(data: Data) -> None:
 
         # The durable revoke, while the worker holds nothing of the task in memory.
         data.revoke_run = data.celery("revoke", ids["revoked"])
-        done = ["plain", "flaky", "chord", "eta"]
+        done = ["plain", "flaky", "chord", "eta", "failed"]
         wait_for(
             lambda: all(_finished(data, ids[k]) for k in done),
             TIMEOUT, "the worker to finish the tasks",

@@ -38,6 +38,10 @@ def make_app(
             raise self.retry(exc=exc, countdown=0.5, max_retries=failures)
         return f"ok after {self.request.retries} retries"
 
+    @app.task(name="cliproj.fail", shared=False)
+    def fail(reason: str) -> None:
+        raise ValueError(reason)
+
     @app.task(name="cliproj.tsum", shared=False)
     def tsum(values: list[int]) -> int:
         return sum(values)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import cliproj
 import proj
 import pytest
 import sqlalchemy as sa
-from clidata import Data, empty_database, make_data, timeline
+from clidata import POISONS, Data, empty_database, make_data, timeline
 from harness import reaper_for, wait_for
 
 from celery_eventstore import lifecycle as lc
@@ -152,8 +152,8 @@ def test_history_of_a_retry_chain(data: Data) -> None:
     published = [(attempt, rest) for event, attempt, rest in lines if event == "Published"]
     assert [attempt for attempt, _ in published] == [1, 2, 3]
     assert [rest.split()[2] for _, rest in published] == ["retries=0", "retries=1", "retries=2"]
-    # A retry waits in the store for its countdown.
-    assert all("not_before=" in rest for _, rest in published[1:])
+    # A retry waits in the store for its countdown: the history shows its ETA.
+    assert all("eta=" in rest for _, rest in published[1:])
     retries = [(attempt, rest) for event, attempt, rest in lines if event == "RetryScheduled"]
     assert retries == [
         (1, "exc=ConnectionError: flaky attempt 1 failed"),
@@ -233,6 +233,97 @@ def test_history_of_a_group_id_and_of_an_unknown_task(data: Data) -> None:
     assert "no events for 'no-such-task'" in missing.output
 
 
+def test_history_shows_arguments_eta_expiry_and_each_failure(data: Data) -> None:
+    ids = data.ids
+    failed = timeline(data.cli("history", ids["failed"]).output)[ids["failed"]]
+    details = {event: rest for event, _, rest in failed}
+    published = details["Published"]
+    assert published.startswith("queue=celery task=cliproj.fail retries=0 ")
+    assert "args=('no such customer',) kwargs={}" in published
+    assert "expires=" in published and "eta=" not in published
+    assert details["Failed"] == "exc=ValueError: no such customer"
+    eta = {e: r for e, _, r in timeline(data.cli("history", ids["eta"]).output)[ids["eta"]]}
+    assert "args=(1, 1)" in eta["Published"] and "eta=" in eta["Published"]
+    document = json.loads(data.cli("history", "--json", ids["failed"]).output)
+    detail = document["events"][0]["detail"]
+    assert datetime.fromisoformat(detail["expires"]).tzinfo is not None
+    assert (detail["args"], detail["kwargs"]) == ("('no such customer',)", "{}")
+
+    # Each ChordPartDone names the header task it counted.
+    header = [r.id for r in data.app.GroupResult.restore(ids["group"]).results]
+    chord_stream = f"chord:{ids['group']}"
+    parts = timeline(data.cli("history", chord_stream).output)[chord_stream]
+    counted = [rest for event, _, rest in parts if event == "ChordPartDone"]
+    assert sorted(counted) == sorted(f"task_id={h} state=SUCCESS" for h in header)
+
+
+def test_history_of_a_group_that_was_never_saved_shows_its_members(data: Data) -> None:
+    gid, members = data.ids["plain_group"], data.ids["plain_group_members"].split(",")
+    assert data.store.read_stream(f"group:{gid}") == []  # never saved
+    streams = timeline(data.cli("history", gid).output)
+    assert list(streams) == members  # oldest first
+    documents = json.loads(data.cli("history", "--json", gid).output)
+    assert [d["stream"] for d in documents] == members
+
+
+# -- tasks -------------------------------------------------------------------------------
+
+
+def _listed(output: str) -> list[str]:
+    return [line.split()[0] for line in output.splitlines()]
+
+
+def test_tasks_finds_tasks_by_each_field_newest_first(data: Data) -> None:
+    ids = data.ids
+    everything = [t.task_id for t in data.store.tasks(limit=1000)]
+    assert _listed(data.celery("tasks", "--limit", "1000").stdout) == everything
+    assert _listed(data.cli("tasks", "--limit", "3").output) == everything[:3]
+    adds = _listed(data.cli("tasks", "--name", "cliproj.add", "--limit", "100").output)
+    assert ids["plain"] in adds and ids["flaky"] not in adds
+    assert adds == [t for t in everything if data.store.task_summaries([t])[t].name
+                    == "cliproj.add"]
+    assert _listed(data.cli("tasks", "--state", "failure").output) == [
+        t for t in everything if t in {ids["failed"], *(ids[f"poison_{n}"] for n in POISONS)}
+        and data.store.task_summaries([t])[t].state == "FAILURE"
+    ]
+    assert ids["failed"] in _listed(data.cli("tasks", "--state", "FAILURE").output)
+    assert _listed(data.cli("tasks", "--queue", cliproj.IDLE_QUEUE).output) == [ids["idle"]]
+    assert sorted(_listed(data.cli("tasks", "--group", ids["plain_group"]).output)) == sorted(
+        ids["plain_group_members"].split(",")
+    )
+    worker = data.store.task_summaries([ids["plain"]])[ids["plain"]].worker
+    assert worker and worker.startswith(data.workers[0].name)
+    assert ids["plain"] in _listed(data.cli("tasks", "--worker", worker).output)
+    assert data.cli("tasks", "--since", "2099-01-01").output == "no tasks\n"
+    assert _listed(data.cli("tasks", "--since", "1h", "--until", "2099-01-01T00:00",
+                            "--limit", "1000").output) == everything
+    assert data.cli("tasks", "--until", "1d").output == "no tasks\n"
+    line = next(x for x in data.cli("tasks", "--limit", "1000").output.splitlines()
+                if x.startswith(ids["plain"]))
+    assert line.split()[2:] == ["SUCCESS", "cliproj.add", "queue=celery", f"worker={worker}"]
+    bad = data.cli("tasks", "--since", "yesterday", code=2).output
+    assert "neither an ISO time" in bad
+
+
+def test_json_outputs_give_times_in_iso_8601(data: Data) -> None:
+    listed = json.loads(data.cli("tasks", "--json", "--name", "cliproj.fail").output)
+    assert [t["task_id"] for t in listed] == [data.ids["failed"]]
+    assert set(listed[0]) == {
+        "task_id", "name", "state", "queue", "worker", "parent_id", "root_id", "group_id",
+        "created_at",
+    }
+    created = data.store.task_summaries([data.ids["failed"]])[data.ids["failed"]].created_at
+    assert datetime.fromisoformat(listed[0]["created_at"]).timestamp() == pytest.approx(
+        created, abs=0.001
+    )
+    letters = json.loads(data.cli("dead", "--json").output)
+    assert letters and all(datetime.fromisoformat(d["dead_at"]).tzinfo for d in letters)
+    for line in data.cli("tail", "--json", "-n", "5").output.splitlines():
+        item = json.loads(line)
+        assert set(item) == ENTRY_KEYS
+        assert datetime.fromisoformat(item["time"]).tzinfo is not None
+
+
 # -- tail --------------------------------------------------------------------------------
 
 
@@ -261,6 +352,48 @@ def test_tail_filters_by_queue_task_and_event_type(data: Data) -> None:
     # Stream ids are printed whole, so they can be passed to `history`.
     group = data.cli("tail", "-n", "1000", "--type", "GroupSaved").output
     assert _tail_streams(group) == [f"group:{ids['group']}"]
+
+
+def test_tail_by_time_and_type_in_any_case(data: Data) -> None:
+    log = data.store.read_all(limit=100_000)
+    middle = log[len(log) // 2].recorded_at
+    since = datetime.fromtimestamp(middle, timezone.utc).isoformat()
+    cut = datetime.fromisoformat(since).timestamp()  # to the microsecond
+    after = data.cli("tail", "--since", since).output.splitlines()
+    assert _tail_streams("\n".join(after)) == [r.stream for r in log if r.recorded_at >= cut]
+    until = data.cli("tail", "--until", since, "-n", "3").output.splitlines()
+    assert _tail_streams("\n".join(until)) == [
+        r.stream for r in log if r.recorded_at <= cut
+    ][-3:]
+    assert data.cli("tail", "--since", "2099-01-01").output == ""
+    assert len(data.cli("tail", "--since", "1h", "-n", "4").output.splitlines()) == 4
+    failed = data.cli("tail", "--type", "failed", "--type", "RETRYSCHEDULED", "-n", "100")
+    assert {line.split()[2] for line in failed.output.splitlines()} == {
+        "Failed", "RetryScheduled"
+    }
+    bad = data.cli("tail", "--type", "Exploded", code=2).output
+    assert "'Exploded' is not an event type; one of Acked, " in bad and "DeadLettered" in bad
+    assert "--follow cannot stop at --until" in data.cli(
+        "tail", "-f", "--until", "1h", code=2
+    ).output
+
+
+def test_tail_starts_at_the_end_of_the_log(data: Data) -> None:
+    """``tail`` reads the events it shows from the end of the log, not the log."""
+    reads: list[Any] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if "eventstore_events" in statement and "LIMIT" in statement.upper():
+            reads.append(parameters)
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", record)
+    try:
+        assert len(data.cli("tail", "-n", "2", "--task", "cliproj.add").output.splitlines()) == 2
+        out = data.cli("tail", "-n", "3").output.splitlines()
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", record)
+    assert len(out) == 3 and len(reads) == 2, reads
+    assert all(3 in (p.values() if isinstance(p, dict) else p) for p in reads[1:]), reads
 
 
 def test_tail_follow_prints_new_events_until_interrupted(data: Data) -> None:
@@ -370,7 +503,11 @@ def test_python_api_answers_what_the_commands_print(data: Data) -> None:
     letters = data.store.dead_letters()
     printed_letters = json.loads(data.cli("dead", "--json").output)
     names = data.store.task_names(d.stream for d in letters)
-    assert printed_letters == [{**vars(d), "task_name": names[d.stream]} for d in letters]
+    assert [{**p, "dead_at": datetime.fromisoformat(p["dead_at"]).timestamp()}
+            for p in printed_letters] == [
+        {**vars(d), "dead_at": pytest.approx(d.dead_at, abs=0.001), "task_name": names[d.stream]}
+        for d in letters
+    ]
 
 
 # -- revoke ------------------------------------------------------------------------------

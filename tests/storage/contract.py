@@ -18,7 +18,13 @@ from celery_eventstore.exceptions import (
     SchemaMissing,
     SchemaOutdated,
 )
-from celery_eventstore.storage import SCHEMA_VERSION, NewMessage, Outcome
+from celery_eventstore.storage import (
+    SCHEMA_VERSION,
+    LogFilter,
+    NewMessage,
+    Outcome,
+    TaskFilter,
+)
 from celery_eventstore.storage.routing import Binding, QueueInfo
 
 
@@ -493,6 +499,131 @@ class StoreContract:
         pruned = store.prune(before=clock.now, batch=2, progress=lambda *a: calls.append(a))
         assert pruned == 5  # "waiting" is kept, but was examined
         assert calls == [(2, 6), (4, 6), (6, 6)]
+
+    def test_expired_results_leave_the_backend_and_keep_their_history(self, store, clock):
+        store.publish([msg("old", metadata={"task": "proj.add"}), msg("running")])
+        store.execute("old", lc.Succeed(result={"body": "1"}))
+        store.execute("failed", lc.Fail(exc="boom", result={"body": "2"}))
+        store.execute("running", lc.Start(worker="w1"))
+        store.execute("group:g", lc.SaveGroup(result={"body": "3"}))
+        clock.advance(100)
+        store.execute("recent", lc.Succeed(result={"body": "4"}))
+        assert store.expire_results(before=clock.now - 50, batch=2) == 3
+        assert set(store.results(["old", "failed", "running", "group:g", "recent"])) == {
+            "running", "recent"
+        }
+        assert types(store, "old") == ["Published", "Succeeded", "ResultExpired"]
+        assert types(store, "group:g") == ["GroupSaved", "ResultExpired"]
+        # The index keeps what the history says; expiring again finds nothing.
+        summaries = store.task_summaries(["old", "failed"])
+        assert (summaries["old"].state, summaries["old"].name) == ("SUCCESS", "proj.add")
+        assert summaries["failed"].state == "FAILURE"
+        assert store.expire_results(before=clock.now + 1) == 1  # "recent" only
+        assert store.prune(before=clock.now - 50) == 0  # history outlives its results
+
+    # -- the task index ----------------------------------------------------------------
+
+    def test_task_index_finds_tasks_by_each_field_newest_first(self, store, clock):
+        def publish(task_id, name, queue="q", **links):
+            store.publish([msg(task_id, queue, metadata={"task": name, **links})])
+            clock.advance(1)
+
+        publish("a1", "proj.add", root_id="a1")
+        publish("a2", "proj.add", "other", parent_id="a1", root_id="a1", group="g1")
+        publish("m1", "proj.mul", parent_id="a1", root_id="a1", group="g1")
+        publish("m2", "proj.mul")
+        store.publish([msg("plain")])  # a plain kombu message: no name
+        for m in store.claim(["q", "other"], 10, "w", 30):
+            if m.stream in ("a1", "a2"):
+                store.execute(m.stream, lc.Start(worker="celery@alpha", claim=m.claim))
+            if m.stream == "a1":
+                store.execute(m.stream, lc.Succeed(result={"body": "1"}, claim=m.claim))
+            if m.stream == "m1":
+                store.reject([m.ref], requeue=False)  # dead letter: FAILURE
+        store.revoke("m2")
+        store.execute("a1", lc.Forget())  # the result goes, the index keeps SUCCESS
+
+        def ids(**where):
+            return [t.task_id for t in store.tasks(TaskFilter(**where), limit=10)]
+
+        assert ids() == ["plain", "m2", "m1", "a2", "a1"]
+        assert ids(name="proj.add") == ["a2", "a1"]
+        assert ids(state="SUCCESS") == ["a1"] and ids(state="FAILURE") == ["m1"]
+        assert ids(state="REVOKED") == ["m2"] and ids(state="STARTED") == ["a2"]
+        assert ids(queue="other") == ["a2"]
+        assert ids(worker="celery@alpha") == ["a2", "a1"]
+        assert ids(parent_id="a1") == ["m1", "a2"]
+        assert ids(root_id="a1") == ["m1", "a2", "a1"]
+        assert ids(group_id="g1") == ["m1", "a2"]
+        start = clock.now - 4  # a1's publish
+        assert ids(since=start + 1, until=start + 2) == ["m1", "a2"]
+        assert ids(name="proj.add", since=start + 1) == ["a2"]
+        assert [t.task_id for t in store.tasks(limit=2)] == ["plain", "m2"]
+        assert ids(name="x" * 1000) == [] and ids(worker="nul\x00") == []
+        (a2,) = store.tasks(TaskFilter(queue="other"))
+        assert (a2.name, a2.state, a2.worker, a2.parent_id, a2.group_id, a2.created_at) == (
+            "proj.add", "STARTED", "celery@alpha", "a1", "g1", start + 1
+        )
+
+    def test_task_index_ties_are_ordered_by_id_and_results_alone_make_a_row(self, store, clock):
+        store.publish([msg(t, metadata={"task": "x"}) for t in ("b", "c", "a")])
+        store.execute("elsewhere", lc.Succeed(result={"body": "1"}))  # another broker
+        assert [t.task_id for t in store.tasks()] == ["elsewhere", "c", "b", "a"]
+        (row,) = store.tasks(TaskFilter(state="SUCCESS"))
+        assert (row.task_id, row.name, row.queue) == ("elsewhere", None, None)
+        assert "group:g" not in store.task_summaries(["group:g"])
+
+    def test_task_index_is_rebuilt_from_the_log(self, store, clock):
+        for i in range(6):
+            store.publish([msg(f"t{i}", metadata={"task": f"n{i % 2}", "group": "g"})])
+            clock.advance(1)
+        for m in store.claim(["q"], 4, "w", 30):
+            store.execute(m.stream, lc.Start(worker="w1", claim=m.claim))
+            store.execute(m.stream, lc.Fail(exc="boom", claim=m.claim))
+            store.ack([m.ref])
+        store.execute("t5", lc.UpdateState(state="PROGRESS"))
+        live = store.projection_rows()[store.tables.tasks.name]
+        assert len(live) == 6
+        store.tables.tasks.drop(store.engine)
+        store.rebuild(batch_streams=4)
+        assert store.projection_rows()[store.tables.tasks.name] == live
+        assert store.task_summaries(["t5"])["t5"].state == "PROGRESS"
+
+    # -- reading the log ---------------------------------------------------------------
+
+    def test_read_log_by_type_task_queue_and_time_from_either_end(self, store, clock):
+        for i in range(6):
+            queue = "q" if i % 2 else "other"
+            store.publish([msg(f"t{i}", queue, metadata={"task": f"n{i % 3}"})])
+            clock.advance(10)
+        for m in store.claim(["q", "other"], 10, "w", 30):
+            store.ack([m.ref])
+        everything = store.read_all(limit=100)
+        last = everything[-1].position
+
+        def streams(where, **kw):
+            return [(r.stream, r.type) for r in store.read_log(where, **kw)]
+
+        newest = store.read_log(LogFilter(), newest_first=True, limit=3)
+        assert newest == everything[::-1][:3]
+        assert store.read_log(LogFilter(), before=everything[2].position) == everything[:2]
+        assert [r.type for r in store.read_log(LogFilter(types=("Acked",)))] == ["Acked"] * 6
+        assert {s for s, _ in streams(LogFilter(name="n1"))} == {"t1", "t4"}
+        assert {s for s, _ in streams(LogFilter(queue="q", types=("Published",)))} == {
+            "t1", "t3", "t5"
+        }
+        start = everything[0].recorded_at
+        assert streams(LogFilter(since=start + 10, until=start + 25)) == [
+            ("t1", "Published"), ("t2", "Published")
+        ]
+        assert streams(LogFilter(until=start + 15), newest_first=True, limit=1) == [
+            ("t1", "Published")
+        ]
+        assert store.read_log(LogFilter(since=clock.now + 1)) == []
+        assert store.read_log(LogFilter(until=start - 1)) == []
+        assert store.read_log(LogFilter(), after=last) == []
+        assert store.read_log(LogFilter(queue="x" * 1000)) == []
+        assert store.read_log(LogFilter(name="nul\x00")) == []
 
     # -- rebuild -------------------------------------------------------------------
 

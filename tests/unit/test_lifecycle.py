@@ -1261,6 +1261,7 @@ LIFECYCLE_EVENTS: list[Event] = [
 OTHER_EVENT_SAMPLES: list[tuple[str, dict[str, Any]]] = [
     ("DeadLetterPurged", {"delivery": "d1"}),
     ("Forgotten", {}),
+    ("ResultExpired", {}),
     ("GroupSaved", {"result": {"results": [["t1", None], ["t2", None]]}}),
     ("GroupDeleted", {}),
     ("ChordPartDone", {"task_id": "t1", "state": "SUCCESS"}),

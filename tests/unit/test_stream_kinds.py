@@ -32,17 +32,18 @@ EVENTS_HELD = {
         "Published", "Claimed", "LeaseRenewed", "Acked", "Requeued", "LeaseExpired",
         "DeadLettered", "DeadLetterPurged", "Quarantined", "Discarded", "Revoked",
         "StateUpdated", "Started", "RetryScheduled", "Succeeded", "Failed", "ResultFenced",
-        "Forgotten",
+        "Forgotten", "ResultExpired",
     },
-    StreamKind.GROUP: {"GroupSaved", "GroupDeleted", "Forgotten"},
+    StreamKind.GROUP: {"GroupSaved", "GroupDeleted", "Forgotten", "ResultExpired"},
     StreamKind.CHORD: {"ChordPartDone", "ChordCompleted"},
 }
 COMMANDS_ACCEPTED = {
     StreamKind.TASK: {
         "Publish", "Claim", "Renew", "Ack", "Reject", "Restore", "Discard", "PurgeDeadLetter",
         "Revoke", "UpdateState", "Start", "ScheduleRetry", "Succeed", "Fail", "Forget",
+        "ExpireResult",
     },
-    StreamKind.GROUP: {"SaveGroup", "DeleteGroup", "Forget"},
+    StreamKind.GROUP: {"SaveGroup", "DeleteGroup", "Forget", "ExpireResult"},
     StreamKind.CHORD: {"CountChordPart"},
 }
 
@@ -208,6 +209,26 @@ def test_a_group_is_saved_deleted_and_forgotten() -> None:
     assert events == [lc.GroupDeleted()]
     assert (state.result_state, state.result, state.version) == (ResultState.PENDING, None, 4)
     assert do(state, lc.DeleteGroup())[1] == []  # nothing saved: nothing to delete
+
+
+def test_a_group_result_expires_once_and_only_when_saved() -> None:
+    state = lc.fold("group:g1", [])
+    assert do(state, lc.ExpireResult())[1] == []  # nothing saved
+    state, _ = do(state, lc.SaveGroup({"result": []}))
+    state, events = do(state, lc.ExpireResult())
+    assert events == [lc.ResultExpired()] and state.forgotten
+    assert do(state, lc.ExpireResult())[1] == []
+
+
+def test_only_a_final_task_result_expires_and_the_state_stays() -> None:
+    state = lc.fold("t1", [])
+    state, _ = do(state, lc.Start(worker="w"))
+    assert do(state, lc.ExpireResult())[1] == []  # still running: nothing final
+    state, _ = do(state, lc.Succeed(result={"body": "1"}))
+    state, events = do(state, lc.ExpireResult())
+    assert events == [lc.ResultExpired()]
+    assert state.forgotten and state.result_state is ResultState.SUCCESS
+    assert do(state, lc.ExpireResult())[1] == []
 
 
 # -- chord streams -------------------------------------------------------------------
