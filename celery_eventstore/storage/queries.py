@@ -10,6 +10,7 @@ upsert) comes from the dialect, here and nowhere else.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -77,18 +78,6 @@ class Queries:
 
     def _deliveries(self, t: Tables, dialect: Dialect) -> None:
         msgs = t.messages
-        #: ``queues``, ``now``, ``limit``: ready or lease-expired deliveries,
-        #: highest priority, then oldest, locked against other claimers.
-        self.nominate = dialect.nominate(
-            sa.select(msgs.c.delivery_id, msgs.c.stream_id)
-            .where(
-                msgs.c.queue.in_(_many("queues")),
-                msgs.c.available_at <= sa.bindparam("now", type_=msgs.c.available_at.type),
-            )
-            .order_by(msgs.c.priority.desc(), msgs.c.seq)
-            .limit(sa.bindparam("limit", type_=sa.Integer)),
-            msgs,
-        )
         #: ``stream``: the stream's deliveries still in the queue (quarantine).
         self.pending_of_stream = sa.select(msgs.c.delivery_id, msgs.c.queue).where(
             msgs.c.stream_id == sa.bindparam("stream")
@@ -119,6 +108,60 @@ class Queries:
         self.empty_projections = [table.delete() for table in t.projections]
         #: ``streams``: results forgotten.
         self.delete_results = res.delete().where(res.c.stream_id.in_(_many("streams")))
+
+    @functools.cache  # noqa: B019 - one Queries per store, a handful of queue counts
+    def nominate(self, queues: int) -> sa.Select[Any]:
+        """``queue_0`` .. ``queue_<queues - 1>``, ``now``, ``limit``: due deliveries,
+        highest priority, then oldest, locked against other claimers
+        (:meth:`nominate_params` binds them).
+
+        Each queue is read through two bounded index ranges, whatever the planner
+        knows: the first ``limit`` claimable messages without an ETA in claim order
+        (stepping over those in flight only), and the first ``limit`` scheduled
+        messages that are due, in the order they fell due.  Messages scheduled for
+        later are never read, however many there are.  Among more than ``limit``
+        scheduled messages falling due at once, the earlier due go first.
+        """
+        msgs = self.tables.messages
+        now = sa.bindparam("now", type_=msgs.c.available_at.type)
+        limit = sa.bindparam("limit", type_=sa.Integer)
+        columns = (msgs.c.delivery_id, msgs.c.stream_id, msgs.c.priority, msgs.c.seq)
+        arms = []
+        for i in range(queues):
+            queue = msgs.c.queue == sa.bindparam(f"queue_{i}", type_=msgs.c.queue.type)
+            ready = (
+                sa.select(*columns)
+                .where(queue, msgs.c.not_before.is_(None), msgs.c.available_at <= now)
+                .order_by(msgs.c.priority.desc(), msgs.c.seq)
+                .limit(limit)
+            )
+            due = (
+                sa.select(*columns)
+                .where(
+                    queue,
+                    msgs.c.not_before.is_not(None),
+                    msgs.c.not_before <= now,
+                    msgs.c.available_at <= now,
+                )
+                .order_by(msgs.c.not_before)
+                .limit(limit)
+            )
+            for arm in (ready, due):
+                locked = self.dialect.nominate(arm, msgs).subquery()
+                arms.append(sa.select(locked))
+        candidates = sa.union_all(*arms).subquery()
+        return (
+            sa.select(candidates.c.delivery_id, candidates.c.stream_id)
+            .order_by(candidates.c.priority.desc(), candidates.c.seq)
+            .limit(limit)
+        )
+
+    @staticmethod
+    def nominate_params(queues: Sequence[str], now: float, limit: int) -> dict[str, Any]:
+        """The parameters of :meth:`nominate` for ``queues``."""
+        return {
+            "now": now, "limit": limit, **{f"queue_{i}": q for i, q in enumerate(queues)}
+        }
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of column sets
     def update_messages(self, columns: tuple[str, ...]) -> sa.Update:

@@ -11,7 +11,9 @@ from the log at any time:
 
 * ``messages`` -- the hot queue: one row per delivery that is not settled yet
   (ready, scheduled or claimed).  Settled deliveries leave it, so a claim is an
-  index lookup on a small table however long the history grows.
+  index lookup on a small table however long the history grows; messages with
+  an ETA are indexed apart, by when they fall due, so a backlog of them costs a
+  claim nothing until they do.
 * ``dead_letters`` -- deliveries that were dead-lettered and not retried.
 * ``results`` -- each task's (or group's) latest result state, for the result
   backend: one indexed read per ``AsyncResult``, however long the stream.
@@ -35,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Big integers that are also SQLite's rowid alias (so positions autoincrement).
 _Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -99,11 +101,25 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.Column("claimed_at", _Time, nullable=True),
         sa.Column("lease_until", _Time, nullable=True),
     )
+    # A claim reads two bounded index ranges per queue, never the rows waiting
+    # for later: messages without an ETA in claim order (only those in flight are
+    # stepped over), and messages with one in the order they fall due.
+    unscheduled = messages.c.not_before.is_(None)
     sa.Index(
-        f"{prefix}messages_claim_order",
+        f"{prefix}messages_ready",
         messages.c.queue,
         messages.c.priority.desc(),
         messages.c.seq,
+        postgresql_where=unscheduled,
+        sqlite_where=unscheduled,
+    )
+    scheduled = messages.c.not_before.is_not(None)
+    sa.Index(
+        f"{prefix}messages_scheduled",
+        messages.c.queue,
+        messages.c.not_before,
+        postgresql_where=scheduled,
+        sqlite_where=scheduled,
     )
     sa.Index(f"{prefix}messages_stream", messages.c.stream_id)
 
