@@ -44,14 +44,15 @@ def make_factory(db: tuple[str, dict[str, Any]]) -> Iterator[StoreFactory]:
 
 
 def claim_and_ack_until_empty(
-    url: str, options: dict[str, Any], queue: str, batch: int, out: Any
+    url: str, options: dict[str, Any], queue: str | list[str], batch: int, out: Any
 ) -> None:
-    """A racing consumer process: claims and acks until the queue stays empty."""
+    """A racing consumer process: claims and acks until the queues stay empty."""
     store = EventStore(url, **options)
+    queues = [queue] if isinstance(queue, str) else queue
     delivered: list[str] = []
     empty_rounds = 0
     while empty_rounds < 3:
-        claimed = store.claim([queue], batch, f"pid-{id(store)}", 60)
+        claimed = store.claim(queues, batch, f"pid-{id(store)}", 60)
         if not claimed:
             empty_rounds += 1
             continue
