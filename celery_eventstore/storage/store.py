@@ -58,6 +58,7 @@ from .records import (
 )
 from .routing import Binding, QueueInfo, Routing
 from .schema import SCHEMA_VERSION, Tables, make_tables
+from .seeding import seed_settled
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "EventStore", "Progress", "parse_url", "redact"]
 
@@ -416,6 +417,27 @@ class EventStore:
         self, before: float, *, batch: int = 500, progress: Progress | None = None
     ) -> int:
         return self.operations.prune(before, batch=batch, progress=progress)
+
+    def seed_settled(
+        self,
+        count: int,
+        *,
+        queue: str = "celery",
+        message: Any = None,
+        stream_prefix: str = "seed-",
+        recorded_at: float | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Append ``count`` settled tasks (published, claimed, acked), streams
+        ``<stream_prefix>1`` .. ``<stream_prefix><count>``, copied by the database:
+        a long history in seconds, for benchmarks and tests."""
+        return seed_settled(
+            self.db, self.queries, count, queue=queue,
+            message={"body": "seed"} if message is None else message,
+            stream_prefix=stream_prefix,
+            recorded_at=self.db.now() if recorded_at is None else recorded_at,
+            progress=progress,
+        )
 
     def rebuild(
         self,

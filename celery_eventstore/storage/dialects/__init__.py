@@ -68,6 +68,10 @@ class Dialect:
         row whose ``keys`` already exist."""
         raise NotImplementedError
 
+    def json_from_text(self, text: sa.ColumnElement[Any], json_type: Any) -> sa.ColumnElement[Any]:
+        """A JSON column's value from SQL text holding JSON (a bulk copy)."""
+        return sa.type_coerce(text, json_type)
+
     def maintenance_warnings(self, conn: sa.Connection) -> list[str]:
         """Server settings that will hurt the store, in words for an operator."""
         return []

@@ -93,6 +93,9 @@ class PostgreSQLDialect(Dialect):
         # key still arbitrates if two claimers reach the same stream.
         return select.with_for_update(skip_locked=True, of=table)
 
+    def json_from_text(self, text: sa.ColumnElement[Any], json_type: Any) -> sa.ColumnElement[Any]:
+        return sa.cast(text, json_type)  # text is not assignable to jsonb
+
     def maintenance_warnings(self, conn: sa.Connection) -> list[str]:
         if conn.exec_driver_sql("SHOW autovacuum").scalar_one() == "off":
             return [
