@@ -30,7 +30,7 @@ class Queries:
     def __init__(self, tables: Tables, dialect: Dialect) -> None:
         self.tables = tables
         self.dialect = dialect
-        self._log(tables)
+        self._log(tables, dialect)
         self._deliveries(tables, dialect)
         self._projections(tables, dialect)
         self._operations(tables)
@@ -39,7 +39,7 @@ class Queries:
 
     # -- the log: streams, positions, appends ---------------------------------
 
-    def _log(self, t: Tables) -> None:
+    def _log(self, t: Tables, dialect: Dialect) -> None:
         ev = t.events
         # The JSON columns come back as the driver gives them, undecoded by
         # SQLAlchemy, so one unreadable row is found as such instead of failing
@@ -51,9 +51,8 @@ class Queries:
             ev.c.recorded_at,
         )
         #: ``streams``: every event of those streams, in stream then version order.
-        self.read_streams = (
-            events.where(ev.c.stream_id.in_(_many("streams")))
-            .order_by(ev.c.stream_id, ev.c.version)
+        self.read_streams = dialect.each_of(
+            events, ev.c.stream_id, "streams", order_by=("stream_id", "version")
         )
         #: ``after``, ``limit``: events past a position, in log order.
         self.read_after = (

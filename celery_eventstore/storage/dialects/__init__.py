@@ -68,6 +68,16 @@ class Dialect:
         row whose ``keys`` already exist."""
         raise NotImplementedError
 
+    def each_of(
+        self, select: sa.Select[Any], column: sa.ColumnElement[Any], values: str,
+        order_by: Sequence[str],
+    ) -> sa.Select[Any]:
+        """``select``'s rows whose ``column`` is one of the list parameter ``values``,
+        sorted by the columns named ``order_by``, each value looked up by an index
+        whatever the planner knows of the table."""
+        where = column.in_(sa.bindparam(values, expanding=True))
+        return select.where(where).order_by(*(select.selected_columns[c] for c in order_by))
+
     def json_from_text(self, text: sa.ColumnElement[Any], json_type: Any) -> sa.ColumnElement[Any]:
         """A JSON column's value from SQL text holding JSON (a bulk copy)."""
         return sa.type_coerce(text, json_type)
