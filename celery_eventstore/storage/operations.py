@@ -6,6 +6,7 @@ derived tables from the log.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import uuid
 from collections import defaultdict
@@ -152,49 +153,62 @@ class Operations:
         """Delete whole streams whose last event is older than ``before``; returns how many.
 
         A stream with a message still pending (ready, scheduled or claimed) or a
-        dead letter nobody retried or purged is kept.
-        Each batch deletes events and derived rows in one short transaction, so
-        workers are never held up for long.  ``progress(done, total)`` is called
-        after each batch with the streams examined so far out of those with an
-        event older than ``before`` (counted first, only when it is given).
+        dead letter nobody retried or purged is kept.  Streams are taken in log
+        order, ``batch`` at a time, each batch in a transaction of its own that
+        reads and deletes only its streams (primary-key and stream index lookups),
+        so it is short however long the log is, and locks nothing a worker claims
+        or acks.  ``progress(done, total)`` is called after each batch with the
+        streams examined so far out of those that began before ``before``.
         """
-        total = 0
-        if progress is not None:
-            with self.db.read() as conn:
-                total = int(
-                    conn.execute(self.queries.count_old_streams, {"before": before}).scalar_one()
-                )
+        with self.db.read() as conn:
+            total, upto = conn.execute(self.queries.old_part, {"before": before}).one()
+        if upto is None:
+            return 0
         pruned = examined = 0
-        after = ""
+        after = 0
         while True:
-            candidates, doomed = self._prune_batch(before, after, batch)
+            after, candidates, doomed = self.db.retrying(
+                functools.partial(self._prune_batch, before, after, upto, batch)
+            )
             if not candidates:
                 return pruned
-            after = candidates[-1]
             pruned += doomed
+            examined += candidates
             if progress is not None:
-                examined += len(candidates)
-                progress(examined, max(total, examined))
+                progress(examined, max(int(total), examined))
 
-    def _prune_batch(self, before: float, after: str, batch: int) -> tuple[list[str], int]:
+    def _prune_batch(
+        self, before: float, after: int, upto: int, batch: int
+    ) -> tuple[int, int, int]:
+        """``(last position examined, streams examined, streams deleted)``."""
         q = self.queries
         with self.db.write() as tx:
             conn = tx.conn
-            candidates = list(conn.execute(
-                q.old_streams, {"before": before, "after": after, "limit": batch}
-            ).scalars())
-            if not candidates:
-                return [], 0
-            keep = set(conn.execute(
-                q.recent_streams, {"streams": candidates, "before": before}
-            ).scalars())
+            born = conn.execute(
+                q.old_streams, {"before": before, "after": after, "upto": upto, "limit": batch}
+            ).all()
+            if not born:
+                return after, 0, 0
+            candidates = [stream for _, stream in born]
+            positions: dict[str, list[int]] = defaultdict(list)
+            keep: set[str] = set()
+            for stream, position, recorded_at in conn.execute(
+                q.stream_events, {"streams": candidates}
+            ):
+                positions[stream].append(position)
+                if recorded_at >= before:
+                    keep.add(stream)
             # Pending messages and unhandled dead letters keep their stream.
             keep |= set(conn.execute(q.pending_streams, {"streams": candidates}).scalars())
             doomed = [s for s in candidates if s not in keep]
             if doomed:
+                params = {
+                    "streams": doomed,
+                    "positions": [p for s in doomed for p in positions[s]],
+                }
                 for statement in q.delete_streams:
-                    conn.execute(statement, {"streams": doomed})
-            return candidates, len(doomed)
+                    conn.execute(statement, params)
+            return born[-1].position, len(candidates), len(doomed)
 
     # -- projections -----------------------------------------------------------------
 

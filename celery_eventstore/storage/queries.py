@@ -226,33 +226,43 @@ class Queries:
     # -- retention ----------------------------------------------------------------
 
     def _retention(self, t: Tables) -> None:
-        ev, msgs, dl = t.events, t.messages, t.dead_letters
+        ev, msgs, dl, res = t.events, t.messages, t.dead_letters, t.results
         before = sa.bindparam("before", type_=ev.c.recorded_at.type)
         streams = _many("streams")
-        #: ``before``: how many streams have an event older than that.
-        self.count_old_streams = sa.select(sa.func.count(ev.c.stream_id.distinct())).where(
-            ev.c.recorded_at < before
-        )
-        #: ``before``, ``after``, ``limit``: streams with old events, in id order.
+        born_before = sa.and_(ev.c.version == 1, ev.c.recorded_at < before)
+        #: ``before``: how many streams began before then, and the last position
+        #: recorded before then (one read of the old part of the log).
+        self.old_part = sa.select(
+            sa.func.count().filter(born_before), sa.func.max(ev.c.position)
+        ).where(ev.c.recorded_at < before)
+        #: ``before``, ``after``, ``upto``, ``limit``: streams that began before
+        #: ``before``, in log order after position ``after``: a range of the
+        #: primary key, however long the log.
         self.old_streams = (
-            sa.select(ev.c.stream_id)
-            .where(ev.c.recorded_at < before, ev.c.stream_id > sa.bindparam("after"))
-            .group_by(ev.c.stream_id).order_by(ev.c.stream_id)
-            .limit(sa.bindparam("limit", type_=sa.Integer))
+            sa.select(ev.c.position, ev.c.stream_id)
+            .where(
+                ev.c.position > sa.bindparam("after"),
+                ev.c.position <= sa.bindparam("upto"),
+                born_before,
+            )
+            .order_by(ev.c.position).limit(sa.bindparam("limit", type_=sa.Integer))
         )
-        #: ``streams``, ``before``: which of them also have newer events.
-        self.recent_streams = (
-            sa.select(ev.c.stream_id)
-            .where(ev.c.stream_id.in_(streams), ev.c.recorded_at >= before).distinct()
+        #: ``streams``: the position and time of every event of those streams.
+        self.stream_events = self.dialect.each_of(
+            sa.select(ev.c.stream_id, ev.c.position, ev.c.recorded_at),
+            ev.c.stream_id, "streams", order_by=("stream_id", "position"),
         )
         #: ``streams``: which of them have a pending message or a dead letter.
         self.pending_streams = sa.union(
             sa.select(msgs.c.stream_id).where(msgs.c.stream_id.in_(streams)),
             sa.select(dl.c.stream_id).where(dl.c.stream_id.in_(streams)),
         )
-        #: ``streams``: delete whole streams, events and every derived row.
-        self.delete_streams = [ev.delete().where(ev.c.stream_id.in_(streams))] + [
-            table.delete().where(table.c.stream_id.in_(streams)) for table in t.projections
+        #: ``positions``, ``streams``: delete whole streams, their events by
+        #: position (primary-key lookups) and every derived row.
+        self.delete_streams = [
+            ev.delete().where(ev.c.position.in_(_many("positions"))),
+            *(table.delete().where(table.c.stream_id.in_(streams))
+              for table in (msgs, dl, res)),
         ]
 
     # -- routing: queues, bindings, transient messages ---------------------------

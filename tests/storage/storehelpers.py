@@ -110,3 +110,29 @@ def executed_statements() -> Iterator[list[str]]:
         yield seen
     finally:
         sa.event.remove(sa.Engine, "before_cursor_execute", record)
+
+
+def cycle_until_stopped(
+    url: str, options: dict[str, Any], queue: str, ready: Any, stop: Any, out: Any
+) -> None:
+    """A busy consumer process: publishes, claims and acks one message at a time
+    until told to stop; reports when each cycle ended (``time.time()``)."""
+    import time
+
+    from celery_eventstore.storage import NewMessage
+
+    store = EventStore(url, **options)
+    ended: list[float] = []
+    try:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            store.publish([NewMessage(stream=f"busy-{n}", queue=queue, message={"n": n})])
+            claimed = store.claim([queue], 1, "busy", 60)
+            store.ack([m.ref for m in claimed])
+            ended.append(time.time())
+            if n == 3:
+                ready.set()
+    finally:
+        store.close()
+        out.put(ended)

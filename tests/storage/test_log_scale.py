@@ -1,15 +1,19 @@
-"""A long log: seeding one in bulk, and the reads a claim, a publish and the CLI
-make of it are index lookups, with or without the planner's statistics."""
+"""A long log: seeding one in bulk; the reads a claim, a publish and the CLI make
+of it are index lookups, with or without the planner's statistics; and pruning it
+in short batches while a consumer keeps working."""
 
 from __future__ import annotations
 
+import multiprocessing
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from storehelpers import cycle_until_stopped
 
-from celery_eventstore.storage import EventStore
+from celery_eventstore.storage import EventStore, NewMessage
 
 SEEDED = 30_000
 
@@ -64,3 +68,58 @@ def test_the_last_position_is_one_index_lookup(store):
     else:  # SQLite answers max() of the rowid from the end of the table's b-tree
         assert not [line for line in lines if line.startswith(f"SCAN {events}")], lines
     assert not [line for line in lines if "Seq Scan" in line], lines
+
+
+# -- prune ---------------------------------------------------------------------------
+
+
+def test_a_prune_batch_reads_the_log_by_primary_key_and_stream(store):
+    store.seed_settled(3000, recorded_at=1000.0)
+    q = store.queries
+    batch = plan(store, q.old_streams, before=2000.0, after=0, upto=9000, limit=500)
+    streams = plan(store, q.stream_events, streams=[f"seed-{i}" for i in range(1, 500)])
+    events = store.tables.events.name
+    for lines in (batch, streams):
+        assert not [line for line in lines if "Seq Scan" in line or f"SCAN {events}" in line], (
+            lines
+        )
+
+
+@pytest.mark.slow
+def test_a_consumer_keeps_claiming_while_prune_runs(db):
+    url, options = db
+    store = EventStore(url, **options)
+    store.migrate()
+    old = store.now() - 86400
+    store.seed_settled(SEEDED, recorded_at=old, stream_prefix="old-")
+    store.publish([NewMessage(stream="old-pending", queue="kept", message={})])
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    plain = store.url.render_as_string(False)
+    consumer = ctx.Process(
+        target=cycle_until_stopped, args=(plain, options, "busy", ready, stop, out)
+    )
+    consumer.start()
+    try:
+        assert ready.wait(60), "the consumer never got going"
+        calls: list[tuple[int, int]] = []
+        started = time.time()
+        pruned = store.prune(before=old + 1, batch=250, progress=lambda *a: calls.append(a))
+        finished = time.time()
+    finally:
+        stop.set()
+        cycles = out.get(timeout=60)
+        consumer.join(30)
+    assert pruned == SEEDED
+    assert len(calls) >= SEEDED // 250 and calls[-1] == (SEEDED, SEEDED)
+    assert [r.type for r in store.read_stream("old-pending")] == ["Published"]
+    assert store.read_stream("old-1") == [] and store.read_stream(f"old-{SEEDED}") == []
+    during = [t for t in cycles if started <= t <= finished]
+    assert len(during) >= 5, (len(during), finished - started)
+    gaps = [b - a for a, b in zip([started, *during], [*during, finished], strict=True)]
+    # A batch holds nothing a consumer needs for longer than its own short
+    # transaction: no wait comes near a lock held for the whole prune (relative,
+    # as the machine may be shared).
+    took = finished - started
+    assert max(gaps) < max(1.0, took / 4), (max(gaps), gaps.index(max(gaps)), len(gaps), took)
+    store.close()
