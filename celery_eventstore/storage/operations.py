@@ -145,6 +145,16 @@ class Operations:
             rows = conn.execute(self.queries.results, {"streams": wanted})
             return {r.stream_id: (r.state, r.result, r.date_done) for r in rows}
 
+    # -- canvases ------------------------------------------------------------------------
+
+    def streams_linked(self, link: str, value: str) -> list[str]:
+        """Streams whose publish names ``value`` as its ``link``: Celery's ``root_id``
+        (the tasks under a root other than itself) or ``group`` (a group's members).
+        An index lookup, however long the log."""
+        with self.db.read() as conn:
+            rows = conn.execute(self.queries.streams_linked[link], {"value": value})
+            return sorted(rows.scalars())
+
     # -- retention ---------------------------------------------------------------------
 
     def prune(

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .dialects import Dialect
-from .schema import Tables
+from .schema import CANVAS_LINKS, Tables
 
 
 def _many(name: str) -> sa.BindParameter[Any]:
@@ -68,6 +68,16 @@ class Queries:
         #: The whole log, stream by stream (a rebuild, a check).
         self.every_stream = events.order_by(ev.c.stream_id, ev.c.version)
         self.count_events = sa.select(sa.func.count()).select_from(ev)
+        #: ``link`` -> ``value``: streams published naming ``value`` as their
+        #: ``link`` (``root_id``, ``group``), through that link's partial index.
+        self.streams_linked = {}
+        for key in CANVAS_LINKS:
+            field = dialect.json_field(ev.c.metadata, key)
+            self.streams_linked[key] = (
+                sa.select(ev.c.stream_id)
+                .where(field == sa.bindparam("value", type_=sa.Text), field != ev.c.stream_id)
+                .distinct()
+            )
         self.append = ev.insert()
         self.append_returning = ev.insert().returning(
             ev.c.position, sort_by_parameter_order=True

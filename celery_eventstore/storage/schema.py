@@ -47,6 +47,23 @@ _Time = sa.Float(precision=53).with_variant(postgresql.DOUBLE_PRECISION(), "post
 _Id = sa.String(255)
 
 
+#: Metadata keys of a publish that link its task to others of its canvas
+#: (``history --tree``): Celery's ``root_id`` and ``group``.
+CANVAS_LINKS = ("root_id", "group")
+#: An index per canvas link on the events that carry one (a task that is its own
+#: root has nothing to find), by dialect: JSON is read differently by each.
+CANVAS_LINK_INDEXES = {
+    "postgresql": (
+        "CREATE INDEX {prefix}events_{key} ON %(fullname)s ((metadata ->> '{key}')) "
+        "WHERE (metadata ->> '{key}') <> stream_id"
+    ),
+    "sqlite": (
+        "CREATE INDEX {prefix}events_{key} ON %(fullname)s (json_extract(metadata, '$.{key}')) "
+        "WHERE json_extract(metadata, '$.{key}') <> stream_id"
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Tables:
     metadata: sa.MetaData
@@ -81,6 +98,10 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.UniqueConstraint("stream_id", "version", name=f"{prefix}events_stream_version"),
     )
     sa.Index(f"{prefix}events_recorded_at", events.c.recorded_at)
+    for dialect, sql in CANVAS_LINK_INDEXES.items():
+        for key in CANVAS_LINKS:
+            ddl = sql.format(prefix=prefix, key=key)
+            sa.event.listen(events, "after_create", sa.DDL(ddl).execute_if(dialect=dialect))
 
     messages = sa.Table(
         f"{prefix}messages",

@@ -413,6 +413,9 @@ class EventStore:
     def results(self, streams: Iterable[str]) -> dict[str, tuple[str, Any, float | None]]:
         return self.operations.results(self.names.stream.storable(streams))
 
+    def streams_linked(self, link: str, value: str) -> list[str]:
+        return self.operations.streams_linked(link, value)
+
     def prune(
         self, before: float, *, batch: int = 500, progress: Progress | None = None
     ) -> int:

@@ -123,3 +123,29 @@ def test_a_consumer_keeps_claiming_while_prune_runs(db):
     took = finished - started
     assert max(gaps) < max(1.0, took / 4), (max(gaps), gaps.index(max(gaps)), len(gaps), took)
     store.close()
+
+
+# -- canvases ----------------------------------------------------------------------
+
+
+def test_streams_linked_by_root_and_group_are_index_lookups(store):
+    store.seed_settled(3000)
+    store.publish([
+        NewMessage(stream="root", queue="q", message={}, metadata={"root_id": "root"}),
+        NewMessage(stream="child", queue="q", message={},
+                   metadata={"root_id": "root", "parent_id": "root", "group": "g1"}),
+        NewMessage(stream="sibling", queue="q", message={},
+                   metadata={"root_id": "root", "group": "g1"}),
+        NewMessage(stream="other", queue="q", message={}, metadata={"root_id": "other"}),
+    ])
+    assert store.streams_linked("root_id", "root") == ["child", "sibling"]
+    assert store.streams_linked("group", "g1") == ["child", "sibling"]
+    assert store.streams_linked("root_id", "other") == []
+    events = store.tables.events.name
+    for link in ("root_id", "group"):
+        lines = plan(store, store.queries.streams_linked[link], value="root")
+        if store.dialect_name == "postgresql":
+            assert not [line for line in lines if "Seq Scan" in line], lines
+            assert any(f"{events}_{link}" in line for line in lines), lines
+        else:
+            assert any(f"USING INDEX {events}_{link}" in line for line in lines), lines

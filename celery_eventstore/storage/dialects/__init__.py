@@ -78,6 +78,12 @@ class Dialect:
         where = column.in_(sa.bindparam(values, expanding=True))
         return select.where(where).order_by(*(select.selected_columns[c] for c in order_by))
 
+    def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
+        """A text field of a JSON column, written exactly as the indexes on it are
+        (see ``CANVAS_LINK_INDEXES`` in the schema), so that the planner uses them."""
+        field: sa.ColumnElement[str] = column[key].as_string()
+        return field
+
     def json_from_text(self, text: sa.ColumnElement[Any], json_type: Any) -> sa.ColumnElement[Any]:
         """A JSON column's value from SQL text holding JSON (a bulk copy)."""
         return sa.type_coerce(text, json_type)

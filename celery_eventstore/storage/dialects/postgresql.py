@@ -117,6 +117,9 @@ class PostgreSQLDialect(Dialect):
             .order_by(*(each.c[c] for c in order_by))
         )
 
+    def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
+        return column.op("->>", return_type=sa.Text)(sa.literal_column(f"'{key}'"))
+
     def json_from_text(self, text: sa.ColumnElement[Any], json_type: Any) -> sa.ColumnElement[Any]:
         return sa.cast(text, json_type)  # text is not assignable to jsonb
 

@@ -54,6 +54,9 @@ class SQLiteDialect(Dialect):
             else:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
+        return sa.func.json_extract(column, sa.literal_column(f"'$.{key}'"), type_=sa.Text)
+
     def upsert(
         self, table: sa.Table, columns: Sequence[str], keys: Sequence[str]
     ) -> sa.Executable:

@@ -4,6 +4,10 @@
   (messages without an ETA, in claim order) and ``messages_scheduled`` (messages
   with one, by when they fall due), so a claim reads bounded ranges of both and
   never the messages that are waiting for later.
+* ``events_root_id`` and ``events_group``: the events whose metadata links them to
+  another task of their canvas (Celery's ``root_id`` other than the task itself,
+  and ``group``), so ``history --tree`` looks a canvas up instead of reading the
+  log.
 * On PostgreSQL, storage settings for the tables that churn: ``messages`` leaves
   room on its pages for claims to update rows in place (HOT) and is vacuumed after
   a fixed number of dead rows however small it is; the append-only ``events`` is
@@ -19,6 +23,18 @@ import sqlalchemy as sa
 from sqlalchemy.schema import CreateIndex, DropIndex
 
 from .v0001_log_and_queue import Id, Time
+
+#: The canvas link indexes, by dialect (each reads JSON its own way).
+CANVAS_LINK_INDEXES = {
+    "postgresql": (
+        "CREATE INDEX {prefix}events_{key} ON %(fullname)s ((metadata ->> '{key}')) "
+        "WHERE (metadata ->> '{key}') <> stream_id"
+    ),
+    "sqlite": (
+        "CREATE INDEX {prefix}events_{key} ON %(fullname)s (json_extract(metadata, '$.{key}')) "
+        "WHERE json_extract(metadata, '$.{key}') <> stream_id"
+    ),
+}
 
 #: ``ALTER TABLE ... SET (...)`` per table, PostgreSQL only.
 STORAGE_SETTINGS = {
@@ -69,8 +85,16 @@ def statements(prefix: str, schema: str | None) -> list[sa.ClauseElement]:
             postgresql_where=scheduled, sqlite_where=scheduled,
         )),
     ]
+    events = sa.Table(f"{prefix}events", md)
+    for dialect, sql in CANVAS_LINK_INDEXES.items():
+        for key in ("root_id", "group"):
+            out.append(
+                sa.DDL(sql.format(prefix=prefix, key=key)).against(events)
+                .execute_if(dialect=dialect)
+            )
     for name, settings in STORAGE_SETTINGS.items():
-        table = sa.Table(f"{prefix}{name}", md) if name != "messages" else messages
+        known = {"messages": messages, "events": events}
+        table = known[name] if name in known else sa.Table(f"{prefix}{name}", md)
         out.append(
             sa.DDL(f"ALTER TABLE %(fullname)s SET ({settings})")
             .against(table)
