@@ -112,15 +112,20 @@ def canvas(store: EventStore, stream: str) -> list[str]:
 def _links(store: EventStore, stream: str, recorded: Sequence[RecordedEvent]) -> set[str]:
     """The streams ``stream`` links to, and those that link to it."""
     links: set[str] = set()
+    roots: set[str] = set()
     for rec in recorded:
         meta = rec.metadata or {}
         if isinstance(rec.event, lc.Published):
             links.update(meta[key] for key in ("parent_id", "root_id") if meta.get(key))
+            roots.update([meta["root_id"]] if meta.get("root_id") else [])
             if meta.get("group"):
                 links.add(lc.group_stream(meta["group"]))
     group = lc.group_of(stream)
     if group is None:
-        links.update(store.streams_linked("root_id", stream))
+        # Only a root is named by others' root_id: the rest of a tree is found
+        # from its root, one lookup per canvas rather than one per task.
+        if not roots - {stream}:
+            links.update(store.streams_linked("root_id", stream))
     else:  # a group's members, its saved result and its chord counter
         links.update(store.streams_linked("group", group))
         links.update((lc.group_stream(group), lc.chord_stream(group)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -167,8 +168,10 @@ class Operations:
         order, ``batch`` at a time, each batch in a transaction of its own that
         reads and deletes only its streams (primary-key and stream index lookups),
         so it is short however long the log is, and locks nothing a worker claims
-        or acks.  ``progress(done, total)`` is called after each batch with the
-        streams examined so far out of those that began before ``before``.
+        or acks (on SQLite, whose writers take turns, it pauses between batches
+        for waiting writers to get their turn).  ``progress(done, total)`` is
+        called after each batch with the streams examined so far out of those that
+        began before ``before``.
         """
         with self.db.read() as conn:
             total, upto = conn.execute(self.queries.old_part, {"before": before}).one()
@@ -186,6 +189,7 @@ class Operations:
             examined += candidates
             if progress is not None:
                 progress(examined, max(int(total), examined))
+            time.sleep(self.db.dialect.writer_pause)
 
     def _prune_batch(
         self, before: float, after: int, upto: int, batch: int

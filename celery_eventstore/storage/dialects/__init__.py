@@ -27,6 +27,9 @@ class Dialect:
     single_writer = False
     #: :meth:`join` can roll back our part alone (a savepoint).
     atomic_join = True
+    #: Seconds a long job of many transactions (prune) leaves between them, so
+    #: writers waiting for a single-writer database's lock get it.
+    writer_pause = 0.0
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         return url
