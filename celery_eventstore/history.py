@@ -90,38 +90,47 @@ def canvas(store: EventStore, stream: str) -> list[str]:
 
     Streams are linked by what their messages say -- ``parent_id``, ``root_id`` and
     ``group`` (whose ``group:``/``chord:`` streams join too) -- and ``stream`` is
-    followed through those links both ways.  Reads the whole log once.
+    followed through those links both ways: forwards by reading each stream,
+    backwards by the log's indexes on ``root_id`` and ``group`` (every task of a
+    canvas names its root), so only the canvas's own streams are read.
     """
-    links: dict[str, set[str]] = {}
     first: dict[str, int] = {}
-
-    def link(a: str, b: str) -> None:
-        links.setdefault(a, set()).add(b)
-        links.setdefault(b, set()).add(a)
-
-    after = 0
-    while batch := store.read_all(after=after, limit=5000):
-        for rec in batch:
-            first.setdefault(rec.stream, rec.position)
-            meta = rec.metadata or {}
-            if isinstance(rec.event, lc.Published):
-                for key in ("parent_id", "root_id"):
-                    if meta.get(key) and meta[key] != rec.stream:
-                        link(rec.stream, meta[key])
-                if meta.get("group"):
-                    link(rec.stream, lc.group_stream(meta["group"]))
-            group = lc.group_of(rec.stream)
-            if group is not None:  # a chord's counter belongs with its group
-                link(rec.stream, lc.group_stream(group))
-        after = batch[-1].position
     seen, frontier = {stream}, [stream]
     while frontier:
-        for other in links.get(frontier.pop(), ()):
+        current = frontier.pop()
+        recorded = store.read_stream(current)
+        if recorded:
+            first[current] = recorded[0].position
+        for other in _links(store, current, recorded):
             if other not in seen:
                 seen.add(other)
                 frontier.append(other)
     # A link may name a stream with no events (pruned, or an id never published).
-    return sorted((s for s in seen if s in first), key=first.__getitem__)
+    return sorted(first, key=first.__getitem__)
+
+
+def _links(store: EventStore, stream: str, recorded: Sequence[RecordedEvent]) -> set[str]:
+    """The streams ``stream`` links to, and those that link to it."""
+    links: set[str] = set()
+    roots: set[str] = set()
+    for rec in recorded:
+        meta = rec.metadata or {}
+        if isinstance(rec.event, lc.Published):
+            links.update(meta[key] for key in ("parent_id", "root_id") if meta.get(key))
+            roots.update([meta["root_id"]] if meta.get("root_id") else [])
+            if meta.get("group"):
+                links.add(lc.group_stream(meta["group"]))
+    group = lc.group_of(stream)
+    if group is None:
+        # Only a root is named by others' root_id: the rest of a tree is found
+        # from its root, one lookup per canvas rather than one per task.
+        if not roots - {stream}:
+            links.update(store.streams_linked("root_id", stream))
+    else:  # a group's members, its saved result and its chord counter
+        links.update(store.streams_linked("group", group))
+        links.update((lc.group_stream(group), lc.chord_stream(group)))
+    links.discard(stream)
+    return links
 
 
 def _worker(ev: lc.Event, consumer: str | None) -> str | None:

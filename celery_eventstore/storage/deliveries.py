@@ -240,9 +240,11 @@ class Deliveries:
     def _nominate(self, tx: Tx, request: ClaimRequest | None) -> Sequence[Any]:
         if request is None or request.limit <= 0 or not request.queues:
             return ()
+        queries = self.log.queries
+        queues = list(dict.fromkeys(request.queues))
         return tx.conn.execute(
-            self.log.queries.nominate,
-            {"queues": request.queues, "now": tx.now, "limit": request.limit},
+            queries.nominate(len(queues)),
+            queries.nominate_params(queues, tx.now, request.limit),
         ).all()
 
 

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from ..exceptions import ConfigurationError, InvalidName
 from .log import Channels
-from .schema import Tables, make_tables
+from .schema import CANVAS_LINKS, Tables, make_tables
 
 #: PostgreSQL keeps this many bytes of an identifier (NAMEDATALEN - 1) and
 #: silently truncates the rest; NOTIFY channel names are identifiers too.
@@ -135,6 +135,8 @@ def derived_names(prefix: str) -> list[str]:
         serial = table.autoincrement_column
         if serial is not None:
             names.append(f"{table.name}_{serial.name}_seq")
+    # The expression indexes, made by DDL of their own (see CANVAS_LINK_INDEXES).
+    names.extend(f"{prefix}events_{key}" for key in CANVAS_LINKS)
     return names
 
 

@@ -6,7 +6,9 @@ derived tables from the log.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -183,6 +185,16 @@ class Operations:
             # in every batch, and must end the loop rather than spin on it.
             return len(pending)
 
+    # -- canvases ------------------------------------------------------------------------
+
+    def streams_linked(self, link: str, value: str) -> list[str]:
+        """Streams whose publish names ``value`` as its ``link``: Celery's ``root_id``
+        (the tasks under a root other than itself) or ``group`` (a group's members).
+        An index lookup, however long the log."""
+        with self.db.read() as conn:
+            rows = conn.execute(self.queries.streams_linked[link], {"value": value})
+            return sorted(rows.scalars())
+
     # -- retention ---------------------------------------------------------------------
 
     def prune(
@@ -193,61 +205,80 @@ class Operations:
         With ``dry_run`` nothing is deleted: it returns how many would be.
 
         A stream with a message still pending (ready, scheduled or claimed) or a
-        dead letter nobody retried or purged is kept.
-        Each batch deletes events and derived rows in one short transaction, so
-        workers are never held up for long.  ``progress(done, total)`` is called
-        after each batch with the streams examined so far out of those with an
-        event older than ``before`` (counted first, only when it is given).
+        dead letter nobody retried or purged is kept.  Streams are taken in log
+        order, ``batch`` at a time, each batch in a transaction of its own that
+        reads and deletes only its streams (primary-key and stream index lookups),
+        so it is short however long the log is, and locks nothing a worker claims
+        or acks (on SQLite, whose writers take turns, it pauses between batches
+        for waiting writers to get their turn).  ``progress(done, total)`` is
+        called after each batch with the streams examined so far out of those that
+        began before ``before``.
         """
-        total = 0
-        if progress is not None:
-            with self.db.read() as conn:
-                total = int(
-                    conn.execute(self.queries.count_old_streams, {"before": before}).scalar_one()
-                )
+        with self.db.read() as conn:
+            total, upto = conn.execute(self.queries.old_part, {"before": before}).one()
+        if upto is None:
+            return 0
         pruned = examined = 0
-        after = ""
+        after = 0
         while True:
-            candidates, doomed = self._prune_batch(before, after, batch, dry_run)
+            after, candidates, doomed = self.db.retrying(
+                functools.partial(self._prune_batch, before, after, upto, batch, dry_run)
+            )
             if not candidates:
                 return pruned
-            after = candidates[-1]
             pruned += doomed
+            examined += candidates
             if progress is not None:
-                examined += len(candidates)
-                progress(examined, max(total, examined))
+                progress(examined, max(int(total), examined))
+            time.sleep(self.db.dialect.writer_pause)
 
     def _prune_batch(
-        self, before: float, after: str, batch: int, dry_run: bool = False
-    ) -> tuple[list[str], int]:
+        self, before: float, after: int, upto: int, batch: int, dry_run: bool = False
+    ) -> tuple[int, int, int]:
+        """``(last position examined, streams examined, streams deleted)``; with
+        ``dry_run``, those that would be deleted."""
         if dry_run:
             with self.db.read() as conn:
-                candidates, doomed = self._prunable(conn, before, after, batch)
-                return candidates, len(doomed)
+                last, candidates, doomed, _ = self._prunable(conn, before, after, upto, batch)
+                return last, len(candidates), len(doomed)
         with self.db.write() as tx:
-            candidates, doomed = self._prunable(tx.conn, before, after, batch)
+            last, candidates, doomed, positions = self._prunable(
+                tx.conn, before, after, upto, batch
+            )
             if doomed:
+                params = {
+                    "streams": doomed,
+                    "positions": [p for s in doomed for p in positions[s]],
+                }
                 for statement in self.queries.delete_streams:
-                    tx.conn.execute(statement, {"streams": doomed})
-            return candidates, len(doomed)
+                    tx.conn.execute(statement, params)
+            return last, len(candidates), len(doomed)
 
     def _prunable(
-        self, conn: Any, before: float, after: str, batch: int
-    ) -> tuple[list[str], list[str]]:
-        """The next ``batch`` streams with an event older than ``before`` (after
-        ``after``), and those of them that may go."""
+        self, conn: Any, before: float, after: int, upto: int, batch: int
+    ) -> tuple[int, list[str], list[str], dict[str, list[int]]]:
+        """The next ``batch`` streams born before ``before`` after log position
+        ``after`` (up to ``upto``): the last position examined, the candidates, those
+        of them that may go, and the positions of their events."""
         q = self.queries
-        candidates = list(conn.execute(
-            q.old_streams, {"before": before, "after": after, "limit": batch}
-        ).scalars())
-        if not candidates:
-            return [], []
-        keep = set(conn.execute(
-            q.recent_streams, {"streams": candidates, "before": before}
-        ).scalars())
+        born = conn.execute(
+            q.old_streams, {"before": before, "after": after, "upto": upto, "limit": batch}
+        ).all()
+        if not born:
+            return after, [], [], {}
+        candidates = [stream for _, stream in born]
+        positions: dict[str, list[int]] = defaultdict(list)
+        keep: set[str] = set()
+        for stream, position, recorded_at in conn.execute(
+            q.stream_events, {"streams": candidates}
+        ):
+            positions[stream].append(position)
+            if recorded_at >= before:
+                keep.add(stream)
         # Pending messages and unhandled dead letters keep their stream.
         keep |= set(conn.execute(q.pending_streams, {"streams": candidates}).scalars())
-        return candidates, [s for s in candidates if s not in keep]
+        doomed = [s for s in candidates if s not in keep]
+        return born[-1].position, candidates, doomed, positions
 
     # -- projections -----------------------------------------------------------------
 

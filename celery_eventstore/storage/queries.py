@@ -10,12 +10,13 @@ upsert) comes from the dialect, here and nowhere else.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
 from .dialects import Dialect
-from .schema import Tables
+from .schema import CANVAS_LINKS, Tables
 
 
 def _many(name: str) -> sa.BindParameter[Any]:
@@ -29,7 +30,7 @@ class Queries:
     def __init__(self, tables: Tables, dialect: Dialect) -> None:
         self.tables = tables
         self.dialect = dialect
-        self._log(tables)
+        self._log(tables, dialect)
         self._deliveries(tables, dialect)
         self._projections(tables, dialect)
         self._operations(tables)
@@ -39,7 +40,7 @@ class Queries:
 
     # -- the log: streams, positions, appends ---------------------------------
 
-    def _log(self, t: Tables) -> None:
+    def _log(self, t: Tables, dialect: Dialect) -> None:
         ev = t.events
         # The JSON columns come back as the driver gives them, undecoded by
         # SQLAlchemy, so one unreadable row is found as such instead of failing
@@ -60,9 +61,8 @@ class Queries:
             ev.c.recorded_at <= sa.bindparam("until", type_=ev.c.recorded_at.type)
         )
         #: ``streams``: every event of those streams, in stream then version order.
-        self.read_streams = (
-            events.where(ev.c.stream_id.in_(_many("streams")))
-            .order_by(ev.c.stream_id, ev.c.version)
+        self.read_streams = dialect.each_of(
+            events, ev.c.stream_id, "streams", order_by=("stream_id", "version")
         )
         #: ``after``, ``limit``: events past a position, in log order.
         self.read_after = (
@@ -84,6 +84,16 @@ class Queries:
         #: The whole log, stream by stream (a rebuild, a check).
         self.every_stream = events.order_by(ev.c.stream_id, ev.c.version)
         self.count_events = sa.select(sa.func.count()).select_from(ev)
+        #: ``link`` -> ``value``: streams published naming ``value`` as their
+        #: ``link`` (``root_id``, ``group``), through that link's partial index.
+        self.streams_linked = {}
+        for key in CANVAS_LINKS:
+            field = dialect.json_field(ev.c.metadata, key)
+            self.streams_linked[key] = (
+                sa.select(ev.c.stream_id)
+                .where(field == sa.bindparam("value", type_=sa.Text), field != ev.c.stream_id)
+                .distinct()
+            )
         self.append = ev.insert()
         self.append_returning = ev.insert().returning(
             ev.c.position, sort_by_parameter_order=True
@@ -120,18 +130,6 @@ class Queries:
 
     def _deliveries(self, t: Tables, dialect: Dialect) -> None:
         msgs = t.messages
-        #: ``queues``, ``now``, ``limit``: ready or lease-expired deliveries,
-        #: highest priority, then oldest, locked against other claimers.
-        self.nominate = dialect.nominate(
-            sa.select(msgs.c.delivery_id, msgs.c.stream_id)
-            .where(
-                msgs.c.queue.in_(_many("queues")),
-                msgs.c.available_at <= sa.bindparam("now", type_=msgs.c.available_at.type),
-            )
-            .order_by(msgs.c.priority.desc(), msgs.c.seq)
-            .limit(sa.bindparam("limit", type_=sa.Integer)),
-            msgs,
-        )
         #: ``stream``: the stream's deliveries still in the queue (quarantine).
         self.pending_of_stream = sa.select(msgs.c.delivery_id, msgs.c.queue).where(
             msgs.c.stream_id == sa.bindparam("stream")
@@ -162,6 +160,60 @@ class Queries:
         self.empty_projections = [table.delete() for table in t.projections]
         #: ``streams``: results forgotten.
         self.delete_results = res.delete().where(res.c.stream_id.in_(_many("streams")))
+
+    @functools.cache  # noqa: B019 - one Queries per store, a handful of queue counts
+    def nominate(self, queues: int) -> sa.Select[Any]:
+        """``queue_0`` .. ``queue_<queues - 1>``, ``now``, ``limit``: due deliveries,
+        highest priority, then oldest, locked against other claimers
+        (:meth:`nominate_params` binds them).
+
+        Each queue is read through two bounded index ranges, whatever the planner
+        knows: the first ``limit`` claimable messages without an ETA in claim order
+        (stepping over those in flight only), and the first ``limit`` scheduled
+        messages that are due, in the order they fell due.  Messages scheduled for
+        later are never read, however many there are.  Among more than ``limit``
+        scheduled messages falling due at once, the earlier due go first.
+        """
+        msgs = self.tables.messages
+        now = sa.bindparam("now", type_=msgs.c.available_at.type)
+        limit = sa.bindparam("limit", type_=sa.Integer)
+        columns = (msgs.c.delivery_id, msgs.c.stream_id, msgs.c.priority, msgs.c.seq)
+        arms = []
+        for i in range(queues):
+            queue = msgs.c.queue == sa.bindparam(f"queue_{i}", type_=msgs.c.queue.type)
+            ready = (
+                sa.select(*columns)
+                .where(queue, msgs.c.not_before.is_(None), msgs.c.available_at <= now)
+                .order_by(msgs.c.priority.desc(), msgs.c.seq)
+                .limit(limit)
+            )
+            due = (
+                sa.select(*columns)
+                .where(
+                    queue,
+                    msgs.c.not_before.is_not(None),
+                    msgs.c.not_before <= now,
+                    msgs.c.available_at <= now,
+                )
+                .order_by(msgs.c.not_before)
+                .limit(limit)
+            )
+            for arm in (ready, due):
+                locked = self.dialect.nominate(arm, msgs).subquery()
+                arms.append(sa.select(locked))
+        candidates = sa.union_all(*arms).subquery()
+        return (
+            sa.select(candidates.c.delivery_id, candidates.c.stream_id)
+            .order_by(candidates.c.priority.desc(), candidates.c.seq)
+            .limit(limit)
+        )
+
+    @staticmethod
+    def nominate_params(queues: Sequence[str], now: float, limit: int) -> dict[str, Any]:
+        """The parameters of :meth:`nominate` for ``queues``."""
+        return {
+            "now": now, "limit": limit, **{f"queue_{i}": q for i, q in enumerate(queues)}
+        }
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of column sets
     def update_messages(self, columns: tuple[str, ...]) -> sa.Update:
@@ -251,33 +303,43 @@ class Queries:
     # -- retention ----------------------------------------------------------------
 
     def _retention(self, t: Tables) -> None:
-        ev, msgs, dl = t.events, t.messages, t.dead_letters
+        ev, msgs, dl, res = t.events, t.messages, t.dead_letters, t.results
         before = sa.bindparam("before", type_=ev.c.recorded_at.type)
         streams = _many("streams")
-        #: ``before``: how many streams have an event older than that.
-        self.count_old_streams = sa.select(sa.func.count(ev.c.stream_id.distinct())).where(
-            ev.c.recorded_at < before
-        )
-        #: ``before``, ``after``, ``limit``: streams with old events, in id order.
+        born_before = sa.and_(ev.c.version == 1, ev.c.recorded_at < before)
+        #: ``before``: how many streams began before then, and the last position
+        #: recorded before then (one read of the old part of the log).
+        self.old_part = sa.select(
+            sa.func.count().filter(born_before), sa.func.max(ev.c.position)
+        ).where(ev.c.recorded_at < before)
+        #: ``before``, ``after``, ``upto``, ``limit``: streams that began before
+        #: ``before``, in log order after position ``after``: a range of the
+        #: primary key, however long the log.
         self.old_streams = (
-            sa.select(ev.c.stream_id)
-            .where(ev.c.recorded_at < before, ev.c.stream_id > sa.bindparam("after"))
-            .group_by(ev.c.stream_id).order_by(ev.c.stream_id)
-            .limit(sa.bindparam("limit", type_=sa.Integer))
+            sa.select(ev.c.position, ev.c.stream_id)
+            .where(
+                ev.c.position > sa.bindparam("after"),
+                ev.c.position <= sa.bindparam("upto"),
+                born_before,
+            )
+            .order_by(ev.c.position).limit(sa.bindparam("limit", type_=sa.Integer))
         )
-        #: ``streams``, ``before``: which of them also have newer events.
-        self.recent_streams = (
-            sa.select(ev.c.stream_id)
-            .where(ev.c.stream_id.in_(streams), ev.c.recorded_at >= before).distinct()
+        #: ``streams``: the position and time of every event of those streams.
+        self.stream_events = self.dialect.each_of(
+            sa.select(ev.c.stream_id, ev.c.position, ev.c.recorded_at),
+            ev.c.stream_id, "streams", order_by=("stream_id", "position"),
         )
         #: ``streams``: which of them have a pending message or a dead letter.
         self.pending_streams = sa.union(
             sa.select(msgs.c.stream_id).where(msgs.c.stream_id.in_(streams)),
             sa.select(dl.c.stream_id).where(dl.c.stream_id.in_(streams)),
         )
-        #: ``streams``: delete whole streams, events and every derived row.
-        self.delete_streams = [ev.delete().where(ev.c.stream_id.in_(streams))] + [
-            table.delete().where(table.c.stream_id.in_(streams)) for table in t.projections
+        #: ``positions``, ``streams``: delete whole streams, their events by
+        #: position (primary-key lookups) and every derived row.
+        self.delete_streams = [
+            ev.delete().where(ev.c.position.in_(_many("positions"))),
+            *(table.delete().where(table.c.stream_id.in_(streams))
+              for table in (msgs, dl, res)),
         ]
 
     # -- routing: queues, bindings, transient messages ---------------------------

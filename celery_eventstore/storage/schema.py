@@ -11,7 +11,9 @@ from the log at any time:
 
 * ``messages`` -- the hot queue: one row per delivery that is not settled yet
   (ready, scheduled or claimed).  Settled deliveries leave it, so a claim is an
-  index lookup on a small table however long the history grows.
+  index lookup on a small table however long the history grows; messages with
+  an ETA are indexed apart, by when they fall due, so a backlog of them costs a
+  claim nothing until they do.
 * ``dead_letters`` -- deliveries that were dead-lettered and not retried.
 * ``results`` -- each task's (or group's) latest result state, for the result
   backend: one indexed read per ``AsyncResult``, however long the stream.
@@ -38,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Big integers that are also SQLite's rowid alias (so positions autoincrement).
 _Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -46,6 +48,23 @@ _Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 #: Times are seconds since the epoch: one portable, index-friendly representation.
 _Time = sa.Float(precision=53).with_variant(postgresql.DOUBLE_PRECISION(), "postgresql")
 _Id = sa.String(255)
+
+
+#: Metadata keys of a publish that link its task to others of its canvas
+#: (``history --tree``): Celery's ``root_id`` and ``group``.
+CANVAS_LINKS = ("root_id", "group")
+#: An index per canvas link on the events that carry one (a task that is its own
+#: root has nothing to find), by dialect: JSON is read differently by each.
+CANVAS_LINK_INDEXES = {
+    "postgresql": (
+        "CREATE INDEX {prefix}events_{key} ON %(fullname)s ((metadata ->> '{key}')) "
+        "WHERE (metadata ->> '{key}') <> stream_id"
+    ),
+    "sqlite": (
+        "CREATE INDEX {prefix}events_{key} ON %(fullname)s (json_extract(metadata, '$.{key}')) "
+        "WHERE json_extract(metadata, '$.{key}') <> stream_id"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,10 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.UniqueConstraint("stream_id", "version", name=f"{prefix}events_stream_version"),
     )
     sa.Index(f"{prefix}events_recorded_at", events.c.recorded_at)
+    for dialect, sql in CANVAS_LINK_INDEXES.items():
+        for key in CANVAS_LINKS:
+            ddl = sql.format(prefix=prefix, key=key)
+            sa.event.listen(events, "after_create", sa.DDL(ddl).execute_if(dialect=dialect))
 
     messages = sa.Table(
         f"{prefix}messages",
@@ -103,11 +126,25 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.Column("claimed_at", _Time, nullable=True),
         sa.Column("lease_until", _Time, nullable=True),
     )
+    # A claim reads two bounded index ranges per queue, never the rows waiting
+    # for later: messages without an ETA in claim order (only those in flight are
+    # stepped over), and messages with one in the order they fall due.
+    unscheduled = messages.c.not_before.is_(None)
     sa.Index(
-        f"{prefix}messages_claim_order",
+        f"{prefix}messages_ready",
         messages.c.queue,
         messages.c.priority.desc(),
         messages.c.seq,
+        postgresql_where=unscheduled,
+        sqlite_where=unscheduled,
+    )
+    scheduled = messages.c.not_before.is_not(None)
+    sa.Index(
+        f"{prefix}messages_scheduled",
+        messages.c.queue,
+        messages.c.not_before,
+        postgresql_where=scheduled,
+        sqlite_where=scheduled,
     )
     sa.Index(f"{prefix}messages_stream", messages.c.stream_id)
 

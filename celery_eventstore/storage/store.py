@@ -65,6 +65,7 @@ from .records import (
 )
 from .routing import Binding, QueueInfo, Routing
 from .schema import SCHEMA_VERSION, Tables, make_tables
+from .seeding import seed_settled
 from .task_index import TaskIndex
 
 #: The tables' prefix unless one is given.
@@ -499,12 +500,35 @@ class EventStore:
     def expire_results(self, before: float, *, batch: int = 500) -> int:
         """Expire the results recorded before ``before``; their history stays."""
         return self.operations.expire_results(before, batch=batch)
+    def streams_linked(self, link: str, value: str) -> list[str]:
+        return self.operations.streams_linked(link, value)
 
     def prune(
         self, before: float, *, batch: int = 500, progress: Progress | None = None,
         dry_run: bool = False,
     ) -> int:
         return self.operations.prune(before, batch=batch, progress=progress, dry_run=dry_run)
+
+    def seed_settled(
+        self,
+        count: int,
+        *,
+        queue: str = "celery",
+        message: Any = None,
+        stream_prefix: str = "seed-",
+        recorded_at: float | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Append ``count`` settled tasks (published, claimed, acked), streams
+        ``<stream_prefix>1`` .. ``<stream_prefix><count>``, copied by the database:
+        a long history in seconds, for benchmarks and tests."""
+        return seed_settled(
+            self.db, self.queries, count, queue=queue,
+            message={"body": "seed"} if message is None else message,
+            stream_prefix=stream_prefix,
+            recorded_at=self.db.now() if recorded_at is None else recorded_at,
+            progress=progress,
+        )
 
     def rebuild(
         self,

@@ -44,14 +44,15 @@ def make_factory(db: tuple[str, dict[str, Any]]) -> Iterator[StoreFactory]:
 
 
 def claim_and_ack_until_empty(
-    url: str, options: dict[str, Any], queue: str, batch: int, out: Any
+    url: str, options: dict[str, Any], queue: str | list[str], batch: int, out: Any
 ) -> None:
-    """A racing consumer process: claims and acks until the queue stays empty."""
+    """A racing consumer process: claims and acks until the queues stay empty."""
     store = EventStore(url, **options)
+    queues = [queue] if isinstance(queue, str) else queue
     delivered: list[str] = []
     empty_rounds = 0
     while empty_rounds < 3:
-        claimed = store.claim([queue], batch, f"pid-{id(store)}", 60)
+        claimed = store.claim(queues, batch, f"pid-{id(store)}", 60)
         if not claimed:
             empty_rounds += 1
             continue
@@ -109,3 +110,29 @@ def executed_statements() -> Iterator[list[str]]:
         yield seen
     finally:
         sa.event.remove(sa.Engine, "before_cursor_execute", record)
+
+
+def cycle_until_stopped(
+    url: str, options: dict[str, Any], queue: str, ready: Any, stop: Any, out: Any
+) -> None:
+    """A busy consumer process: publishes, claims and acks one message at a time
+    until told to stop; reports when each cycle ended (``time.time()``)."""
+    import time
+
+    from celery_eventstore.storage import NewMessage
+
+    store = EventStore(url, **options)
+    ended: list[float] = []
+    try:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            store.publish([NewMessage(stream=f"busy-{n}", queue=queue, message={"n": n})])
+            claimed = store.claim([queue], 1, "busy", 60)
+            store.ack([m.ref for m in claimed])
+            ended.append(time.time())
+            if n == 3:
+                ready.set()
+    finally:
+        store.close()
+        out.put(ended)

@@ -28,6 +28,9 @@ class Dialect:
     single_writer = False
     #: :meth:`join` can roll back our part alone (a savepoint).
     atomic_join = True
+    #: Seconds a long job of many transactions (prune) leaves between them, so
+    #: writers waiting for a single-writer database's lock get it.
+    writer_pause = 0.0
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         return url
@@ -74,6 +77,26 @@ class Dialect:
         """A statement inserting a row of ``columns`` (bound by name), or updating the
         row whose ``keys`` already exist."""
         raise NotImplementedError
+
+    def each_of(
+        self, select: sa.Select[Any], column: sa.ColumnElement[Any], values: str,
+        order_by: Sequence[str],
+    ) -> sa.Select[Any]:
+        """``select``'s rows whose ``column`` is one of the list parameter ``values``,
+        sorted by the columns named ``order_by``, each value looked up by an index
+        whatever the planner knows of the table."""
+        where = column.in_(sa.bindparam(values, expanding=True))
+        return select.where(where).order_by(*(select.selected_columns[c] for c in order_by))
+
+    def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
+        """A text field of a JSON column, written exactly as the indexes on it are
+        (see ``CANVAS_LINK_INDEXES`` in the schema), so that the planner uses them."""
+        field: sa.ColumnElement[str] = column[key].as_string()
+        return field
+
+    def json_from_text(self, text: sa.ColumnElement[Any], json_type: Any) -> sa.ColumnElement[Any]:
+        """A JSON column's value from SQL text holding JSON (a bulk copy)."""
+        return sa.type_coerce(text, json_type)
 
     def maintenance_warnings(self, conn: sa.Connection) -> list[str]:
         """Server settings that will hurt the store, in words for an operator."""

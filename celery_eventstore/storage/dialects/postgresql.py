@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ..borrowed import ABORTED, NONE, OPEN, ConnectionInfo
@@ -123,6 +124,35 @@ class PostgreSQLDialect(Dialect):
         # SKIP LOCKED nominates rows no one else is claiming; the (stream, version)
         # key still arbitrates if two claimers reach the same stream.
         return select.with_for_update(skip_locked=True, of=table)
+
+    def each_of(
+        self, select: sa.Select[Any], column: sa.ColumnElement[Any], values: str,
+        order_by: Sequence[str],
+    ) -> sa.Select[Any]:
+        # One lookup per value (a LATERAL join on the unnested list) rather than
+        # `IN (...)`: without statistics (a log loaded in bulk, autovacuum not
+        # come round yet, or off) the planner takes a list of a hundred stream
+        # ids to match half the table and reads all of it.  The ORDER BY keeps
+        # the subquery from being flattened into a join that could do the same.
+        wanted = sa.func.unnest(sa.bindparam(values, type_=ARRAY(column.type))).table_valued(
+            "value"
+        ).render_derived(with_types=False)
+        each = (
+            select.where(column == wanted.c.value)
+            .order_by(*(select.selected_columns[c] for c in order_by))
+            .lateral()
+        )
+        return (
+            sa.select(*each.c)
+            .select_from(wanted.join(each, sa.true()))
+            .order_by(*(each.c[c] for c in order_by))
+        )
+
+    def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
+        return column.op("->>", return_type=sa.Text)(sa.literal_column(f"'{key}'"))
+
+    def json_from_text(self, text: sa.ColumnElement[Any], json_type: Any) -> sa.ColumnElement[Any]:
+        return sa.cast(text, json_type)  # text is not assignable to jsonb
 
     def maintenance_warnings(self, conn: sa.Connection) -> list[str]:
         if conn.exec_driver_sql("SHOW autovacuum").scalar_one() == "off":

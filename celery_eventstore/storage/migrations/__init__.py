@@ -10,7 +10,8 @@ A change to the schema is a new module:
 2. write ``vNNNN_<what>.py`` whose ``statements(prefix, schema)`` returns what
    takes N-1 to N: ``CreateTable``/``CreateIndex`` of tables defined in the module,
    or ``sa.DDL("ALTER TABLE %(fullname)s ADD COLUMN ...").against(table)`` for a
-   table defined there by name only;
+   table defined there by name only; ``.execute_if(dialect=...)`` keeps a
+   statement to one database (storage settings only PostgreSQL has);
 3. append its ``statements`` to :data:`VERSIONS`.
 
 ``tests/storage/test_migrations.py`` fails until migrating from nothing gives
@@ -29,7 +30,13 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from . import v0001_log_and_queue, v0002_routing, v0003_results, v0004_tasks
+from . import (
+    v0001_log_and_queue,
+    v0002_routing,
+    v0003_results,
+    v0004_tasks,
+    v0005_claims_at_scale,
+)
 
 if TYPE_CHECKING:
     from ..dialects import Dialect
@@ -43,6 +50,7 @@ VERSIONS: tuple[Statements, ...] = (
     v0002_routing.statements,
     v0003_results.statements,
     v0004_tasks.statements,
+    v0005_claims_at_scale.statements,
 )
 
 
@@ -94,6 +102,7 @@ class Migrator:
             for version in self.pending(from_version, to_version)
             for statement in [*self.versions[version - 1](self.prefix, self.schema),
                               self._record(version)]
+            if _applies(statement, dialect)
         ]
 
     def script(
@@ -119,6 +128,12 @@ class Migrator:
         # The database's clock, not ours: a script applied by hand records when it ran.
         now = sa.extract("epoch", sa.func.current_timestamp())
         return sa.insert(self.book).values(version=version, applied_at=now)
+
+
+def _applies(statement: sa.ClauseElement, dialect: sa.Dialect) -> bool:
+    """False for a statement kept to other databases by ``execute_if(dialect=...)``."""
+    condition = getattr(statement, "_ddl_if", None)
+    return condition is None or condition.dialect in (None, dialect.name)
 
 
 def _render(statement: sa.ClauseElement, dialect: sa.Dialect) -> str:
