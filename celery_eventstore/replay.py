@@ -85,13 +85,19 @@ def replay(
     streams: dict[str, list[RecordedEvent]] = defaultdict(list)
     last_position, last_time = 0, 0.0
     for rec in _events(store, position):
-        if at is not None and rec.recorded_at > at:
+        # Times are given to the microsecond at most (ISO-8601): an event recorded
+        # within the microsecond written is "then", not after it.
+        if at is not None and _microseconds(rec.recorded_at) > _microseconds(at):
             continue
         streams[rec.stream].append(rec)
         last_position = max(last_position, rec.position)
         last_time = max(last_time, rec.recorded_at)
     now = at if at is not None else last_time
     return _fold_queues(streams, now, last_position if position is None else position)
+
+
+def _microseconds(seconds: float) -> int:
+    return int(seconds * 1_000_000)
 
 
 def _events(store: EventStore, until: int | None) -> Iterator[RecordedEvent]:
