@@ -119,6 +119,36 @@ class Queries:
         self.empty_projections = [table.delete() for table in t.projections]
         #: ``streams``: results forgotten.
         self.delete_results = res.delete().where(res.c.stream_id.in_(_many("streams")))
+        self._chords(t, dialect)
+
+    def _chords(self, t: Tables, dialect: Dialect) -> None:
+        ev, ch, cp = t.events, t.chords, t.chord_parts
+        stream = sa.bindparam("stream", type_=ch.c.stream_id.type)
+
+        def of_chord(column: sa.ColumnElement[Any], name: str) -> sa.Label[Any]:
+            return sa.select(column).where(ch.c.stream_id == stream).scalar_subquery().label(name)
+
+        #: ``stream``, ``task``: one chord's read model (``version``, ``counted``,
+        #: ``completed``; NULL without a row), whether it counted that task
+        #: (``known``), and the stream's last version in the log (``logged``):
+        #: index lookups, whatever the chord's size.
+        self.chord_snapshot = sa.select(
+            sa.select(sa.func.max(ev.c.version)).where(ev.c.stream_id == stream)
+            .scalar_subquery().label("logged"),
+            of_chord(ch.c.version, "version"),
+            of_chord(ch.c.counted, "counted"),
+            of_chord(ch.c.completed, "completed"),
+            sa.exists().where(cp.c.stream_id == stream, cp.c.task_id == sa.bindparam("task"))
+            .label("known"),
+        )
+        #: ``stream_id``, ``version``, ``counted``, ``completed``.
+        self.upsert_chord = dialect.upsert(
+            ch, ("stream_id", "version", "counted", "completed"), keys=("stream_id",)
+        )
+        #: ``stream_id``, ``task_id``: parts counted.
+        self.insert_chord_parts = cp.insert()
+        #: ``stream``: a chord's parts, before writing them anew.
+        self.delete_chord_parts = cp.delete().where(cp.c.stream_id == stream)
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of column sets
     def update_messages(self, columns: tuple[str, ...]) -> sa.Update:

@@ -15,6 +15,10 @@ from the log at any time:
 * ``dead_letters`` -- deliveries that were dead-lettered and not retried.
 * ``results`` -- each task's (or group's) latest result state, for the result
   backend: one indexed read per ``AsyncResult``, however long the stream.
+* ``chords`` and ``chord_parts`` -- each chord stream's version, count and
+  completion, and the header tasks it counted: counting a part reads one row of
+  each, not the chord's whole stream, so the ten-thousandth part costs what the
+  first did.
 
 Routing state is kept apart from history.  ``queues``, ``bindings`` and
 ``transient_messages`` hold what Celery's control plane needs across processes
@@ -35,7 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Big integers that are also SQLite's rowid alias (so positions autoincrement).
 _Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -56,11 +60,15 @@ class Tables:
     bindings: sa.Table
     transient_messages: sa.Table
     results: sa.Table
+    chords: sa.Table
+    chord_parts: sa.Table
 
     @property
     def projections(self) -> tuple[sa.Table, ...]:
         """Tables derived from the log, in the order they may be emptied."""
-        return (self.messages, self.dead_letters, self.results)
+        return (
+            self.messages, self.dead_letters, self.results, self.chords, self.chord_parts
+        )
 
 
 def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Tables:
@@ -172,6 +180,22 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.Column("date_done", _Time, nullable=True),
     )
     sa.Index(f"{prefix}results_date_done", results.c.date_done)
+    chords = sa.Table(
+        f"{prefix}chords",
+        md,
+        sa.Column("stream_id", _Id, primary_key=True),
+        # The chord stream's version these counts are at: the log's next append
+        # goes after it, under the same (stream_id, version) key as any other.
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("counted", sa.Integer, nullable=False),
+        sa.Column("completed", sa.Boolean, nullable=False),
+    )
+    chord_parts = sa.Table(
+        f"{prefix}chord_parts",
+        md,
+        sa.Column("stream_id", _Id, primary_key=True),
+        sa.Column("task_id", _Id, primary_key=True),
+    )
     return Tables(
         md,
         events,
@@ -182,4 +206,6 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         bindings,
         transient_messages,
         results,
+        chords,
+        chord_parts,
     )
