@@ -63,6 +63,7 @@ Transport Options
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -540,13 +541,29 @@ class Transport(virtual.Transport):
                 return
             except Empty:
                 pass
-            wait = self.polling_interval
+            wait = min(self.polling_interval, self._until_due())
             if timeout is not None:
                 remaining = timeout - (time.monotonic() - start)
                 if remaining <= 0:
                     raise TimeoutError()
                 wait = min(wait, remaining)
             self.listener.wait(wait)
+
+    def _until_due(self) -> float:
+        """Seconds until the earliest ETA the channels know of: 0 when one is due
+        (then forgotten: the claim it brings looks up the next one)."""
+        now = time.monotonic()
+        dues = []
+        for channel in list(self.channels):
+            qos = channel._qos  # none yet: it never claimed, so it knows no ETA
+            if qos is None:
+                continue
+            if qos.due_now():
+                return 0.0
+            due = qos.next_due()
+            if due is not None:
+                dues.append(due - now)
+        return min(dues, default=math.inf)
 
     # -- event loop (the worker's hub) --------------------------------------------
 

@@ -167,9 +167,9 @@ class EventLog:
     def _wake(
         self, tx: Tx, recorded: Sequence[RecordedEvent], states: Mapping[str, lc.JobState]
     ) -> None:
-        ready = newly_ready(recorded, states, tx.now)
-        if ready:
-            self.notifier.send(tx.conn, self.channels.ready, ready)
+        queued = newly_queued(recorded, states)
+        if queued:
+            self.notifier.send(tx.conn, self.channels.ready, queued)
         finished = {r.stream for r in recorded if isinstance(r.event, _FINISHING)}
         if finished:
             self.notifier.send(tx.conn, self.channels.results, finished)
@@ -299,18 +299,17 @@ def decided(pending: Pending) -> Pending:
     return [p for p in pending if p[1]]
 
 
-def newly_ready(
-    recorded: Iterable[RecordedEvent], states: Mapping[str, lc.JobState], now: float
-) -> set[str]:
-    """Queues that got a message claimable right now (worth waking consumers for)."""
-    ready: set[str] = set()
+def newly_queued(recorded: Iterable[RecordedEvent], states: Mapping[str, lc.JobState]) -> set[str]:
+    """Queues that got a message to claim, now or at its ETA: worth waking
+    consumers for -- to claim it, or to set their timer for when it is due."""
+    queued: set[str] = set()
     for rec in recorded:
         ev = rec.event
         if isinstance(ev, (lc.Published, lc.Requeued)):
             delivery = states[rec.stream].delivery(ev.delivery)
-            if not delivery.status.is_final and (ev.not_before is None or ev.not_before <= now):
-                ready.add(delivery.queue)
-    return ready
+            if not delivery.status.is_final:
+                queued.add(delivery.queue)
+    return queued
 
 
 def _rows(

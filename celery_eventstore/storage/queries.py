@@ -89,6 +89,22 @@ class Queries:
             .limit(sa.bindparam("limit", type_=sa.Integer)),
             msgs,
         )
+        #: ``queue``, ``after``: the earliest ETA later than ``after`` of a
+        #: message waiting in that queue -- the first entry of the scheduled
+        #: index past it (PostgreSQL takes that plan once it has the table's
+        #: statistics; before, it may read the queue's scheduled rows and sort).
+        after = sa.bindparam("after", type_=msgs.c.not_before.type)
+        self.earliest_due = (
+            sa.select(msgs.c.not_before)
+            .where(
+                msgs.c.queue == sa.bindparam("queue"),
+                msgs.c.not_before.is_not(None),
+                msgs.c.not_before > after,
+                msgs.c.claim_id.is_(None),
+            )
+            .order_by(msgs.c.not_before)
+            .limit(1)
+        )
         #: ``stream``: the stream's deliveries still in the queue (quarantine).
         self.pending_of_stream = sa.select(msgs.c.delivery_id, msgs.c.queue).where(
             msgs.c.stream_id == sa.bindparam("stream")

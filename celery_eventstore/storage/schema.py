@@ -114,6 +114,14 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         messages.c.seq,
     )
     sa.Index(f"{prefix}messages_stream", messages.c.stream_id)
+    # Scheduled messages by queue and ETA, for a consumer's "when is the next one
+    # due?": the first entry past now, however many are scheduled.
+    # not_before never changes on a claim, so claims stay HOT updates on PostgreSQL.
+    scheduled = messages.c.not_before.is_not(None)
+    sa.Index(
+        f"{prefix}messages_scheduled", messages.c.queue, messages.c.not_before,
+        postgresql_where=scheduled, sqlite_where=scheduled,
+    )
 
     dead_letters = sa.Table(
         f"{prefix}dead_letters",

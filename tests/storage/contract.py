@@ -7,6 +7,8 @@ database; several stores from one factory share it, like processes do.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import sqlalchemy as sa
 from storehelpers import executed_statements
@@ -175,6 +177,37 @@ class StoreContract:
         assert store.claim(["q"], 10, "w", 30) == []
         clock.advance(0.1)
         assert [m.stream for m in store.claim(["q"], 10, "w", 30)] == ["later"]
+
+    def test_earliest_due_is_the_next_eta_of_a_waiting_message_in_those_queues(
+        self, store, clock
+    ):
+        now = clock.now
+        assert store.earliest_due(["q"], now) is None
+        store.publish([
+            msg("ready"),
+            msg("in-a-minute", not_before=now + 60),
+            msg("in-ten", not_before=now + 10),
+            msg("other-queue", queue="other", not_before=now + 5),
+        ])
+        assert store.earliest_due(["q"], now) == now + 10
+        assert store.earliest_due(["q", "other"], now) == now + 5
+        assert store.earliest_due(["q"], now + 10) == now + 60  # only later than that
+        assert store.earliest_due(["nothing"], now) is None
+        clock.advance(10)
+        claimed = store.claim(["q"], 5, "w", 300)
+        assert sorted(m.stream for m in claimed) == ["in-ten", "ready"]
+        # A claimed message is no longer waiting, whatever its ETA was.
+        assert store.earliest_due(["q"], now) == now + 60
+
+    def test_a_scheduled_publish_wakes_listeners_of_its_queue(self, make_store, clock):
+        consumer, producer = make_store(), make_store()
+        listener = consumer.listener()
+        try:
+            listener.poll()
+            producer.publish([msg("later", queue="tasks", not_before=time.time() + 3600)])
+            assert listener.wait(5) & {"tasks", "*"}
+        finally:
+            listener.close()
 
     def test_expired_message_is_never_delivered_and_the_history_says_so(self, store, clock):
         store.publish([msg("old", expires=clock.now + 10), msg("fresh")])

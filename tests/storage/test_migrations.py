@@ -119,6 +119,8 @@ def _unprefixed(value: Any, prefix: str) -> Any:
         return value.replace(prefix, "")
     if isinstance(value, sa.types.TypeEngine):
         return repr(value)  # reflected types compare by identity otherwise
+    if isinstance(value, sa.ClauseElement):  # a partial index's reflected predicate
+        return _unprefixed(str(value), prefix)
     return value
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from . import v0001_log_and_queue, v0002_routing, v0003_results, v0004_chord_counters
+from . import v0001_log_and_queue, v0002_routing, v0003_results, v0004_chords_and_schedule
 
 if TYPE_CHECKING:
     from ..dialects import Dialect
@@ -42,7 +42,7 @@ VERSIONS: tuple[Statements, ...] = (
     v0001_log_and_queue.statements,
     v0002_routing.statements,
     v0003_results.statements,
-    v0004_chord_counters.statements,
+    v0004_chords_and_schedule.statements,
 )
 
 

