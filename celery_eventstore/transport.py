@@ -23,7 +23,9 @@ Features
   ``celery inspect``, ``celery control`` and broadcast revoke work across hosts.
   A broadcast revoke is also recorded in the store: durable, like
   ``celery-eventstore revoke``.
-* Server-side ETA/countdown: a message is not delivered before it is due.
+* Server-side ETA/countdown: a message is not delivered before it is due, and
+  is claimed when it is due -- consumers set a timer for the next ETA of their
+  queues instead of waiting for the next poll.
 * Leases instead of a visibility timeout that fires on live tasks: the worker
   renews the leases of the messages it holds; a crashed worker's messages come
   back when their lease runs out, marked redelivered.
@@ -45,7 +47,8 @@ Transport Options
   lease lost before the task started counts toward three times as many.
 * ``priority_order``: ``"redis"`` (0 is served first, the default) or ``"amqp"``
   (9 is served first).
-* ``polling_interval``: seconds between safety-net polls (default 1.0).
+* ``polling_interval``: seconds between safety-net polls (default 1.0); neither
+  new messages nor ETAs wait for one.
 * ``ack_flush_interval``: longest time an ack waits to be written with others
   (default 0.1 s).  A crash inside that window redelivers the message after its
   lease, as a crash just before the ack would -- unless the task's result is
