@@ -212,10 +212,10 @@ class QoS(virtual.QoS):
         if not queues:
             self.flush_acks()
             return []
-        acks = self._take_acks()
-        asked = time.monotonic()  # the leases start after this: renew early, not late
         # An ETA that passes after this is one the claim may have missed.
         since = self.store.now() - DUE_CLOCK_MARGIN
+        acks = self._take_acks()
+        asked = time.monotonic()  # the leases start after this: renew early, not late
         try:
             outcomes, claimed = self.store.ack_and_claim(
                 acks, queues, limit, self._consumer, self.channel.visibility_timeout,
@@ -224,7 +224,9 @@ class QoS(virtual.QoS):
         except Exception:
             self._return_acks(acks)
             raise
-        if len(claimed) < limit:  # nothing more is due now: when is the next one?
+        if len(claimed) < limit and self.channel._consumers:
+            # Nothing more is due now: when is the next one?  (Consumers only: a
+            # basic_get does not wait for ETAs.)
             self._find_due(queues, since)
         self._warn_stale(outcomes, "ack")
         self._hold([m for m in claimed if m.queue not in noack], asked)
@@ -474,7 +476,7 @@ class Poller:
         self._due_timer = self._due_at = None
         for channel in list(self.transport.channels):
             queues = channel.consuming_queues()
-            if channel.qos.due_now() and queues:
+            if channel._qos is not None and channel._qos.due_now() and queues:
                 self._claim(channel, queues)
         self._arm()
 
@@ -482,8 +484,9 @@ class Poller:
         """Set the hub's timer for the earliest ETA the channels know of, not the
         next poll: a claim that came back short looked it up, so a publish with an
         earlier ETA (its wake-up brings such a claim) moves the timer forward."""
-        dues = [d for c in list(self.transport.channels) if (d := c.qos.next_due()) is not None]
-        due = min(dues, default=None)
+        # A channel without a QoS yet never claimed (producers): it knows no ETA.
+        qoses = [c._qos for c in list(self.transport.channels) if c._qos is not None]
+        due = min((d for q in qoses if (d := q.next_due()) is not None), default=None)
         if due == self._due_at:
             return
         self._disarm()
