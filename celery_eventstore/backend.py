@@ -21,8 +21,9 @@ store never decodes one.
   ``chord:<group id>`` under the version check, so the callback is applied
   exactly once.  A count reads the chord's read model, not its stream, and the
   group's size is restored once per process: the last part of a chord of ten
-  thousand costs what the first did.  When the broker is the same database, the callback's message
-  is published in the very transaction that completes the count.
+  thousand costs what the first did.  When the broker is the same database,
+  the callback's message is published in the very transaction that completes
+  the count.
 * ``forget()`` appends ``Forgotten``: the result is gone, the history stays.
 * ``result_expires`` (through ``celery beat``'s ``backend_cleanup``) prunes whole
   finished streams older than it: it is the history's retention too.

@@ -228,5 +228,4 @@ def _write_chords(
     parts = [row for stream, ids in counted.items() for row in part_rows(stream, ids)]
     if parts:
         conn.execute(queries.insert_chord_parts, parts)
-    for stream in counted:
-        conn.execute(queries.upsert_chord, chord_row(states[stream]))
+    conn.execute(queries.upsert_chord, [chord_row(states[stream]) for stream in counted])
