@@ -19,8 +19,11 @@ store never decodes one.
   change detection on SQLite, instead of polling every half second.
 * Chords are native: each finished header task is counted on the stream
   ``chord:<group id>`` under the version check, so the callback is applied
-  exactly once.  When the broker is the same database, the callback's message
-  is published in the very transaction that completes the count.
+  exactly once.  A count reads the chord's read model, not its stream, and the
+  group's size is restored once per process: the last part of a chord of ten
+  thousand costs what the first did.  When the broker is the same database,
+  the callback's message is published in the very transaction that completes
+  the count.
 * ``forget()`` appends ``Forgotten``: the result is gone, the history stays.
 * ``result_expires`` (through ``celery beat``'s ``backend_cleanup``) expires the
   results recorded longer ago than it (``ResultExpired``): ``AsyncResult`` then
@@ -64,6 +67,8 @@ from .stores import shared_store
 CLAIM_HEADER = "eventstore_claim"
 #: Longest a waiter sleeps between reads when no wake-up arrives (a safety net).
 WAIT_POLL_SECONDS = 1.0
+#: How many chords' header sizes a process keeps (the oldest are forgotten first).
+CHORD_SIZES_KEPT = 1000
 STORE_OPTIONS = (
     "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "async_commit", "engine_options"
 )
@@ -89,6 +94,8 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         #: Seconds of history ``cleanup`` keeps (None: all of it).
         self.history_retention: float | None = _seconds(options.get("history_retention"))
         self._local = threading.local()
+        #: group id -> its chord's header size, as restored once by this process.
+        self._chord_sizes: dict[str, int] = {}
 
     def as_uri(self, include_password: bool = False) -> str:
         """The URL as the worker's banner shows it: with the ``eventstore+`` that
@@ -343,17 +350,9 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             # A run whose claim another worker took over: that worker's run counts.
             return
         callback = maybe_signature(request.chord, app=app)
-        try:
-            deps = GroupResult.restore(gid, backend=self)
-        except Exception as exc:  # noqa: BLE001 - reported through the chord's errbacks
-            self.chord_error_from_stack(callback, ChordError(f"Cannot restore group: {exc!r}"))
+        size = (request.chord or {}).get("chord_size") or self._chord_size(gid, callback)
+        if not size:
             return
-        if deps is None:
-            self.chord_error_from_stack(
-                callback, ChordError(f"GroupResult {gid} no longer exists")
-            )
-            return
-        size = (request.chord or {}).get("chord_size") or _header_size(deps)
         count = lc.CountChordPart(request.id, state, size)
         # The callback's message joins the transaction that completes the count
         # when the broker is this database: the count and the callback commit
@@ -365,15 +364,46 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         )
         if not joined:
             if _completes(self.store.execute(lc.chord_stream(gid), count)):
-                self._apply_chord_callback(gid, callback, deps)
+                self._apply_chord_callback(gid, callback)
             return None
         with self.store.transaction() as conn:
             if _completes(self.store.execute(lc.chord_stream(gid), count, connection=conn)):
                 with atomic(conn, app=app):
-                    self._apply_chord_callback(gid, callback, deps)
+                    self._apply_chord_callback(gid, callback)
         return None
 
-    def _apply_chord_callback(self, gid: str, callback: Any, deps: Any) -> None:
+    def _chord_size(self, gid: str, callback: Any) -> int | None:
+        """How many header tasks report to the chord over group ``gid``, restoring
+        the group once per process and chord, not at every part: a group result
+        of ten thousand ids costs as much to decode as the count itself."""
+        size = self._chord_sizes.get(gid)
+        if size is None:
+            deps = self._restore_header(gid, callback)
+            if deps is None:
+                return None
+            size = _header_size(deps)
+            while len(self._chord_sizes) >= CHORD_SIZES_KEPT:  # a bound, not a history
+                self._chord_sizes.pop(next(iter(self._chord_sizes)), None)
+            self._chord_sizes[gid] = size
+        return size
+
+    def _restore_header(self, gid: str, callback: Any) -> Any:
+        """The chord's header results, or None after reporting to its errbacks."""
+        try:
+            deps = GroupResult.restore(gid, backend=self)
+        except Exception as exc:  # noqa: BLE001 - reported through the chord's errbacks
+            self.chord_error_from_stack(callback, ChordError(f"Cannot restore group: {exc!r}"))
+            return None
+        if deps is None:
+            self.chord_error_from_stack(
+                callback, ChordError(f"GroupResult {gid} no longer exists")
+            )
+        return deps
+
+    def _apply_chord_callback(self, gid: str, callback: Any) -> None:
+        deps = self._restore_header(gid, callback)  # afresh: it may have been deleted
+        if deps is None:
+            return
         try:
             with allow_join_result():
                 ret = deps.join_native(timeout=self.app.conf.result_chord_join_timeout,

@@ -65,6 +65,10 @@ RENEW_INTERVAL = 1.0
 #: How often a consuming process sweeps expired transient queues and messages.
 SWEEP_INTERVAL = 10.0
 
+#: How far back of its own clock reading a consumer looks for ETAs that passed
+#: while it claimed: its reading of the database's clock may run a little ahead.
+DUE_CLOCK_MARGIN = 0.1
+
 #: What a claim hands to the consumers: kombu payloads and the queue of each.
 Batch = list[tuple[dict[str, Any], str]]
 
@@ -101,6 +105,9 @@ class QoS(virtual.QoS):
         self._again = False
         #: The last claim filled its limit, or a wake-up found no credit.
         self._more = False
+        #: When (time.monotonic()) the next scheduled message of the claimed queues
+        #: is due, as the last claim that came back short found; None: none known.
+        self._due: float | None = None
 
     # -- the claim cycle (consuming thread) ------------------------------------
 
@@ -167,6 +174,33 @@ class QoS(virtual.QoS):
                 return False
             return again or (self._more and credit >= self._refill_at())
 
+    # -- ETAs: when to claim without a wake-up (consuming thread) --------------
+
+    def next_due(self) -> float | None:
+        """When (``time.monotonic()``) a scheduled message is due, if one is known."""
+        with self._lock:
+            return self._due
+
+    def due_now(self) -> bool:
+        """Whether a scheduled message is due by now; it is then forgotten, as the
+        claim this asks for looks for the next one."""
+        with self._lock:
+            if self._due is None or self._due > time.monotonic():
+                return False
+            self._due = None
+            return True
+
+    def _find_due(self, queues: Sequence[str], after: float) -> None:
+        """Look up the next ETA in ``queues`` past ``after`` (the store's clock)."""
+        try:
+            due = self.store.earliest_due(queues, after)
+            when = None if due is None else time.monotonic() + (due - self.store.now())
+        except Exception as exc:  # the claim succeeded: the safety-net poll still runs
+            logger.debug("could not look up the next ETA: %s", exc)
+            return
+        with self._lock:
+            self._due = when
+
     # -- claiming (claimer or consuming thread) --------------------------------
 
     def claim(
@@ -178,6 +212,8 @@ class QoS(virtual.QoS):
         if not queues:
             self.flush_acks()
             return []
+        # An ETA that passes after this is one the claim may have missed.
+        since = self.store.now() - DUE_CLOCK_MARGIN
         acks = self._take_acks()
         asked = time.monotonic()  # the leases start after this: renew early, not late
         try:
@@ -188,6 +224,10 @@ class QoS(virtual.QoS):
         except Exception:
             self._return_acks(acks)
             raise
+        if len(claimed) < limit and self.channel._consumers:
+            # Nothing more is due now: when is the next one?  (Consumers only: a
+            # basic_get does not wait for ETAs.)
+            self._find_due(queues, since)
         self._warn_stale(outcomes, "ack")
         self._hold([m for m in claimed if m.queue not in noack], asked)
         at_once = [m.ref for m in claimed if m.queue in noack]
@@ -400,6 +440,9 @@ class Poller:
         self._hub: Any = None
         self._readers: list[int] = []
         self._timers: list[Any] = []
+        #: The hub timer set for the next ETA, and when (time.monotonic()) it fires.
+        self._due_timer: Any = None
+        self._due_at: float | None = None
 
     def register(self, hub: Any) -> None:
         self._hub = hub
@@ -416,6 +459,7 @@ class Poller:
         self._call_repeatedly(self.transport.polling_interval, self.on_wake)
         # Messages published before we listened sent their wake-up to no one.
         hub.call_soon(self.on_wake)
+        self._arm()
 
     def _add_reader(self, fd: int, callback: Any) -> None:
         self._hub.add_reader(fd, callback)
@@ -433,6 +477,7 @@ class Poller:
                 self._hub.remove_reader(fd)
             for timer in self._timers:
                 timer.cancel()
+            self._disarm()
         self._readers.clear()
         self._timers.clear()
         self.claimer.stop()
@@ -468,6 +513,35 @@ class Poller:
         if error is not None:
             raise error  # a connection error: the consumer reconnects
         self.on_tick()
+        self._arm()
+
+    def on_due(self) -> None:
+        """The timer of the next ETA fired: claim for the channels it is due for."""
+        self._due_timer = self._due_at = None
+        for channel in list(self.transport.channels):
+            queues = channel.consuming_queues()
+            if channel._qos is not None and channel._qos.due_now() and queues:
+                self._claim(channel, queues)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Set the hub's timer for the earliest ETA the channels know of, not the
+        next poll: a claim that came back short looked it up, so a publish with an
+        earlier ETA (its wake-up brings such a claim) moves the timer forward."""
+        # A channel without a QoS yet never claimed (producers): it knows no ETA.
+        qoses = [c._qos for c in list(self.transport.channels) if c._qos is not None]
+        due = min((d for q in qoses if (d := q.next_due()) is not None), default=None)
+        if due == self._due_at:
+            return
+        self._disarm()
+        if due is not None and self._hub is not None:
+            self._due_timer = self._hub.call_at(due, self.on_due)
+            self._due_at = due
+
+    def _disarm(self) -> None:
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+        self._due_timer = self._due_at = None
 
     def on_tick(self) -> None:
         for channel in list(self.transport.channels):

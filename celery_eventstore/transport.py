@@ -23,7 +23,9 @@ Features
   ``celery inspect``, ``celery control`` and broadcast revoke work across hosts.
   A broadcast revoke is also recorded in the store: durable, like
   ``celery-eventstore revoke``.
-* Server-side ETA/countdown: a message is not delivered before it is due.
+* Server-side ETA/countdown: a message is not delivered before it is due, and
+  is claimed when it is due -- consumers set a timer for the next ETA of their
+  queues instead of waiting for the next poll.
 * Leases instead of a visibility timeout that fires on live tasks: the worker
   renews the leases of the messages it holds; a crashed worker's messages come
   back when their lease runs out, marked redelivered.
@@ -45,7 +47,8 @@ Transport Options
   lease lost before the task started counts toward three times as many.
 * ``priority_order``: ``"redis"`` (0 is served first, the default) or ``"amqp"``
   (9 is served first).
-* ``polling_interval``: seconds between safety-net polls (default 1.0).
+* ``polling_interval``: seconds between safety-net polls (default 1.0); neither
+  new messages nor ETAs wait for one.
 * ``ack_flush_interval``: longest time an ack waits to be written with others
   (default 0.1 s).  A crash inside that window redelivers the message after its
   lease, as a crash just before the ack would -- unless the task's result is
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -555,13 +559,29 @@ class Transport(virtual.Transport):
                 return
             except Empty:
                 pass
-            wait = self.polling_interval
+            wait = min(self.polling_interval, self._until_due())
             if timeout is not None:
                 remaining = timeout - (time.monotonic() - start)
                 if remaining <= 0:
                     raise TimeoutError()
                 wait = min(wait, remaining)
             self.listener.wait(wait)
+
+    def _until_due(self) -> float:
+        """Seconds until the earliest ETA the channels know of: 0 when one is due
+        (then forgotten: the claim it brings looks up the next one)."""
+        now = time.monotonic()
+        dues = []
+        for channel in list(self.channels):
+            qos = channel._qos  # none yet: it never claimed, so it knows no ETA
+            if qos is None:
+                continue
+            if qos.due_now():
+                return 0.0
+            due = qos.next_due()
+            if due is not None:
+                dues.append(due - now)
+        return min(dues, default=math.inf)
 
     # -- event loop (the worker's hub) --------------------------------------------
 

@@ -146,6 +146,22 @@ class Deliveries:
 
         return self.db.retrying(attempt)
 
+    def earliest_due(self, queues: Sequence[str], after: float) -> float | None:
+        """The earliest ETA later than ``after`` (epoch seconds, the store's clock)
+        of a message waiting in ``queues``, or None: when a consumer of them has
+        something to claim next if nothing wakes it sooner."""
+        dues = []
+        with self.db.read() as conn:
+            # One index lookup per queue: a single IN query would read and sort
+            # every scheduled message of those queues to find the first.
+            for queue in sorted(set(queues)):
+                due = conn.execute(
+                    self.log.queries.earliest_due, {"queue": queue, "after": after}
+                ).scalar()
+                if due is not None:
+                    dues.append(float(due))
+        return min(dues, default=None)
+
     def ack(self, refs: Sequence[ClaimRef]) -> dict[str, Outcome]:
         """Record that the claims' holders finished; stale claims write nothing."""
         return self._settle(refs, _ack)

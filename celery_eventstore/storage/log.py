@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from .. import lifecycle as lc
 from ..exceptions import ConcurrencyConflict, CorruptStream, UnreadableStream
+from .chords import chord_snapshot, rewrite_chord
 from .database import Database, Tx
 from .notifiers import Notifier
 from .projection import project
@@ -213,9 +214,9 @@ class EventLog:
     def _wake(
         self, tx: Tx, recorded: Sequence[RecordedEvent], states: Mapping[str, lc.JobState]
     ) -> None:
-        ready = newly_ready(recorded, states, tx.now)
-        if ready:
-            self.notifier.send(tx.conn, self.channels.ready, ready)
+        queued = newly_queued(recorded, states)
+        if queued:
+            self.notifier.send(tx.conn, self.channels.ready, queued)
         finished = {r.stream for r in recorded if isinstance(r.event, _FINISHING)}
         if finished:
             self.notifier.send(tx.conn, self.channels.results, finished)
@@ -297,11 +298,26 @@ class EventLog:
             with self.db.write(connection, durable=durable) as tx:
                 if lc.stream_kind(stream) is lc.StreamKind.CHORD:  # many writers, one stream
                     self.db.dialect.lock_stream(tx.conn, self.channels.namespace + stream)
-                state = self.load_all(tx.conn, [stream])[stream]
+                if isinstance(command, lc.CountChordPart):
+                    state = self._chord_state(tx.conn, stream, command.task_id)
+                else:
+                    state = self.load_all(tx.conn, [stream])[stream]
                 events = lc.decide(command, state, tx.now)
                 return self.append_pending(tx, [(state, events, metadata)])[0]
 
         return self.db.retrying(attempt)
+
+    def _chord_state(self, conn: sa.Connection, stream: str, task_id: str) -> lc.JobState:
+        """A chord's state from its read model (a few rows whatever its size), or
+        folded from its stream when the read model lags the log -- then the read
+        model is written anew, so that happens once per chord."""
+        snapshot = chord_snapshot(conn, self.queries, stream, task_id)
+        if snapshot is not None:
+            return snapshot
+        state = self.load_all(conn, [stream])[stream]
+        assert isinstance(state, lc.ChordState)
+        rewrite_chord(conn, self.queries, state)
+        return state
 
 
 def fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:
@@ -338,18 +354,17 @@ def decided(pending: Pending) -> Pending:
     return [p for p in pending if p[1]]
 
 
-def newly_ready(
-    recorded: Iterable[RecordedEvent], states: Mapping[str, lc.JobState], now: float
-) -> set[str]:
-    """Queues that got a message claimable right now (worth waking consumers for)."""
-    ready: set[str] = set()
+def newly_queued(recorded: Iterable[RecordedEvent], states: Mapping[str, lc.JobState]) -> set[str]:
+    """Queues that got a message to claim, now or at its ETA: worth waking
+    consumers for -- to claim it, or to set their timer for when it is due."""
+    queued: set[str] = set()
     for rec in recorded:
         ev = rec.event
         if isinstance(ev, (lc.Published, lc.Requeued)):
             delivery = states[rec.stream].delivery(ev.delivery)
-            if not delivery.status.is_final and (ev.not_before is None or ev.not_before <= now):
-                ready.add(delivery.queue)
-    return ready
+            if not delivery.status.is_final:
+                queued.add(delivery.queue)
+    return queued
 
 
 def _rows(

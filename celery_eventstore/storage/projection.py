@@ -16,6 +16,8 @@ import sqlalchemy as sa
 
 from ..lifecycle import (
     Acked,
+    ChordCompleted,
+    ChordPartDone,
     Claimed,
     DeadLettered,
     DeadLetterPurged,
@@ -38,6 +40,7 @@ from ..lifecycle import (
     StateUpdated,
     Succeeded,
 )
+from .chords import chord_row, part_rows
 from .queries import Queries
 from .records import RecordedEvent
 from .task_index import project_tasks
@@ -79,8 +82,14 @@ def project(
     dead: list[dict[str, Any]] = []
     results: dict[str, float] = {}  # stream -> time of its last result change
     retried: list[str] = []  # dead letters published again or purged
+    chords: dict[str, list[str]] = {}  # chord stream -> parts counted in this batch
     for rec in recorded:
         ev = rec.event
+        if isinstance(ev, (ChordPartDone, ChordCompleted)):
+            counted = chords.setdefault(rec.stream, [])
+            if isinstance(ev, ChordPartDone):
+                counted.append(ev.task_id)
+            continue
         if isinstance(ev, (_RESULT_EVENTS, DeadLettered)) or (
             isinstance(ev, Discarded) and ev.reason == "expired"
         ):
@@ -150,6 +159,7 @@ def project(
         conn.execute(queries.delete_dead_letters, {"deliveries": retried})
     _write_results(conn, queries, results, states)
     project_tasks(conn, queries, recorded, states)
+    _write_chords(conn, queries, chords, states)
 
 
 def _merge(changes: dict[str, tuple[str, dict[str, Any]]], delivery: str,
@@ -211,3 +221,16 @@ def _write_results(
         conn.execute(queries.upsert_result, rows)
     if gone:
         conn.execute(queries.delete_results, {"streams": gone})
+
+
+def _write_chords(
+    conn: sa.Connection, queries: Queries, counted: Mapping[str, list[str]],
+    states: Mapping[str, JobState],
+) -> None:
+    """Each touched chord's count as of ``states``, and the parts it counted now."""
+    if not counted:
+        return
+    parts = [row for stream, ids in counted.items() for row in part_rows(stream, ids)]
+    if parts:
+        conn.execute(queries.insert_chord_parts, parts)
+    conn.execute(queries.upsert_chord, [chord_row(states[stream]) for stream in counted])

@@ -130,6 +130,22 @@ class Queries:
 
     def _deliveries(self, t: Tables, dialect: Dialect) -> None:
         msgs = t.messages
+        #: ``queue``, ``after``: the earliest ETA later than ``after`` of a
+        #: message waiting in that queue -- the first entry of the scheduled
+        #: index past it (PostgreSQL takes that plan once it has the table's
+        #: statistics; before, it may read the queue's scheduled rows and sort).
+        after = sa.bindparam("after", type_=msgs.c.not_before.type)
+        self.earliest_due = (
+            sa.select(msgs.c.not_before)
+            .where(
+                msgs.c.queue == sa.bindparam("queue"),
+                msgs.c.not_before.is_not(None),
+                msgs.c.not_before > after,
+                msgs.c.claim_id.is_(None),
+            )
+            .order_by(msgs.c.not_before)
+            .limit(1)
+        )
         #: ``stream``: the stream's deliveries still in the queue (quarantine).
         self.pending_of_stream = sa.select(msgs.c.delivery_id, msgs.c.queue).where(
             msgs.c.stream_id == sa.bindparam("stream")
@@ -160,6 +176,36 @@ class Queries:
         self.empty_projections = [table.delete() for table in t.projections]
         #: ``streams``: results forgotten.
         self.delete_results = res.delete().where(res.c.stream_id.in_(_many("streams")))
+        self._chords(t, dialect)
+
+    def _chords(self, t: Tables, dialect: Dialect) -> None:
+        ev, ch, cp = t.events, t.chords, t.chord_parts
+        stream = sa.bindparam("stream", type_=ch.c.stream_id.type)
+
+        def of_chord(column: sa.ColumnElement[Any], name: str) -> sa.Label[Any]:
+            return sa.select(column).where(ch.c.stream_id == stream).scalar_subquery().label(name)
+
+        #: ``stream``, ``task``: one chord's read model (``version``, ``counted``,
+        #: ``completed``; NULL without a row), whether it counted that task
+        #: (``known``), and the stream's last version in the log (``logged``):
+        #: index lookups, whatever the chord's size.
+        self.chord_snapshot = sa.select(
+            sa.select(sa.func.max(ev.c.version)).where(ev.c.stream_id == stream)
+            .scalar_subquery().label("logged"),
+            of_chord(ch.c.version, "version"),
+            of_chord(ch.c.counted, "counted"),
+            of_chord(ch.c.completed, "completed"),
+            sa.exists().where(cp.c.stream_id == stream, cp.c.task_id == sa.bindparam("task"))
+            .label("known"),
+        )
+        #: ``stream_id``, ``version``, ``counted``, ``completed``.
+        self.upsert_chord = dialect.upsert(
+            ch, ("stream_id", "version", "counted", "completed"), keys=("stream_id",)
+        )
+        #: ``stream_id``, ``task_id``: parts counted.
+        self.insert_chord_parts = cp.insert()
+        #: ``stream``: a chord's parts, before writing them anew.
+        self.delete_chord_parts = cp.delete().where(cp.c.stream_id == stream)
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of queue counts
     def nominate(self, queues: int) -> sa.Select[Any]:

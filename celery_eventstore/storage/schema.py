@@ -20,6 +20,10 @@ from the log at any time:
 * ``tasks`` -- one row per task stream (name, state, queue, worker, links, when it
   began), for finding tasks (``celery-eventstore tasks``) without scanning the log.
   It outlives results: an expired or forgotten result leaves the row as it was.
+* ``chords`` and ``chord_parts`` -- each chord stream's version, count and
+  completion, and the header tasks it counted: counting a part reads one row of
+  each, not the chord's whole stream, so the ten-thousandth part costs what the
+  first did.
 
 Routing state is kept apart from history.  ``queues``, ``bindings`` and
 ``transient_messages`` hold what Celery's control plane needs across processes
@@ -40,7 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: Big integers that are also SQLite's rowid alias (so positions autoincrement).
 _Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -79,11 +83,16 @@ class Tables:
     transient_messages: sa.Table
     results: sa.Table
     tasks: sa.Table
+    chords: sa.Table
+    chord_parts: sa.Table
 
     @property
     def projections(self) -> tuple[sa.Table, ...]:
         """Tables derived from the log, in the order they may be emptied."""
-        return (self.messages, self.dead_letters, self.results, self.tasks)
+        return (
+            self.messages, self.dead_letters, self.results, self.tasks, self.chords,
+            self.chord_parts,
+        )
 
 
 def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Tables:
@@ -235,6 +244,22 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.Index(f"{prefix}tasks_{column}", tasks.c[column], tasks.c.created_at, tasks.c.stream_id)
     for column in ("parent_id", "root_id", "group_id"):
         sa.Index(f"{prefix}tasks_{column}", tasks.c[column])
+    chords = sa.Table(
+        f"{prefix}chords",
+        md,
+        sa.Column("stream_id", _Id, primary_key=True),
+        # The chord stream's version these counts are at: the log's next append
+        # goes after it, under the same (stream_id, version) key as any other.
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("counted", sa.Integer, nullable=False),
+        sa.Column("completed", sa.Boolean, nullable=False),
+    )
+    chord_parts = sa.Table(
+        f"{prefix}chord_parts",
+        md,
+        sa.Column("stream_id", _Id, primary_key=True),
+        sa.Column("task_id", _Id, primary_key=True),
+    )
     return Tables(
         md,
         events,
@@ -246,4 +271,6 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         transient_messages,
         results,
         tasks,
+        chords,
+        chord_parts,
     )

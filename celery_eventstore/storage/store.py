@@ -436,6 +436,11 @@ class EventStore:
             acks, queues, limit, consumer, lease_seconds, max_claims=max_claims
         )
 
+    def earliest_due(self, queues: Sequence[str], after: float) -> float | None:
+        """The next ETA after ``after`` in ``queues`` (see :meth:`.Deliveries.earliest_due`)."""
+        self.names.queue.check(*queues)
+        return self.deliveries.earliest_due(queues, after)
+
     def ack(self, refs: Sequence[ClaimRef]) -> dict[str, Outcome]:
         return self.deliveries.ack(refs)
 

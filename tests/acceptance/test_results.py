@@ -302,6 +302,19 @@ def test_a_chord_counts_each_task_of_a_group_nested_in_its_header(results: Resul
     assert sorted(e.event.task_id for e in events[:3]) == sorted(leaves)
 
 
+@pytest.mark.slow
+def test_a_chord_of_hundreds_of_parts_fires_its_callback_once(results: Results) -> None:
+    add, tsum = results.task("add"), results.task("tsum")
+    size = 300
+    r = chord([add.s(i, 0) for i in range(size)])(tsum.s())
+    assert r.get(timeout=TIMEOUT * 8) == sum(range(size))
+
+    events = results.broker.events(f"chord:{r.parent.id}")
+    assert [e.type for e in events] == ["ChordPartDone"] * size + ["ChordCompleted"]
+    assert results.types(r.id).count("Published") == 1
+    assert results.types(r.id).count("Succeeded") == 1
+
+
 def test_chord_with_a_failing_header_fails_its_callback_and_runs_its_errback(
     results: Results,
 ) -> None:

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -34,11 +35,15 @@ QUIET: dict[str, Any] = {"polling_interval": 3600, "ack_flush_interval": 3600}
 
 
 class Timer:
-    """What ``call_repeatedly`` returns: something to cancel."""
+    """What ``call_repeatedly`` and ``call_at`` return: something to cancel."""
 
-    def __init__(self, seconds: float, callback: Callable[[], Any]) -> None:
+    def __init__(
+        self, seconds: float, callback: Callable[[], Any], when: float | None = None
+    ) -> None:
         self.seconds = seconds
         self.callback = callback
+        #: When a one-off timer fires (time.monotonic()); None for a repeating one.
+        self.when = when
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -53,6 +58,8 @@ class FakeHub:
         self.readers: dict[int, Callable[[], Any]] = {}
         self.on_tick: set[Callable[[], Any]] = set()
         self.timers: list[Timer] = []
+        #: One-off timers (``call_at``), fired by :meth:`run_once` once due.
+        self.at: list[Timer] = []
         self.soon: list[Callable[[], Any]] = []
 
     def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
@@ -69,8 +76,24 @@ class FakeHub:
         self.timers.append(timer)
         return timer
 
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Timer:
+        timer = Timer(0.0, partial(callback, *args), when)
+        self.at.append(timer)
+        return timer
+
+    def next_at(self) -> Timer | None:
+        """The live one-off timer that fires first."""
+        live = [t for t in self.at if not t.cancelled]
+        return min(live, key=lambda t: t.when or 0.0, default=None)
+
+    def fire(self, timer: Timer) -> None:
+        """Fire one one-off timer now, as the loop does once it is due."""
+        self.at.remove(timer)
+        timer.callback()
+
     def run_once(self, timeout: float = 0.01) -> None:
-        """Soon callbacks, ready readers, every live timer, then the tick."""
+        """Soon callbacks, ready readers, every live timer, the one-off timers
+        that are due, then the tick."""
         soon, self.soon = self.soon, []
         for callback in soon:
             callback()
@@ -79,6 +102,11 @@ class FakeHub:
             if fd in self.readers:
                 self.readers[fd]()
         for timer in list(self.timers):
+            if not timer.cancelled:
+                timer.callback()
+        now = time.monotonic()
+        for timer in [t for t in self.at if (t.when or 0.0) <= now]:
+            self.at.remove(timer)
             if not timer.cancelled:
                 timer.callback()
         for callback in list(self.on_tick):
@@ -118,12 +146,18 @@ class Rig:
 
     # -- making work -------------------------------------------------------
 
-    def publish(self, count: int = 1) -> list[str]:
-        """Publish ``count`` messages, each a stream of its own; their ids."""
+    def publish(self, count: int = 1, *, eta: float | None = None) -> list[str]:
+        """Publish ``count`` messages, each a stream of its own, due at ``eta``
+        (epoch seconds, as Celery's ``eta`` header says) or now; their ids."""
         ids = []
+        headers: dict[str, Any] = {}
+        if eta is not None:
+            headers["eta"] = datetime.fromtimestamp(eta, timezone.utc).isoformat()
         for _ in range(count):
             task_id = uuid.uuid4().hex
-            self.producer.publish({"id": task_id}, routing_key=QUEUE, headers={"id": task_id})
+            self.producer.publish(
+                {"id": task_id}, routing_key=QUEUE, headers={"id": task_id, **headers}
+            )
             ids.append(task_id)
         return ids
 

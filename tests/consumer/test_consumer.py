@@ -347,3 +347,44 @@ def test_acks_pending_when_the_connection_is_lost_are_written_once_it_is_back(
     assert [rig.count(i, "Acked") for i in ids] == [1, 1, 1, 1]
     no_stale_writes(caplog)
 
+
+# -- ETAs ------------------------------------------------------------------------
+
+
+def test_the_loop_wakes_for_the_next_eta_and_an_earlier_publish_moves_it_forward(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(prefetch=4)
+    store = rig.transport.store
+    late = rig.publish(eta=store.now() + 60)
+    rig.claim_cycle()
+    assert rig.delivered == []
+    timer = rig.hub.next_at()
+    assert timer is not None and timer.when is not None, "no timer for the scheduled message"
+    assert timer.when - time.monotonic() == pytest.approx(60, abs=2)
+
+    # A publish due sooner wakes the consumer (it is no ready message, but its
+    # queue is named), and the claim that wake-up brings sets the timer sooner.
+    soon = rig.publish(eta=store.now() + 1.0)
+    assert rig.transport.listener.wait(5), "a scheduled publish woke no one"
+    rig.claim_cycle()
+    assert rig.delivered == []
+    assert timer.cancelled
+    timer = rig.hub.next_at()
+    assert timer is not None and timer.when is not None
+    assert timer.when - time.monotonic() == pytest.approx(1.0, abs=0.5)
+
+    # Its timer claims it once due, with no poll (QUIET polls once an hour).
+    assert not rig.poller.claimer._requests
+    time.sleep(max(0.0, timer.when - time.monotonic()))
+    rig.hub.fire(timer)
+    rig.take_claim()
+    assert rig.ids() == soon
+    claimed = [e for e in rig.log.read_stream(soon[0]) if e.type == "Claimed"]
+    published = rig.log.read_stream(soon[0])[0]
+    assert claimed and claimed[0].recorded_at >= published.event.not_before
+    # And the timer is set again for the one still scheduled.
+    timer = rig.hub.next_at()
+    assert timer is not None and timer.when is not None
+    assert timer.when - time.monotonic() == pytest.approx(59, abs=2)
+    assert rig.types(late[0]) == ["Published"]

@@ -7,8 +7,11 @@ database; several stores from one factory share it, like processes do.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import sqlalchemy as sa
+from storehelpers import executed_statements
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.exceptions import (
@@ -180,6 +183,37 @@ class StoreContract:
         assert store.claim(["q"], 10, "w", 30) == []
         clock.advance(0.1)
         assert [m.stream for m in store.claim(["q"], 10, "w", 30)] == ["later"]
+
+    def test_earliest_due_is_the_next_eta_of_a_waiting_message_in_those_queues(
+        self, store, clock
+    ):
+        now = clock.now
+        assert store.earliest_due(["q"], now) is None
+        store.publish([
+            msg("ready"),
+            msg("in-a-minute", not_before=now + 60),
+            msg("in-ten", not_before=now + 10),
+            msg("other-queue", queue="other", not_before=now + 5),
+        ])
+        assert store.earliest_due(["q"], now) == now + 10
+        assert store.earliest_due(["q", "other"], now) == now + 5
+        assert store.earliest_due(["q"], now + 10) == now + 60  # only later than that
+        assert store.earliest_due(["nothing"], now) is None
+        clock.advance(10)
+        claimed = store.claim(["q"], 5, "w", 300)
+        assert sorted(m.stream for m in claimed) == ["in-ten", "ready"]
+        # A claimed message is no longer waiting, whatever its ETA was.
+        assert store.earliest_due(["q"], now) == now + 60
+
+    def test_a_scheduled_publish_wakes_listeners_of_its_queue(self, make_store, clock):
+        consumer, producer = make_store(), make_store()
+        listener = consumer.listener()
+        try:
+            listener.poll()
+            producer.publish([msg("later", queue="tasks", not_before=time.time() + 3600)])
+            assert listener.wait(5) & {"tasks", "*"}
+        finally:
+            listener.close()
 
     def test_expired_message_is_never_delivered_and_the_history_says_so(self, store, clock):
         store.publish([msg("old", expires=clock.now + 10), msg("fresh")])
@@ -468,6 +502,61 @@ class StoreContract:
             "ChordPartDone", "ChordPartDone", "ChordPartDone", "ChordCompleted"
         ]
 
+    @pytest.mark.slow
+    def test_a_chord_part_costs_the_same_at_part_one_and_part_ten_thousand(self, store):
+        size, measured = 10_000, 20
+        chord = "chord:big"
+
+        def count(parts):
+            """Statements sent and log rows decoded by counting each of ``parts``."""
+            costs = []
+            decoded = []
+            recorded = store.log.recorded
+            store.log.recorded = lambda row: decoded.append(row) or recorded(row)
+            try:
+                for part in parts:
+                    decoded.clear()
+                    with executed_statements() as sent:
+                        store.execute(chord, lc.CountChordPart(part, "SUCCESS", size))
+                    costs.append((len(sent), len(decoded)))
+            finally:
+                del store.log.recorded
+            return costs
+
+        first = count([f"p{i}" for i in range(measured)])
+        # The middle of the chord, appended in bulk through the same projection.
+        middle = [lc.ChordPartDone(f"p{i}", "SUCCESS") for i in range(measured, size - measured)]
+        store.append(chord, middle, expected_version=measured)
+        last = count([f"p{i}" for i in range(size - measured, size)])
+
+        # The same statements and no row of the log read, at part 1 as at part 9,999;
+        # the completing part writes one more event.
+        assert set(first + last[:-1]) == {first[0]}, (first, last)
+        assert first[0][1] == 0, "counting a part read the chord's stream"
+        assert last[-1][0] <= first[0][0] + 1 and last[-1][1] == 0, last
+        state = store.load(chord)
+        assert state.counted == size and state.completed
+        assert types(store, chord).count("ChordCompleted") == 1
+        # A redelivered part after completion changes nothing, cheaply too.
+        ((statements, decoded),) = count(["p0"])
+        assert statements < first[0][0] and decoded == 0
+        assert len(store.read_stream(chord)) == size + 1
+
+    def test_a_chord_whose_read_model_lags_the_log_is_folded_once(self, store):
+        for part in ["a", "b"]:
+            store.execute("chord:g", lc.CountChordPart(part, "SUCCESS", 4))
+        # As after an upgrade from a schema without the read model.
+        with store.engine.begin() as conn:
+            for table in (store.tables.chords, store.tables.chord_parts):
+                conn.execute(table.delete())
+        for part in ["a", "c", "b"]:
+            store.execute("chord:g", lc.CountChordPart(part, "SUCCESS", 4))
+        rows = store.projection_rows()
+        assert rows[store.tables.chords.name] == [("chord:g", 3, 3, False)]
+        assert [r[1] for r in rows[store.tables.chord_parts.name]] == ["a", "b", "c"]
+        recorded = store.execute("chord:g", lc.CountChordPart("d", "SUCCESS", 4))
+        assert [r.type for r in recorded] == ["ChordPartDone", "ChordCompleted"]
+
     def test_prune_deletes_old_finished_streams_only(self, store, clock):
         store.publish([msg("done"), msg("waiting")])
         (m,) = store.claim(["q"], 1, "w", 30)
@@ -643,12 +732,19 @@ class StoreContract:
         store.execute("m1", lc.Fail(exc="boom", result={"body": "2"}))
         store.execute("m1", lc.Forget())
         store.execute("group:g", lc.SaveGroup(result={"body": "3"}))
+        for part in ["m0", "m1", "m0", "m2"]:
+            store.execute("chord:g", lc.CountChordPart(part, "SUCCESS", 3))
+        store.execute("chord:h", lc.CountChordPart("m3", "FAILURE", 2))
         live = store.projection_rows()
         results = {row[0]: row[1] for row in live[store.tables.results.name]}
         assert {"m0": "SUCCESS", "m19": "REVOKED", "group:g": "SUCCESS"}.items() <= results.items()
         assert "m1" not in results  # forgotten
         assert "FAILURE" in results.values()  # the dead letters
         assert live[store.tables.messages.name] and live[store.tables.dead_letters.name]
+        assert live[store.tables.chords.name] == [
+            ("chord:g", 4, 3, True), ("chord:h", 1, 1, False)
+        ]
+        assert len(live[store.tables.chord_parts.name]) == 4
 
         # Drop the derived tables outright; the log alone must bring them back.
         for table in store.tables.projections:

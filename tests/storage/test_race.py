@@ -8,6 +8,7 @@ import multiprocessing
 import pytest
 from storehelpers import claim_and_ack_until_empty, count_chord_parts
 
+from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore, NewMessage
 
 MESSAGES = 2000
@@ -95,4 +96,46 @@ def test_racing_chord_parts_complete_the_chord_exactly_once(db):
     types = [r.type for r in store.read_stream("chord:g")]
     assert types.count("ChordPartDone") == size
     assert types[-1] == "ChordCompleted" and types.count("ChordCompleted") == 1
+    store.close()
+
+
+@pytest.mark.slow
+def test_racing_parts_of_a_ten_thousand_part_chord_complete_it_exactly_once(db):
+    url, options = db
+    store = EventStore(url, **options)
+    store.migrate()
+    size, racing = 10_000, 200
+    # The chord's first parts, appended in bulk through the same projection.
+    store.append(
+        "chord:big",
+        [lc.ChordPartDone(f"part-{i}", "SUCCESS") for i in range(size - racing)],
+        expected_version=0,
+    )
+    # Its last parts raced by processes, each part counted by two of them.
+    parts = [f"part-{i}" for i in range(size - racing, size)]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    plain_url = store.url.render_as_string(False)
+    halves = PROCESSES // 2
+    procs = [
+        ctx.Process(
+            target=count_chord_parts,
+            args=(plain_url, options, "chord:big", parts[i::halves][::direction], size, out),
+        )
+        for direction in (1, -1)
+        for i in range(halves)
+    ]
+    for p in procs:
+        p.start()
+    completions = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert not [c for c in completions if isinstance(c, Exception)], completions
+    assert sum(completions) == 1
+    types = [r.type for r in store.read_stream("chord:big")]
+    assert types.count("ChordPartDone") == size
+    assert types[-1] == "ChordCompleted" and types.count("ChordCompleted") == 1
+    state = store.load("chord:big")
+    assert state.counted == size and state.completed
     store.close()

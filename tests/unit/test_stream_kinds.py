@@ -246,6 +246,21 @@ def test_a_chord_completes_once_whatever_the_deliveries() -> None:
     assert do(state, lc.CountChordPart("t3", "SUCCESS", 2))[1] == []
 
 
+def test_a_chord_snapshot_decides_as_the_whole_stream_does() -> None:
+    """The store decides on a state holding the count and only the part asked about."""
+    parts = [f"t{i}" for i in range(5)]
+    full = lc.fold("chord:g1", [lc.ChordPartDone(p, "SUCCESS") for p in parts])
+    assert full.counted == 5
+    for asked in ["t2", "t5"]:
+        snapshot = ChordState(
+            stream="chord:g1", version=full.version, counted=full.counted,
+            parts=frozenset({asked}) & full.parts,
+        )
+        for size in (6, 7):
+            command = lc.CountChordPart(asked, "SUCCESS", size)
+            assert lc.decide(command, snapshot, 0.0) == lc.decide(command, full, 0.0)
+
+
 @pytest.mark.parametrize(
     "events",
     [

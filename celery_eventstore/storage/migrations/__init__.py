@@ -36,6 +36,7 @@ from . import (
     v0003_results,
     v0004_tasks,
     v0005_claims_at_scale,
+    v0006_chords,
 )
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ VERSIONS: tuple[Statements, ...] = (
     v0003_results.statements,
     v0004_tasks.statements,
     v0005_claims_at_scale.statements,
+    v0006_chords.statements,
 )
 
 
