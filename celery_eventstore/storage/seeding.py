@@ -5,7 +5,8 @@ and acking them through the store takes half an hour.  :func:`seed_settled`
 decides one task's life (``Published``, ``Claimed``, ``Acked``) with the lifecycle,
 as any write does, and has the database copy it for every number of a range in
 one ``INSERT ... SELECT`` per batch, the stream and delivery ids rewritten per
-copy.  Settled tasks leave no derived rows, so the projections stay what a
+copy.  A settled task leaves one derived row, its entry in the task index
+(written by a second ``INSERT ... SELECT``), so the projections stay what a
 rebuild would make.
 """
 
@@ -45,8 +46,10 @@ def seed_settled(
     while done < count:
         last = min(done + SEED_BATCH, count)
         insert = _copies(db, queries, templates, stream_prefix, done + 1, last, recorded_at)
+        index = _task_rows(queries, queue, stream_prefix, done + 1, last, recorded_at)
         with db.write() as tx:
             tx.conn.execute(insert)
+            tx.conn.execute(index)
         done = last
         if progress is not None:
             progress(done, count)
@@ -74,6 +77,27 @@ def _templates(
     ]
 
 
+def _numbers(first: int, last: int) -> Any:
+    numbers = sa.select(sa.literal(first, sa.Integer).label("n")).cte("numbers", recursive=True)
+    return numbers.union_all(sa.select(numbers.c.n + 1).where(numbers.c.n < last))
+
+
+def _task_rows(
+    queries: Queries, queue: str, stream_prefix: str, first: int, last: int, at: float
+) -> sa.Insert:
+    """``INSERT ... SELECT``: the task index row of every seeded task (no name, no
+    worker: the template is a bare message that nobody started)."""
+    tasks = queries.tables.tasks
+    numbers = _numbers(first, last)
+    select = sa.select(
+        sa.literal(stream_prefix, sa.String) + sa.cast(numbers.c.n, sa.String),
+        sa.literal(lc.ResultState.PENDING.value, sa.String),
+        sa.literal(queue, sa.String),
+        sa.literal(at, tasks.c.created_at.type),
+    )
+    return tasks.insert().from_select(["stream_id", "state", "queue", "created_at"], select)
+
+
 def _copies(
     db: Database,
     queries: Queries,
@@ -85,8 +109,7 @@ def _copies(
 ) -> sa.Insert:
     """``INSERT ... SELECT``: the template events for every number from first to last."""
     ev = queries.tables.events
-    numbers = sa.select(sa.literal(first, sa.Integer).label("n")).cte("numbers", recursive=True)
-    numbers = numbers.union_all(sa.select(numbers.c.n + 1).where(numbers.c.n < last))
+    numbers = _numbers(first, last)
     template = sa.union_all(*(
         sa.select(
             sa.literal(version, sa.Integer).label("version"),
