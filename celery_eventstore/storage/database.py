@@ -11,7 +11,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -54,10 +54,15 @@ def redact(url: str | sa.URL) -> str:
 
 @dataclass(frozen=True)
 class Tx:
-    """One write transaction: its connection and the time it decides with."""
+    """One write transaction: its connection and the time it decides with.
+
+    ``after_commit`` collects what to run once the transaction has committed
+    (None when it is joined to a caller's, whose commit we do not see).
+    """
 
     conn: sa.Connection
     now: float
+    after_commit: list[Callable[[], None]] | None = field(default=None, compare=False)
 
 
 class Database:
@@ -92,6 +97,17 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def side_engine(self, url: sa.URL) -> sa.Engine:
+        """An engine without a pool for ``url``, a second way into the same
+        database (a LISTEN connection that bypasses a pooler)."""
+        url = self.dialect.normalize_url(url)
+        if dialect_for(url).name != self.dialect.name:
+            raise InvalidURL(f"{redact(url)} is not a {self.dialect.name} URL")
+        try:
+            return sa.create_engine(url, poolclass=sa.pool.NullPool)
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise InvalidURL(f"cannot use {redact(url)}: {exc}") from None
 
     def after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""
@@ -140,9 +156,12 @@ class Database:
                 with self.dialect.join(connection):
                     yield Tx(connection, self._begin(connection, relaxed=False))
             else:
+                after: list[Callable[[], None]] = []
                 with self.engine.begin() as conn:
                     relaxed = not durable and self.async_commit
-                    yield Tx(conn, self._begin(conn, relaxed=relaxed))
+                    yield Tx(conn, self._begin(conn, relaxed=relaxed), after)
+                for callback in after:
+                    callback()
 
     def _begin(self, conn: sa.Connection, *, relaxed: bool) -> float:
         if self._clock is not None:  # a test's clock
