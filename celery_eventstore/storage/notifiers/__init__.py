@@ -172,7 +172,8 @@ class ReadyThrottle:
         self.window = window
         self._lock = threading.Lock()
         self._sent: dict[str, float] = {}
-        self._owed: set[str] = set()
+        #: Queues held back, and when their transaction committed.
+        self._owed: dict[str, float] = {}
         self._timer: threading.Timer | None = None
         self._pid = os.getpid()
 
@@ -197,28 +198,38 @@ class ReadyThrottle:
         """Notify ``queues`` (whose transaction has committed) when the window closes."""
         if not queues:
             return
+        clock = time.monotonic()
         with self._lock:
             self._forked()
-            self._owed |= queues
+            for queue in queues:
+                self._owed.setdefault(queue, clock)
             if self._timer is None:
-                self._timer = threading.Timer(self.window, self._send_owed)
+                opened = min(self._sent.get(q, clock) for q in queues)
+                self._timer = threading.Timer(
+                    max(opened + self.window - clock, 0.0), self._send_owed
+                )
                 self._timer.daemon = True
                 self._timer.start()
 
     def _send_owed(self) -> None:
         with self._lock:
-            owed, self._owed = self._owed, set()
+            owed, self._owed = self._owed, {}
             self._timer = None
             clock = time.monotonic()
-            for queue in owed:
+            # A queue notified by a transaction decided after the held one committed
+            # is covered: that NOTIFY comes with a later commit.
+            due = {q for q, since in owed.items() if self._sent.get(q, 0.0) < since}
+            for queue in due:
                 self._sent[queue] = clock
+        if not due:
+            return
         try:
-            self._flush(owed)
+            self._flush(due)
         except Exception as exc:  # noqa: BLE001 - the consumers' poll covers a lost wake-up
-            logger.warning("could not send %d wake-up(s): %s", len(owed), exc)
+            logger.warning("could not send %d wake-up(s): %s", len(due), exc)
 
     def _forked(self) -> None:
         """A forked child inherits no timer thread: start afresh."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._sent, self._owed, self._timer = {}, set(), None
+            self._sent, self._owed, self._timer = {}, {}, None

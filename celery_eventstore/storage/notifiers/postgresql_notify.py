@@ -151,6 +151,8 @@ class Switchboard:
         os.set_blocking(self._wake_r, False)
         self._conn: _ListenConnection | None = None
         self._connect_error: Exception | None = None
+        #: A connection was lost: its subscriptions may have missed wake-ups.
+        self._lost = False
         self._thread = threading.Thread(
             target=self._run, name="celery-eventstore-listen", daemon=True
         )
@@ -234,9 +236,10 @@ class Switchboard:
             self._conn = conn
             self._connect_error = None
             self._listening = set()
-        # Something may have committed while no one listened.
+            again, self._lost = self._lost, False
         self._sync()
-        self._broadcast({ANY_QUEUE})
+        if again:  # something may have committed while no one listened
+            self._broadcast({ANY_QUEUE})
 
     def _drop(self, exc: Exception) -> None:
         conn = self._conn
@@ -244,6 +247,7 @@ class Switchboard:
             self._conn = None
             self._listening = set()
             self._connect_error = exc
+            self._lost = self._lost or conn is not None
             self._caught_up.notify_all()
         if conn is not None:
             logger.info("lost the LISTEN connection, connecting again: %s", exc)
