@@ -226,7 +226,7 @@ class ReadyThrottle:
         try:
             self._flush(due)
         except Exception as exc:  # noqa: BLE001 - the consumers' poll covers a lost wake-up
-            logger.warning("could not send %d wake-up(s): %s", len(due), exc)
+            logger.info("could not send %d wake-up(s): %s", len(due), exc)
 
     def _forked(self) -> None:
         """A forked child inherits no timer thread: start afresh."""
