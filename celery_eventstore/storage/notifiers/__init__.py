@@ -49,7 +49,7 @@ POLL = "poll"
 MAX_CHANNEL = 63
 #: A process sends at most one "ready" NOTIFY per queue in this many seconds; what
 #: the window holds back is sent once, as it closes.
-READY_WINDOW = 0.05
+READY_WINDOW = 0.01
 
 
 def _digest(text: str, size: int) -> str:
