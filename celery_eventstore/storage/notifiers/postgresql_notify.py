@@ -196,10 +196,6 @@ class Switchboard:
             os.write(self._wake_w, b"\0")
         return self._asked
 
-    def listen_connections(self) -> int:
-        """How many LISTEN connections this switchboard holds (0 or 1)."""
-        return 0 if self._conn is None else 1
-
     # -- the switchboard's thread --------------------------------------------------
 
     def _run(self) -> None:
@@ -371,12 +367,6 @@ def switchboard_for(engine: sa.Engine) -> Switchboard:
         if board is None:
             board = _boards[key] = Switchboard(engine)
         return board
-
-
-def listen_connections() -> int:
-    """How many LISTEN connections this process holds (for tests and ``check``)."""
-    with _boards_lock:
-        return sum(board.listen_connections() for board in _boards.values())
 
 
 def _forget_in_child() -> None:
