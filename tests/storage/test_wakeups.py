@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from celery_eventstore import lifecycle as lc
+from celery_eventstore.exceptions import DatabaseUnavailable
 from celery_eventstore.storage import ANY_QUEUE, EventStore, NewMessage
 from celery_eventstore.storage.notifiers import READY_WINDOW
 
@@ -196,3 +197,40 @@ def test_the_listen_connection_comes_back_by_itself(
             pytest.fail("no wake-up after the LISTEN connection came back")
     finally:
         consumer.close()
+
+
+def test_listening_fails_while_the_server_is_down_and_works_once_it_is_back(
+    pg_server: Any,
+) -> None:
+    """A waiter that cannot listen hears so (and polls meanwhile); one that comes
+    after the server is back listens again, on a connection made afresh."""
+    store = EventStore(pg_server.url)
+    try:
+        store.migrate()
+        store.listener(results=["warm"]).close()  # the process's LISTEN connection exists
+        pg_server.halt("fast")
+        deadline = time.monotonic() + 20
+        while True:  # the switchboard notices the cut connection, then fails to connect
+            try:
+                store.listener(results=["down"]).close()
+            except DatabaseUnavailable:
+                break
+            assert time.monotonic() < deadline, "listening never failed with the server down"
+            time.sleep(0.2)
+        pg_server.resume()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                listener = store.listener(results=["back"])
+                break
+            except DatabaseUnavailable:
+                assert time.monotonic() < deadline, "could not listen after the server came back"
+                time.sleep(0.2)
+        try:
+            store.execute("back", lc.Revoke())
+            got = listener.wait(5)  # may first hear ANY_QUEUE, for the reconnection
+            assert "back" in got | listener.wait(5 if "back" not in got else 0)
+        finally:
+            listener.close()
+    finally:
+        store.close()

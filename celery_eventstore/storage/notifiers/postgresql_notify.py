@@ -151,6 +151,8 @@ class Switchboard:
         os.set_blocking(self._wake_r, False)
         self._conn: _ListenConnection | None = None
         self._connect_error: Exception | None = None
+        #: The last request (``_asked``) a failure to connect or listen answered.
+        self._failed_at = 0
         #: A connection was lost: its subscriptions may have missed wake-ups.
         self._lost = False
         self._thread = threading.Thread(
@@ -170,10 +172,13 @@ class Switchboard:
                 self._subs.setdefault(channel, set()).add(sub)
             ticket = self._ask()
             deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
-            while self._done < ticket and self._connect_error is None:
+            # An error counts only if it answers this request (an older one is
+            # what the thread is trying to get past now).
+            while self._done < ticket and self._failed_at < ticket:
                 if not self._caught_up.wait(max(deadline - time.monotonic(), 0)):
                     break
-            error = self._connect_error if self._done < ticket else None
+            failed = self._done < ticket and self._failed_at >= ticket
+            error = self._connect_error if failed else None
         if error is not None:
             sub.close()
             raise DatabaseUnavailable(f"cannot listen for wake-ups: {error}") from error
@@ -243,6 +248,7 @@ class Switchboard:
             self._conn = None
             self._listening = set()
             self._connect_error = exc
+            self._failed_at = self._asked
             self._lost = self._lost or conn is not None
             self._caught_up.notify_all()
         if conn is not None:
