@@ -128,6 +128,15 @@ class _ListenConnection:
             pass
 
 
+def _drain(fd: int) -> None:
+    """Empty a wake-up pipe without ever blocking: one read, and only when it is
+    readable (eventlet's os.read waits on an empty non-blocking pipe instead of
+    raising; what one read leaves makes the next wait return at once)."""
+    if ready_among([fd], 0):
+        with contextlib.suppress(BlockingIOError):
+            os.read(fd, 65536)
+
+
 def _quoted(channel: str) -> str:
     return '"' + channel.replace('"', '""') + '"'
 
@@ -227,9 +236,7 @@ class Switchboard:
         """Block until the channels change or (with ``conn``) a notification comes."""
         fds = [self._wake_r] if conn is None else [conn.fileno(), self._wake_r]
         if self._wake_r in ready_among(fds, None):
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._wake_r, 4096):
-                    pass
+            _drain(self._wake_r)
 
     def _connect(self) -> None:
         conn = _ListenConnection(self._engine)
@@ -334,9 +341,7 @@ class Subscription(Listener):
     def poll(self) -> set[str]:
         with self._cond:
             if self._pipe is not None:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._pipe[0], 4096):
-                        pass
+                _drain(self._pipe[0])
             woken, self._woken = self._woken, set()
             return woken
 
