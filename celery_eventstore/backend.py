@@ -14,9 +14,10 @@ nothing.
 Results are stored as Celery's configured result serializer encoded them; the
 store never decodes one.
 
-* ``AsyncResult.get()`` waits on a LISTEN connection on PostgreSQL (subscribed
-  before the first read, so no result slips between read and wait) and on cheap
-  change detection on SQLite, instead of polling every half second.
+* ``AsyncResult.get()`` waits on the process's one LISTEN connection on
+  PostgreSQL, for that task's own channel (subscribed before the first read, so
+  no result slips between read and wait), and on cheap change detection on
+  SQLite, instead of polling every half second.
 * Chords are native: each finished header task is counted on the stream
   ``chord:<group id>`` under the version check, so the callback is applied
   exactly once.  A count reads the chord's read model, not its stream, and the
@@ -32,13 +33,14 @@ store never decodes one.
   ``history_retention`` is set (default: never), or by ``celery-eventstore prune``.
 
 Options come from ``result_backend_transport_options`` (``table_prefix``,
-``schema``, ``auto_migrate``, ``notify``; ``history_retention``: seconds or a
-``timedelta``); give them the broker's values when both share a database.
+``schema``, ``auto_migrate``, ``notify``, ``listen_url``; ``history_retention``:
+seconds or a ``timedelta``); give them the broker's values when both share a database.
 """
 
 from __future__ import annotations
 
 import base64
+import builtins
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -251,29 +253,22 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
 
     # -- waiting ---------------------------------------------------------------
 
-    def _listener(self) -> Listener | None:
-        """This thread's LISTEN connection for results; None while the database
-        cannot be reached (waiters poll meanwhile)."""
-        listener = getattr(self._local, "listener", None)
-        if listener is None:
-            try:
-                listener = self._local.listener = self.store.listener(results=True)
-            except DatabaseUnavailable:
-                return None
-        return listener
+    def _watch(self, task_ids: Iterable[str]) -> Listener | None:
+        """Listen for the results of ``task_ids`` (on PostgreSQL: their channels on
+        the process's one LISTEN connection); None while the database cannot be
+        reached (the waiter polls meanwhile)."""
+        try:
+            return self.store.listener(results=task_ids)
+        except DatabaseUnavailable:
+            return None
 
-    def _wait(self, seconds: float) -> None:
-        """Wait up to ``seconds`` for a result to be recorded.  A LISTEN connection
-        that died with the server is dropped and opened again on the next wait."""
-        listener = self._listener()
+    @staticmethod
+    def _wait(listener: Listener | None, seconds: float) -> None:
+        """Wait up to ``seconds`` for one of the watched results to be recorded."""
         if listener is None:
             time.sleep(seconds)
-            return
-        try:
+        else:
             listener.wait(seconds)
-        except DatabaseUnavailable:
-            listener.close()
-            self._local.listener = None
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         # With result_backend_always_retry, Celery retries reads and writes that
@@ -285,7 +280,16 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         no_ack: bool = True, on_interval: Any = None,
     ) -> dict[str, Any]:
         self._ensure_not_eager()
-        self._listener()  # subscribed before the first read
+        listener = self._watch([task_id])  # subscribed before the first read
+        try:
+            return self._wait_for(task_id, listener, timeout, on_interval)
+        finally:
+            if listener is not None:
+                listener.close()
+
+    def _wait_for(
+        self, task_id: str, listener: Listener | None, timeout: float | None, on_interval: Any
+    ) -> dict[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             meta: dict[str, Any] = self.get_task_meta(task_id)
@@ -298,7 +302,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError("The operation timed out.")
-            self._wait(wait)
+            self._wait(listener, wait)
 
     def get_many(
         self, task_ids: Iterable[str], timeout: float | None = None, interval: float = 0.5,
@@ -311,8 +315,21 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             if cached is not None and cached["status"] in READY_STATES:
                 ids.discard(task_id)
                 yield task_id, cached
-        if ids:
-            self._listener()  # subscribed before the first read
+        if not ids:
+            return
+        listener = self._watch(ids)  # subscribed before the first read
+        try:
+            yield from self._get_many(
+                ids, listener, timeout, on_message, on_interval, READY_STATES
+            )
+        finally:
+            if listener is not None:
+                listener.close()
+
+    def _get_many(
+        self, ids: builtins.set[str], listener: Listener | None, timeout: float | None,
+        on_message: Any, on_interval: Any, READY_STATES: Any,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while ids:
             rows = self.store.results(ids)
@@ -337,7 +354,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError(f"Operation timed out ({timeout})")
-            self._wait(wait)
+            self._wait(listener, wait)
 
     # -- chords ----------------------------------------------------------------
 

@@ -56,8 +56,11 @@ Transport Options
 * ``claim_batch``: most messages claimed in one round trip when prefetch is
   unlimited (default 100).
 * ``table_prefix``, ``schema``, ``auto_migrate`` (default True), ``notify``
-  (default True; turn off behind PgBouncer transaction pooling), ``wakeup``
-  (``"notify"``, ``"data_version"`` or ``"poll"``; default: the database's own),
+  (default True; turn off behind PgBouncer transaction pooling unless
+  ``listen_url`` is given), ``wakeup`` (``"notify"``, ``"data_version"`` or
+  ``"poll"``; default: the database's own), ``listen_url`` (a URL straight to the
+  database for the process's one LISTEN connection, when the broker URL goes
+  through PgBouncer),
   ``max_message_size``, ``async_commit`` (default True: claims, acks and lease
   renewals do not wait for the disk; publishes and results always do): passed
   to the store.
@@ -111,8 +114,8 @@ ROUTING_CACHE_SECONDS = 1.0
 CONTROL_CONTENT_TYPES = ("application/json", "application/x-msgpack", "application/x-yaml")
 
 STORE_OPTIONS = (
-    "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "max_message_size",
-    "async_commit", "engine_options",
+    "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "listen_url",
+    "max_message_size", "async_commit", "engine_options",
 )
 
 

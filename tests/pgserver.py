@@ -88,6 +88,29 @@ class EmbeddedPostgres:
             raise RuntimeError(f"{exc}\n{server_log}".strip()) from exc
         return server
 
+    @classmethod
+    def replica_of(cls, primary: EmbeddedPostgres) -> EmbeddedPostgres:
+        """A streaming replica of ``primary`` (``pg_basebackup -R``), started as a
+        hot standby on a port of its own with the primary's settings."""
+        base = Path(tempfile.mkdtemp(prefix="celery-eventstore-replica-"))
+        if primary.run_as is not None:
+            shutil.chown(base, user=primary.run_as)
+        replica = cls(base, primary.bin_dir, free_port(), primary.run_as, primary.settings)
+        try:
+            replica._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port),
+                         "-U", EMBEDDED_SUPERUSER, "-D", str(replica.data),
+                         "-X", "stream", "-R", "--no-sync")  # fmt: skip
+            replica.resume()
+        except Exception as exc:
+            server_log = replica.log.read_text() if replica.log.exists() else ""
+            replica.stop()
+            raise RuntimeError(f"{exc}\n{server_log}".strip()) from exc
+        return replica
+
+    def promote(self) -> None:
+        """Make a standby the primary (``pg_ctl promote``); returns once it writes."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "promote")
+
     def _options(self) -> str:
         return f"-h 127.0.0.1 -p {self.port} -k '{self.base}' {self.settings}"
 

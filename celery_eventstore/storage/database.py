@@ -57,12 +57,15 @@ def redact(url: str | sa.URL) -> str:
 
 @dataclass(frozen=True)
 class Tx:
-    """One write transaction: its connection, the time it decides with, and the
-    events it appended (for whoever watches commits)."""
+    """One write transaction: its connection, the time it decides with, the
+    events it appended (for whoever watches commits), and what to run once it has
+    committed (``after_commit``: None when it is joined to a caller's, whose
+    commit we do not see)."""
 
     conn: sa.Connection
     now: float
     appended: list[Any] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] | None = field(default=None, compare=False)
 
 
 class Database:
@@ -130,6 +133,17 @@ class Database:
             f"sa.create_engine('{given}://...') picks {default})"
         )
 
+    def side_engine(self, url: sa.URL) -> sa.Engine:
+        """An engine without a pool for ``url``, a second way into the same
+        database (a LISTEN connection that bypasses a pooler)."""
+        url = self.dialect.normalize_url(url)
+        if dialect_for(url).name != self.dialect.name:
+            raise InvalidURL(f"{redact(url)} is not a {self.dialect.name} URL")
+        try:
+            return sa.create_engine(url, poolclass=sa.pool.NullPool)
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise InvalidURL(f"cannot use {redact(url)}: {exc}") from None
+
     def after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""
         self.engine.dispose(close=False)
@@ -177,10 +191,13 @@ class Database:
                 with self.dialect.join(connection):
                     yield Tx(connection, self._begin(connection, relaxed=False))
             else:
+                after: list[Callable[[], None]] = []
                 with self.engine.begin() as conn:
                     relaxed = not durable and self.async_commit
-                    tx = Tx(conn, self._begin(conn, relaxed=relaxed))
+                    tx = Tx(conn, self._begin(conn, relaxed=relaxed), after_commit=after)
                     yield tx
+                for callback in after:
+                    callback()
                 if tx.appended:
                     self._announce(tx.appended)
 

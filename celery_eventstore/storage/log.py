@@ -21,7 +21,7 @@ from .. import lifecycle as lc
 from ..exceptions import ConcurrencyConflict, CorruptStream, UnreadableStream
 from .chords import chord_snapshot, rewrite_chord
 from .database import Database, Tx
-from .notifiers import Notifier
+from .notifiers import Channels, Notifier, ReadyThrottle
 from .projection import project
 from .queries import Queries
 from .records import LogFilter, RecordedEvent
@@ -39,19 +39,6 @@ _FINISHING = (
 )
 
 
-class Channels:
-    """The wake-up channels of one store (its tables' namespace)."""
-
-    def __init__(self, table_prefix: str, schema: str | None) -> None:
-        namespace = f"{schema}.{table_prefix}" if schema else table_prefix
-        #: Prefixes advisory lock keys, so stores sharing a database do not collide.
-        self.namespace = namespace
-        #: Consumers listen here; the payload is the queue name.
-        self.ready = f"{namespace}ready"
-        #: Result waiters listen here; the payload is the stream id.
-        self.results = f"{namespace}results"
-
-
 class EventLog:
     """Reads and appends events; keeps the projections and wake-ups in step."""
 
@@ -62,6 +49,7 @@ class EventLog:
         self.queries = queries
         self.notifier = notifier
         self.channels = channels
+        self.throttle = ReadyThrottle(self._notify_ready) if notifier.sends else None
 
     # -- reading ---------------------------------------------------------------
 
@@ -214,12 +202,20 @@ class EventLog:
     def _wake(
         self, tx: Tx, recorded: Sequence[RecordedEvent], states: Mapping[str, lc.JobState]
     ) -> None:
-        queued = newly_queued(recorded, states)
-        if queued:
-            self.notifier.send(tx.conn, self.channels.ready, queued)
-        finished = {r.stream for r in recorded if isinstance(r.event, _FINISHING)}
-        if finished:
-            self.notifier.send(tx.conn, self.channels.results, finished)
+        ready = newly_queued(recorded, states)
+        if ready and self.throttle is not None and tx.after_commit is not None:
+            ready, held = self.throttle.now(ready)
+            if held:
+                tx.after_commit.append(lambda: self.throttle.later(held))  # type: ignore[union-attr]
+        if ready:
+            self.notifier.send(tx.conn, self.channels.ready, ready)
+        for stream in sorted({r.stream for r in recorded if isinstance(r.event, _FINISHING)}):
+            self.notifier.send(tx.conn, self.channels.result(stream), [stream])
+
+    def _notify_ready(self, queues: set[str]) -> None:
+        """Send the "ready" wake-ups a window held back, in a transaction of their own."""
+        with self.db.write() as tx:
+            self.notifier.send(tx.conn, self.channels.ready, queues)
 
     def quarantine(
         self, tx: Tx, error: UnreadableStream, version: int, after: float = 0.0
@@ -245,7 +241,7 @@ class EventLog:
             for pos, v, event in zip(positions, versions, events, strict=True)
         ]
         project(tx.conn, self.queries, recorded, {})
-        self.notifier.send(tx.conn, self.channels.results, [error.stream])
+        self.notifier.send(tx.conn, self.channels.result(error.stream), [error.stream])
         tx.appended.extend(recorded)
         return recorded
 

@@ -11,8 +11,9 @@ Two kinds of name reach the database:
   and the limit; queries answer that nothing has that name, which is true.
 * **The store's own namespace**, ``table_prefix`` and ``schema``: checked when the
   store is created (:func:`check_namespace`), so that every name derived from them
-  -- tables, indexes, constraints, sequences, NOTIFY channels -- is a plain
-  identifier that PostgreSQL keeps whole (63 bytes at most).
+  -- tables, indexes, constraints, sequences -- is a plain identifier that
+  PostgreSQL keeps whole (63 bytes at most).  NOTIFY channel names fit for any
+  namespace (:class:`~.notifiers.Channels` shortens a long one to a digest).
 
 The limits are read from the live tables (:mod:`.schema`), so they follow the schema.
 """
@@ -27,7 +28,6 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..exceptions import ConfigurationError, InvalidName
-from .log import Channels
 from .schema import CANVAS_LINKS, Tables, make_tables
 
 #: PostgreSQL keeps this many bytes of an identifier (NAMEDATALEN - 1) and
@@ -140,19 +140,10 @@ def derived_names(prefix: str) -> list[str]:
     return names
 
 
-def channel_names(prefix: str, schema: str | None) -> list[str]:
-    """The NOTIFY channels of a store."""
-    channels = Channels(prefix, schema)
-    return [channels.ready, channels.results]
-
-
 #: The longest suffix the schema adds to ``table_prefix``.
 LONGEST_SUFFIX = max(len(name) for name in derived_names(""))
 #: The longest ``table_prefix`` whose derived names all fit.
 MAX_PREFIX = MAX_IDENTIFIER - LONGEST_SUFFIX
-#: ``len(schema) + len(table_prefix)`` at most, for the channel names to fit
-#: (what a one-character schema and an empty prefix leave, plus that character).
-MAX_SCHEMA_AND_PREFIX = MAX_IDENTIFIER - max(len(n) for n in channel_names("", "s")) + 1
 
 
 def check_namespace(prefix: str, schema: str | None) -> None:
@@ -172,10 +163,8 @@ def check_namespace(prefix: str, schema: str | None) -> None:
         return
     if not isinstance(schema, str) or not IDENTIFIER.fullmatch(schema):
         raise ConfigurationError(f"schema {schema!r} may hold only {rule}")
-    longest = max(channel_names(prefix, schema), key=len)
-    if len(longest) > MAX_IDENTIFIER:
+    if len(schema) > MAX_IDENTIFIER:
         raise ConfigurationError(
-            f"schema {schema!r} with table_prefix {prefix!r} makes the NOTIFY channel "
-            f"name {longest!r} {len(longest)} bytes long; the limit is {MAX_IDENTIFIER} "
-            f"(schema and table_prefix together: {MAX_SCHEMA_AND_PREFIX} characters)"
+            f"schema {schema!r} is {len(schema)} characters long; the limit is "
+            f"{MAX_IDENTIFIER} (PostgreSQL's identifiers)"
         )

@@ -44,10 +44,10 @@ from ..exceptions import (
 from .borrowed import ConnectionInfo
 from .database import Database, parse_url, redact
 from .deliveries import DEFAULT_MAX_MESSAGE_SIZE, Deliveries
-from .log import Channels, EventLog, fold
+from .log import EventLog, fold
 from .migrations import Migrator
 from .names import Names, check_namespace
-from .notifiers import POLL, Listener, default_notifier, notifier_for
+from .notifiers import POLL, Channels, Listener, default_notifier, notifier_for
 from .operations import Operations, Progress
 from .queries import Queries
 from .records import (
@@ -82,8 +82,8 @@ class EventStore:
     :param table_prefix: prefix of every table, so applications can share a database.
     :param schema: PostgreSQL schema holding the tables (default: the search path).
         Both may hold ASCII letters, digits and underscores, not starting with a
-        digit; ``table_prefix`` at most 38 characters and both together at most 55,
-        so every derived name fits PostgreSQL's 63 bytes (else
+        digit; ``table_prefix`` at most 38 characters, so every derived name fits
+        PostgreSQL's 63 bytes (else
         :class:`~celery_eventstore.exceptions.ConfigurationError`).
     :param clock: a function returning epoch seconds; by default the database's
         clock on PostgreSQL (so leases mean the same on every host), the host's on
@@ -95,6 +95,9 @@ class EventStore:
     :param wakeup: the wake-up mechanism by name (``"notify"`` on PostgreSQL,
         ``"data_version"`` on SQLite, ``"poll"`` anywhere); default: the best the
         database offers, or ``"poll"`` with ``notify`` off.
+    :param listen_url: where the process's LISTEN connection goes (PostgreSQL), when
+        ``url`` goes through a pooler that cannot keep a LISTEN (PgBouncer in
+        transaction pooling): a URL straight to the same database.  Default: ``url``.
     :param max_message_size: the largest message accepted by publish, in bytes of JSON.
     :param async_commit: commit claims, acks, lease renewals and STARTED states
         without waiting for the disk (PostgreSQL ``synchronous_commit=off``).  Only a
@@ -113,6 +116,7 @@ class EventStore:
         auto_migrate: bool = False,
         notify: bool = True,
         wakeup: str | None = None,
+        listen_url: str | sa.URL | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         async_commit: bool = True,
         engine_options: Mapping[str, Any] | None = None,
@@ -139,6 +143,8 @@ class EventStore:
             wakeup or (default_notifier(backend) if notify else POLL), backend
         )
         self.channels = Channels(table_prefix, schema)
+        self._listen_url = listen_url
+        self._listen_engine: sa.Engine | None = None
         self.queries = Queries(self.tables, self.db.dialect)
         self.log = EventLog(self.db, self.queries, self.notifier, self.channels)
         self.deliveries = Deliveries(self.db, self.log, max_message_size)
@@ -184,6 +190,8 @@ class EventStore:
 
     def close(self) -> None:
         self.db.close()
+        if self._listen_engine is not None:
+            self._listen_engine.dispose()
 
     def after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process without closing them."""
@@ -213,13 +221,28 @@ class EventStore:
         with self.db.write(connection, durable=durable) as tx:
             yield tx.conn
 
-    def listener(self, *, results: bool = False) -> Listener:
+    def listener(self, *, results: Iterable[str] | None = None) -> Listener:
         """A new :class:`~.notifiers.Listener` for "messages may be ready" wake-ups
-        (or, with ``results``, for "a result was recorded")."""
+        (the payloads are queue names), or, given the ``results`` streams to wait
+        for, for "a result of one of them was recorded" (the payloads are stream
+        ids).  On PostgreSQL it is a subscription to the process's one LISTEN
+        connection; close it when done waiting."""
         self._ensure_schema()
-        channel = self.channels.results if results else self.channels.ready
+        if results is None:
+            channels = [self.channels.ready]
+        else:
+            channels = sorted({self.channels.result(s) for s in results})
         with self.db.translate_errors():
-            return self.notifier.listen(self.engine, [channel])
+            return self.notifier.listen(self.listen_engine, channels)
+
+    @property
+    def listen_engine(self) -> sa.Engine:
+        """The engine LISTEN connections are made with (``listen_url``'s, or the store's)."""
+        if self._listen_url is None:
+            return self.engine
+        if self._listen_engine is None:
+            self._listen_engine = self.db.side_engine(parse_url(self._listen_url))
+        return self._listen_engine
 
     def watch(self, watcher: Callable[[list[RecordedEvent]], None]) -> None:
         """Call ``watcher`` with the events of each of the store's own write

@@ -219,8 +219,10 @@ def make_broker(
     else:
         schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
         # No pool: a connection kept between set-up and clean-up would not survive
-        # a test that restarts the server.
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        # a test that restarts the server.  (prepare_threshold in a URL is the
+        # store's to read, not plain SQLAlchemy's.)
+        plain = sa.make_url(url).difference_update_query(["prepare_threshold"])
+        engine = sa.create_engine(plain, poolclass=sa.pool.NullPool)
         with engine.begin() as conn:
             conn.execute(sa.schema.CreateSchema(schema))
         b = Broker("postgresql", url, schema, tmp_path)

@@ -24,9 +24,9 @@ from celery_eventstore.storage import EventStore, NewMessage
 from celery_eventstore.storage.names import (
     MAX_IDENTIFIER,
     MAX_PREFIX,
-    MAX_SCHEMA_AND_PREFIX,
     derived_names,
 )
+from celery_eventstore.storage.notifiers import Channels
 from celery_eventstore.storage.routing import Binding, QueueInfo
 
 LIMIT = 255
@@ -212,22 +212,32 @@ def test_the_longest_derived_name_sets_the_prefix_limit() -> None:
     EventStore("sqlite://", schema="").close()  # no schema, as before
 
 
-def test_schema_and_prefix_together_must_leave_room_for_the_channel_names() -> None:
-    prefix = "p" * 20
-    schema = "s" * (MAX_SCHEMA_AND_PREFIX - len(prefix) + 1)
-    with pytest.raises(ConfigurationError) as info:
-        EventStore("postgresql://nobody@127.0.0.1:1/none", table_prefix=prefix, schema=schema)
-    assert f"the limit is {MAX_IDENTIFIER}" in str(info.value)
-    assert "results" in str(info.value)
+@pytest.mark.parametrize("schema", [None, "s", "s" * 40, "s" * MAX_IDENTIFIER])
+@pytest.mark.parametrize("prefix", ["", "eventstore_", "p" * MAX_PREFIX])
+def test_channel_names_fit_for_any_schema_and_prefix(schema, prefix) -> None:
+    """Every NOTIFY channel fits PostgreSQL's 63 bytes, whatever the namespace; two
+    namespaces never share a channel, nor two tasks a result channel."""
+    channels = Channels(prefix, schema)
+    names = [channels.ready, channels.result("a"), channels.result("b" * 255)]
+    assert all(len(n.encode()) <= MAX_IDENTIFIER for n in names), names
+    assert len(set(names)) == 3
+    other = Channels(prefix + "x" if len(prefix) < MAX_PREFIX else "x", schema)
+    assert {other.ready, other.result("a")}.isdisjoint(names)
+
+
+def test_a_schema_longer_than_an_identifier_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match=f"the limit is {MAX_IDENTIFIER}"):
+        EventStore("postgresql://nobody@127.0.0.1:1/none", schema="s" * (MAX_IDENTIFIER + 1))
     EventStore(
-        "postgresql://nobody@127.0.0.1:1/none", table_prefix=prefix, schema=schema[:-1]
+        "postgresql://nobody@127.0.0.1:1/none", table_prefix="p" * MAX_PREFIX,
+        schema="s" * MAX_IDENTIFIER,
     ).close()
 
 
 @pytest.fixture
 def long_schema(postgresql_url: str) -> Iterator[tuple[str, str]]:
     """A schema as long as the longest allowed prefix leaves room for."""
-    schema = f"s{uuid.uuid4().hex}"[: MAX_SCHEMA_AND_PREFIX - MAX_PREFIX]
+    schema = f"s{uuid.uuid4().hex}" + "s" * (MAX_IDENTIFIER - 33)
     engine = sa.create_engine(postgresql_url, poolclass=sa.pool.NullPool)
     with engine.begin() as conn:
         conn.execute(sa.schema.CreateSchema(schema))
@@ -241,12 +251,12 @@ def long_schema(postgresql_url: str) -> Iterator[tuple[str, str]]:
 
 def test_the_longest_namespace_allowed_works_on_postgresql(long_schema) -> None:
     """Every derived name is kept whole (PostgreSQL would truncate one past 63
-    bytes) and the NOTIFY channel, exactly 63 bytes long, wakes a listener."""
+    bytes) and the NOTIFY channels, shortened to fit, wake listeners."""
     url, schema = long_schema
     prefix = "p" * (MAX_PREFIX - 1) + "_"
     store = EventStore(url, table_prefix=prefix, schema=schema)
     try:
-        assert len(store.channels.results) == MAX_IDENTIFIER
+        assert len(store.channels.result("t")) <= MAX_IDENTIFIER
         store.migrate()
         with store.engine.connect() as conn:
             relations = set(conn.execute(
@@ -257,12 +267,16 @@ def test_the_longest_namespace_allowed_works_on_postgresql(long_schema) -> None:
                 {"schema": schema},
             ).scalars())
         assert relations == set(derived_names(prefix))
-        listener = store.listener(results=True)
+        listener = store.listener(results=["t"])
+        ready = store.listener()
         try:
             listener.poll()
             store.execute("t", lc.Revoke())
             assert listener.wait(5.0) == {"t"}
+            store.publish([NewMessage(stream="m", queue="q", message={})])
+            assert ready.wait(5.0) == {"q"}
         finally:
             listener.close()
+            ready.close()
     finally:
         store.close()

@@ -3,6 +3,13 @@
 A plain ``postgresql://`` URL is pinned to psycopg2, the driver this package
 depends on (SQLAlchemy 2.1 would otherwise pick psycopg 3, which is optional
 here).  Name the driver to choose: ``postgresql+psycopg://`` works as well.
+
+Nothing here keeps state on a session, so every statement works through
+PgBouncer's transaction pooling: durability is set per transaction, advisory
+locks are transaction-scoped.  psycopg 3 prepares statements on the server after
+five runs, which a pooler that moves the session between server connections
+breaks (PgBouncer before 1.21): ``?prepare_threshold=none`` in the URL turns
+that off.  psycopg2 never prepares; the parameter is dropped for it.
 """
 
 from __future__ import annotations
@@ -56,6 +63,19 @@ _RELAXED_BEGIN = (
 )
 
 
+#: psycopg 3's connection parameter: statements run this many times are prepared
+#: on the server; None never prepares.
+PREPARE_THRESHOLD = "prepare_threshold"
+
+
+def _threshold(value: str | tuple[str, ...]) -> int | None:
+    """``prepare_threshold`` from a URL: a number, or ``none`` (never prepare)."""
+    text = value[-1] if isinstance(value, tuple) else value
+    if text.strip().lower() in ("", "none", "null", "off"):
+        return None
+    return int(text)
+
+
 def _lock_key(key: str) -> int:
     """A 63-bit advisory lock key for a name (collisions only cost some waiting)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
@@ -66,7 +86,9 @@ class PostgreSQLDialect(Dialect):
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         if url.drivername == "postgresql":
-            return url.set(drivername="postgresql+psycopg2")
+            url = url.set(drivername="postgresql+psycopg2")
+        if url.get_driver_name() == "psycopg2" and PREPARE_THRESHOLD in url.query:
+            url = url.difference_update_query([PREPARE_THRESHOLD])
         return url
 
     def same_database(self, a: sa.URL, b: sa.URL) -> bool:
@@ -87,6 +109,8 @@ class PostgreSQLDialect(Dialect):
         if url.get_driver_name() == "psycopg2":
             # Batch UPDATE/DELETE executemany into few round trips, as INSERTs are.
             options["executemany_mode"] = "values_plus_batch"
+        if PREPARE_THRESHOLD in url.query:
+            options["connect_args"] = {PREPARE_THRESHOLD: _threshold(url.query[PREPARE_THRESHOLD])}
         return options
 
     def configure(self, engine: sa.Engine) -> None:

@@ -2,13 +2,22 @@
 
 A notifier is chosen apart from the dialect, as a seam of its own:
 
-* ``notify`` -- PostgreSQL ``LISTEN/NOTIFY``: writers send on commit, listeners
-  wait on a socket an event loop can watch (:mod:`.postgresql_notify`);
+* ``notify`` -- PostgreSQL ``LISTEN/NOTIFY``: writers send on commit, and each
+  process listens on one connection of its own, shared by its consumer and
+  every thread waiting for a result (:mod:`.postgresql_notify`); behind
+  PgBouncer's transaction pooling that connection goes straight to the server
+  (the ``listen_url`` option);
 * ``data_version`` -- SQLite change detection: a listener polls
   ``PRAGMA data_version`` and wakes when another connection committed
   (:mod:`.sqlite_data_version`); writers send nothing;
 * ``poll`` -- nothing is sent and listeners never wake: consumers rely on their
-  periodic poll (PgBouncer's transaction pooling, where LISTEN cannot work).
+  periodic poll (PgBouncer's transaction pooling without a ``listen_url``).
+
+Wake-ups are addressed.  "Messages are ready" goes to one channel per store,
+with the queue as payload, at most once per queue per :data:`READY_WINDOW`
+from each process (:class:`ReadyThrottle`).  "A result was recorded" goes to a
+channel derived from the task id (:meth:`Channels.result`), which only the
+processes waiting for that task listen to.
 
 Every mechanism answers to the same :class:`Listener` interface, so the transport
 and the result backend never know which one runs.
@@ -16,12 +25,18 @@ and the result backend never know which one runs.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import sqlalchemy as sa
 
 from ...exceptions import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 #: The payload a listener returns when it cannot tell which queue woke it.
 ANY_QUEUE = "*"
@@ -30,14 +45,52 @@ NOTIFY = "notify"
 DATA_VERSION = "data_version"
 POLL = "poll"
 
+#: PostgreSQL keeps 63 bytes of a channel name and silently cuts the rest.
+MAX_CHANNEL = 63
+#: A process sends at most one "ready" NOTIFY per queue in this many seconds; what
+#: the window holds back is sent once, as it closes.
+READY_WINDOW = 0.01
+
+
+def _digest(text: str, size: int) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=size).hexdigest()
+
+
+class Channels:
+    """The wake-up channel names of one store (its tables' namespace).
+
+    Every name fits PostgreSQL's 63 bytes whatever the ``schema`` and
+    ``table_prefix``: a namespace too long to spell out is replaced by a digest.
+    """
+
+    #: Suffixes after the namespace: "ready", and "r_" + 16 hex digits per task.
+    _LONGEST_SUFFIX = len("r_") + 16
+
+    def __init__(self, table_prefix: str, schema: str | None) -> None:
+        namespace = f"{schema}.{table_prefix}" if schema else table_prefix
+        #: Prefixes advisory lock keys, so stores sharing a database do not collide.
+        self.namespace = namespace
+        spelled = namespace
+        if len(spelled) + self._LONGEST_SUFFIX > MAX_CHANNEL:
+            spelled = f"eventstore_{_digest(namespace, 8)}_"
+        self._channel_namespace = spelled
+        #: Consumers listen here; the payload is the queue name.
+        self.ready = f"{spelled}ready"
+
+    def result(self, stream: str) -> str:
+        """The channel on which "``stream``'s result was recorded" is sent; the
+        payload is the stream id.  Only processes waiting for it listen there."""
+        return f"{self._channel_namespace}r_{_digest(stream, 8)}"
+
 
 class Listener:
     """Something a consumer waits on for "the store changed".
 
-    :meth:`fileno` is a socket an event loop can watch (PostgreSQL LISTEN), or
+    :meth:`fileno` is a descriptor an event loop can watch (PostgreSQL LISTEN), or
     None when the listener can only be polled (then call :meth:`poll` on a timer).
-    :meth:`poll` never blocks and returns the queues woken since the last call
-    (``{ANY_QUEUE}`` when it cannot tell which); :meth:`wait` blocks up to ``timeout``.
+    :meth:`poll` never blocks and returns the queues (or result streams) woken
+    since the last call (``{ANY_QUEUE}`` when it cannot tell which); :meth:`wait`
+    blocks up to ``timeout``.
     """
 
     def fileno(self) -> int | None:
@@ -50,7 +103,7 @@ class Listener:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release the listener's connection."""
+        """Stop listening (release the connection, or leave the shared one)."""
 
 
 class SilentListener(Listener):
@@ -68,11 +121,15 @@ class Notifier:
     """Sends wake-ups from a writing transaction and makes listeners for them."""
 
     name = POLL
+    #: Whether :meth:`send` sends anything (worth throttling).
+    sends = False
 
     def send(self, conn: sa.Connection, channel: str, payloads: Iterable[str]) -> None:
         """Wake listeners of ``channel`` when ``conn``'s transaction commits."""
 
-    def listen(self, engine: sa.Engine, channels: Iterable[str]) -> Listener:
+    def listen(self, target: sa.Engine, channels: Iterable[str]) -> Listener:
+        """A listener on ``channels``; ``target`` is the engine to listen through
+        (for PostgreSQL: the ``listen_url``'s, or the store's own)."""
         return SilentListener()
 
 
@@ -97,3 +154,82 @@ def notifier_for(name: str, backend: str) -> Notifier:
 def default_notifier(backend: str) -> str:
     """The best wake-up a database of kind ``backend`` offers."""
     return {"postgresql": NOTIFY, "sqlite": DATA_VERSION}.get(backend, POLL)
+
+
+class ReadyThrottle:
+    """Bounds the "ready" NOTIFYs one process sends for a queue: a burst of
+    publishes sends one at once and one as the window closes, not one each.
+
+    :meth:`now` says which of a transaction's queues to notify in it: those not
+    notified within :data:`READY_WINDOW`.  The others are handed to
+    :meth:`later` once the transaction committed (never before: a consumer woken
+    early would find nothing), and :meth:`flush` -- one transaction of its own --
+    sends them when their window closes, on a timer thread.
+    """
+
+    def __init__(self, flush: Callable[[set[str]], None], window: float = READY_WINDOW) -> None:
+        self._flush = flush
+        self.window = window
+        self._lock = threading.Lock()
+        self._sent: dict[str, float] = {}
+        #: Queues held back, and when their transaction committed.
+        self._owed: dict[str, float] = {}
+        self._timer: threading.Timer | None = None
+        self._pid = os.getpid()
+
+    def now(self, queues: Iterable[str]) -> tuple[set[str], set[str]]:
+        """Split ``queues`` into those to notify now and those to notify later."""
+        clock = time.monotonic()
+        send, hold = set(), set()
+        with self._lock:
+            self._forked()
+            for queue in queues:
+                last = self._sent.get(queue)
+                if last is None or clock - last >= self.window:
+                    self._sent[queue] = clock
+                    send.add(queue)
+                else:
+                    hold.add(queue)
+            if len(self._sent) > 10_000:  # a bound, not a history
+                self._sent = {q: t for q, t in self._sent.items() if clock - t < self.window}
+        return send, hold
+
+    def later(self, queues: set[str]) -> None:
+        """Notify ``queues`` (whose transaction has committed) when the window closes."""
+        if not queues:
+            return
+        clock = time.monotonic()
+        with self._lock:
+            self._forked()
+            for queue in queues:
+                self._owed.setdefault(queue, clock)
+            if self._timer is None:
+                opened = min(self._sent.get(q, clock) for q in queues)
+                self._timer = threading.Timer(
+                    max(opened + self.window - clock, 0.0), self._send_owed
+                )
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _send_owed(self) -> None:
+        with self._lock:
+            owed, self._owed = self._owed, {}
+            self._timer = None
+            clock = time.monotonic()
+            # A queue notified by a transaction decided after the held one committed
+            # is covered: that NOTIFY comes with a later commit.
+            due = {q for q, since in owed.items() if self._sent.get(q, 0.0) < since}
+            for queue in due:
+                self._sent[queue] = clock
+        if not due:
+            return
+        try:
+            self._flush(due)
+        except Exception as exc:  # noqa: BLE001 - the consumers' poll covers a lost wake-up
+            logger.info("could not send %d wake-up(s): %s", len(due), exc)
+
+    def _forked(self) -> None:
+        """A forked child inherits no timer thread: start afresh."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._sent, self._owed, self._timer = {}, {}, None

@@ -1,0 +1,236 @@
+"""Wake-ups on PostgreSQL: one LISTEN connection per process, addressed results,
+a bounded number of "ready" NOTIFYs, and a LISTEN connection that comes back by
+itself (issue 11, item 2).
+
+Connections are counted in ``pg_stat_activity`` by an ``application_name`` of the
+test's own, so other tests' connections never count.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+import sqlalchemy as sa
+
+from celery_eventstore import lifecycle as lc
+from celery_eventstore.exceptions import DatabaseUnavailable
+from celery_eventstore.storage import ANY_QUEUE, EventStore, NewMessage
+from celery_eventstore.storage.notifiers import READY_WINDOW
+
+DRIVERS = ["psycopg2", "psycopg"]
+
+
+@pytest.fixture(params=DRIVERS)
+def named_store(request: pytest.FixtureRequest, postgresql_db: Any) -> Iterator[EventStore]:
+    """A store whose connections carry an application_name of this test's own."""
+    url, options = postgresql_db
+    name = f"wakeups_{uuid.uuid4().hex[:10]}"
+    named = sa.make_url(url).set(drivername=f"postgresql+{request.param}")
+    store = EventStore(named.update_query_dict({"application_name": name}), **options)
+    store.migrate()
+    store.application_name = name  # type: ignore[attr-defined]
+    yield store
+    store.close()
+
+
+def connections(store: EventStore, admin_url: str) -> list[tuple[str, str]]:
+    """(state, last query) of every connection of ``store``'s application name."""
+    engine = sa.create_engine(admin_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT state, query FROM pg_stat_activity WHERE application_name = :n"),
+                {"n": store.application_name},  # type: ignore[attr-defined]
+            )
+            return [(str(state), str(query)) for state, query in rows]
+    finally:
+        engine.dispose()
+
+
+def listening(rows: list[tuple[str, str]]) -> int:
+    return sum(1 for _, query in rows if query.upper().startswith(("LISTEN", "UNLISTEN")))
+
+
+def test_waiters_and_a_consumer_share_one_listen_connection(
+    named_store: EventStore, postgresql_url: str
+) -> None:
+    """Eight threads waiting for eight results and a consumer waiting for its
+    queue hold one LISTEN connection; each waiter wakes for its own result only."""
+    store = named_store
+    consumer = store.listener()
+    tasks = [f"task-{n}" for n in range(8)]
+    woken: dict[str, set[str]] = {}
+    subscribed = threading.Barrier(len(tasks) + 1)
+
+    def wait(task: str) -> None:
+        listener = store.listener(results=[task])
+        try:
+            subscribed.wait(10)
+            deadline = time.monotonic() + 10
+            got: set[str] = set()
+            while task not in got and time.monotonic() < deadline:
+                got |= listener.wait(0.5)
+            woken[task] = got
+        finally:
+            listener.close()
+
+    threads = [threading.Thread(target=wait, args=(t,)) for t in tasks]
+    for thread in threads:
+        thread.start()
+    subscribed.wait(10)
+    rows = connections(store, postgresql_url)
+    assert listening(rows) == 1, rows
+    pool = store.engine.pool
+    assert len(rows) <= 1 + pool.size(), rows  # type: ignore[attr-defined]
+    for task in tasks:
+        store.execute(task, lc.Revoke())
+    for thread in threads:
+        thread.join(15)
+    assert woken == {t: {t} for t in tasks}, "a waiter heard another task's result"
+    assert consumer.poll() == set(), "a result woke the consumer"
+    store.publish([NewMessage(stream="m", queue="q", message={})])
+    assert consumer.wait(5) == {"q"}
+    consumer.close()
+    assert listening(connections(store, postgresql_url)) == 1
+
+
+def test_a_result_nobody_waits_for_wakes_no_one(named_store: EventStore) -> None:
+    store = named_store
+    mine, other = store.listener(results=["mine"]), store.listener(results=["other"])
+    try:
+        store.execute("other", lc.Revoke())
+        assert other.wait(5) == {"other"}
+        store.execute("unwatched", lc.Revoke())
+        store.execute("mine", lc.Revoke())
+        assert mine.wait(5) == {"mine"}
+        assert other.wait(0.3) == set()
+    finally:
+        mine.close()
+        other.close()
+
+
+def _raw_listener(store: EventStore, admin_url: str) -> Any:
+    conn = psycopg2.connect(sa.make_url(admin_url).set(drivername="postgresql").render_as_string(
+        hide_password=False))
+    conn.set_isolation_level(0)
+    with conn.cursor() as cur:
+        cur.execute(f'LISTEN "{store.channels.ready}"')
+    return conn
+
+
+def _drain(conn: Any, seconds: float) -> list[tuple[float, str]]:
+    got: list[tuple[float, str]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        conn.poll()
+        got.extend((time.monotonic(), n.payload) for n in conn.notifies)
+        conn.notifies.clear()
+        time.sleep(0.01)
+    return got
+
+
+def test_a_burst_of_publishes_sends_a_bounded_number_of_notifies(
+    named_store: EventStore, postgresql_url: str
+) -> None:
+    """Publishing one message per transaction as fast as possible sends one NOTIFY
+    per window, not one per publish -- and one after the last publish, so the
+    last message is not left to the poll."""
+    store = named_store
+    raw = _raw_listener(store, postgresql_url)
+    counts = [0] * 4
+
+    def publish(n: int) -> None:
+        while time.monotonic() - started < 1.0:
+            store.publish([NewMessage(stream=uuid.uuid4().hex, queue="burst", message={})])
+            counts[n] += 1
+
+    try:
+        started = time.monotonic()
+        threads = [threading.Thread(target=publish, args=(n,)) for n in range(len(counts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        last_publish = time.monotonic()
+        publishes = sum(counts)
+        got = _drain(raw, 1.0)
+    finally:
+        raw.close()
+    elapsed = last_publish - started
+    assert {payload for _, payload in got} == {"burst"}
+    assert len(got) <= elapsed / READY_WINDOW + 2, (len(got), publishes, elapsed)
+    assert len(got) < publishes / 2, (len(got), publishes)
+    assert got[-1][0] >= last_publish - 0.01, "nothing told the consumers of the last publish"
+
+
+def test_the_listen_connection_comes_back_by_itself(
+    named_store: EventStore, postgresql_url: str
+) -> None:
+    """A LISTEN connection the server cut is made again: its subscriptions hear
+    ``ANY_QUEUE`` (something may have committed meanwhile), then wake-ups again."""
+    store = named_store
+    consumer = store.listener()
+    try:
+        engine = sa.create_engine(postgresql_url, poolclass=sa.pool.NullPool)
+        with engine.connect() as conn:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = :n AND query LIKE 'LISTEN%'"
+                ),
+                {"n": store.application_name},  # type: ignore[attr-defined]
+            )
+        engine.dispose()
+        assert ANY_QUEUE in consumer.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # a commit before the LISTEN is covered by ANY
+            store.publish([NewMessage(stream=uuid.uuid4().hex, queue="again", message={})])
+            if "again" in consumer.wait(1):
+                break
+        else:
+            pytest.fail("no wake-up after the LISTEN connection came back")
+    finally:
+        consumer.close()
+
+
+def test_listening_fails_while_the_server_is_down_and_works_once_it_is_back(
+    pg_server: Any,
+) -> None:
+    """A waiter that cannot listen hears so (and polls meanwhile); one that comes
+    after the server is back listens again, on a connection made afresh."""
+    store = EventStore(pg_server.url)
+    try:
+        store.migrate()
+        store.listener(results=["warm"]).close()  # the process's LISTEN connection exists
+        pg_server.halt("fast")
+        deadline = time.monotonic() + 20
+        while True:  # the switchboard notices the cut connection, then fails to connect
+            try:
+                store.listener(results=["down"]).close()
+            except DatabaseUnavailable:
+                break
+            assert time.monotonic() < deadline, "listening never failed with the server down"
+            time.sleep(0.2)
+        pg_server.resume()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                listener = store.listener(results=["back"])
+                break
+            except DatabaseUnavailable:
+                assert time.monotonic() < deadline, "could not listen after the server came back"
+                time.sleep(0.2)
+        try:
+            store.execute("back", lc.Revoke())
+            got = listener.wait(5)  # may first hear ANY_QUEUE, for the reconnection
+            assert "back" in got | listener.wait(5 if "back" not in got else 0)
+        finally:
+            listener.close()
+    finally:
+        store.close()

@@ -1,0 +1,44 @@
+"""The "ready" NOTIFY throttle on its own: what a window holds back is sent once,
+when it closes, unless a later commit's own NOTIFY already covers it."""
+
+from __future__ import annotations
+
+import threading
+
+from celery_eventstore.storage.notifiers import ReadyThrottle
+
+
+class Flushes:
+    def __init__(self) -> None:
+        self.sent: list[set[str]] = []
+        self.done = threading.Event()
+
+    def __call__(self, queues: set[str]) -> None:
+        self.sent.append(queues)
+        self.done.set()
+
+
+def test_the_first_publish_of_a_window_notifies_at_once_the_rest_once_after() -> None:
+    flushes = Flushes()
+    throttle = ReadyThrottle(flushes, window=0.05)
+    assert throttle.now(["a", "b"]) == ({"a", "b"}, set())
+    for _ in range(100):
+        send, hold = throttle.now(["a"])
+        assert (send, hold) == (set(), {"a"})
+        throttle.later(hold)  # the transaction committed
+    assert flushes.done.wait(2)
+    assert flushes.sent == [{"a"}]
+
+
+def test_a_held_queue_covered_by_a_later_commits_notify_is_not_sent_again() -> None:
+    flushes = Flushes()
+    throttle = ReadyThrottle(flushes, window=0.2)
+    throttle.now(["a", "b"])
+    _, hold = throttle.now(["a", "b"])
+    throttle.later(hold)
+    # A transaction decided after those committed notifies "a" itself (its window
+    # was reopened by hand here): only "b" is still owed.
+    throttle._sent["a"] = -1e9
+    assert throttle.now(["a"]) == ({"a"}, set())
+    assert flushes.done.wait(2)
+    assert flushes.sent == [{"b"}]
