@@ -36,6 +36,7 @@ Options come from ``result_backend_transport_options`` (``table_prefix``,
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -64,6 +65,8 @@ from .stores import shared_store
 CLAIM_HEADER = "eventstore_claim"
 #: Longest a waiter sleeps between reads when no wake-up arrives (a safety net).
 WAIT_POLL_SECONDS = 1.0
+logger = logging.getLogger(__name__)
+
 STORE_OPTIONS = (
     "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "async_commit", "engine_options"
 )
@@ -142,7 +145,17 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             )
         else:  # a custom state from task.update_state()
             command = lc.UpdateState(state=state, result=encoded, claim=claim)
-        recorded = self.store.execute(task_id, command)
+        try:
+            recorded = self.store.execute(task_id, command)
+        except DatabaseUnavailable as exc:
+            if state != states.STARTED:
+                raise
+            # STARTED is advisory and never waits for the disk (a crash may lose it
+            # anyway).  Raising here would make Celery record a FAILURE for a task
+            # whose body never ran -- and settle its message as finished: the task
+            # would be lost to a blip of the database.  Run it without the state.
+            logger.warning("task %s runs without its STARTED state: %s", task_id, exc)
+            return result
         # Celery counts a chord's header task right after storing its result.
         self._local.fenced = task_id if _fenced(recorded) else None
         return result
