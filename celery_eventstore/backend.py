@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -71,6 +72,8 @@ CLAIM_HEADER = "eventstore_claim"
 WAIT_POLL_SECONDS = 1.0
 #: How many chords' header sizes a process keeps (the oldest are forgotten first).
 CHORD_SIZES_KEPT = 1000
+logger = logging.getLogger(__name__)
+
 STORE_OPTIONS = (
     "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "async_commit", "engine_options"
 )
@@ -151,7 +154,17 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             )
         else:  # a custom state from task.update_state()
             command = lc.UpdateState(state=state, result=encoded, claim=claim)
-        recorded = self.store.execute(task_id, command)
+        try:
+            recorded = self.store.execute(task_id, command)
+        except DatabaseUnavailable as exc:
+            if state != states.STARTED:
+                raise
+            # STARTED is advisory and never waits for the disk (a crash may lose it
+            # anyway).  Raising here would make Celery record a FAILURE for a task
+            # whose body never ran -- and settle its message as finished: the task
+            # would be lost to a blip of the database.  Run it without the state.
+            logger.warning("task %s runs without its STARTED state: %s", task_id, exc)
+            return result
         # Celery counts a chord's header task right after storing its result.
         self._local.fenced = task_id if _fenced(recorded) else None
         return result

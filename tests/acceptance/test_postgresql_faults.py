@@ -19,6 +19,7 @@ import kombu.exceptions
 import pytest
 import resultproj
 import sqlalchemy as sa
+from celery.app.trace import trace_task
 from harness import Broker, Producer, Worker, open_broker, wait_for
 from pgserver import EmbeddedPostgres
 
@@ -204,4 +205,42 @@ def test_result_backend_retries_only_when_asked(
             comeback.join()
         assert (meta["status"], meta["result"]) == ("SUCCESS", 42)
     finally:
+        app.close()
+
+
+def test_a_task_runs_when_its_started_state_cannot_be_written(
+    broker: Broker, pg_server: EmbeddedPostgres
+) -> None:
+    """The server is down when a worker records STARTED (``task_track_started``):
+    the task must still run.  A failed STARTED write used to make Celery record a
+    FAILURE (``DatabaseUnavailable``) for a task that never ran, and the transport
+    then settled its redelivery as finished: the task was lost (seen in the fault
+    suite's crash test).  Celery's own tracer runs the task here, as a pool process
+    does; its body brings the server back, so its result is written."""
+    app = resultproj.make_app(broker.url, broker.transport_options())
+    ran: list[str] = []
+
+    @app.task(name="resultproj.revive", shared=False, bind=True, acks_late=True)
+    def revive(self: Any) -> str:
+        ran.append(self.request.id)
+        pg_server.resume()
+        return "ran"
+
+    try:
+        app.finalize()
+        assert revive.track_started
+        task_id = uuid.uuid4().hex
+        pg_server.halt("fast")
+        # What a pool process runs: its own failures become an "internal error".
+        retval, info, _, _ = trace_task(
+            revive, task_id, (), {}, {"id": task_id, "delivery_info": {}}, app=app
+        )
+        assert ran == [task_id], f"the task never ran: {info and info.state} {retval!r}"
+        assert (info.state if info else "SUCCESS", retval) == ("SUCCESS", "ran")
+        stream = [r.type for r in broker.store.read_stream(task_id)]
+        assert stream == ["Succeeded"]
+        assert app.AsyncResult(task_id).get(timeout=TIMEOUT) == "ran"
+    finally:
+        if not (pg_server.data / "postmaster.pid").exists():
+            pg_server.resume()
         app.close()

@@ -110,6 +110,9 @@ class Counts:
     refused: int = 0  # publishes that raised and are not in the log
     #: Tasks that finished a run but have no ``Succeeded`` in the log.
     no_result: list[str] = field(default_factory=list)
+    #: The full story of every lost task and of every task finished without a
+    #: result: its runs (ledger) and its stream (log).
+    histories: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def line(self, scenario: str) -> str:
         refused = f", publishes refused {self.refused}" if self.refused else ""
@@ -118,6 +121,14 @@ class Counts:
             f"faults: {scenario}: {self.tasks} tasks, lost {len(self.lost)}, "
             f"unexplained re-runs {len(self.unexplained)}, explained re-runs {self.explained} "
             f"(re-runs after a recorded result: {self.after_result}){refused}{no_result}"
+        )
+
+    def stories(self, tasks: Sequence[str], limit: int = 3) -> str:
+        """What happened to the first ``limit`` of ``tasks`` (lost, or finished
+        without a result), for a failure message."""
+        return "\n".join(
+            json.dumps({"task": task, **self.histories[task]}, indent=1, default=str)
+            for task in tasks[:limit]
         )
 
 
@@ -219,10 +230,12 @@ def tally(
         stream, task_runs = streams.get(task, []), runs.get(task, [])
         if not any(r.done for r in task_runs) or any(_dropped(r.event) for r in stream):
             counts.lost.append(task)
+            counts.histories[task] = history(task_runs, stream)
         claims = _claims(stream)
         succeeded = [r.recorded_at for r in stream if isinstance(r.event, lc.Succeeded)]
         if not succeeded and any(r.done for r in task_runs):
             counts.no_result.append(task)
+            counts.histories[task] = history(task_runs, stream)
         for before, rerun in zip(task_runs, task_runs[1:], strict=False):
             explained = rerun.claim != before.claim and faults.explain(
                 claims.get(before.claim or ""), before
@@ -239,6 +252,18 @@ def tally(
             if succeeded and again is not None and succeeded[0] < again.claimed_at:
                 counts.after_result += 1
     return counts
+
+
+def history(runs: Sequence[Run], stream: Sequence[RecordedEvent]) -> dict[str, Any]:
+    """A task's runs and every event of its stream, with when each was recorded."""
+    return {
+        "runs": [vars(r) for r in runs],
+        "log": [
+            {"position": r.position, "at": r.recorded_at, "type": r.type,
+             **{k: v for k, v in vars(r.event).items() if k != "message"}}
+            for r in stream
+        ],
+    }
 
 
 def _dropped(event: lc.Event) -> bool:

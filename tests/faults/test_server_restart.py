@@ -45,11 +45,15 @@ def test_server_crash_and_restart_during_a_drain(
     pg_server.resume()
     faults.windows.append(Window(start, time.time(), crash=True))
 
-    settle(broker, published, timeout=TIMEOUT)
+    settled = settle(broker, published, timeout=TIMEOUT)
     counts = count(broker, published, faults=faults)
-    print(counts.line("postgresql restart -m immediate"))
+    print(counts.line("postgresql restart -m immediate"), f"(window {faults.windows})")
+    if counts.no_result:  # a result write refused while the server was down
+        print(counts.stories(counts.no_result))
     for worker in workers:
         assert worker.proc.poll() is None, f"worker {worker.name} exited:\n{worker.tail()}"
         assert "Connection to broker lost" in worker.log()
-    assert counts.lost == [], counts.lost[:10]
+    assert counts.lost == [], (
+        f"settled: {settled}, window: {faults.windows}\n{counts.stories(counts.lost)}"
+    )
     assert counts.unexplained == [], counts.unexplained[:3]

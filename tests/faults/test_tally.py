@@ -3,6 +3,7 @@ whose zeros could not fail would prove nothing.  No database, no workers."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tally import Faults, Run, Window, tally
@@ -98,3 +99,24 @@ def test_lost_tasks_and_refused_publishes():
                    ["a", "b", "missing"], ["refused"], Faults())  # fmt: skip
     assert counts.lost == ["a", "b", "missing"]
     assert (counts.tasks, counts.refused) == (3, 1)
+
+
+def test_a_lost_task_comes_with_its_story():
+    """The crash test's one flaky loss: a FAILURE recorded before the body ran (the
+    STARTED write failed), then the redelivery settled.  The failure message shows
+    the runs (none) and every event, in order."""
+    log = _log("t", (1, lc.Published("d", "q", {"body": "x" * 10_000})),
+               (10, _claimed("c1", HEALTHY, 14)),
+               (16, lc.Failed(exc="DatabaseUnavailable: down", delivery="d")),
+               (16, lc.LeaseExpired("d", "c1", started=True)),
+               (16, lc.Discarded("d", "outcome recorded")))  # fmt: skip
+    counts = _count([], log, Faults())
+    assert counts.lost == ["t"]
+    story = json.loads(counts.stories(counts.lost))
+    assert story["runs"] == []
+    assert [(e["at"], e["type"]) for e in story["log"]] == [
+        (1, "Published"), (10, "Claimed"), (16, "Failed"), (16, "LeaseExpired"),
+        (16, "Discarded"),
+    ]
+    assert story["log"][2]["exc"] == "DatabaseUnavailable: down"
+    assert "message" not in story["log"][0]  # the task's body would drown the story
