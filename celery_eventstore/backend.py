@@ -75,7 +75,8 @@ CHORD_SIZES_KEPT = 1000
 logger = logging.getLogger(__name__)
 
 STORE_OPTIONS = (
-    "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "async_commit", "engine_options"
+    "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "listen_url", "async_commit",
+    "engine_options",
 )
 
 

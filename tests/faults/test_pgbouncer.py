@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from celery import chord
 from harness import Broker, Worker, open_broker, wait_for
 from pgbouncer import PgBouncer
@@ -104,7 +105,7 @@ def test_a_relaxed_transaction_never_leaks_into_the_next_clients(
 
 
 def test_tasks_results_retries_and_chords_through_pgbouncer(
-    broker: Broker, start_worker: Any, result_app: Any
+    broker: Broker, start_worker: Any, result_app: Any, pg_server: EmbeddedPostgres
 ) -> None:
     """A worker and a producer through PgBouncer: tasks run once and are acked,
     results come back, a retry runs again, a chord's callback fires once.  With
@@ -121,6 +122,9 @@ def test_tasks_results_retries_and_chords_through_pgbouncer(
         assert result.get(timeout=TIMEOUT) == n + 1
         ids.append(result.id)
     assert time.monotonic() - started < SLOW_POLL, "tasks waited for the poll: no wake-ups"
+    # The result backend listens where it is told, not through the pooler (where
+    # LISTEN cannot work): its waits are woken, not left to their poll.
+    assert app.backend.store.listen_engine.url.port == sa.make_url(pg_server.url).port
     for task_id in ids:
         broker.wait_for_event(task_id, "Acked")
         types = broker.types(task_id)
