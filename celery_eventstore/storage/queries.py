@@ -349,7 +349,7 @@ class Queries:
     # -- retention ----------------------------------------------------------------
 
     def _retention(self, t: Tables) -> None:
-        ev, msgs, dl, res = t.events, t.messages, t.dead_letters, t.results
+        ev, msgs, dl = t.events, t.messages, t.dead_letters
         before = sa.bindparam("before", type_=ev.c.recorded_at.type)
         streams = _many("streams")
         born_before = sa.and_(ev.c.version == 1, ev.c.recorded_at < before)
@@ -384,8 +384,9 @@ class Queries:
         #: position (primary-key lookups) and every derived row.
         self.delete_streams = [
             ev.delete().where(ev.c.position.in_(_many("positions"))),
+            # Every derived table is keyed by stream: none keeps a pruned stream.
             *(table.delete().where(table.c.stream_id.in_(streams))
-              for table in (msgs, dl, res)),
+              for table in t.projections),
         ]
 
     # -- routing: queues, bindings, transient messages ---------------------------
