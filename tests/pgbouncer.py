@@ -8,6 +8,7 @@ Importable by name from any test directory: ``from pgbouncer import PgBouncer``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,25 @@ from pathlib import Path
 from pgserver import EMBEDDED_DATABASE, EMBEDDED_SUPERUSER, EmbeddedPostgres, free_port
 
 READY_TIMEOUT = 20.0
+
+
+def find_or_install_pgbouncer() -> str:
+    """The pgbouncer program; on a fresh Debian machine, installed first (as
+    ``.ci/run`` does), so the README's test command needs no extra step."""
+    def found() -> str | None:
+        program = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        return program if Path(program).exists() else None
+
+    program = found()
+    if program is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], env=env,
+                       capture_output=True)
+        program = found()
+    if program is None:
+        raise RuntimeError("pgbouncer is not installed (apt-get install pgbouncer)")
+    return program
 
 
 class PgBouncer:
@@ -38,9 +58,7 @@ class PgBouncer:
 
     @classmethod
     def start(cls, server: EmbeddedPostgres, pool_size: int = 4) -> PgBouncer:
-        program = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-        if not Path(program).exists():
-            raise RuntimeError("pgbouncer is not installed (apt-get install pgbouncer)")
+        program = find_or_install_pgbouncer()
         base = Path(tempfile.mkdtemp(prefix="celery-eventstore-pgbouncer-"))
         port = free_port()
         (base / "users.txt").write_text(f'"{EMBEDDED_SUPERUSER}" ""\n')
