@@ -401,8 +401,14 @@ def test_tail_follow_prints_new_events_until_interrupted(data: Data) -> None:
         sys.executable, "-m", "celery_eventstore.cli", *data.url_args(),
         "tail", "-f", "-n", "1", "--task", "cliproj.add",
     ]  # fmt: skip
+    # Interrupted like a terminal would, even when the suite runs in the background
+    # (where a shell starts it with SIGINT ignored, and children inherit that).
+    def interruptible() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, env=data.env())  # fmt: skip
+                            stdin=subprocess.DEVNULL, env=data.env(),
+                            preexec_fn=interruptible)  # fmt: skip
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
     reader.start()
