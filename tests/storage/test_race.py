@@ -62,28 +62,22 @@ def test_racing_consumers_deliver_each_message_exactly_once(db):
     store.close()
 
 
-def test_racing_chord_parts_complete_the_chord_exactly_once(db):
-    url, options = db
-    store = EventStore(url, **options)
-    store.migrate()
-    size = PROCESSES * 10
-    # Every part is counted by two processes, as a redelivered header task would be.
-    parts = [f"part-{i}" for i in range(size)]
+def race_chord_parts(store: EventStore, options: dict, stream: str, parts: list[str],
+                     size: int) -> None:
+    """Count ``parts`` of ``stream`` (a chord of ``size``) from racing processes, each
+    part by two of them (one walking forwards, one backwards, as a redelivered header
+    task would count it twice), and check the chord completed exactly once."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     plain_url = store.url.render_as_string(False)
+    halves = PROCESSES // 2
     procs = [
         ctx.Process(
             target=count_chord_parts,
-            args=(plain_url, options, "chord:g", parts[i::PROCESSES // 2], size, out),
+            args=(plain_url, options, stream, parts[i::halves][::direction], size, out),
         )
-        for i in range(PROCESSES // 2)
-    ] + [
-        ctx.Process(
-            target=count_chord_parts,
-            args=(plain_url, options, "chord:g", parts[i::PROCESSES // 2][::-1], size, out),
-        )
-        for i in range(PROCESSES // 2)
+        for direction in (1, -1)
+        for i in range(halves)
     ]
     for p in procs:
         p.start()
@@ -93,9 +87,17 @@ def test_racing_chord_parts_complete_the_chord_exactly_once(db):
         assert p.exitcode == 0
     assert not [c for c in completions if isinstance(c, Exception)], completions
     assert sum(completions) == 1
-    types = [r.type for r in store.read_stream("chord:g")]
+    types = [r.type for r in store.read_stream(stream)]
     assert types.count("ChordPartDone") == size
     assert types[-1] == "ChordCompleted" and types.count("ChordCompleted") == 1
+
+
+def test_racing_chord_parts_complete_the_chord_exactly_once(db):
+    url, options = db
+    store = EventStore(url, **options)
+    store.migrate()
+    size = PROCESSES * 10
+    race_chord_parts(store, options, "chord:g", [f"part-{i}" for i in range(size)], size)
     store.close()
 
 
@@ -111,31 +113,10 @@ def test_racing_parts_of_a_ten_thousand_part_chord_complete_it_exactly_once(db):
         [lc.ChordPartDone(f"part-{i}", "SUCCESS") for i in range(size - racing)],
         expected_version=0,
     )
-    # Its last parts raced by processes, each part counted by two of them.
-    parts = [f"part-{i}" for i in range(size - racing, size)]
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    plain_url = store.url.render_as_string(False)
-    halves = PROCESSES // 2
-    procs = [
-        ctx.Process(
-            target=count_chord_parts,
-            args=(plain_url, options, "chord:big", parts[i::halves][::direction], size, out),
-        )
-        for direction in (1, -1)
-        for i in range(halves)
-    ]
-    for p in procs:
-        p.start()
-    completions = [out.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    assert not [c for c in completions if isinstance(c, Exception)], completions
-    assert sum(completions) == 1
-    types = [r.type for r in store.read_stream("chord:big")]
-    assert types.count("ChordPartDone") == size
-    assert types[-1] == "ChordCompleted" and types.count("ChordCompleted") == 1
+    # Its last parts raced by processes.
+    race_chord_parts(
+        store, options, "chord:big", [f"part-{i}" for i in range(size - racing, size)], size
+    )
     state = store.load("chord:big")
     assert state.counted == size and state.completed
     store.close()
