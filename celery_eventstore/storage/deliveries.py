@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from .. import lifecycle as lc
 from ..exceptions import InvalidTransition, MessageTooLarge, StaleClaim, UnreadableStream
 from .database import Database, Tx
-from .log import EventLog, Pending, decided, evolve_all, fold
+from .log import EventLog, Pending, decided, decode_json, evolve_all, fold
 from .records import ClaimedMessage, ClaimRef, NewMessage, Outcome, RecordedEvent
 
 logger = logging.getLogger(__name__)
@@ -231,7 +231,8 @@ class Deliveries:
         if request is not None:
             claims = _decide_claims(request, candidates, states, pending, tx.now)
         _, final = self.log.append_pending(tx, decided(pending), read_positions=False)
-        return {**outcomes, **fenced}, _claimed_messages(claims, final, streams, tx.now)
+        bodies = {c.delivery_id: c.data for c in candidates}
+        return {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now)
 
     def _fold_readable(
         self, tx: Tx, streams: Mapping[str, Sequence[RecordedEvent]]
@@ -298,7 +299,7 @@ def _decide_claims(
 ) -> list[tuple[str, str, str]]:
     """Claim each nominated delivery still claimable; ``(stream, delivery, claim)``."""
     claims = []
-    for delivery, stream in candidates:
+    for delivery, stream, _ in candidates:
         claim_id = uuid.uuid4().hex
         command = lc.Claim(
             delivery, claim_id, request.consumer, request.lease_seconds, request.max_claims
@@ -317,17 +318,11 @@ def _decide_claims(
 def _claimed_messages(
     claims: Sequence[tuple[str, str, str]],
     final: Mapping[str, lc.JobState],
-    streams: Mapping[str, Sequence[RecordedEvent]],
+    published: Mapping[str, Any],
     now: float,
 ) -> list[ClaimedMessage]:
-    if not claims:
-        return []
-    bodies = {
-        rec.event.delivery: rec.event.message
-        for stream in {stream for stream, _, _ in claims}
-        for rec in streams[stream]
-        if isinstance(rec.event, lc.Published)
-    }
+    """The claimed deliveries with their bodies, from ``published``: delivery ->
+    the data of the publish that made it, as the nomination read it."""
     out = []
     for stream, delivery, claim_id in claims:
         d = final[stream].delivery(delivery)
@@ -336,7 +331,7 @@ def _claimed_messages(
             claim=claim_id,
             stream=stream,
             queue=d.queue,
-            message=bodies[delivery],
+            message=decode_json(published[delivery])["message"],
             priority=d.priority,
             lease_until=d.lease_until or now,
             redelivered=d.redelivered,

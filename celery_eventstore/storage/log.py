@@ -73,13 +73,16 @@ class EventLog:
         )
 
     def read_streams(
-        self, conn: sa.Connection, streams: Iterable[str]
+        self, conn: sa.Connection, streams: Iterable[str], *, bodies: bool = False
     ) -> dict[str, list[RecordedEvent]]:
+        """Every event of ``streams``; without ``bodies``, as a decision reads
+        them: message bodies ``None`` and no metadata (see ``Queries.read_streams``)."""
         wanted = sorted(set(streams))
         found: dict[str, list[RecordedEvent]] = {s: [] for s in wanted}
         if not wanted:
             return found
-        for row in conn.execute(self.queries.read_streams, {"streams": wanted}):
+        query = self.queries.read_streams_whole if bodies else self.queries.read_streams
+        for row in conn.execute(query, {"streams": wanted}):
             found[row.stream_id].append(self.recorded(row))
         return found
 
@@ -103,11 +106,12 @@ class EventLog:
     def read_stream(self, stream: str) -> list[RecordedEvent]:
         """Every event of one stream, oldest first."""
         with self.db.read() as conn:
-            return self.read_streams(conn, [stream])[stream]
+            return self.read_streams(conn, [stream], bodies=True)[stream]
 
     def load(self, stream: str) -> lc.JobState:
         """One stream folded into its current state."""
-        return fold(stream, self.read_stream(stream))
+        with self.db.read() as conn:
+            return fold(stream, self.read_streams(conn, [stream])[stream])
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Events of every stream with a position above ``after``, in log order."""

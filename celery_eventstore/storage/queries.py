@@ -61,8 +61,24 @@ class Queries:
             ev.c.recorded_at <= sa.bindparam("until", type_=ev.c.recorded_at.type)
         )
         #: ``streams``: every event of those streams, in stream then version order.
-        self.read_streams = dialect.each_of(
+        self.read_streams_whole = dialect.each_of(
             events, ev.c.stream_id, "streams", order_by=("stream_id", "version")
+        )
+        #: ``streams``: what folding those streams needs, in stream then version
+        #: order: every event with its message body blanked (``null``) and without
+        #: metadata.  A decision never reads a body; a publish's body is most of
+        #: its bytes, and a claim takes the bodies it delivers from its nomination.
+        self.read_streams = dialect.each_of(
+            sa.select(
+                ev.c.position, ev.c.stream_id, ev.c.version, ev.c.type,
+                sa.type_coerce(
+                    dialect.blank_json_field(ev.c.data, "message", ev.c.type == "Published"),
+                    sa.Text,
+                ).label("data"),
+                sa.null().label("metadata"),
+                ev.c.recorded_at,
+            ),
+            ev.c.stream_id, "streams", order_by=("stream_id", "version"),
         )
         #: ``after``, ``limit``: events past a position, in log order.
         self.read_after = (
@@ -209,8 +225,9 @@ class Queries:
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of queue counts
     def nominate(self, queues: int) -> sa.Select[Any]:
-        """``queue_0`` .. ``queue_<queues - 1>``, ``now``, ``limit``: due deliveries,
-        highest priority, then oldest, locked against other claimers
+        """``queue_0`` .. ``queue_<queues - 1>``, ``now``, ``limit``: due deliveries
+        (``delivery_id``, ``stream_id``, and the ``data`` of the publish that holds
+        the body), highest priority, then oldest, locked against other claimers
         (:meth:`nominate_params` binds them).
 
         Each queue is read through two bounded index ranges, whatever the planner
@@ -248,8 +265,15 @@ class Queries:
                 locked = self.dialect.nominate(arm, msgs).subquery()
                 arms.append(sa.select(locked))
         candidates = sa.union_all(*arms).subquery()
+        ev = self.tables.events
         return (
-            sa.select(candidates.c.delivery_id, candidates.c.stream_id)
+            sa.select(
+                candidates.c.delivery_id, candidates.c.stream_id,
+                # The body to deliver, from the publish the row was made by:
+                # folding the streams reads them without bodies.
+                sa.type_coerce(ev.c.data, sa.Text).label("data"),
+            )
+            .join(ev, ev.c.position == candidates.c.seq)
             .order_by(candidates.c.priority.desc(), candidates.c.seq)
             .limit(limit)
         )

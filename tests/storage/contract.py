@@ -230,6 +230,31 @@ class StoreContract:
         store.ack([m.ref for m in claimed])
         assert types(store, "task").count("Acked") == 2
 
+    def test_decisions_read_no_message_bodies_and_claims_deliver_them(self, store, clock):
+        big = {"body": "x" * 65536, "headers": {"task": "t"}}
+        store.publish([NewMessage(stream="t", queue="q", message=big), msg("u")])
+        decoded = []
+        recorded = store.log.recorded
+        store.log.recorded = lambda row: decoded.append(recorded(row)) or decoded[-1]
+        try:
+            (first,) = store.claim(["q"], 1, "w1", 30)
+            store.execute("t", lc.Start(worker="w1", claim=first.claim))
+            clock.advance(30)  # the lease runs out: the body is delivered again
+            (again,) = store.claim(["q"], 1, "w2", 30)
+            store.execute("t", lc.Succeed({"r": 1}, claim=again.claim))
+            assert store.ack([again.ref]) == {again.delivery: Outcome.DONE}
+            (other,) = store.claim(["q"], 1, "w2", 30)
+        finally:
+            del store.log.recorded
+        assert first.message == big and again.message == big and again.redelivered
+        assert other.message == {"body": "u"}
+        publishes = [r.event for r in decoded if isinstance(r.event, lc.Published)]
+        assert publishes and {p.message for p in publishes} == {None}
+        assert all(r.metadata is None for r in decoded)
+        # What is shown keeps the body: the history reads it.
+        assert store.read_stream("t")[0].event.message == big
+        assert store.load("t").result == {"r": 1}
+
     # -- leases and fencing ----------------------------------------------------
 
     def test_expired_lease_is_claimable_again_and_marked_redelivered(self, store, clock):

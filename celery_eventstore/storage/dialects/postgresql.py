@@ -175,6 +175,18 @@ class PostgreSQLDialect(Dialect):
     def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
         return column.op("->>", return_type=sa.Text)(sa.literal_column(f"'{key}'"))
 
+    def blank_json_field(
+        self, column: sa.ColumnElement[Any], key: str, where: sa.ColumnElement[bool]
+    ) -> sa.ColumnElement[Any]:
+        # jsonb_set without create_missing replaces a member only where it exists;
+        # on a scalar or an array it would fail the whole read, hence the type test.
+        blanked = sa.func.jsonb_set(
+            column, sa.literal_column(f"'{{{key}}}'"), sa.literal_column("'null'::jsonb"),
+            sa.false(), type_=column.type,
+        )
+        is_object = sa.func.jsonb_typeof(column) == "object"
+        return sa.case((sa.and_(where, is_object), blanked), else_=column)
+
     def json_from_text(self, text: sa.ColumnElement[Any], json_type: Any) -> sa.ColumnElement[Any]:
         return sa.cast(text, json_type)  # text is not assignable to jsonb
 

@@ -70,6 +70,17 @@ class SQLiteDialect(Dialect):
     def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
         return sa.func.json_extract(column, sa.literal_column(f"'$.{key}'"), type_=sa.Text)
 
+    def blank_json_field(
+        self, column: sa.ColumnElement[Any], key: str, where: sa.ColumnElement[bool]
+    ) -> sa.ColumnElement[Any]:
+        # json_replace changes only a member that exists; text that is not JSON
+        # would fail the whole read, hence json_valid.
+        blanked = sa.func.json_replace(
+            column, sa.literal_column(f"'$.{key}'"), sa.func.json(sa.literal_column("'null'")),
+            type_=column.type,
+        )
+        return sa.case((sa.and_(where, sa.func.json_valid(column)), blanked), else_=column)
+
     def upsert(
         self, table: sa.Table, columns: Sequence[str], keys: Sequence[str]
     ) -> sa.Executable:
