@@ -12,7 +12,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -55,17 +54,52 @@ def redact(url: str | sa.URL) -> str:
     return parse_url(url).render_as_string(hide_password=True)
 
 
-@dataclass(frozen=True)
 class Tx:
     """One write transaction: its connection, the time it decides with, the
     events it appended (for whoever watches commits), and what to run once it has
     committed (``after_commit``: None when it is joined to a caller's, whose
-    commit we do not see)."""
+    commit we do not see).
 
-    conn: sa.Connection
-    now: float
-    appended: list[Any] = field(default_factory=list)
-    after_commit: list[Callable[[], None]] | None = field(default=None, compare=False)
+    ``now`` is the database's clock, read once per transaction: by the
+    transaction's first read of streams where the dialect can fold it in there
+    (:meth:`clock_read`), else by a statement of its own the first time it is
+    asked for (``start``, which also makes a ``relaxed`` commit skip the wait for
+    the disk).
+    """
+
+    def __init__(
+        self,
+        conn: sa.Connection,
+        now: float | None = None,
+        *,
+        start: Callable[[], float] | None = None,
+        relaxed: bool = False,
+        after_commit: list[Callable[[], None]] | None = None,
+    ) -> None:
+        self.conn = conn
+        self._now = now
+        self._start = start
+        self.relaxed = relaxed
+        self.appended: list[Any] = []
+        self.after_commit = after_commit
+
+    @property
+    def now(self) -> float:
+        if self._now is None:
+            assert self._start is not None, "a transaction without a clock"
+            self._now = self._start()
+        return self._now
+
+    @property
+    def clock_wanted(self) -> bool:
+        """Whether the clock is still to be read: the next read may bring it."""
+        return self._now is None
+
+    def clock_read(self, now: float) -> None:
+        """The clock as a read of this transaction brought it (with the relaxed
+        commit set where ``relaxed``)."""
+        if self._now is None:
+            self._now = now
 
 
 class Database:
@@ -189,12 +223,12 @@ class Database:
         with self.translate_errors():
             if connection is not None:
                 with self.dialect.join(connection):
-                    yield Tx(connection, self._begin(connection, relaxed=False))
+                    yield self._tx(connection, relaxed=False)
             else:
                 after: list[Callable[[], None]] = []
                 with self.engine.begin() as conn:
                     relaxed = not durable and self.async_commit
-                    tx = Tx(conn, self._begin(conn, relaxed=relaxed), after_commit=after)
+                    tx = self._tx(conn, relaxed=relaxed, after_commit=after)
                     yield tx
                 for callback in after:
                     callback()
@@ -218,6 +252,20 @@ class Database:
             lender = self.lenders.lender(url.drivername)
         with lender.lend(dbapi_connection) as conn:
             yield conn
+
+    def _tx(
+        self, conn: sa.Connection, *, relaxed: bool,
+        after_commit: list[Callable[[], None]] | None = None,
+    ) -> Tx:
+        """A transaction whose clock is read now, or, where the dialect folds it
+        into reads, by its first read (one round trip fewer for a write that
+        reads before it decides)."""
+        def start() -> float:
+            return self._begin(conn, relaxed=relaxed)
+
+        if self._clock is None and self.dialect.clock_in_reads:
+            return Tx(conn, start=start, relaxed=relaxed, after_commit=after_commit)
+        return Tx(conn, start(), start=start, relaxed=relaxed, after_commit=after_commit)
 
     def _begin(self, conn: sa.Connection, *, relaxed: bool) -> float:
         if self._clock is not None:  # a test's clock

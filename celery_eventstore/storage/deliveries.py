@@ -72,7 +72,7 @@ class Deliveries:
                     guess[0] = False  # one try only
                     states = {m.stream: fold(m.stream, ()) for m, _ in prepared}
                 else:
-                    states = self.log.load_all(tx.conn, (m.stream for m, _ in prepared))
+                    states = self.log.load_all(tx, (m.stream for m, _ in prepared))
                 pending: Pending = []
                 for msg, command in prepared:
                     state = states[msg.stream]
@@ -216,7 +216,7 @@ class Deliveries:
         """
         candidates = self._nominate(tx, request)
         streams = self.log.read_streams(
-            tx.conn, [r.stream for r in refs] + [c.stream_id for c in candidates]
+            tx, [r.stream for r in refs] + [c.stream_id for c in candidates]
         )
         states, unreadable = self._fold_readable(tx, streams)
         # A claim on a stream that cannot be read can only be fenced out.

@@ -73,16 +73,30 @@ class EventLog:
         )
 
     def read_streams(
-        self, conn: sa.Connection, streams: Iterable[str], *, bodies: bool = False
+        self, conn: sa.Connection | Tx, streams: Iterable[str], *, bodies: bool = False
     ) -> dict[str, list[RecordedEvent]]:
         """Every event of ``streams``; without ``bodies``, as a decision reads
-        them: message bodies ``None`` and no metadata (see ``Queries.read_streams``)."""
+        them: message bodies ``None`` and no metadata (see ``Queries.read_streams``).
+        Given a write transaction still without its clock, the read brings it."""
         wanted = sorted(set(streams))
         found: dict[str, list[RecordedEvent]] = {s: [] for s in wanted}
         if not wanted:
             return found
-        query = self.queries.read_streams_whole if bodies else self.queries.read_streams
-        for row in conn.execute(query, {"streams": wanted}):
+        if bodies:
+            assert isinstance(conn, sa.Connection)
+            rows = conn.execute(self.queries.read_streams_whole, {"streams": wanted})
+        elif isinstance(conn, Tx):
+            rows = conn.conn.execute(
+                self.queries.read_streams, {"streams": wanted, "relaxed": conn.relaxed}
+            )
+        else:
+            rows = conn.execute(self.queries.read_streams, {"streams": wanted})
+        clock_wanted = isinstance(conn, Tx) and conn.clock_wanted
+        for row in rows:
+            if clock_wanted and row.tx_clock is not None:
+                assert isinstance(conn, Tx)
+                conn.clock_read(float(row.tx_clock))
+                clock_wanted = False
             found[row.stream_id].append(self.recorded(row))
         return found
 
@@ -100,7 +114,9 @@ class EventLog:
                     names[row.stream_id] = metadata["task"]
         return names
 
-    def load_all(self, conn: sa.Connection, streams: Iterable[str]) -> dict[str, lc.JobState]:
+    def load_all(
+        self, conn: sa.Connection | Tx, streams: Iterable[str]
+    ) -> dict[str, lc.JobState]:
         return {s: fold(s, recs) for s, recs in self.read_streams(conn, streams).items()}
 
     def read_stream(self, stream: str) -> list[RecordedEvent]:
@@ -265,7 +281,7 @@ class EventLog:
         """
         try:
             with self.db.write(connection) as tx:
-                state = self.load_all(tx.conn, [stream])[stream]
+                state = self.load_all(tx, [stream])[stream]
                 if state.version != expected_version:
                     raise ConcurrencyConflict(
                         f"stream {stream!r} is at version {state.version}, "
@@ -301,7 +317,7 @@ class EventLog:
                 if isinstance(command, lc.CountChordPart):
                     state = self._chord_state(tx.conn, stream, command.task_id)
                 else:
-                    state = self.load_all(tx.conn, [stream])[stream]
+                    state = self.load_all(tx, [stream])[stream]
                 events = lc.decide(command, state, tx.now)
                 return self.append_pending(tx, [(state, events, metadata)])[0]
 

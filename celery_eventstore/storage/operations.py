@@ -93,7 +93,7 @@ class Operations:
     def _purge_batch(self, queue: str, reason: str) -> int:
         with self.db.write() as tx:
             rows = tx.conn.execute(self.queries.nominate_unclaimed, {"queue": queue}).all()
-            states = self.log.load_all(tx.conn, (r.stream_id for r in rows))
+            states = self.log.load_all(tx, (r.stream_id for r in rows))
             pending: Pending = []
             for delivery, stream in rows:
                 events = lc.decide(lc.Discard(delivery, reason), states[stream], tx.now)
@@ -175,7 +175,7 @@ class Operations:
             streams = list(tx.conn.execute(
                 self.queries.expired_results, {"before": before, "limit": batch}
             ).scalars())
-            states = self.log.load_all(tx.conn, streams)
+            states = self.log.load_all(tx, streams)
             pending = decided([
                 (states[s], lc.decide(lc.ExpireResult(), states[s], tx.now), None)
                 for s in streams

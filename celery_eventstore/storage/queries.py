@@ -77,6 +77,11 @@ class Queries:
                 ).label("data"),
                 sa.null().label("metadata"),
                 ev.c.recorded_at,
+                # ``relaxed`` (default false): the writing transaction's clock comes
+                # with its first read (see Dialect.clock_columns).
+                *dialect.clock_columns(
+                    sa.bindparam("relaxed", value=False, type_=sa.Boolean)
+                ),
             ),
             ev.c.stream_id, "streams", order_by=("stream_id", "version"),
         )

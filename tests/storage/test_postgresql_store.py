@@ -7,7 +7,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 from contract import StoreContract
-from storehelpers import make_factory
+from storehelpers import executed_statements, make_factory
 
 
 @pytest.fixture(params=["psycopg2", "psycopg"])
@@ -153,6 +153,28 @@ class TestNoRelaxedSettingOutlivesItsTransaction:
             store.reject([held.ref], requeue=False)
 
         return [publish, result, revoke, dead_letter]
+
+    def test_relaxed_work_whose_read_brings_the_clock_commits_relaxed(self, store, commits):
+        """A start or an ack reads its stream first, and that read brings the
+        transaction's clock and its relaxed commit (no statement of their own):
+        they still commit without waiting for the disk; a result still waits."""
+        from celery_eventstore import lifecycle as lc
+        from celery_eventstore.storage import NewMessage
+
+        store.publish([NewMessage(stream="f", queue="fq", message={})])
+        [held] = store.claim(["fq"], 1, "c", 30)
+        seen = {}
+        for name, work in [
+            ("start", lambda: store.execute("f", lc.Start(worker="w", claim=held.claim))),
+            ("result", lambda: store.execute("f", lc.Succeed({"r": 1}, claim=held.claim))),
+            ("ack", lambda: store.ack([held.ref])),
+        ]:
+            commits.clear()
+            with executed_statements() as sent:
+                work()
+            seen[name] = commits[-1]
+            assert not [s for s in sent if s.lstrip().startswith("SELECT extract")], sent
+        assert seen == {"start": "off", "ack": "off", "result": "on"}
 
     def test_durable_commits_after_relaxed_and_rolled_back_ones(self, store, commits):
         for relaxed in self.relaxed_work(store):

@@ -28,6 +28,8 @@ class Dialect:
     single_writer = False
     #: :meth:`join` can roll back our part alone (a savepoint).
     atomic_join = True
+    #: A stream read can bring the transaction's clock (:meth:`clock_columns`).
+    clock_in_reads = False
     #: Seconds a long job of many transactions (prune) leaves between them, so
     #: writers waiting for a single-writer database's lock get it.
     writer_pause = 0.0
@@ -116,6 +118,13 @@ class Dialect:
         the session), and return the database's clock in epoch seconds, or None
         where the database has no clock of its own (then the host's is the one)."""
         return None
+
+    def clock_columns(self, relaxed: sa.ColumnElement[bool]) -> list[sa.ColumnElement[Any]]:
+        """Columns that make a transaction's first read do :meth:`begin`'s work
+        (``tx_clock``: the database's clock in epoch seconds; the commit relaxed
+        where the bound ``relaxed`` is true), saving its round trip.  Evaluated
+        for each row read: a read that finds nothing leaves it to :meth:`begin`."""
+        return [sa.null().label("tx_clock")]
 
     def lock_stream(self, conn: sa.Connection, key: str) -> None:
         """Make other writers of one stream wait for this transaction instead of

@@ -83,6 +83,7 @@ def _lock_key(key: str) -> int:
 
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
+    clock_in_reads = True
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         if url.drivername == "postgresql":
@@ -206,6 +207,16 @@ class PostgreSQLDialect(Dialect):
         # PgBouncer client), and the server's clock, which decides every lease.
         sql = _RELAXED_BEGIN if relaxed else _CLOCK
         return float(conn.exec_driver_sql(sql).scalar_one())
+
+    def clock_columns(self, relaxed: sa.ColumnElement[bool]) -> list[sa.ColumnElement[Any]]:
+        # As begin(), in the read: set_config(..., true) is SET LOCAL, and the
+        # setting is only consulted at commit, so setting it late is as good.
+        return [
+            sa.extract("epoch", sa.func.clock_timestamp()).label("tx_clock"),
+            sa.case(
+                (relaxed, sa.func.set_config("synchronous_commit", "off", sa.true())),
+            ).label("tx_relaxed"),
+        ]
 
     def set_relaxed(self, conn: sa.Connection) -> None:
         conn.exec_driver_sql(_RELAXED_BEGIN)
