@@ -267,6 +267,10 @@ class Database:
             return Tx(conn, start=start, relaxed=relaxed, after_commit=after_commit)
         return Tx(conn, start(), start=start, relaxed=relaxed, after_commit=after_commit)
 
+    def injected_now(self) -> float | None:
+        """A test's clock, when one was given (else None: the database's decides)."""
+        return None if self._clock is None else self._clock()
+
     def _begin(self, conn: sa.Connection, *, relaxed: bool) -> float:
         if self._clock is not None:  # a test's clock
             if relaxed:

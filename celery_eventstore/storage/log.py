@@ -25,6 +25,7 @@ from .notifiers import Channels, Notifier, ReadyThrottle
 from .projection import project
 from .queries import Queries
 from .records import LogFilter, RecordedEvent
+from .single_publish import derived_rows, publish_parameters, publish_statement, recorded_after
 
 #: Decisions made but not appended yet: the state each was decided on, its
 #: events and their metadata.
@@ -50,6 +51,16 @@ class EventLog:
         self.notifier = notifier
         self.channels = channels
         self.throttle = ReadyThrottle(self._notify_ready) if notifier.sends else None
+        clock = db.dialect.clock_expression()
+        #: One publish to a new stream in one statement, without and with its
+        #: wake-up (None where the database cannot: see :mod:`.single_publish`).
+        self._single_publish: tuple[Any, Any] | None = None
+        if clock is not None:
+            self._single_publish = (
+                publish_statement(queries, clock, None),
+                publish_statement(queries, clock, notifier.expression)
+                if notifier.sends else None,
+            )
 
     # -- reading ---------------------------------------------------------------
 
@@ -218,6 +229,42 @@ class EventLog:
         self._wake(tx, recorded, states)
         tx.appended.extend(recorded)
         return recorded, states
+
+    def publish_new(
+        self, tx: Tx, stream: str, events: Sequence[lc.Event],
+        metadata: Mapping[str, Any] | None,
+    ) -> list[RecordedEvent] | None:
+        """Append ``events`` -- a publish's, decided on ``stream`` holding no
+        events -- with its derived rows and its wake-up in one statement, in
+        ``tx``; None (nothing sent) where that cannot be done, and
+        :class:`ConcurrencyConflict` if the stream has events after all."""
+        if self._single_publish is None or len(events) != 1:
+            return None
+        (event,) = events
+        if not isinstance(event, lc.Published):
+            return None
+        state = lc.evolve(fold(stream, ()), event)
+        row = _event_row(stream, 1, event, metadata, 0.0)
+        derived = derived_rows(
+            self.queries, recorded_after(row, event, 0, 0.0), {stream: state}
+        )
+        if derived is None:
+            return None
+        params = publish_parameters(row, *derived, now=self.db.injected_now())
+        ready = newly_queued([recorded_after(row, event, 0, 0.0)], {stream: state})
+        if ready and self.throttle is not None and tx.after_commit is not None:
+            ready, held = self.throttle.now(ready)
+            if held:
+                tx.after_commit.append(lambda: self.throttle.later(held))  # type: ignore[union-attr]
+        without_wakeup, with_wakeup = self._single_publish
+        statement = without_wakeup
+        if ready and with_wakeup is not None:
+            statement = with_wakeup
+            params.update(channel=self.channels.ready, queue=next(iter(ready)))
+        position, recorded_at = tx.conn.execute(statement, params).one()[:2]
+        recorded = [recorded_after(row, event, position, recorded_at)]
+        tx.appended.extend(recorded)
+        return recorded
 
     def _wake(
         self, tx: Tx, recorded: Sequence[RecordedEvent], states: Mapping[str, lc.JobState]

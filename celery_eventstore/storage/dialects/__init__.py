@@ -126,6 +126,12 @@ class Dialect:
         for each row read: a read that finds nothing leaves it to :meth:`begin`."""
         return [sa.null().label("tx_clock")]
 
+    def clock_expression(self) -> sa.ColumnElement[Any] | None:
+        """The database's clock in epoch seconds as SQL, where a statement that
+        writes may take its time from it (one publish in one statement); None
+        where the host's clock is the store's."""
+        return None
+
     def lock_stream(self, conn: sa.Connection, key: str) -> None:
         """Make other writers of one stream wait for this transaction instead of
         losing the version race after doing the same work (hot streams: chords)."""

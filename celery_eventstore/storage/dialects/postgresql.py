@@ -208,6 +208,9 @@ class PostgreSQLDialect(Dialect):
         sql = _RELAXED_BEGIN if relaxed else _CLOCK
         return float(conn.exec_driver_sql(sql).scalar_one())
 
+    def clock_expression(self) -> sa.ColumnElement[Any]:
+        return sa.extract("epoch", sa.func.clock_timestamp())
+
     def clock_columns(self, relaxed: sa.ColumnElement[bool]) -> list[sa.ColumnElement[Any]]:
         # As begin(), in the read: set_config(..., true) is SET LOCAL, and the
         # setting is only consulted at commit, so setting it late is as good.

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -126,6 +127,13 @@ class Notifier:
 
     def send(self, conn: sa.Connection, channel: str, payloads: Iterable[str]) -> None:
         """Wake listeners of ``channel`` when ``conn``'s transaction commits."""
+
+    def expression(
+        self, channel: sa.ColumnElement[str], payload: sa.ColumnElement[str]
+    ) -> sa.ColumnElement[Any] | None:
+        """:meth:`send` of one payload as an SQL expression, to fold into a
+        statement of the transaction; None where nothing is sent."""
+        return None
 
     def listen(self, target: sa.Engine, channels: Iterable[str]) -> Listener:
         """A listener on ``channels``; ``target`` is the engine to listen through

@@ -48,6 +48,11 @@ class PostgreSQLNotifier(Notifier):
         for payload in sorted(set(payloads)):
             conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
 
+    def expression(
+        self, channel: sa.ColumnElement[str], payload: sa.ColumnElement[str]
+    ) -> sa.ColumnElement[Any]:
+        return sa.func.pg_notify(channel, payload)
+
     def listen(self, target: sa.Engine, channels: Iterable[str]) -> Listener:
         return switchboard_for(target).subscribe(channels)
 
