@@ -144,11 +144,11 @@ class Routing:
             rows = tx.conn.execute(
                 self.queries.nominate_transient, {"queues": list(queues), "limit": limit}
             ).all()
-            if rows:
-                tx.conn.execute(self.queries.delete_transient, {"ids": [r.id for r in rows]})
-        return [
-            (r.queue, r.payload) for r in rows if r.expires_at is None or r.expires_at > tx.now
-        ]
+            if not rows:
+                return []
+            tx.conn.execute(self.queries.delete_transient, {"ids": [r.id for r in rows]})
+            now = tx.now  # read in the transaction (the clock may not be read yet)
+        return [(r.queue, r.payload) for r in rows if r.expires_at is None or r.expires_at > now]
 
     def transient_size(self, queue: str) -> int:
         with self.db.read() as conn:
