@@ -210,7 +210,9 @@ class EventLog:
             return [], states
         positions: Sequence[int]
         if read_positions or any(isinstance(e, _POSITIONED) for e in events):
-            positions = tx.conn.execute(self.queries.append_returning, rows).scalars().all()
+            positions = self.db.dialect.insert_numbered(
+                tx.conn, self.queries.append_returning, self.queries.append, rows
+            )
         else:
             tx.conn.execute(self.queries.append, rows)
             positions = [0] * len(rows)

@@ -230,6 +230,31 @@ class StoreContract:
         store.ack([m.ref for m in claimed])
         assert types(store, "task").count("Acked") == 2
 
+    def test_a_batch_publish_reports_the_positions_the_log_holds(self, store):
+        """The positions an append reports (commit watchers, queue order) are the
+        log's, for a batch of our own and one joined to a caller's transaction."""
+        watched = []
+        store.watch(watched.extend)
+        store.publish([msg("w0")])
+        store.publish([msg(f"w{i}") for i in range(1, 60)])
+        with store.transaction() as conn:
+            store.publish([msg(f"j{i}") for i in range(40)], connection=conn)
+            store.publish([msg(f"w{i}") for i in range(10)], connection=conn)
+        reported = {(r.stream, r.version): r.position for r in watched}
+        logged = {(r.stream, r.version): r.position for r in store.read_all(limit=1000)}
+        assert len(logged) == 110
+        assert {k: v for k, v in reported.items() if k in logged} == {
+            k: logged[k] for k in reported if k in logged
+        }
+        assert set(reported) <= set(logged)
+        # The queue's order (by the positions the projection was given) is the
+        # publishes' order, for the joined batches too.
+        claimed = store.claim(["q"], 200, "w", 30)
+        assert [m.stream for m in claimed] == (
+            [f"w{i}" for i in range(60)] + [f"j{i}" for i in range(40)]
+            + [f"w{i}" for i in range(10)]
+        )
+
     def test_decisions_read_no_message_bodies_and_claims_deliver_them(self, store, clock):
         big = {"body": "x" * 65536, "headers": {"task": "t"}}
         store.publish([NewMessage(stream="t", queue="q", message=big), msg("u")])

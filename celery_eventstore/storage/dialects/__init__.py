@@ -126,6 +126,14 @@ class Dialect:
         for each row read: a read that finds nothing leaves it to :meth:`begin`."""
         return [sa.null().label("tx_clock")]
 
+    def insert_numbered(
+        self, conn: sa.Connection, returning: sa.Executable, plain: sa.Executable,
+        rows: Sequence[dict[str, Any]],
+    ) -> list[int]:
+        """Insert ``rows`` into the log and return their positions, in the order of
+        ``rows`` (``returning`` reads them back; ``plain`` inserts without)."""
+        return list(conn.execute(returning, rows).scalars().all())
+
     def clock_expression(self) -> sa.ColumnElement[Any] | None:
         """The database's clock in epoch seconds as SQL, where a statement that
         writes may take its time from it (one publish in one statement); None

@@ -81,6 +81,23 @@ class SQLiteDialect(Dialect):
         )
         return sa.case((sa.and_(where, sa.func.json_valid(column)), blanked), else_=column)
 
+    def insert_numbered(
+        self, conn: sa.Connection, returning: sa.Executable, plain: sa.Executable,
+        rows: Sequence[dict[str, Any]],
+    ) -> list[int]:
+        # SQLAlchemy sends a RETURNING that must keep the rows' order one row at a
+        # time here.  Inside a transaction that has begun, the rows of one
+        # executemany take consecutive rowids (each the largest plus one; no other
+        # writer can come between once the first row is in): the last one's tells
+        # them all.  Outside one (a caller's connection in autocommit, or whose
+        # transaction the driver has not begun yet) each row would commit alone.
+        dbapi = conn.connection.dbapi_connection
+        if len(rows) == 1 or not getattr(dbapi, "in_transaction", False):
+            return list(conn.execute(returning, rows).scalars().all())
+        conn.execute(plain, rows)
+        last = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
+        return list(range(last - len(rows) + 1, last + 1))
+
     def upsert(
         self, table: sa.Table, columns: Sequence[str], keys: Sequence[str]
     ) -> sa.Executable:
