@@ -130,22 +130,6 @@ class Queries:
 
     def _deliveries(self, t: Tables, dialect: Dialect) -> None:
         msgs = t.messages
-        #: ``queue``, ``after``: the earliest ETA later than ``after`` of a
-        #: message waiting in that queue -- the first entry of the scheduled
-        #: index past it (PostgreSQL takes that plan once it has the table's
-        #: statistics; before, it may read the queue's scheduled rows and sort).
-        after = sa.bindparam("after", type_=msgs.c.not_before.type)
-        self.earliest_due = (
-            sa.select(msgs.c.not_before)
-            .where(
-                msgs.c.queue == sa.bindparam("queue"),
-                msgs.c.not_before.is_not(None),
-                msgs.c.not_before > after,
-                msgs.c.claim_id.is_(None),
-            )
-            .order_by(msgs.c.not_before)
-            .limit(1)
-        )
         #: ``stream``: the stream's deliveries still in the queue (quarantine).
         self.pending_of_stream = sa.select(msgs.c.delivery_id, msgs.c.queue).where(
             msgs.c.stream_id == sa.bindparam("stream")
@@ -253,6 +237,32 @@ class Queries:
             .order_by(candidates.c.priority.desc(), candidates.c.seq)
             .limit(limit)
         )
+
+    @functools.cache  # noqa: B019 - one Queries per store, a handful of queue counts
+    def earliest_due(self, queues: int) -> sa.Select[Any]:
+        """``queue_0`` .. ``queue_<queues - 1>``, ``after``: the earliest ETA later
+        than ``after`` of a message waiting in those queues, in one statement that
+        reads the first entry of each queue's scheduled index past it (a single
+        ``IN`` would read and sort every scheduled message of the queues)."""
+        msgs = self.tables.messages
+        after = sa.bindparam("after", type_=msgs.c.not_before.type)
+        arms = []
+        for i in range(queues):
+            first = (
+                sa.select(msgs.c.not_before)
+                .where(
+                    msgs.c.queue == sa.bindparam(f"queue_{i}", type_=msgs.c.queue.type),
+                    msgs.c.not_before.is_not(None),
+                    msgs.c.not_before > after,
+                    msgs.c.claim_id.is_(None),
+                )
+                .order_by(msgs.c.not_before)
+                .limit(1)
+                .subquery()
+            )
+            arms.append(sa.select(first.c.not_before))
+        firsts = sa.union_all(*arms).subquery()
+        return sa.select(sa.func.min(firsts.c.not_before))
 
     @staticmethod
     def nominate_params(queues: Sequence[str], now: float, limit: int) -> dict[str, Any]:
