@@ -116,10 +116,15 @@ class Queries:
                 where.append(ev.c.recorded_at >= sa.bindparam("since", type_=time))
             elif name == "until":
                 where.append(ev.c.recorded_at <= sa.bindparam("until", type_=time))
-            else:  # name, queue: the task index's columns
-                where.append(ev.c.stream_id.in_(
-                    sa.select(tasks.c.stream_id).where(tasks.c[name] == sa.bindparam(name))
-                ))
+            else:  # name, queue: the task index's columns, looked up per event (by
+                # its primary key) as the log is walked from one end: the set of all
+                # a common name's streams is never built.
+                where.append(
+                    sa.select(tasks.c.stream_id)
+                    .where(tasks.c.stream_id == ev.c.stream_id,
+                           tasks.c[name] == sa.bindparam(name))
+                    .exists()
+                )
         order = ev.c.position.desc() if newest_first else ev.c.position
         return (
             self._events.where(*where).order_by(order)
