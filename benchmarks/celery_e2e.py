@@ -29,9 +29,9 @@ Usage::
     python benchmarks/celery_e2e.py --runs 3 --json e2e.json
     python benchmarks/celery_e2e.py --only eventstore+postgresql,redis
 
-Needs PostgreSQL (``$CELERY_EVENTSTORE_TEST_POSTGRESQL_URL``), Redis (database 15
-is flushed) and RabbitMQ on 127.0.0.1; a peer that cannot be reached is reported,
-not measured.
+Needs PostgreSQL (``$CELERY_EVENTSTORE_TEST_POSTGRESQL_URL``), Redis (database 15,
+``$E2E_REDIS_URL``, is flushed) and RabbitMQ (``$E2E_AMQP_URL``) on 127.0.0.1; a
+peer that cannot be reached is reported, not measured.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ import sqlalchemy as sa
 HERE = Path(__file__).resolve().parent
 PG = os.environ.get("CELERY_EVENTSTORE_TEST_POSTGRESQL_URL",
                     "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-REDIS = "redis://127.0.0.1:6379/15"
-AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+REDIS = os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/15")
+AMQP = os.environ.get("E2E_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 PEERS = ("eventstore+postgresql", "eventstore+sqlite", "redis", "rabbitmq", "sqla+postgresql")
 #: The issue's worker + database CPU per task with results on PostgreSQL, µs.
 BASELINE_CPU_US = 4440 + 1592
@@ -380,7 +380,7 @@ def eventstore_postgresql(run: str, workdir: Path) -> Peer:
         conn = engine.raw_connection()  # the driver's own connection: no SQLAlchemy per row
         try:
             cur = conn.cursor()
-            cur.execute(f'CREATE TABLE "{schema}".raw_commit'
+            cur.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".raw_commit'
                         " (id bigserial PRIMARY KEY, data jsonb)")
             conn.commit()
             insert = f'INSERT INTO "{schema}".raw_commit (data) VALUES (%s)'
@@ -408,7 +408,8 @@ def eventstore_sqlite(run: str, workdir: Path) -> Peer:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("CREATE TABLE raw_commit (id INTEGER PRIMARY KEY, data TEXT)")
+            conn.execute("CREATE TABLE IF NOT EXISTS raw_commit"
+                         " (id INTEGER PRIMARY KEY, data TEXT)")
             conn.commit()
 
             def once() -> None:
@@ -657,7 +658,13 @@ def measure(peer: Peer, counts: Counts, workdir: Path, out: dict[str, Any]) -> N
             progress(peer, "worker")
             worker = Worker(peer, trace, q["idle"])
         progress(peer, f"publish {counts.publish}")
+        # The raw commits are taken just before and just after the publishes, so
+        # both see the same disk and the same load.
+        raw = peer.raw_commit(counts.raw_commits // 2) if peer.raw_commit else []
         out.update(publish(client, counts.publish))
+        if peer.raw_commit:
+            raw += peer.raw_commit(counts.raw_commits - counts.raw_commits // 2)
+            out.update(ms(raw, "raw commit"))
         progress(peer, f"{PRODUCERS} producers x {counts.producer}")
         out.update(producers(peer, workdir, counts.producer))
         filled = 1 + counts.publish + PRODUCERS * counts.producer
@@ -686,9 +693,6 @@ def measure(peer: Peer, counts: Counts, workdir: Path, out: dict[str, Any]) -> N
         if peer.atomic_url:
             progress(peer, f"atomic() x {counts.atomic_blocks}")
             out.update(atomic_blocks(client, peer, counts.atomic_blocks))
-        if peer.raw_commit:
-            progress(peer, "raw INSERT + COMMIT")
-            out.update(ms(peer.raw_commit(counts.raw_commits), "raw commit"))
     finally:
         if worker is not None:
             worker.stop()
