@@ -24,7 +24,7 @@ then the ratios of the event store to Redis and RabbitMQ, and the issue's target
 
 Usage::
 
-    python benchmarks/celery_e2e.py                    # all peers, ~5-8 minutes
+    python benchmarks/celery_e2e.py                    # all peers, ~4-5 minutes
     python benchmarks/celery_e2e.py --quick            # small counts, under 2 minutes
     python benchmarks/celery_e2e.py --runs 3 --json e2e.json
     python benchmarks/celery_e2e.py --only eventstore+postgresql,redis
