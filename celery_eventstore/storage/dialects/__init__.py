@@ -113,6 +113,14 @@ class Dialect:
         """Make other writers of one stream wait for this transaction instead of
         losing the version race after doing the same work (hot streams: chords)."""
 
+    def lock_streams(self, conn: sa.Connection, keys: Sequence[str], *, shared: bool) -> None:
+        """Take a lock per name until the transaction ends, shared (many holders)
+        or not (one), in one order whatever the caller's, so takers never deadlock."""
+
+    def partitioned(self, conn: sa.Connection, table: sa.Table) -> bool:
+        """Whether ``table`` is partitioned (PostgreSQL declarative partitioning)."""
+        return False
+
     def lock_log(self, conn: sa.Connection, table: sa.Table) -> None:
         """Hold off writers to the log for the rest of the transaction (rebuild)."""
 
