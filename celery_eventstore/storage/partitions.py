@@ -29,6 +29,7 @@ for at most about that long.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import re
 import time
@@ -127,7 +128,7 @@ class Partitions:
                 logger.warning("events of %s are in the DEFAULT partition: not made",
                                self.name_of(day))
                 continue
-            self._ddl(lambda conn, day=day: conn.exec_driver_sql(self._create_sql(conn, day)))
+            self._ddl(functools.partial(self._create, day))
             made.append(self.name_of(day))
         return made
 
@@ -137,9 +138,9 @@ class Partitions:
         with self.db.read() as conn:
             return conn.execute(query).first() is not None
 
-    def _create_sql(self, conn: sa.Connection, day: int) -> str:
+    def _create(self, day: int, conn: sa.Connection) -> None:
         parent = conn.dialect.identifier_preparer.format_table(self.events)
-        return (
+        conn.exec_driver_sql(
             f"CREATE TABLE IF NOT EXISTS {self._quoted(conn, self.name_of(day))} "
             f"PARTITION OF {parent} FOR VALUES FROM ({day}) TO ({day + 1}) "
             f"WITH ({PARTITION_SETTINGS})"
@@ -175,12 +176,12 @@ class Partitions:
 
     def _drop(self, name: str, before: float) -> int:
         part = self._table(name)
-        while streams := self.db.retrying(lambda: self._live(part, before)):
-            self.db.retrying(lambda streams=streams: self._move(part, streams))
+        while live := self._live(part, before):
+            self.db.retrying(functools.partial(self._move, part, live))
         forgotten = 0
         after = ""
         while streams := self._streams_after(part, after):
-            self.db.retrying(lambda streams=streams: self._forget(streams))
+            self.db.retrying(functools.partial(self._forget, streams))
             forgotten += len(streams)
             after = streams[-1]
         self._ddl(lambda conn: conn.exec_driver_sql(f"DROP TABLE {self._quoted(conn, name)}"))
@@ -204,7 +205,7 @@ class Partitions:
 
     def _move(self, part: sa.TableClause, streams: list[str]) -> None:
         """Move ``streams`` from ``part`` to today's partition, same positions."""
-        wanted = sa.bindparam("streams", expanding=True)
+        wanted: sa.BindParameter[str] = sa.bindparam("streams", expanding=True)
         with self.db.write() as tx:
             self.db.dialect.lock_streams(tx.conn, self.log.move_keys(streams), shared=False)
             rows = sa.select(
@@ -227,7 +228,7 @@ class Partitions:
 
     def _forget(self, streams: list[str]) -> None:
         """Delete the derived rows of streams about to be dropped."""
-        wanted = sa.bindparam("streams", expanding=True)
+        wanted: sa.BindParameter[str] = sa.bindparam("streams", expanding=True)
         with self.db.write() as tx:
             for table in self.tables.projections:
                 tx.conn.execute(

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from . import (
+    partitioned_log,
     v0001_log_and_queue,
     v0002_routing,
     v0003_results,
@@ -39,7 +40,6 @@ from . import (
     v0006_chords,
     v0007_birth_day,
 )
-from . import partitioned_log
 
 if TYPE_CHECKING:
     from ..dialects import Dialect
