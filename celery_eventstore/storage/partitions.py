@@ -203,13 +203,15 @@ class Partitions:
         with self.db.read() as conn:
             return list(conn.execute(query).scalars())
 
-    def _move(self, part: sa.TableClause, streams: list[str]) -> None:
-        """Move ``streams`` from ``part`` to today's partition, same positions."""
+    def _move(self, part: sa.TableClause, streams: list[str], born: int | None = None) -> None:
+        """Move ``streams`` from ``part`` to today's partition (or day ``born``'s),
+        same positions."""
         wanted: sa.BindParameter[str] = sa.bindparam("streams", expanding=True)
         with self.db.write() as tx:
             self.db.dialect.lock_streams(tx.conn, self.log.move_keys(streams), shared=False)
             rows = sa.select(
-                *(part.c[c] for c in _COLUMNS), sa.literal(birth_day(tx.now), sa.Integer)
+                *(part.c[c] for c in _COLUMNS),
+                sa.literal(birth_day(tx.now) if born is None else born, sa.Integer),
             ).where(part.c.stream_id.in_(wanted))
             tx.conn.execute(
                 self.events.insert().from_select([*_COLUMNS, "born"], rows), {"streams": streams}
