@@ -208,3 +208,35 @@ def test_streams_moved_while_consumers_claim_are_delivered_once(postgresql_db):
     store.rebuild()
     assert pruned_rows == store.projection_rows()
     store.close()
+
+
+def run_cli(url: str, schema: str, *args: str) -> str:
+    from click.testing import CliRunner
+
+    from celery_eventstore.cli import eventstore as cli
+
+    result = CliRunner().invoke(cli, ["--url", url, "--schema", schema, *args],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_the_cli_creates_a_partitioned_log_and_maintains_it(postgresql_db):
+    url, options = postgresql_db
+    schema = options["schema"]
+    assert "PARTITION BY RANGE (born)" in run_cli(
+        url, schema, "migrate", "--sql", "--partitioned-log"
+    )
+    assert run_cli(url, schema, "migrate", "--partitioned-log").startswith("schema at version")
+    out = run_cli(url, schema, "maintain", "--days", "2")
+    assert out.count("made ") == 3 and out.endswith("3 daily partitions (3 made)\n")
+    assert run_cli(url, schema, "maintain", "--days", "2") == "3 daily partitions (0 made)\n"
+    assert run_cli(url, schema, "prune", "--older-than", "30d") == "pruned 0 streams\n"
+
+
+def test_maintain_on_an_unpartitioned_log_does_nothing(postgresql_db):
+    url, options = postgresql_db
+    run_cli(url, options["schema"], "migrate")
+    assert run_cli(url, options["schema"], "maintain") == (
+        "the log is not partitioned: nothing to do\n"
+    )
