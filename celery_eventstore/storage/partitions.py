@@ -152,6 +152,9 @@ class Partitions:
         for tries in range(DDL_TRIES):
             try:
                 with self.db.translate_errors(), self.db.engine.begin() as conn:
+                    # Workers making the same day at once take turns (IF NOT EXISTS
+                    # alone still races on the catalog).
+                    self.db.dialect.lock_migrations(conn, f"{self.schema}.{self.prefix}:days")
                     conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
                     statement(conn)
                     return

@@ -240,3 +240,36 @@ def test_maintain_on_an_unpartitioned_log_does_nothing(postgresql_db):
     assert run_cli(url, options["schema"], "maintain") == (
         "the log is not partitioned: nothing to do\n"
     )
+
+
+def test_a_workers_sweep_makes_the_coming_days_once_in_a_while(make_store):
+    clock = FakeClock(1_800_000_000.0)
+    store = make_store(clock=clock)
+    assert store.partitions.days() == []
+    store.sweep()
+    today = birth_day(clock.now)
+    assert store.partitions.days() == list(range(today, today + 8))
+    clock.advance(DAY)
+    store.sweep()  # not due yet in this process (twice a day by its own clock)
+    assert store.partitions.days() == list(range(today, today + 8))
+
+
+def test_workers_making_the_same_days_at_once_take_turns(make_store):
+    import threading
+
+    stores = [make_store() for _ in range(4)]
+    errors = []
+
+    def make(store):
+        try:
+            store.maintain(5)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(stores[0].partitions.days()) == 6
