@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from ..exceptions import DatabaseUnavailable
 from .database import Database
@@ -233,9 +234,10 @@ class Partitions:
 
     def _forget(self, streams: list[str]) -> None:
         """Delete the derived rows of streams about to be dropped."""
-        wanted: sa.BindParameter[str] = sa.bindparam("streams", expanding=True)
+        # One array parameter: thousands of bound values cost more to send than to delete.
+        wanted = sa.any_(sa.bindparam("streams", type_=ARRAY(sa.String)))
         with self.db.write() as tx:
             for table in self.tables.projections:
                 tx.conn.execute(
-                    table.delete().where(table.c.stream_id.in_(wanted)), {"streams": streams}
+                    table.delete().where(table.c.stream_id == wanted), {"streams": streams}
                 )
