@@ -154,7 +154,7 @@ class EventStore:
         self.auto_migrate = auto_migrate
         self.tables: Tables = make_tables(table_prefix, schema)
         self.names = Names(self.tables)
-        if partitioned_log and not self.db.dialect.name == "postgresql":
+        if partitioned_log and not self.db.dialect.can_partition:
             raise ConfigurationError(
                 f"partitioned_log needs PostgreSQL; {self.db.dialect.name} keeps one log table"
             )

@@ -31,6 +31,8 @@ class Dialect:
     #: Seconds a long job of many transactions (prune) leaves between them, so
     #: writers waiting for a single-writer database's lock get it.
     writer_pause = 0.0
+    #: The log can be partitioned by day (``partitioned_log``).
+    can_partition = False
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         return url

@@ -83,6 +83,7 @@ def _lock_key(key: str) -> int:
 
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
+    can_partition = True
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         if url.drivername == "postgresql":
