@@ -61,9 +61,12 @@ class Deliveries:
         # New streams need no read: version 1 is free, or the insert loses on the
         # (stream, version) key and the retry reads.  Not where a failed insert
         # cannot be rolled back alone (a caller's SQLite transaction).
+        # Not on a partitioned log either: a stream born on another day would not
+        # collide on (stream_id, version, born).
         guess = [
             all(m.new_stream for m, _ in prepared)
             and (connection is None or self.db.dialect.atomic_join)
+            and not self.log.partitioned
         ]
 
         def attempt() -> list[str]:

@@ -49,7 +49,7 @@ class Queries:
             ev.c.position, ev.c.stream_id, ev.c.version, ev.c.type,
             sa.type_coerce(ev.c.data, sa.Text).label("data"),
             sa.type_coerce(ev.c.metadata, sa.Text).label("metadata"),
-            ev.c.recorded_at,
+            ev.c.recorded_at, ev.c.born,
         )
         self._events = events
         #: ``since``: the first position recorded then or later (None: none is).
@@ -94,6 +94,11 @@ class Queries:
                 .where(field == sa.bindparam("value", type_=sa.Text), field != ev.c.stream_id)
                 .distinct()
             )
+        #: ``stream``: the stream's birth day (None: no event, or none recorded).
+        self.stream_born = (
+            sa.select(ev.c.born).where(ev.c.stream_id == sa.bindparam("stream"))
+            .order_by(ev.c.version).limit(1)
+        )
         self.append = ev.insert()
         self.append_returning = ev.insert().returning(
             ev.c.position, sort_by_parameter_order=True
@@ -181,6 +186,8 @@ class Queries:
         self.chord_snapshot = sa.select(
             sa.select(sa.func.max(ev.c.version)).where(ev.c.stream_id == stream)
             .scalar_subquery().label("logged"),
+            sa.select(ev.c.born).where(ev.c.stream_id == stream).order_by(ev.c.version)
+            .limit(1).scalar_subquery().label("born"),
             of_chord(ch.c.version, "version"),
             of_chord(ch.c.counted, "counted"),
             of_chord(ch.c.completed, "completed"),
