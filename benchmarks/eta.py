@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from celery_e2e import Peer, Worker, peers, read_marks, run_client
+from e2e_rig import Peer, Worker, peers, read_marks, run_client
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from celery_e2e import PG, Peer, env_for, read_marks, run_client
+from e2e_rig import PG, Peer, env_for, read_marks, run_client
 
 REDIS = "redis://127.0.0.1:6379/14"
 #: The workers' connections carry this application_name, so the sampler sees only theirs.

@@ -67,6 +67,7 @@ import celery_eventstore  # noqa: E402
 from celery_eventstore import lifecycle as lc  # noqa: E402
 from celery_eventstore.storage import (  # noqa: E402
     EventStore,
+    LogFilter,
     NewMessage,
     Outcome,
     describe_connection,
@@ -569,6 +570,40 @@ def bench_history(target: Target, cfg: Config, report: DialectReport) -> None:
                 cfg,
             )
         report.results += [report.control_fresh, report.control_filled]
+        bench_reads(target, store, counter, queue, cfg, report)
+
+
+def bench_reads(
+    target: Target, store: EventStore, counter: Counter, queue: str, cfg: Config,
+    report: DialectReport,
+) -> None:
+    """What the CLI reads on the filled log: ``tail``'s start (the newest events,
+    all or of one queue), the last position (``tail -f``'s start), one task's
+    history, and ``history --tree``'s lookup of a canvas by its root."""
+    ids = Ids("tree")
+    root = ids()
+    # A small canvas published after the fill: its root's tree is found by index.
+    store.publish([
+        NewMessage(stream=root if i == 0 else ids(), queue=queue, message=PAYLOAD,
+                   metadata={"root_id": root})
+        for i in range(10)
+    ])
+    middle = store.read_log(after=store.last_position() // 2, limit=1)[0].stream
+    filled = f"{report.filled:,} settled"
+    reads: list[tuple[str, Callable[[], int]]] = [
+        ("tail: newest 50 events",
+         lambda: int(len(store.read_log(limit=50, newest_first=True)) == 50)),
+        ("tail --queue: newest 50 of a queue",
+         lambda: int(len(store.read_log(LogFilter(queue=queue), limit=50, newest_first=True))
+                     == 50)),
+        ("tail -f start: last position", lambda: int(store.last_position() > 0)),
+        ("history: one task's stream", lambda: int(bool(store.read_stream(middle)))),
+        ("history --tree: streams of a root",
+         lambda: int(len(store.streams_linked("root_id", root)) >= 9)),
+    ]
+    for name, op in reads:
+        work = Workload(target.label, f"{name}, {filled}", "reads", op, counter)
+        report.results.append(measure(work, cfg))
 
 
 def dbapi_connect(url: sa.URL) -> Any:

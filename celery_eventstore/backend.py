@@ -33,7 +33,8 @@ store never decodes one.
   ``history_retention`` is set (default: never), or by ``celery-eventstore prune``.
 
 Options come from ``result_backend_transport_options`` (``table_prefix``,
-``schema``, ``auto_migrate``, ``notify``, ``listen_url``; ``history_retention``:
+``schema``, ``auto_migrate``, ``notify``, ``listen_url``, ``partitioned_log``;
+``history_retention``:
 seconds or a ``timedelta``); give them the broker's values when both share a database.
 """
 
@@ -76,7 +77,7 @@ logger = logging.getLogger(__name__)
 
 STORE_OPTIONS = (
     "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "listen_url", "async_commit",
-    "engine_options",
+    "engine_options", "partitioned_log",
 )
 
 

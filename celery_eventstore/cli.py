@@ -99,7 +99,7 @@ def eventstore(ctx: click.Context, url: str | None, table_prefix: str | None,
     if app is not None and url is None:
         url = app.conf.broker_url
         transport = app.conf.broker_transport_options or {}
-        for key in ("table_prefix", "schema"):
+        for key in ("table_prefix", "schema", "partitioned_log"):
             if key in transport and key not in options:
                 options[key] = transport[key]
     ctx.obj = _Context(url, options)
@@ -111,9 +111,13 @@ def _store(ctx: click.Context) -> EventStore:
 
 @eventstore.command()
 @click.option("--sql", is_flag=True, help="print the SQL for a DBA instead of running it")
+@click.option("--partitioned-log", is_flag=True,
+              help="create the log partitioned by day (PostgreSQL; only when creating it)")
 @click.pass_context
-def migrate(ctx: click.Context, sql: bool) -> None:
+def migrate(ctx: click.Context, sql: bool, partitioned_log: bool) -> None:
     """Create or upgrade the schema."""
+    if partitioned_log:
+        ctx.find_object(_Context).options["partitioned_log"] = True  # type: ignore[union-attr]
     store = _store(ctx)
     if sql:
         version = store.schema_version()
@@ -644,6 +648,22 @@ def prune(ctx: click.Context, older_than: str, batch: int, dry_run: bool) -> Non
         pruned = store.prune(before=cutoff, batch=batch, progress=progress, dry_run=dry_run)
     click.echo(f"would prune {pruned} streams (dry run: nothing deleted)" if dry_run
                else f"pruned {pruned} streams")
+
+
+@eventstore.command()
+@click.option("--days", default=7, show_default=True, type=click.IntRange(min=0),
+              help="make the partitions of today and this many days after it")
+@click.pass_context
+def maintain(ctx: click.Context, days: int) -> None:
+    """Make the partitions of the coming days (a partitioned log; workers do it too)."""
+    store = _store(ctx)
+    if not store.partitioned:
+        click.echo("the log is not partitioned: nothing to do")
+        return
+    made = store.maintain(days)
+    for name in made:
+        click.echo(f"made {name}")
+    click.echo(f"{len(store.partitions.days())} daily partitions ({len(made)} made)")
 
 
 @eventstore.command()

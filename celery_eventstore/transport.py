@@ -62,8 +62,10 @@ Transport Options
   database for the process's one LISTEN connection, when the broker URL goes
   through PgBouncer),
   ``max_message_size``, ``async_commit`` (default True: claims, acks and lease
-  renewals do not wait for the disk; publishes and results always do): passed
-  to the store.
+  renewals do not wait for the disk; publishes and results always do),
+  ``partitioned_log`` (PostgreSQL: create the log partitioned by day, when the
+  first worker creates the schema; workers then make the coming days' partitions
+  twice a day): passed to the store.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ CONTROL_CONTENT_TYPES = ("application/json", "application/x-msgpack", "applicati
 
 STORE_OPTIONS = (
     "table_prefix", "schema", "auto_migrate", "notify", "wakeup", "listen_url",
-    "max_message_size", "async_commit", "engine_options",
+    "max_message_size", "async_commit", "engine_options", "partitioned_log",
 )
 
 

@@ -127,6 +127,11 @@ class JobState:
     #: state folded from bare events).  Not part of the model -- events carry no
     #: time -- it lets the store record a stream's times without running backwards.
     recorded_until: float = field(default=0.0, compare=False)
+    #: The stream's birth day as the store read it (None for a new stream, or one
+    #: older than the day was recorded).  Not part of the model either: the store
+    #: appends every event of a stream with its first event's, so the stream stays
+    #: in one partition of a partitioned log.
+    born: int | None = field(default=None, compare=False)
 
     rules: ClassVar[Rules]
 

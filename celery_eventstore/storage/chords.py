@@ -32,7 +32,7 @@ def chord_snapshot(
     row = conn.execute(queries.chord_snapshot, {"stream": stream, "task": task_id}).one()
     logged = int(row.logged or 0)
     if row.version is None:
-        return lc.ChordState(stream=stream) if logged == 0 else None
+        return lc.ChordState(stream=stream, born=row.born) if logged == 0 else None
     if int(row.version) != logged:
         return None
     return lc.ChordState(
@@ -41,6 +41,7 @@ def chord_snapshot(
         parts=frozenset([task_id]) if row.known else frozenset(),
         counted=int(row.counted),
         completed=bool(row.completed),
+        born=row.born,
     )
 
 

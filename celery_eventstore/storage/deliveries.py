@@ -61,9 +61,12 @@ class Deliveries:
         # New streams need no read: version 1 is free, or the insert loses on the
         # (stream, version) key and the retry reads.  Not where a failed insert
         # cannot be rolled back alone (a caller's SQLite transaction).
+        # Not on a partitioned log either: a stream born on another day would not
+        # collide on (stream_id, version, born).
         guess = [
             all(m.new_stream for m, _ in prepared)
             and (connection is None or self.db.dialect.atomic_join)
+            and not self.log.partitioned
         ]
 
         def attempt() -> list[str]:
@@ -163,17 +166,14 @@ class Deliveries:
         """The earliest ETA later than ``after`` (epoch seconds, the store's clock)
         of a message waiting in ``queues``, or None: when a consumer of them has
         something to claim next if nothing wakes it sooner."""
-        dues = []
+        names = sorted(set(queues))
+        if not names:
+            return None
+        queries = self.log.queries
+        params = {"after": after, **{f"queue_{i}": q for i, q in enumerate(names)}}
         with self.db.read() as conn:
-            # One index lookup per queue: a single IN query would read and sort
-            # every scheduled message of those queues to find the first.
-            for queue in sorted(set(queues)):
-                due = conn.execute(
-                    self.log.queries.earliest_due, {"queue": queue, "after": after}
-                ).scalar()
-                if due is not None:
-                    dues.append(float(due))
-        return min(dues, default=None)
+            due = conn.execute(queries.earliest_due(len(names)), params).scalar()
+        return None if due is None else float(due)
 
     def ack(self, refs: Sequence[ClaimRef]) -> dict[str, Outcome]:
         """Record that the claims' holders finished; stale claims write nothing."""

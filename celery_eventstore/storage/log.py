@@ -31,6 +31,9 @@ from .single_publish import derived_rows, publish_parameters, publish_statement,
 #: events and their metadata.
 Pending = list[tuple[lc.JobState, Sequence[lc.Event], Mapping[str, Any] | None]]
 
+#: A day, the unit of ``born``.
+SECONDS_PER_DAY = 86400
+
 #: Events whose projection records their log position.
 _POSITIONED = (lc.Published, lc.DeadLettered, lc.Quarantined)
 
@@ -61,6 +64,10 @@ class EventLog:
                 publish_statement(queries, clock, notifier.expression)
                 if notifier.sends else None,
             )
+        #: The log is partitioned by birth day (found when the schema is checked):
+        #: writers then hold their streams against a prune moving them (see
+        #: :meth:`hold_streams`).
+        self.partitioned = False
 
     # -- reading ---------------------------------------------------------------
 
@@ -81,18 +88,24 @@ class EventLog:
             event=event,
             metadata=metadata if isinstance(metadata, Mapping) else None,
             recorded_at=row.recorded_at,
+            born=getattr(row, "born", None),
         )
 
     def read_streams(
-        self, conn: sa.Connection | Tx, streams: Iterable[str], *, bodies: bool = False
+        self, conn: sa.Connection | Tx, streams: Iterable[str], *, bodies: bool = False,
+        hold: bool = True,
     ) -> dict[str, list[RecordedEvent]]:
         """Every event of ``streams``; without ``bodies``, as a decision reads
         them: message bodies ``None`` and no metadata (see ``Queries.read_streams``).
-        Given a write transaction still without its clock, the read brings it."""
+        Given a write transaction still without its clock, the read brings it.
+        ``hold``: the read is for a write (the default), so on a partitioned log
+        the streams are held first."""
         wanted = sorted(set(streams))
         found: dict[str, list[RecordedEvent]] = {s: [] for s in wanted}
         if not wanted:
             return found
+        if hold:
+            self.hold_streams(conn.conn if isinstance(conn, Tx) else conn, wanted)
         if bodies:
             assert isinstance(conn, sa.Connection)
             rows = conn.execute(self.queries.read_streams_whole, {"streams": wanted})
@@ -133,12 +146,12 @@ class EventLog:
     def read_stream(self, stream: str) -> list[RecordedEvent]:
         """Every event of one stream, oldest first."""
         with self.db.read() as conn:
-            return self.read_streams(conn, [stream], bodies=True)[stream]
+            return self.read_streams(conn, [stream], bodies=True, hold=False)[stream]
 
     def load(self, stream: str) -> lc.JobState:
         """One stream folded into its current state."""
         with self.db.read() as conn:
-            return fold(stream, self.read_streams(conn, [stream])[stream])
+            return fold(stream, self.read_streams(conn, [stream], hold=False)[stream])
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Events of every stream with a position above ``after``, in log order."""
@@ -186,6 +199,19 @@ class EventLog:
             statement = self.queries.log_page(tuple(sorted(given)), newest_first)
             rows = conn.execute(statement, {**given, "after": after, "limit": limit})
             return [self.recorded(row) for row in rows]
+
+    def hold_streams(self, conn: sa.Connection, streams: Sequence[str]) -> None:
+        """On a partitioned log, keep a prune from moving ``streams`` to another
+        partition until this transaction ends (a shared lock per stream, which
+        writers never wait for among themselves): an append must go to the
+        partition its read found the stream in, or ``(stream_id, version, born)``
+        would let two appends of one version in."""
+        if self.partitioned:
+            self.db.dialect.lock_streams(conn, self.move_keys(streams), shared=True)
+
+    def move_keys(self, streams: Iterable[str]) -> list[str]:
+        """The lock names that guard ``streams`` against a move."""
+        return [f"{self.channels.namespace}moving:{s}" for s in streams]
 
     def last_position(self) -> int:
         """The log's highest position (0 when it is empty)."""
@@ -246,7 +272,7 @@ class EventLog:
         if not isinstance(event, lc.Published):
             return None
         state = lc.evolve(fold(stream, ()), event)
-        row = _event_row(stream, 1, event, metadata, 0.0)
+        row = _event_row(stream, 1, event, metadata, 0.0, 0)  # time and day: the statement's
         derived = derived_rows(
             self.queries, recorded_after(row, event, 0, 0.0), {stream: state}
         )
@@ -300,8 +326,9 @@ class EventLog:
             return []
         versions = [version + offset for offset in range(1, len(events) + 1)]
         at = max(tx.now, after)
+        born = tx.conn.execute(self.queries.stream_born, {"stream": error.stream}).scalar()
         rows = [
-            _event_row(error.stream, v, event, None, at)
+            _event_row(error.stream, v, event, None, at, birth_day(at) if born is None else born)
             for v, event in zip(versions, events, strict=True)
         ]
         positions = tx.conn.execute(self.queries.append_returning, rows).scalars().all()
@@ -364,6 +391,7 @@ class EventLog:
                 if lc.stream_kind(stream) is lc.StreamKind.CHORD:  # many writers, one stream
                     self.db.dialect.lock_stream(tx.conn, self.channels.namespace + stream)
                 if isinstance(command, lc.CountChordPart):
+                    self.hold_streams(tx.conn, [stream])  # its snapshot reads no stream
                     state = self._chord_state(tx.conn, stream, command.task_id)
                 else:
                     state = self.load_all(tx, [stream])[stream]
@@ -399,7 +427,10 @@ def fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:
             raise UnreadableStream(stream, rec.position, rec.event.reason)
     state = lc.fold(stream, (rec.event for rec in recorded))
     if recorded:
-        state = lc.replace(state, recorded_until=max(rec.recorded_at for rec in recorded))
+        state = lc.replace(
+            state, recorded_until=max(rec.recorded_at for rec in recorded),
+            born=recorded[0].born,
+        )
     return state
 
 
@@ -441,11 +472,14 @@ def _rows(
     states: dict[str, lc.JobState] = {}
     for state, decided_events, metadata in pending:
         at = recorded_time(state, now)
+        born = birth_day(at) if state.born is None else state.born
         for offset, event in enumerate(decided_events, start=1):
-            rows.append(_event_row(state.stream, state.version + offset, event, metadata, at))
+            rows.append(
+                _event_row(state.stream, state.version + offset, event, metadata, at, born)
+            )
             events.append(event)
         states[state.stream] = lc.replace(
-            evolve_all(state, decided_events), recorded_until=at
+            evolve_all(state, decided_events), recorded_until=at, born=born
         )
     return rows, events, states
 
@@ -462,11 +496,18 @@ def recorded_time(state: lc.JobState, now: float) -> float:
     return max(now, state.recorded_until)
 
 
+def birth_day(at: float) -> int:
+    """The day (since the epoch, UTC) of a time: a new stream's ``born``."""
+    return int(at // SECONDS_PER_DAY)
+
+
 def _event_row(
-    stream: str, version: int, event: lc.Event, metadata: Mapping[str, Any] | None, now: float
+    stream: str, version: int, event: lc.Event, metadata: Mapping[str, Any] | None,
+    now: float, born: int,
 ) -> dict[str, Any]:
     """The log row of one event."""
     return {
+        "born": born,
         "stream_id": stream,
         "version": version,
         "type": lc.event_type(event),

@@ -49,7 +49,7 @@ class Queries:
             ev.c.position, ev.c.stream_id, ev.c.version, ev.c.type,
             sa.type_coerce(ev.c.data, sa.Text).label("data"),
             sa.type_coerce(ev.c.metadata, sa.Text).label("metadata"),
-            ev.c.recorded_at,
+            ev.c.recorded_at, ev.c.born,
         )
         self._events = events
         #: ``since``: the first position recorded then or later (None: none is).
@@ -76,7 +76,7 @@ class Queries:
                     sa.Text,
                 ).label("data"),
                 sa.null().label("metadata"),
-                ev.c.recorded_at,
+                ev.c.recorded_at, ev.c.born,
                 # ``relaxed`` (default false): the writing transaction's clock comes
                 # with its first read (see Dialect.clock_columns).
                 *dialect.clock_columns(
@@ -115,6 +115,11 @@ class Queries:
                 .where(field == sa.bindparam("value", type_=sa.Text), field != ev.c.stream_id)
                 .distinct()
             )
+        #: ``stream``: the stream's birth day (None: no event, or none recorded).
+        self.stream_born = (
+            sa.select(ev.c.born).where(ev.c.stream_id == sa.bindparam("stream"))
+            .order_by(ev.c.version).limit(1)
+        )
         self.append = ev.insert()
         self.append_returning = ev.insert().returning(
             ev.c.position, sort_by_parameter_order=True
@@ -137,10 +142,15 @@ class Queries:
                 where.append(ev.c.recorded_at >= sa.bindparam("since", type_=time))
             elif name == "until":
                 where.append(ev.c.recorded_at <= sa.bindparam("until", type_=time))
-            else:  # name, queue: the task index's columns
-                where.append(ev.c.stream_id.in_(
-                    sa.select(tasks.c.stream_id).where(tasks.c[name] == sa.bindparam(name))
-                ))
+            else:  # name, queue: the task index's columns, looked up per event (by
+                # its primary key) as the log is walked from one end: the set of all
+                # a common name's streams is never built.
+                where.append(
+                    sa.select(tasks.c.stream_id)
+                    .where(tasks.c.stream_id == ev.c.stream_id,
+                           tasks.c[name] == sa.bindparam(name))
+                    .exists()
+                )
         order = ev.c.position.desc() if newest_first else ev.c.position
         return (
             self._events.where(*where).order_by(order)
@@ -151,22 +161,6 @@ class Queries:
 
     def _deliveries(self, t: Tables, dialect: Dialect) -> None:
         msgs = t.messages
-        #: ``queue``, ``after``: the earliest ETA later than ``after`` of a
-        #: message waiting in that queue -- the first entry of the scheduled
-        #: index past it (PostgreSQL takes that plan once it has the table's
-        #: statistics; before, it may read the queue's scheduled rows and sort).
-        after = sa.bindparam("after", type_=msgs.c.not_before.type)
-        self.earliest_due = (
-            sa.select(msgs.c.not_before)
-            .where(
-                msgs.c.queue == sa.bindparam("queue"),
-                msgs.c.not_before.is_not(None),
-                msgs.c.not_before > after,
-                msgs.c.claim_id.is_(None),
-            )
-            .order_by(msgs.c.not_before)
-            .limit(1)
-        )
         #: ``stream``: the stream's deliveries still in the queue (quarantine).
         self.pending_of_stream = sa.select(msgs.c.delivery_id, msgs.c.queue).where(
             msgs.c.stream_id == sa.bindparam("stream")
@@ -213,6 +207,8 @@ class Queries:
         self.chord_snapshot = sa.select(
             sa.select(sa.func.max(ev.c.version)).where(ev.c.stream_id == stream)
             .scalar_subquery().label("logged"),
+            sa.select(ev.c.born).where(ev.c.stream_id == stream).order_by(ev.c.version)
+            .limit(1).scalar_subquery().label("born"),
             of_chord(ch.c.version, "version"),
             of_chord(ch.c.counted, "counted"),
             of_chord(ch.c.completed, "completed"),
@@ -282,6 +278,32 @@ class Queries:
             .order_by(candidates.c.priority.desc(), candidates.c.seq)
             .limit(limit)
         )
+
+    @functools.cache  # noqa: B019 - one Queries per store, a handful of queue counts
+    def earliest_due(self, queues: int) -> sa.Select[Any]:
+        """``queue_0`` .. ``queue_<queues - 1>``, ``after``: the earliest ETA later
+        than ``after`` of a message waiting in those queues, in one statement that
+        reads the first entry of each queue's scheduled index past it (a single
+        ``IN`` would read and sort every scheduled message of the queues)."""
+        msgs = self.tables.messages
+        after = sa.bindparam("after", type_=msgs.c.not_before.type)
+        arms = []
+        for i in range(queues):
+            first = (
+                sa.select(msgs.c.not_before)
+                .where(
+                    msgs.c.queue == sa.bindparam(f"queue_{i}", type_=msgs.c.queue.type),
+                    msgs.c.not_before.is_not(None),
+                    msgs.c.not_before > after,
+                    msgs.c.claim_id.is_(None),
+                )
+                .order_by(msgs.c.not_before)
+                .limit(1)
+                .subquery()
+            )
+            arms.append(sa.select(first.c.not_before))
+        firsts = sa.union_all(*arms).subquery()
+        return sa.select(sa.func.min(firsts.c.not_before))
 
     @staticmethod
     def nominate_params(queues: Sequence[str], now: float, limit: int) -> dict[str, Any]:

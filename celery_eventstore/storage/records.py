@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -20,6 +20,9 @@ class RecordedEvent:
     event: Event
     metadata: Mapping[str, Any] | None
     recorded_at: float
+    #: The stream's birth day (days since the epoch): its partition on a
+    #: partitioned log; None on events older than schema version 7.
+    born: int | None = field(default=None, compare=False)
 
     @property
     def type(self) -> str:

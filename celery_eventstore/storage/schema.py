@@ -32,6 +32,10 @@ volatile by design, like Redis pub/sub: re-declared by every client when it
 connects, swept when their queues expire, and never written to the log, so
 ``celery inspect`` and worker heartbeats do not bloat the audit history.
 
+A log created partitioned (PostgreSQL, ``partitioned_log=True``) has the same
+columns, partitioned by ``born``: see ``migrations/partitioned_log.py`` and
+``partitions.py``.
+
 ``schema_version`` records which versions ran; it is bookkeeping, not state.
 Every name carries the configured prefix and, on PostgreSQL, the schema.
 """
@@ -44,7 +48,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: Big integers that are also SQLite's rowid alias (so positions autoincrement).
 _Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -107,7 +111,12 @@ def make_tables(prefix: str = "eventstore_", schema: str | None = None) -> Table
         sa.Column("data", _Json, nullable=False),
         sa.Column("metadata", _Json, nullable=True),
         sa.Column("recorded_at", _Time, nullable=False),
-        # The arbiter of every race: one event per (stream, version).
+        # The stream's birth day (days since the epoch, UTC), on each of its
+        # events: a partitioned log's partition key (NULL on events of an
+        # ordinary log older than version 7).
+        sa.Column("born", sa.Integer, nullable=True),
+        # The arbiter of every race: one event per (stream, version) (on a
+        # partitioned log, (stream, version, born): one born per stream).
         sa.UniqueConstraint("stream_id", "version", name=f"{prefix}events_stream_version"),
     )
     sa.Index(f"{prefix}events_recorded_at", events.c.recorded_at)

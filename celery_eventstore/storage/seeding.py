@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from .. import lifecycle as lc
 from .database import Database
-from .log import evolve_all
+from .log import birth_day, evolve_all
 from .queries import Queries
 
 #: Stands for the task's number in the template events.
@@ -127,10 +127,11 @@ def _copies(
             template.c.type,
             db.dialect.json_from_text(data, ev.c.data.type),
             sa.literal(at, ev.c.recorded_at.type),
+            sa.literal(birth_day(at), sa.Integer),
         )
         .select_from(numbers.join(template, sa.true()))
         .order_by(numbers.c.n, template.c.version)
     )
     return ev.insert().from_select(
-        ["stream_id", "version", "type", "data", "recorded_at"], select
+        ["stream_id", "version", "type", "data", "recorded_at", "born"], select
     )

@@ -27,6 +27,9 @@ from .projection import project
 from .queries import Queries
 from .records import RecordedEvent
 
+#: A day, the unit of an event's ``born`` (as :func:`.log.birth_day` counts).
+SECONDS_PER_DAY = 86400
+
 
 class _Capture:
     """Stands in for a connection: keeps what :func:`project` would execute."""
@@ -74,6 +77,8 @@ def publish_statement(
             data=sa.bindparam("data", type_=ev.c.data.type),
             metadata=sa.bindparam("metadata", type_=ev.c.metadata.type),
             recorded_at=recorded_at,
+            # birth_day() of that time, as the generic path records it.
+            born=sa.cast(sa.func.floor(recorded_at / SECONDS_PER_DAY), sa.Integer),
         )
         .returning(ev.c.position, ev.c.recorded_at)
         .cte("published")
@@ -116,6 +121,7 @@ def recorded_after(
     return RecordedEvent(
         position=position, stream=row["stream_id"], version=1, event=event,
         metadata=row["metadata"], recorded_at=recorded_at,
+        born=int(recorded_at // SECONDS_PER_DAY),
     )
 
 

@@ -27,6 +27,8 @@ that nothing has it.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +36,7 @@ import sqlalchemy as sa
 
 from .. import lifecycle as lc
 from ..exceptions import (
+    ConfigurationError,
     DatabaseError,
     InvalidURL,
     SchemaMissing,
@@ -49,6 +52,7 @@ from .migrations import Migrator
 from .names import Names, check_namespace
 from .notifiers import POLL, Channels, Listener, default_notifier, notifier_for
 from .operations import Operations, Progress
+from .partitions import Partitions
 from .queries import Queries
 from .records import (
     ClaimedMessage,
@@ -70,6 +74,13 @@ from .task_index import TaskIndex
 
 #: The tables' prefix unless one is given.
 DEFAULT_TABLE_PREFIX = "eventstore_"
+
+#: How often a worker makes the partitions of the coming days (partitioned logs).
+MAINTAIN_INTERVAL = 12 * 3600.0
+#: How long after a failed attempt it tries again.
+MAINTAIN_RETRY = 300.0
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "EventStore", "Progress", "parse_url", "redact"]
 
@@ -104,6 +115,12 @@ class EventStore:
         crash of the database server can lose them, and losing one means a
         redelivery, which at-least-once delivery allows.  Publishes and results are
         always durable.
+    :param partitioned_log: create the log partitioned by day (PostgreSQL only), so
+        ``prune`` drops whole days instead of deleting rows.  It applies when the
+        schema is created; a log created without it stays as it is
+        (:class:`~celery_eventstore.exceptions.ConfigurationError`).  A store
+        finds out by itself that a log is partitioned: only the process that
+        creates the schema needs the option.
     """
 
     def __init__(
@@ -120,6 +137,7 @@ class EventStore:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         async_commit: bool = True,
         engine_options: Mapping[str, Any] | None = None,
+        partitioned_log: bool = False,
     ) -> None:
         check_namespace(table_prefix, schema)
         self.db = Database(
@@ -136,7 +154,15 @@ class EventStore:
         self.auto_migrate = auto_migrate
         self.tables: Tables = make_tables(table_prefix, schema)
         self.names = Names(self.tables)
-        self._migrator = Migrator(self.db.dialect, table_prefix, schema)
+        if partitioned_log and not self.db.dialect.can_partition:
+            raise ConfigurationError(
+                f"partitioned_log needs PostgreSQL; {self.db.dialect.name} keeps one log table"
+            )
+        self.partitioned_log = partitioned_log
+        self._migrator = Migrator(
+            self.db.dialect, table_prefix, schema, partitioned=partitioned_log
+        )
+        self._maintained_at: float | None = None
         self._schema_ready = False
         backend = self.db.dialect.name
         self.notifier = notifier_for(
@@ -151,6 +177,7 @@ class EventStore:
         self.operations = Operations(self.db, self.log)
         self.routing = Routing(self.db, self.queries, self.notifier, self.channels.ready)
         self.task_index = TaskIndex(self.db, self.queries)
+        self.partitions = Partitions(self.db, self.log)
 
     def __repr__(self) -> str:
         return f"<EventStore {redact(self.url)} prefix={self.table_prefix!r}>"
@@ -276,6 +303,8 @@ class EventStore:
         with self.db.translate_errors(), self.engine.begin() as conn:
             applied = self._migrator.apply(conn, to_version)
         self._schema_ready = to_version == SCHEMA_VERSION
+        if self._schema_ready:
+            self._find_layout()
         return applied
 
     def migration_sql(self, from_version: int = 0) -> str:
@@ -327,7 +356,26 @@ class EventStore:
                     "schema (see 'Database roles' in the operations docs)"
                 ) from exc
         self.check_schema()
+        self._find_layout()
         self._schema_ready = True
+
+    def _find_layout(self) -> None:
+        """Whether the log is partitioned: writers hold their streams then."""
+        with self.db.translate_errors(), self.engine.connect() as conn:
+            partitioned = self.db.dialect.partitioned(conn, self.tables.events)
+        if self.partitioned_log and not partitioned:
+            raise ConfigurationError(
+                "partitioned_log is set but this database's log was created unpartitioned: "
+                "the option applies only when the schema is created (see 'Partitioned log' "
+                "in the operations docs)"
+            )
+        self.log.partitioned = partitioned
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the log is partitioned by day (created with ``partitioned_log``)."""
+        self._ensure_schema()
+        return self.log.partitioned
 
     # -- the log ------------------------------------------------------------------
 
@@ -537,7 +585,23 @@ class EventStore:
         self, before: float, *, batch: int = 500, progress: Progress | None = None,
         dry_run: bool = False,
     ) -> int:
-        return self.operations.prune(before, batch=batch, progress=progress, dry_run=dry_run)
+        """Delete whole streams whose last event is older than ``before`` (see
+        :meth:`Operations.prune`); returns how many.  On a partitioned log the days
+        wholly before ``before`` go first, a partition at a time (their live streams
+        moved to today's), then the rest in batches as on any log."""
+        dropped = 0
+        if self.partitioned and not dry_run:
+            dropped = self.partitions.drop_before(before)
+        return dropped + self.operations.prune(
+            before, batch=batch, progress=progress, dry_run=dry_run
+        )
+
+    def maintain(self, days: int = 7) -> list[str]:
+        """Make the missing partitions of today and the next ``days`` days
+        (partitioned logs; nothing to do on others); returns their names."""
+        if not self.partitioned:
+            return []
+        return self.partitions.create_ahead(days)
 
     def seed_settled(
         self,
@@ -637,5 +701,25 @@ class EventStore:
         self.routing.forget_queue(queue)
 
     def sweep(self) -> int:
-        return self.routing.sweep()
+        swept = self.routing.sweep()
+        self._maintain_when_due()
+        return swept
+
+    def _maintain_when_due(self) -> None:
+        """Make the coming days' partitions on the first sweep and twice a day
+        after (a partitioned log only): every worker does, the first one does it."""
+        now = time.monotonic()
+        if self._maintained_at is not None and now - self._maintained_at < MAINTAIN_INTERVAL:
+            return
+        self._maintained_at = now
+        if not self.log.partitioned:
+            return
+        try:
+            made = self.maintain()
+        except DatabaseError as exc:
+            logger.warning("could not make the log's next partitions (will retry): %s", exc)
+            self._maintained_at = now - MAINTAIN_INTERVAL + MAINTAIN_RETRY
+            return
+        if made:
+            logger.info("made the log's partitions %s", ", ".join(made))
 

@@ -29,3 +29,19 @@ def test_engine_options_size_the_pool_of_broker_and_backend(broker: Broker) -> N
     finally:
         app.pool.force_close_all()
         app.close()
+
+
+def test_partitioned_log_reaches_the_store_of_broker_and_backend(postgresql_db) -> None:
+    url, options = postgresql_db
+    options = {**options, "partitioned_log": True}
+    app = Celery("options", broker=f"eventstore+{url}", backend=f"eventstore+{url}")
+    app.conf.broker_transport_options = options
+    app.conf.result_backend_transport_options = options
+    try:
+        with app.connection_for_write() as conn:
+            store = conn.default_channel.store
+            assert store.partitioned  # the first user created the log, partitioned
+        assert app.backend.store is store
+    finally:
+        app.pool.force_close_all()
+        app.close()

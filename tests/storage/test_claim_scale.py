@@ -160,6 +160,33 @@ def test_rows_read_stay_bounded_with_several_queues_and_a_ready_backlog(store, c
         assert read < BACKLOG, read  # a few steps per row read, were any read
 
 
+@pytest.mark.slow
+def test_the_next_eta_is_found_without_reading_the_backlog(store, clock):
+    """A consumer asks for the next ETA after each short claim: one statement that
+    reads the first entry of each queue's scheduled index, however many wait."""
+    for queue in ("a", "b"):
+        publish(store, [msg(f"{queue}-later-{i}", queue, not_before=clock.now + 60 + i)
+                        for i in range(BACKLOG // 2)])
+    queries = store.queries
+    params = {"after": clock.now, "queue_0": "a", "queue_1": "b"}
+    for statistics in ("none", "analyzed"):
+        if statistics == "analyzed":
+            analyze(store)
+        assert store.earliest_due(["a", "b"], clock.now) == clock.now + 60
+        read = work(store, queries.earliest_due(2), params)
+        if store.dialect_name == "postgresql":
+            assert read <= 2, (statistics, read)  # the first entry of each queue
+        else:
+            msgs = store.tables.messages
+            every_eta = sa.select(sa.func.count()).where(
+                sa.or_(msgs.c.queue == "a", msgs.c.queue == "b"),
+                msgs.c.not_before > clock.now,
+            )
+            control = work(store, every_eta, {})  # counts every scheduled message
+            assert control > BACKLOG, (statistics, control)
+            assert read < control / 20, (statistics, read, control)
+
+
 # -- what a claim returns -----------------------------------------------------------
 
 

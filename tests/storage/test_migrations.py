@@ -332,3 +332,33 @@ def test_postgresql_hot_tables_get_their_storage_settings(store):
     messages = options[store.tables.messages.name]
     assert "fillfactor=50" in messages and "autovacuum_vacuum_scale_factor=0" in messages
     assert "autovacuum_analyze_scale_factor=0.02" in options[store.tables.events.name]
+
+
+def test_a_partitioned_log_has_the_live_tables_with_events_partitioned(postgresql_db):
+    """Creating a partitioned log (PostgreSQL) makes the same tables and columns as
+    migrating an ordinary one; only ``events`` differs: born is part of its keys,
+    and it has a DEFAULT partition (a table of the same prefix)."""
+    url, options = postgresql_db
+    store = EventStore(url, **options)
+    schema = store.schema
+    with store.engine.begin() as conn:
+        migrator(store, "plain_").apply(conn)
+        Migrator(
+            dialect_for(store.url), "parted_", schema, partitioned=True
+        ).apply(conn)
+    with store.engine.connect() as conn:
+        plain = describe(conn, "plain_", schema)
+        parted = describe(conn, "parted_", schema)
+    assert set(parted) == set(plain) | {"events_default"}
+    for name in set(plain) - {"events"}:
+        assert parted[name] == plain[name], name
+
+    def columns(table):
+        return [(c["name"], str(c["type"])) for c in table["columns"]]
+
+    assert columns(parted["events"]) == columns(plain["events"])
+    assert parted["events"]["primary_key"]["constrained_columns"] == ["position", "born"]
+    assert [u["column_names"] for u in parted["events"]["unique"]] == [
+        ["stream_id", "version", "born"]
+    ]
+    store.close()

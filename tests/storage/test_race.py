@@ -15,8 +15,13 @@ MESSAGES = 2000
 PROCESSES = 8
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql_partitioned"])
 def db(request):
+    """A database; ``postgresql_partitioned``: stores on it create the log
+    partitioned by day, where ``(stream_id, version, born)`` arbitrates."""
+    if request.param == "postgresql_partitioned":
+        url, options = request.getfixturevalue("postgresql_db")
+        return url, {**options, "partitioned_log": True}
     return request.getfixturevalue(f"{request.param}_db")
 
 

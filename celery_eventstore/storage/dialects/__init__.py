@@ -33,6 +33,8 @@ class Dialect:
     #: Seconds a long job of many transactions (prune) leaves between them, so
     #: writers waiting for a single-writer database's lock get it.
     writer_pause = 0.0
+    #: The log can be partitioned by day (``partitioned_log``).
+    can_partition = False
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         return url
@@ -143,6 +145,14 @@ class Dialect:
     def lock_stream(self, conn: sa.Connection, key: str) -> None:
         """Make other writers of one stream wait for this transaction instead of
         losing the version race after doing the same work (hot streams: chords)."""
+
+    def lock_streams(self, conn: sa.Connection, keys: Sequence[str], *, shared: bool) -> None:
+        """Take a lock per name until the transaction ends, shared (many holders)
+        or not (one), in one order whatever the caller's, so takers never deadlock."""
+
+    def partitioned(self, conn: sa.Connection, table: sa.Table) -> bool:
+        """Whether ``table`` is partitioned (PostgreSQL declarative partitioning)."""
+        return False
 
     def lock_log(self, conn: sa.Connection, table: sa.Table) -> None:
         """Hold off writers to the log for the rest of the transaction (rebuild)."""

@@ -84,6 +84,7 @@ def _lock_key(key: str) -> int:
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
     clock_in_reads = True
+    can_partition = True
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         if url.drivername == "postgresql":
@@ -226,6 +227,23 @@ class PostgreSQLDialect(Dialect):
 
     def lock_stream(self, conn: sa.Connection, key: str) -> None:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(key))))
+
+    def lock_streams(self, conn: sa.Connection, keys: Sequence[str], *, shared: bool) -> None:
+        # unnest reads an array in its order: sorted keys, one lock order for all.
+        lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        ordered = sorted({_lock_key(k) for k in keys})
+        conn.execute(
+            sa.text(f"SELECT count({lock}(k)) FROM unnest(CAST(:keys AS bigint[])) AS k"),
+            {"keys": ordered},
+        )
+
+    def partitioned(self, conn: sa.Connection, table: sa.Table) -> bool:
+        name = conn.dialect.identifier_preparer.format_table(table)
+        kind = conn.execute(
+            sa.text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:name)"),
+            {"name": name},
+        ).scalar()
+        return kind == "p"
 
     def lock_log(self, conn: sa.Connection, table: sa.Table) -> None:
         name = conn.dialect.identifier_preparer.format_table(table)

@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from . import (
+    partitioned_log,
     v0001_log_and_queue,
     v0002_routing,
     v0003_results,
     v0004_tasks,
     v0005_claims_at_scale,
     v0006_chords,
+    v0007_birth_day,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ VERSIONS: tuple[Statements, ...] = (
     v0004_tasks.statements,
     v0005_claims_at_scale.statements,
     v0006_chords.statements,
+    v0007_birth_day.statements,
 )
 
 
@@ -66,8 +69,11 @@ class Migrator:
         schema: str | None = None,
         *,
         versions: Sequence[Statements] = VERSIONS,
+        partitioned: bool = False,
     ) -> None:
         self.dialect = dialect
+        #: Create the log partitioned (PostgreSQL), when creating it from nothing.
+        self.partitioned = partitioned
         self.prefix = prefix
         self.schema = schema
         self.versions = tuple(versions)
@@ -102,10 +108,17 @@ class Migrator:
         return [
             _render(statement, dialect)
             for version in self.pending(from_version, to_version)
-            for statement in [*self.versions[version - 1](self.prefix, self.schema),
-                              self._record(version)]
+            for statement in self._version(version, from_version)
             if _applies(statement, dialect)
         ]
+
+    def _version(self, version: int, from_version: int) -> list[sa.ClauseElement]:
+        """What one version runs and its record; a partitioned log replaces the
+        empty one where it is created (only when creating the schema)."""
+        out = [*self.versions[version - 1](self.prefix, self.schema), self._record(version)]
+        if self.partitioned and from_version == 0 and version == partitioned_log.AFTER_VERSION:
+            out += partitioned_log.statements(self.prefix, self.schema)
+        return out
 
     def script(
         self, dialect: sa.Dialect, from_version: int, to_version: int | None = None
