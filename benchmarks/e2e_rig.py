@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,27 +34,28 @@ class Peer:
     cleanup: Any = None
 
 
-def peers(workdir: Path) -> list[Peer]:
-    pg_plain = sa.make_url(PG).set(drivername="postgresql+psycopg2")
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(pg_plain)
+def scratch_schema(prefix: str) -> tuple[sa.URL, str, Callable[[], None]]:
+    """A new schema on the test PostgreSQL: its server's URL (psycopg2), its name,
+    and the function that drops it."""
+    url = sa.make_url(PG).set(drivername="postgresql+psycopg2")
+    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.schema.CreateSchema(schema))
 
-    def drop_schema() -> None:
+    def drop() -> None:
         with engine.begin() as conn:
             conn.execute(sa.schema.DropSchema(schema, cascade=True))
         engine.dispose()
 
+    return url, schema, drop
+
+
+def peers(workdir: Path) -> list[Peer]:
+    pg_plain, schema, drop_schema = scratch_schema("bench")
     pg_url = pg_plain.render_as_string(hide_password=False)
     sqlite = f"sqlite:///{workdir / 'bench.db'}"
-    kombu_sqla_schema = f"bench_sqla_{uuid.uuid4().hex[:8]}"
-    with engine.begin() as conn:
-        conn.execute(sa.schema.CreateSchema(kombu_sqla_schema))
-
-    def drop_sqla_schema() -> None:
-        with sa.create_engine(pg_plain).begin() as conn:
-            conn.execute(sa.schema.DropSchema(kombu_sqla_schema, cascade=True))
+    _, kombu_sqla_schema, drop_sqla_schema = scratch_schema("bench_sqla")
 
     return [
         Peer("eventstore+postgresql", f"eventstore+{pg_url}", f"eventstore+{pg_url}",

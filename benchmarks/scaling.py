@@ -38,12 +38,11 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from e2e_rig import PG, Peer, env_for, read_marks, run_client
+from e2e_rig import PG, Peer, env_for, read_marks, run_client, scratch_schema
 
 REDIS = "redis://127.0.0.1:6379/14"
 #: The workers' connections carry this application_name, so the sampler sees only theirs.
@@ -53,17 +52,7 @@ READY_TIMEOUT = 120.0
 
 
 def eventstore_peer() -> Peer:
-    url = sa.make_url(PG).set(drivername="postgresql+psycopg2")
-    schema = f"scaling_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.schema.CreateSchema(schema))
-
-    def drop() -> None:
-        with engine.begin() as conn:
-            conn.execute(sa.schema.DropSchema(schema, cascade=True))
-        engine.dispose()
-
+    url, schema, drop = scratch_schema("scaling")
     named = url.update_query_dict({"application_name": APP_NAME}).render_as_string(
         hide_password=False
     )
