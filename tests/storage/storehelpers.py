@@ -64,6 +64,30 @@ def claim_and_ack_until_empty(
     out.put(delivered)
 
 
+def race_consumers(
+    store: EventStore, options: dict[str, Any], queue: str | list[str], processes: int,
+    batch: int,
+) -> list[list[str]]:
+    """Race ``processes`` consumer processes (:func:`claim_and_ack_until_empty`) on
+    ``store``'s database until the queues stay empty; each one's deliveries."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    url = store.url.render_as_string(False)
+    procs = [
+        ctx.Process(target=claim_and_ack_until_empty, args=(url, options, queue, batch, out))
+        for _ in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return results
+
+
 def count_chord_parts(
     url: str, options: dict[str, Any], chord: str, parts: list[str], size: int, out: Any
 ) -> None:

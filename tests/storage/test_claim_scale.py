@@ -5,13 +5,12 @@ messages still become claimable exactly when due, in priority order."""
 from __future__ import annotations
 
 import collections
-import multiprocessing
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from storehelpers import FakeClock, claim_and_ack_until_empty
+from storehelpers import FakeClock, race_consumers
 
 from celery_eventstore.storage import EventStore, NewMessage
 
@@ -264,19 +263,7 @@ def test_racing_consumers_of_ready_and_due_messages_take_each_once(race_db):
     ]
     messages += [msg(f"later-{i}", "a", not_before=now + 3600) for i in range(200)]
     publish(store, messages)
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    plain = store.url.render_as_string(False)
-    procs = [
-        ctx.Process(target=claim_and_ack_until_empty, args=(plain, options, ["a", "b"], 10, out))
-        for _ in range(6)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    results = race_consumers(store, options, ["a", "b"], 6, 10)
     delivered = collections.Counter(stream for r in results for stream in r)
     assert len(delivered) == 1200 and max(delivered.values()) == 1
     assert sum(1 for r in results if r) > 1, "only one process got work: no race happened"

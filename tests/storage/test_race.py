@@ -6,7 +6,7 @@ import collections
 import multiprocessing
 
 import pytest
-from storehelpers import claim_and_ack_until_empty, count_chord_parts
+from storehelpers import count_chord_parts, race_consumers
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore, NewMessage
@@ -35,19 +35,7 @@ def test_racing_consumers_deliver_each_message_exactly_once(db):
              for i in range(start, start + 500)]
         )
 
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=claim_and_ack_until_empty, args=(str(store.url.render_as_string(False)),
-                                                            options, "race", 10, out))
-        for _ in range(PROCESSES)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    results = race_consumers(store, options, "race", PROCESSES, 10)
 
     delivered = collections.Counter(stream for r in results for stream in r)
     assert len(delivered) == MESSAGES
