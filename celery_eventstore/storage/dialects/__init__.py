@@ -128,6 +128,12 @@ class Dialect:
         for each row read: a read that finds nothing leaves it to :meth:`begin`."""
         return [sa.null().label("tx_clock")]
 
+    def relaxed_columns(self, relaxed: sa.ColumnElement[bool]) -> list[sa.ColumnElement[Any]]:
+        """Columns that relax the transaction's commit where the bound ``relaxed``
+        is true, as :meth:`begin` does (none where the commit cannot be relaxed
+        per transaction)."""
+        return []
+
     def insert_numbered(
         self, conn: sa.Connection, returning: sa.Executable, plain: sa.Executable,
         rows: Sequence[dict[str, Any]],

@@ -217,6 +217,11 @@ class PostgreSQLDialect(Dialect):
         # setting is only consulted at commit, so setting it late is as good.
         return [
             sa.extract("epoch", sa.func.clock_timestamp()).label("tx_clock"),
+            *self.relaxed_columns(relaxed),
+        ]
+
+    def relaxed_columns(self, relaxed: sa.ColumnElement[bool]) -> list[sa.ColumnElement[Any]]:
+        return [
             sa.case(
                 (relaxed, sa.func.set_config("synchronous_commit", "off", sa.true())),
             ).label("tx_relaxed"),
