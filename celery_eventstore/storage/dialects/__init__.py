@@ -55,6 +55,17 @@ class Dialect:
         """Execution options for a read-only transaction."""
         return {}
 
+    #: :meth:`autocommit` runs statements that commit as they run.
+    autocommits = False
+
+    @contextlib.contextmanager
+    def autocommit(self, conn: sa.Connection) -> Iterator[None]:
+        """Make each statement on ``conn`` a transaction of its own (no BEGIN, no
+        COMMIT: a round trip each where the driver sends them apart), until the
+        block ends.  Only where :attr:`autocommits`."""
+        raise NotImplementedError
+        yield
+
     @contextlib.contextmanager
     def join(self, connection: sa.Connection) -> Iterator[sa.Connection]:
         """Run our writes inside the caller's open transaction.
