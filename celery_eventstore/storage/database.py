@@ -309,11 +309,22 @@ class Database:
         return time.time() if db_now is None else db_now
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[sa.Connection]:
-        """A read-only transaction (on SQLite it never waits for the write lock)."""
+    def read(self, *, streaming: bool = False) -> Iterator[sa.Connection]:
+        """A read-only transaction (on SQLite it never waits for the write lock).
+
+        Where the dialect can, each statement commits as it runs instead: no
+        BEGIN and COMMIT round trips (psycopg2 sends each apart), and nothing
+        lost, as a transaction at READ COMMITTED gives its statements no shared
+        snapshot anyway.  A ``streaming`` read (a server-side cursor, which lives
+        in a transaction) keeps one.
+        """
         self._prepare()
         with self.translate_errors(), self.engine.connect() as conn:
             conn = conn.execution_options(**self.dialect.read_options())
+            if self.dialect.autocommits and not streaming:
+                with self.dialect.autocommit(conn), conn.begin():
+                    yield conn
+                return
             with conn.begin():
                 yield conn
 

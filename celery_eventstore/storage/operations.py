@@ -329,7 +329,7 @@ class Operations:
     def unreadable_streams(self) -> list[UnreadableStream]:
         """Every stream holding an event that cannot be read, with the first bad
         position and why (a scan of the whole log)."""
-        with self.db.read() as conn:
+        with self.db.read(streaming=True) as conn:
             return [error for error, _ in self._scan_unreadable(conn)]
 
     def _scan_unreadable(self, conn: Any) -> list[tuple[UnreadableStream, int]]:
