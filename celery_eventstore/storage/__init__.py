@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .borrowed import ABORTED, NONE, OPEN, ConnectionInfo
 from .database import BROKER_PREFIX, parse_url, redact
+from .deliveries import CheckedMessage
 from .dialects import describe_connection
 from .log import fold as fold_stream
 from .notifiers import ANY_QUEUE, Listener
@@ -36,6 +37,7 @@ __all__ = [
     "BROKER_PREFIX",
     "SCHEMA_VERSION",
     "Binding",
+    "CheckedMessage",
     "ClaimRef",
     "ClaimedMessage",
     "ConnectionInfo",
