@@ -30,6 +30,11 @@ import sqlalchemy as sa
 
 from .storage import CheckedMessage, EventStore
 
+#: Held publishes are written once this many wait: memory stays bounded, and a
+#: bigger batch costs no less per message.  (Writing early is always right: what is
+#: held was published in the transaction and savepoint open now.)
+MAX_HELD = 1000
+
 #: Set while a batch is written: the store's own savepoint is no boundary.
 _writing: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "celery_eventstore_writing_held", default=False
@@ -56,6 +61,8 @@ class HeldPublishes:
 
     def hold(self, messages: Sequence[CheckedMessage]) -> None:
         self.messages.extend(messages)
+        if len(self.messages) >= MAX_HELD:
+            self.write()
 
     def write(self) -> None:
         """Write what is held into the connection's transaction, as it is now.

@@ -370,3 +370,27 @@ def test_producers_commit_and_roll_back_blocks_while_consumers_drain(
     streams = {r.stream for r in broker.store.read_all(limit=100_000)}
     assert committed <= streams
     assert not streams & rolled_back
+
+
+def test_a_long_block_writes_as_it_goes(broker: Broker, app: Any, engine: sa.Engine,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_HELD publishes a batch is written into the open transaction, so a
+    block holds a bounded number; a rollback still takes them all."""
+    from celery_eventstore import held
+
+    monkeypatch.setattr(held, "MAX_HELD", 5)
+    ids = Ids()
+    names = [f"n{i}" for i in range(12)]
+    with engine.connect() as conn:
+        conn.begin()
+        _begin_with_a_write(conn, broker)
+        with atomic(conn):
+            _publish(app, ids, *names)
+            assert _events_seen_by(conn, broker, ids) == 10  # two batches of 5 written
+        conn.rollback()
+        conn.begin()
+        _begin_with_a_write(conn, broker)
+        with atomic(conn):
+            _publish(app, ids, "kept")
+        conn.commit()
+    _exactly(broker, ids, "kept", " ".join(names))
