@@ -24,7 +24,7 @@ Django's open ``transaction.atomic()`` block (:func:`join_automatically`).
 
 On a SQLAlchemy ``Connection`` or ``Session`` the publishes are held in memory and
 written as one batch into the caller's transaction: at the block's exit, and
-before a commit or savepoint inside it (:mod:`.held`).  A DB-API or Django
+before a commit or savepoint inside it (:class:`~.storage.HeldPublishes`).  A DB-API or Django
 connection is written through at each publish: the store cannot see when such a
 connection commits or rolls back a savepoint, so it cannot know when to write.
 """
@@ -39,13 +39,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from .exceptions import EventStoreError
-from .held import HeldPublishes
 from .storage import (
     ABORTED,
     BROKER_PREFIX,
     NONE,
     CheckedMessage,
     EventStore,
+    HeldPublishes,
     NewMessage,
     describe_connection,
     redact,
@@ -94,7 +94,7 @@ def _different_database(what: Any, store: EventStore) -> AtomicEnqueueError:
 class SQLAlchemyBinding(Binding):
     """A SQLAlchemy ``Connection``, or a ``Session`` asked for its connection at
     each publish (so a scoped session follows its current scope).  Publishes are
-    held per connection and written as a batch (:mod:`.held`)."""
+    held per connection and written as a batch (:class:`~.storage.HeldPublishes`)."""
 
     def __init__(self, target: Any) -> None:
         if not isinstance(target, sa.Connection) and not callable(

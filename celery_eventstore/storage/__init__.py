@@ -12,6 +12,7 @@ from .borrowed import ABORTED, NONE, OPEN, ConnectionInfo
 from .database import BROKER_PREFIX, parse_url, redact
 from .deliveries import CheckedMessage
 from .dialects import describe_connection
+from .held import HeldPublishes
 from .log import fold as fold_stream
 from .notifiers import ANY_QUEUE, Listener
 from .records import (
@@ -43,6 +44,7 @@ __all__ = [
     "ConnectionInfo",
     "DeadLetter",
     "EventStore",
+    "HeldPublishes",
     "LogFilter",
     "Listener",
     "NONE",

@@ -1,5 +1,5 @@
 """Atomic enqueue on a SQLAlchemy Connection or Session holds publishes and writes
-them as one batch (celery_eventstore.held): still enqueue iff commit, through
+them as one batch (celery_eventstore.storage.held): still enqueue iff commit, through
 commits, rollbacks and savepoints inside the block, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ def test_a_long_block_writes_as_it_goes(broker: Broker, app: Any, engine: sa.Eng
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_HELD publishes a batch is written into the open transaction, so a
     block holds a bounded number; a rollback still takes them all."""
-    from celery_eventstore import held
+    from celery_eventstore.storage import held
 
     monkeypatch.setattr(held, "MAX_HELD", 5)
     ids = Ids()

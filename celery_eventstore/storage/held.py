@@ -18,17 +18,24 @@ batch is written into the transaction (and savepoint) each publish was made in:
 
 A batch that cannot be written stays held: the commit that follows tries again
 and, failing, fails, so a transaction never commits without its publishes.
+
+It lives in the storage package because it listens to the caller's SQLAlchemy
+transaction events, which only the storage package touches; ``atomic()``
+(:mod:`celery_eventstore.enqueue`) decides what to hold.
 """
 
 from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from .storage import CheckedMessage, EventStore
+from .deliveries import CheckedMessage
+
+if TYPE_CHECKING:
+    from .store import EventStore
 
 #: Held publishes are written once this many wait: memory stays bounded, and a
 #: bigger batch costs no less per message.  (Writing early is always right: what is
