@@ -21,32 +21,57 @@ unit of work (a web request) whose transactions come and go.  Without any
 ``atomic`` block, an automatic binding may apply: the Django app
 ``celery_eventstore.contrib.django`` registers one that joins the transaction of
 Django's open ``transaction.atomic()`` block (:func:`join_automatically`).
+
+On a SQLAlchemy ``Connection`` or ``Session`` the publishes are held in memory and
+written as one batch into the caller's transaction: at the block's exit, and
+before a commit or savepoint inside it (:class:`~.storage.HeldPublishes`).  A DB-API or Django
+connection is written through at each publish: the store cannot see when such a
+connection commits or rolls back a savepoint, so it cannot know when to write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
 from .exceptions import EventStoreError
-from .storage import ABORTED, BROKER_PREFIX, NONE, EventStore, describe_connection, redact
+from .storage import (
+    ABORTED,
+    BROKER_PREFIX,
+    NONE,
+    CheckedMessage,
+    EventStore,
+    HeldPublishes,
+    NewMessage,
+    describe_connection,
+    redact,
+)
 
 
 class AtomicEnqueueError(EventStoreError):
     """A task could not join the caller's transaction; nothing was published."""
 
 
-class Binding(Protocol):
+class Binding:
     """Something a publish can join: it yields the connection to write through."""
 
     def joined(self, store: EventStore) -> contextlib.AbstractContextManager[sa.Connection]:
         """The caller's connection for ``store``, checked (same database, a
         transaction open), or :class:`AtomicEnqueueError`."""
-        ...
+        raise NotImplementedError
+
+    def publish(self, store: EventStore, messages: Sequence[CheckedMessage]) -> None:
+        """Publish ``messages`` in the caller's transaction: here, written through
+        the joined connection at once."""
+        with self.joined(store) as conn:
+            store.publish_checked(messages, connection=conn)
+
+    def close(self, failed: bool) -> None:
+        """The ``atomic`` block ends (``failed``: by an exception)."""
 
 
 #: Finds the binding a publish joins when no ``atomic`` block is open, or None.
@@ -66,9 +91,10 @@ def _different_database(what: Any, store: EventStore) -> AtomicEnqueueError:
     )
 
 
-class SQLAlchemyBinding:
+class SQLAlchemyBinding(Binding):
     """A SQLAlchemy ``Connection``, or a ``Session`` asked for its connection at
-    each publish (so a scoped session follows its current scope)."""
+    each publish (so a scoped session follows its current scope).  Publishes are
+    held per connection and written as a batch (:class:`~.storage.HeldPublishes`)."""
 
     def __init__(self, target: Any) -> None:
         if not isinstance(target, sa.Connection) and not callable(
@@ -79,6 +105,7 @@ class SQLAlchemyBinding:
                 f"or a DB-API connection (psycopg2, psycopg, sqlite3), not {target!r}"
             )
         self.target = target
+        self._held: list[HeldPublishes] = []
 
     def _connection(self) -> sa.Connection:
         if isinstance(self.target, sa.Connection):
@@ -91,17 +118,54 @@ class SQLAlchemyBinding:
     @contextlib.contextmanager
     def joined(self, store: EventStore) -> Iterator[sa.Connection]:
         conn = self._connection()
-        if not store.same_database(conn.engine.url):
-            raise _different_database(conn.engine.url, store)
-        if not conn.in_transaction():
-            raise AtomicEnqueueError(
-                "atomic() has no open transaction to join: begin one (session.begin() or "
-                "connection.begin()) around the block"
-            )
+        self._check(conn, store)
         yield conn
 
+    def _check(self, conn: sa.Connection, store: EventStore) -> None:
+        if not store.same_database(conn.engine.url):
+            raise _different_database(conn.engine.url, store)
+        _check_transaction(conn)
 
-class DBAPIBinding:
+    def publish(self, store: EventStore, messages: Sequence[CheckedMessage]) -> None:
+        conn = self._connection()
+        held = self._held_on(conn, store)
+        _check_transaction(conn)
+        held.hold(messages)
+
+    def _held_on(self, conn: sa.Connection, store: EventStore) -> HeldPublishes:
+        """What is held on ``conn`` for ``store``; the database is checked once
+        per connection and store."""
+        for held in reversed(self._held):
+            if held.conn is conn and held.store is store:
+                return held
+        self._check(conn, store)
+        # A session's earlier transactions' connections are done with.
+        for done in [h for h in self._held if h.conn.closed]:
+            done.stop_listening()
+            self._held.remove(done)
+        held = HeldPublishes(conn, store)
+        self._held.append(held)
+        return held
+
+    def close(self, failed: bool) -> None:
+        try:
+            for held in self._held:
+                held.close(failed)
+        finally:
+            for held in self._held:
+                held.stop_listening()
+            self._held = []
+
+
+def _check_transaction(conn: sa.Connection) -> None:
+    if not conn.in_transaction():
+        raise AtomicEnqueueError(
+            "atomic() has no open transaction to join: begin one (session.begin() or "
+            "connection.begin()) around the block"
+        )
+
+
+class DBAPIBinding(Binding):
     """A DB-API connection the caller manages (psycopg2, psycopg 3, sqlite3): the
     store writes through it and never begins, commits, rolls back or reconfigures
     its transaction."""
@@ -165,11 +229,15 @@ def atomic(target: Any, app: Any = None) -> Iterator[Any]:
             f"atomic() needs the eventstore broker, but the Celery app {app.main!r} "
             f"publishes to {broker.split('://')[0] or 'the default broker'}://"
         )
-    token = _bound.set(binding_for(target))
+    binding = binding_for(target)
+    token = _bound.set(binding)
+    failed = True
     try:
         yield target
+        failed = False
     finally:
         _bound.reset(token)
+        binding.close(failed)
 
 
 def join_automatically(find: AutomaticBinding) -> None:
@@ -215,3 +283,15 @@ def joined(store: EventStore) -> Iterator[sa.Connection | None]:
         return
     with binding.joined(store) as conn:
         yield conn
+
+
+def publish(store: EventStore, messages: Sequence[NewMessage]) -> None:
+    """Publish ``messages`` to ``store``: in the caller's transaction while a
+    binding applies (held for a batch on a SQLAlchemy one), else committed on the
+    store's own.  What the store refuses is refused here, at the call."""
+    checked = store.check_publish(messages)
+    binding = _binding(store)
+    if binding is None:
+        store.publish_checked(checked)
+    else:
+        binding.publish(store, checked)

@@ -370,8 +370,7 @@ class Channel(virtual.Channel):
                     )
                 )
         if durable:
-            with self.connection.joined() as conn:
-                self.store.publish(durable, connection=conn)
+            self.connection.publish(durable)
         if transient:
             self.store.put_transient(transient)
 
@@ -535,6 +534,13 @@ class Transport(virtual.Transport):
 
         with joined(self.store) as conn:
             yield conn
+
+    def publish(self, messages: Sequence[NewMessage]) -> None:
+        """Publish durable messages: into the caller's transaction inside an
+        ``atomic`` block (or an automatic binding), else on the store's own."""
+        from .enqueue import publish
+
+        publish(self.store, messages)
 
     @property
     def listener(self) -> Listener:

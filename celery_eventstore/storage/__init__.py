@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from .borrowed import ABORTED, NONE, OPEN, ConnectionInfo
 from .database import BROKER_PREFIX, parse_url, redact
+from .deliveries import CheckedMessage
 from .dialects import describe_connection
+from .held import HeldPublishes
 from .log import fold as fold_stream
 from .notifiers import ANY_QUEUE, Listener
 from .records import (
@@ -37,12 +39,14 @@ __all__ = [
     "BROKER_PREFIX",
     "SCHEMA_VERSION",
     "Binding",
+    "CheckedMessage",
     "ClaimRef",
     "ClaimedMessage",
     "ClaimRound",
     "ConnectionInfo",
     "DeadLetter",
     "EventStore",
+    "HeldPublishes",
     "LogFilter",
     "Listener",
     "NONE",

@@ -344,11 +344,12 @@ class Database:
         """Epoch seconds by the store's clock (the database's on PostgreSQL)."""
         if self._clock is not None:
             return self._clock()
-        query = self.dialect.clock_query()
-        if query is None:
-            return time.time()
         local = time.time()
         if self._clock_offset is None or local - self._clock_measured > CLOCK_REFRESH_SECONDS:
+            # Built only when measured: a Select costs more than the rest of a call.
+            query = self.dialect.clock_query()
+            if query is None:
+                return local
             with self.translate_errors(), self.engine.connect() as conn:
                 before = time.time()
                 db_now = float(conn.execute(query).scalar_one())

@@ -40,6 +40,19 @@ class ClaimRequest:
     next_due: bool = False
 
 
+@dataclass(frozen=True)
+class CheckedMessage:
+    """A message publish has accepted, with its delivery id decided: what atomic
+    enqueue holds in memory until the caller's transaction commits."""
+
+    message: NewMessage
+    command: lc.Publish
+
+    @property
+    def delivery(self) -> str:
+        return self.command.delivery
+
+
 class Deliveries:
     """Publish, claim, ack, reject, restore and renew."""
 
@@ -50,16 +63,22 @@ class Deliveries:
 
     # -- publishing --------------------------------------------------------------
 
+    def check(self, messages: Sequence[NewMessage]) -> list[CheckedMessage]:
+        """Refuse what publish would refuse (:class:`MessageTooLarge`) and decide
+        each message's delivery id, without touching the database."""
+        return [CheckedMessage(msg, self._publish_command(msg)) for msg in messages]
+
     def publish(
-        self, messages: Sequence[NewMessage], *, connection: sa.Connection | None = None
+        self, messages: Sequence[CheckedMessage], *, connection: sa.Connection | None = None
     ) -> list[str]:
-        """Publish messages; returns their delivery ids.
+        """Publish checked messages; returns their delivery ids.
 
         With ``connection`` the events join the caller's transaction (in a
         savepoint): they exist if and only if the caller commits.  Without it the
-        store commits them itself before returning.
+        store commits them itself before returning.  A batch is one append: its
+        events, derived rows and one wake-up per queue.
         """
-        prepared = [(msg, self._publish_command(msg)) for msg in messages]
+        prepared = [(c.message, c.command) for c in messages]
         # New streams need no read: version 1 is free, or the insert loses on the
         # (stream, version) key and the retry reads.  Not where a failed insert
         # cannot be rolled back alone (a caller's SQLite transaction).

@@ -46,7 +46,7 @@ from ..exceptions import (
 )
 from .borrowed import ConnectionInfo
 from .database import Database, parse_url, redact
-from .deliveries import DEFAULT_MAX_MESSAGE_SIZE, Deliveries
+from .deliveries import DEFAULT_MAX_MESSAGE_SIZE, CheckedMessage, Deliveries
 from .log import EventLog, fold
 from .migrations import Migrator
 from .names import Names, check_namespace
@@ -470,11 +470,22 @@ class EventStore:
         self, messages: Sequence[NewMessage], *, connection: sa.Connection | None = None
     ) -> list[str]:
         """Publish messages; returns their delivery ids (see :meth:`.Deliveries.publish`)."""
+        return self.publish_checked(self.check_publish(messages), connection=connection)
+
+    def check_publish(self, messages: Sequence[NewMessage]) -> list[CheckedMessage]:
+        """What :meth:`publish` refuses (names, size), refused now, without I/O:
+        a publish held for a later batch fails at the call, not at the write."""
         for msg in messages:
             self.names.stream.check(msg.stream)
             self.names.queue.check(msg.queue)
             if msg.delivery is not None:
                 self.names.delivery.check(msg.delivery)
+        return self.deliveries.check(messages)
+
+    def publish_checked(
+        self, messages: Sequence[CheckedMessage], *, connection: sa.Connection | None = None
+    ) -> list[str]:
+        """Publish messages :meth:`check_publish` accepted, as one batch."""
         return self.deliveries.publish(messages, connection=connection)
 
     def claim(

@@ -31,6 +31,7 @@ def test_every_figure_is_measured_on_sqlite(tmp_path: Path) -> None:
         assert heading in done.stdout
     row = json.loads((tmp_path / "out.json").read_text())["runs"][0]["eventstore+sqlite"]
     for key in ("publish/s", "delay p50 ms", "raw commit p50 ms", "producers/s", "atomic/s",
+                "atomic floor/s",
                 "drain ignored/s", "drain results/s", "cpu results worker us",
                 "start p50 ms", "result p50 ms", "get()/s"):
         assert row[key] > 0, key

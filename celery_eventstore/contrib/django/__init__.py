@@ -18,13 +18,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ...enqueue import AtomicEnqueueError, DBAPIBinding
+from ...enqueue import AtomicEnqueueError, Binding, DBAPIBinding
 from ...storage import EventStore, describe_connection
 
 __all__ = ["DjangoBinding", "find_atomic_block"]
 
 
-class DjangoBinding:
+class DjangoBinding(Binding):
     """A Django connection wrapper's transaction, joined through its DB-API connection."""
 
     def __init__(self, wrapper: Any) -> None:

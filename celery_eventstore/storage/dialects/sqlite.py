@@ -92,11 +92,18 @@ class SQLiteDialect(Dialect):
         # them all.  Outside one (a caller's connection in autocommit, or whose
         # transaction the driver has not begun yet) each row would commit alone.
         dbapi = conn.connection.dbapi_connection
+        positions: list[int] = []
+        if len(rows) > 1 and not getattr(dbapi, "in_transaction", False):
+            # The driver begins a caller's transaction with its first write (an
+            # atomic() batch that is the transaction's first write): that row
+            # alone, then the rest as one batch.
+            positions = list(conn.execute(returning, rows[:1]).scalars().all())
+            rows = rows[1:]
         if len(rows) == 1 or not getattr(dbapi, "in_transaction", False):
-            return list(conn.execute(returning, rows).scalars().all())
+            return positions + list(conn.execute(returning, rows).scalars().all())
         conn.execute(plain, rows)
         last = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
-        return list(range(last - len(rows) + 1, last + 1))
+        return positions + list(range(last - len(rows) + 1, last + 1))
 
     def upsert(
         self, table: sa.Table, columns: Sequence[str], keys: Sequence[str]
