@@ -13,6 +13,7 @@ may hold an event is said by the kind's rules (``task.py``, ``group.py``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -47,7 +48,13 @@ def event_type(event: Event) -> str:
 
 def event_data(event: Event) -> dict[str, Any]:
     """The JSON-able fields of an event."""
-    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    return {name: getattr(event, name) for name in _field_names(type(event))}
+
+
+@functools.cache
+def _field_names(event_type: type[Event]) -> tuple[str, ...]:
+    # dataclasses.fields() filters every field's kind on each call: once per type.
+    return tuple(f.name for f in dataclasses.fields(event_type))
 
 
 def event_from(type_name: str, data: Mapping[str, Any]) -> Event:
