@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..borrowed import NONE, OPEN, ConnectionInfo
+from ..execution import execute_rows
 from . import Dialect
 
 #: How long a writer waits for the write lock before giving up.
@@ -67,6 +68,11 @@ class SQLiteDialect(Dialect):
         path = next((file for _, name, file in rows if name == "main"), "")
         url = sa.URL.create("sqlite+pysqlite", database=path or None)
         return ConnectionInfo(url, OPEN if _in_transaction(dbapi_connection) else NONE)
+    def one_of(self, column: sa.ColumnElement[Any], values: str) -> sa.ColumnElement[bool]:
+        # The list as one JSON array; SQLite looks each member up by the index.
+        listed = sa.func.json_each(sa.bindparam(values, type_=sa.JSON)).table_valued("value")
+        return column.in_(sa.select(listed.c.value))
+
     def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
         return sa.func.json_extract(column, sa.literal_column(f"'$.{key}'"), type_=sa.Text)
 
@@ -93,7 +99,7 @@ class SQLiteDialect(Dialect):
         # transaction the driver has not begun yet) each row would commit alone.
         dbapi = conn.connection.dbapi_connection
         if len(rows) == 1 or not getattr(dbapi, "in_transaction", False):
-            return list(conn.execute(returning, rows).scalars().all())
+            return list(execute_rows(conn, returning, rows).scalars().all())
         conn.execute(plain, rows)
         last = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
         return list(range(last - len(rows) + 1, last + 1))
