@@ -9,6 +9,7 @@ Read-only transactions use a plain ``BEGIN`` and run beside the writer (WAL).
 from __future__ import annotations
 
 import contextlib
+import json
 import os.path
 import random
 import sqlite3
@@ -70,7 +71,7 @@ class SQLiteDialect(Dialect):
         return ConnectionInfo(url, OPEN if _in_transaction(dbapi_connection) else NONE)
     def one_of(self, column: sa.ColumnElement[Any], values: str) -> sa.ColumnElement[bool]:
         # The list as one JSON array; SQLite looks each member up by the index.
-        listed = sa.func.json_each(sa.bindparam(values, type_=sa.JSON)).table_valued("value")
+        listed = sa.func.json_each(sa.bindparam(values, type_=_JsonList())).table_valued("value")
         return column.in_(sa.select(listed.c.value))
 
     def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
@@ -124,6 +125,20 @@ class SQLiteDialect(Dialect):
 
     def read_options(self) -> dict[str, Any]:
         return {_READ_ONLY: True}
+
+
+class _JsonList(sa.types.TypeDecorator[Any]):
+    """A list bound as its JSON array text (also rendered as a literal, for plans)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else json.dumps(list(value))
+
+    def process_literal_param(self, value: Any, dialect: Any) -> str:
+        text = self.process_bind_param(value, dialect) or "null"
+        return "'" + text.replace("'", "''") + "'"
 
 
 def _in_transaction(conn: sqlite3.Connection) -> bool:
