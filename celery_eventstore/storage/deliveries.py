@@ -74,7 +74,10 @@ class Deliveries:
                 if guess[0]:
                     guess[0] = False  # one try only
                     states = {m.stream: fold(m.stream, ()) for m, _ in prepared}
-                    if len(prepared) == 1 and self._publish_one(tx, prepared[0], states):
+                    if (
+                        len(prepared) == 1 and self.log.publishes_new
+                        and self._publish_one(tx, prepared[0], states)
+                    ):
                         return [prepared[0][1].delivery]
                 else:
                     states = self.log.load_all(tx, (m.stream for m, _ in prepared))

@@ -21,6 +21,7 @@ from .. import lifecycle as lc
 from ..exceptions import ConcurrencyConflict, CorruptStream, UnreadableStream
 from .chords import chord_snapshot, rewrite_chord
 from .database import Database, Tx
+from .execution import execute_rows
 from .notifiers import Channels, Notifier, ReadyThrottle
 from .projection import project
 from .queries import Queries
@@ -116,7 +117,7 @@ class EventLog:
         else:
             rows = conn.execute(self.queries.read_streams, {"streams": wanted})
         clock_wanted = isinstance(conn, Tx) and conn.clock_wanted
-        for row in rows:
+        for row in rows.all():  # one fetch, not one driver call per row
             if clock_wanted and row.tx_clock is not None:
                 assert isinstance(conn, Tx)
                 conn.clock_read(float(row.tx_clock))
@@ -240,7 +241,7 @@ class EventLog:
                 tx.conn, self.queries.append_returning, self.queries.append, rows
             )
         else:
-            tx.conn.execute(self.queries.append, rows)
+            execute_rows(tx.conn, self.queries.append, rows)
             positions = [0] * len(rows)
         recorded = [
             RecordedEvent(
@@ -257,6 +258,11 @@ class EventLog:
         self._wake(tx, recorded, states)
         tx.appended.extend(recorded)
         return recorded, states
+
+    @property
+    def publishes_new(self) -> bool:
+        """Whether :meth:`publish_new` can send a publish in one statement here."""
+        return self._single_publish is not None
 
     def publish_new(
         self, tx: Tx, stream: str, events: Sequence[lc.Event],
