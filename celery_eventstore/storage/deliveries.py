@@ -88,7 +88,7 @@ class Deliveries:
                     pending.append((state, events, msg.metadata))
                     # Several messages of one stream in a batch build on each other.
                     states[msg.stream] = evolve_all(state, events)
-                self.log.append_pending(tx, decided(pending))
+                self.log.append_pending(tx, decided(pending), folded=states)
             return [command.delivery for _, command in prepared]
 
         return self.db.retrying(attempt)
@@ -246,7 +246,9 @@ class Deliveries:
         claims = []
         if request is not None:
             claims = _decide_claims(request, candidates, states, pending, tx.now)
-        _, final = self.log.append_pending(tx, decided(pending), read_positions=False)
+        _, final = self.log.append_pending(
+            tx, decided(pending), read_positions=False, folded=states
+        )
         bodies = {c.delivery_id: c.data for c in candidates}
         return {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now)
 
