@@ -13,7 +13,6 @@ may hold an event is said by the kind's rules (``task.py``, ``group.py``,
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,13 +47,13 @@ def event_type(event: Event) -> str:
 
 def event_data(event: Event) -> dict[str, Any]:
     """The JSON-able fields of an event."""
-    return {name: getattr(event, name) for name in _field_names(type(event))}
+    names = _FIELD_NAMES.get(type(event))
+    if names is None:  # dataclasses.fields() filters every field on each call: once per type
+        names = _FIELD_NAMES[type(event)] = tuple(f.name for f in dataclasses.fields(event))
+    return {name: getattr(event, name) for name in names}
 
 
-@functools.cache
-def _field_names(event_type: type[Event]) -> tuple[str, ...]:
-    # dataclasses.fields() filters every field's kind on each call: once per type.
-    return tuple(f.name for f in dataclasses.fields(event_type))
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def event_from(type_name: str, data: Mapping[str, Any]) -> Event:
