@@ -283,10 +283,11 @@ class Database:
     def read(self) -> Iterator[sa.Connection]:
         """A read-only transaction (on SQLite it never waits for the write lock)."""
         self._prepare()
-        with self.translate_errors(), self.engine.connect() as conn:
-            conn = conn.execution_options(**self.dialect.read_options())
-            with conn.begin():
-                yield conn
+        with (
+            self.translate_errors(), self.engine.connect() as conn,
+            self.dialect.reading(conn), conn.begin(),
+        ):
+            yield conn
 
     def retrying(self, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` (one whole transaction) again while it loses races."""

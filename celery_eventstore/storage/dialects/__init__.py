@@ -52,9 +52,10 @@ class Dialect:
     def configure(self, engine: sa.Engine) -> None:
         """Install event hooks on a new engine."""
 
-    def read_options(self) -> dict[str, Any]:
-        """Execution options for a read-only transaction."""
-        return {}
+    @contextlib.contextmanager
+    def reading(self, conn: sa.Connection) -> Iterator[sa.Connection]:
+        """``conn`` (not yet begun) for a read-only transaction."""
+        yield conn
 
     @contextlib.contextmanager
     def join(self, connection: sa.Connection) -> Iterator[sa.Connection]:
