@@ -47,7 +47,13 @@ def event_type(event: Event) -> str:
 
 def event_data(event: Event) -> dict[str, Any]:
     """The JSON-able fields of an event."""
-    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    names = _FIELD_NAMES.get(type(event))
+    if names is None:  # dataclasses.fields() filters every field on each call: once per type
+        names = _FIELD_NAMES[type(event)] = tuple(f.name for f in dataclasses.fields(event))
+    return {name: getattr(event, name) for name in names}
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def event_from(type_name: str, data: Mapping[str, Any]) -> Event:

@@ -193,7 +193,12 @@ def evolve(state: JobState, event: Event) -> JobState:
     except KeyError:
         raise CorruptStream(_misplaced(event, state, "an event", Event)) from None
     new: JobState = apply(state, event)
-    return replace(new, version=state.version + 1)
+    if new is state:
+        return replace(new, version=state.version + 1)
+    # A state the evolver has just made (with replace) is nobody else's yet:
+    # numbering it in place saves a third copy per event on every fold.
+    new.__dict__["version"] = state.version + 1
+    return new
 
 
 def decide(command: Command, state: JobState, now: float) -> list[Event]:

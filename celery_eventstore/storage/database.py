@@ -319,8 +319,9 @@ class Database:
         in a transaction) keeps one.
         """
         self._prepare()
-        with self.translate_errors(), self.engine.connect() as conn:
-            conn = conn.execution_options(**self.dialect.read_options())
+        with (
+            self.translate_errors(), self.engine.connect() as conn, self.dialect.reading(conn),
+        ):
             if self.dialect.autocommits and not streaming:
                 with self.dialect.autocommit(conn), conn.begin():
                     yield conn

@@ -92,7 +92,7 @@ class Deliveries:
 
         def attempt() -> list[str]:
             if guess[0] and connection is None and len(prepared) == 1 and (
-                self.db.one_statement_commits
+                self.db.one_statement_commits and self.log.publishes_new
             ):
                 # Our own transaction, and one statement: it commits as it runs.
                 guess[0] = False  # one try only
@@ -104,7 +104,10 @@ class Deliveries:
                 if guess[0]:
                     guess[0] = False  # one try only
                     states = {m.stream: fold(m.stream, ()) for m, _ in prepared}
-                    if len(prepared) == 1 and self._publish_one(tx, prepared[0], states):
+                    if (
+                        len(prepared) == 1 and self.log.publishes_new
+                        and self._publish_one(tx, prepared[0], states)
+                    ):
                         return [prepared[0][1].delivery]
                 else:
                     states = self.log.load_all(tx, (m.stream for m, _ in prepared))
@@ -115,7 +118,7 @@ class Deliveries:
                     pending.append((state, events, msg.metadata))
                     # Several messages of one stream in a batch build on each other.
                     states[msg.stream] = evolve_all(state, events)
-                self.log.append_pending(tx, decided(pending))
+                self.log.append_pending(tx, decided(pending), folded=states)
             return [command.delivery for _, command in prepared]
 
         return self.db.retrying(attempt)
@@ -296,7 +299,9 @@ class Deliveries:
         claims = []
         if request is not None:
             claims = _decide_claims(request, candidates, states, pending, tx.now)
-        _, final = self.log.append_pending(tx, decided(pending), read_positions=False)
+        _, final = self.log.append_pending(
+            tx, decided(pending), read_positions=False, folded=states
+        )
         bodies = {c.delivery_id: c.data for c in candidates}
         return ClaimRound(
             {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now), next_due

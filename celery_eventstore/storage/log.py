@@ -21,6 +21,7 @@ from .. import lifecycle as lc
 from ..exceptions import ConcurrencyConflict, CorruptStream, UnreadableStream
 from .chords import chord_snapshot, rewrite_chord
 from .database import Database, Tx
+from .execution import execute_rows
 from .notifiers import Channels, Notifier, ReadyThrottle
 from .projection import project
 from .queries import Queries
@@ -116,7 +117,7 @@ class EventLog:
         else:
             rows = conn.execute(self.queries.read_streams, {"streams": wanted})
         clock_wanted = isinstance(conn, Tx) and conn.clock_wanted
-        for row in rows:
+        for row in rows.all():  # one fetch, not one driver call per row
             if clock_wanted and row.tx_clock is not None:
                 assert isinstance(conn, Tx)
                 conn.clock_read(float(row.tx_clock))
@@ -221,7 +222,8 @@ class EventLog:
     # -- appending -------------------------------------------------------------
 
     def append_pending(
-        self, tx: Tx, pending: Pending, *, read_positions: bool = True
+        self, tx: Tx, pending: Pending, *, read_positions: bool = True,
+        folded: Mapping[str, lc.JobState] | None = None,
     ) -> tuple[list[RecordedEvent], dict[str, lc.JobState]]:
         """Append each stream's events after the state it was decided on, project
         them and wake whoever waits for them, in ``tx``.
@@ -229,9 +231,11 @@ class EventLog:
         ``read_positions=False`` (claims, acks, renewals, whose records never leave
         the store) skips reading back the log positions -- a RETURNING costs about a
         third of the insert -- unless an event's projection needs its position.
-        Such records carry position 0.
+        Such records carry position 0.  ``folded``: each stream's state after all
+        of its pending events, where the caller has folded them already (a batch
+        chains its decisions on one stream), so they are not folded twice.
         """
-        rows, events, states = _rows(pending, tx.now)
+        rows, events, states = _rows(pending, tx.now, folded)
         if not rows:
             return [], states
         positions: Sequence[int]
@@ -240,7 +244,7 @@ class EventLog:
                 tx.conn, self.queries.append_returning, self.queries.append, rows
             )
         else:
-            tx.conn.execute(self.queries.append, rows)
+            execute_rows(tx.conn, self.queries.append, rows)
             positions = [0] * len(rows)
         recorded = [
             RecordedEvent(
@@ -257,6 +261,11 @@ class EventLog:
         self._wake(tx, recorded, states)
         tx.appended.extend(recorded)
         return recorded, states
+
+    @property
+    def publishes_new(self) -> bool:
+        """Whether :meth:`publish_new` can send a publish in one statement here."""
+        return self._single_publish is not None
 
     def publish_new(
         self, tx: Tx, stream: str, events: Sequence[lc.Event],
@@ -465,9 +474,10 @@ def newly_queued(recorded: Iterable[RecordedEvent], states: Mapping[str, lc.JobS
 
 
 def _rows(
-    pending: Pending, now: float
+    pending: Pending, now: float, folded: Mapping[str, lc.JobState] | None = None
 ) -> tuple[list[dict[str, Any]], list[lc.Event], dict[str, lc.JobState]]:
-    """The event rows to insert, their events, and each stream's state after them."""
+    """The event rows to insert, their events, and each stream's state after them
+    (``folded``'s, where given)."""
     rows: list[dict[str, Any]] = []
     events: list[lc.Event] = []
     states: dict[str, lc.JobState] = {}
@@ -479,9 +489,8 @@ def _rows(
                 _event_row(state.stream, state.version + offset, event, metadata, at, born)
             )
             events.append(event)
-        states[state.stream] = lc.replace(
-            evolve_all(state, decided_events), recorded_until=at, born=born
-        )
+        after = evolve_all(state, decided_events) if folded is None else folded[state.stream]
+        states[state.stream] = lc.replace(after, recorded_until=at, born=born)
     return rows, events, states
 
 

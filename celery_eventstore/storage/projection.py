@@ -41,6 +41,7 @@ from ..lifecycle import (
     Succeeded,
 )
 from .chords import chord_row, part_rows
+from .execution import execute_rows
 from .queries import Queries
 from .records import RecordedEvent
 from .task_index import project_tasks
@@ -189,16 +190,16 @@ def _write(conn: sa.Connection, queries: Queries,
             updates.setdefault(tuple(sorted(row)), []).append(row)
 
     if inserts:
-        conn.execute(queries.insert_messages, inserts)
+        execute_rows(conn, queries.insert_messages, inserts)
     for columns, rows in updates.items():
-        conn.execute(
-            queries.update_messages(columns),
+        execute_rows(
+            conn, queries.update_messages(columns),
             [{**r, "b_delivery_id": r["delivery_id"]} for r in rows],
         )
     if deletes:
         conn.execute(queries.delete_messages, {"deliveries": deletes})
     if dead:
-        conn.execute(queries.insert_dead_letters, dead)
+        execute_rows(conn, queries.insert_dead_letters, dead)
 
 
 def _write_results(
@@ -218,7 +219,7 @@ def _write_results(
             "date_done": at if state.result_state in _READY else None,
         })
     if rows:  # one statement for the batch (each stream once: ``touched`` is keyed by it)
-        conn.execute(queries.upsert_result, rows)
+        execute_rows(conn, queries.upsert_result, rows)
     if gone:
         conn.execute(queries.delete_results, {"streams": gone})
 

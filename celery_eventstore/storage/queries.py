@@ -179,7 +179,7 @@ class Queries:
         msgs, dl, res = t.messages, t.dead_letters, t.results
         self.insert_messages = msgs.insert()
         #: ``deliveries``: settled deliveries leave the hot table.
-        self.delete_messages = msgs.delete().where(msgs.c.delivery_id.in_(_many("deliveries")))
+        self.delete_messages = msgs.delete().where(dialect.one_of(msgs.c.delivery_id, "deliveries"))
         self.insert_dead_letters = dl.insert()
         #: ``deliveries``: dead letters published again or purged.
         self.delete_dead_letters = dl.delete().where(dl.c.delivery_id.in_(_many("deliveries")))

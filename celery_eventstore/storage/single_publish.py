@@ -38,7 +38,9 @@ class _Capture:
         self.calls: list[tuple[Any, Any]] = []
 
     def execute(self, statement: Any, parameters: Any = None) -> None:
-        self.calls.append((statement, parameters))
+        # Rows as a list, however they were given (one row comes as a mapping).
+        rows = [parameters] if isinstance(parameters, Mapping) else parameters
+        self.calls.append((statement, rows))
 
 
 def derived_rows(

@@ -295,8 +295,10 @@ class EventStore:
         """The migration level of the database (0 when the tables do not exist)."""
         # Read-only on purpose: on SQLite it must not wait for a write lock that
         # an application's open transaction (an atomic enqueue) may be holding.
-        with self.db.translate_errors(), self.engine.connect() as conn:
-            conn = conn.execution_options(**self.db.dialect.read_options())
+        with (
+            self.db.translate_errors(), self.engine.connect() as conn,
+            self.db.dialect.reading(conn),
+        ):
             return self._migrator.current(conn)
 
     def migrate(self, to_version: int = SCHEMA_VERSION) -> list[int]:

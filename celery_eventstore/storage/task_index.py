@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from .. import lifecycle as lc
 from .database import Database
+from .execution import execute_rows
 from .queries import Queries
 from .records import RecordedEvent, TaskFilter, TaskSummary
 
@@ -67,7 +68,7 @@ def project_tasks(
             changes["state"] = _clip(_state_of(states[stream]))
     inserted = [row for stream, row in inserts.items() if stream not in unreadable]
     if inserted:
-        conn.execute(queries.insert_tasks, inserted)
+        execute_rows(conn, queries.insert_tasks, inserted)
     by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for stream, changes in updates.items():
         if changes and stream not in unreadable:
@@ -75,7 +76,7 @@ def project_tasks(
                 {**changes, "b_stream_id": stream}
             )
     for columns, rows in by_columns.items():
-        conn.execute(queries.update_tasks(columns), rows)
+        execute_rows(conn, queries.update_tasks(columns), rows)
     if unreadable:
         conn.execute(queries.delete_tasks, {"streams": sorted(unreadable)})
 

@@ -11,3 +11,35 @@ class TestSQLiteStore(StoreContract):
     @pytest.fixture
     def make_store(self, sqlite_db):
         yield from make_factory(sqlite_db)
+
+
+def test_reads_run_beside_a_held_write_lock_and_writes_wait_for_it(sqlite_db, tmp_path):
+    """Reads begin with a plain BEGIN, writes with BEGIN IMMEDIATE: while another
+    connection holds the write lock, a read answers at once (also right after the
+    store's connection served a read that never began) and a write waits."""
+    import sqlite3
+    import threading
+
+    from contract import msg
+
+    factory = make_factory(sqlite_db)
+    store = next(factory)()
+    store.publish([msg("before")])
+    holder = sqlite3.connect(str(tmp_path / "events.db"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with store.db.engine.connect() as conn, store.db.dialect.reading(conn):
+            pass  # a read that never began: its pooled connection must not stay a reader's
+        assert store.queue_size("q") == 1
+        assert store.schema_version() > 0
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (store.publish([msg("after")]), done.set()))
+        writer.start()
+        assert not done.wait(0.5), "a write must wait for the write lock"
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    writer.join(10)
+    assert done.is_set()
+    assert store.queue_size("q") == 2
+    next(factory, None)  # closes the store

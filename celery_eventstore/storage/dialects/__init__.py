@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from ...exceptions import UnsupportedDatabase
 from ..borrowed import ConnectionInfo
+from ..execution import execute_rows
 
 
 class Dialect:
@@ -51,9 +52,10 @@ class Dialect:
     def configure(self, engine: sa.Engine) -> None:
         """Install event hooks on a new engine."""
 
-    def read_options(self) -> dict[str, Any]:
-        """Execution options for a read-only transaction."""
-        return {}
+    @contextlib.contextmanager
+    def reading(self, conn: sa.Connection) -> Iterator[sa.Connection]:
+        """``conn`` (not yet begun) for a read-only transaction."""
+        yield conn
 
     #: :meth:`autocommit` runs statements that commit as they run.
     autocommits = False
@@ -100,8 +102,15 @@ class Dialect:
         """``select``'s rows whose ``column`` is one of the list parameter ``values``,
         sorted by the columns named ``order_by``, each value looked up by an index
         whatever the planner knows of the table."""
-        where = column.in_(sa.bindparam(values, expanding=True))
+        where = self.one_of(column, values)
         return select.where(where).order_by(*(select.selected_columns[c] for c in order_by))
+
+    def one_of(self, column: sa.ColumnElement[Any], values: str) -> sa.ColumnElement[bool]:
+        """``column`` is one of the list parameter ``values`` (a ``list``), for a
+        statement on the hot path: an ``IN`` whose placeholders SQLAlchemy renders
+        anew on every call (an "expanding" parameter) costs more Python than the
+        rest of the statement's execution, so a dialect binds the list as one value."""
+        return column.in_(sa.bindparam(values, expanding=True))
 
     def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
         """A text field of a JSON column, written exactly as the indexes on it are
@@ -151,7 +160,7 @@ class Dialect:
     ) -> list[int]:
         """Insert ``rows`` into the log and return their positions, in the order of
         ``rows`` (``returning`` reads them back; ``plain`` inserts without)."""
-        return list(conn.execute(returning, rows).scalars().all())
+        return list(execute_rows(conn, returning, rows).scalars().all())
 
     def clock_expression(self) -> sa.ColumnElement[Any] | None:
         """The database's clock in epoch seconds as SQL, where a statement that

@@ -192,6 +192,10 @@ class PostgreSQLDialect(Dialect):
             .order_by(*(each.c[c] for c in order_by))
         )
 
+    def one_of(self, column: sa.ColumnElement[Any], values: str) -> sa.ColumnElement[bool]:
+        # One array parameter (what IN becomes in the planner anyway).
+        return column == sa.any_(sa.bindparam(values, type_=ARRAY(column.type)))
+
     def json_field(self, column: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[str]:
         return column.op("->>", return_type=sa.Text)(sa.literal_column(f"'{key}'"))
 
