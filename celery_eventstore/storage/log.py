@@ -11,6 +11,7 @@ it unless it asked for an explicit expected version.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from .notifiers import Channels, Notifier, ReadyThrottle
 from .projection import project
 from .queries import Queries
 from .records import LogFilter, RecordedEvent
+from .single_append import POSITIONED, SingleAppend
 from .single_publish import derived_rows, publish_parameters, publish_statement, recorded_after
 
 #: Decisions made but not appended yet: the state each was decided on, its
@@ -64,6 +66,12 @@ class EventLog:
                 publish_statement(queries, clock, notifier.expression)
                 if notifier.sends else None,
             )
+        #: One event after a read, with its derived rows and wake-up, in one
+        #: statement (None where the database cannot: see :mod:`.single_append`).
+        self._single_append = (
+            SingleAppend(queries, notifier.expression if notifier.sends else None)
+            if db.dialect.writes_in_with else None
+        )
         #: The log is partitioned by birth day (found when the schema is checked):
         #: writers then hold their streams against a prune moving them (see
         #: :meth:`hold_streams`).
@@ -235,7 +243,7 @@ class EventLog:
         if not rows:
             return [], states
         positions: Sequence[int]
-        if read_positions or any(isinstance(e, _POSITIONED) for e in events):
+        if read_positions or any(isinstance(e, POSITIONED) for e in events):
             positions = self.db.dialect.insert_numbered(
                 tx.conn, self.queries.append_returning, self.queries.append, rows
             )
@@ -293,6 +301,34 @@ class EventLog:
         recorded = [recorded_after(row, event, position, recorded_at)]
         tx.appended.extend(recorded)
         return recorded
+
+    def append_decided(
+        self, tx: Tx, state: lc.JobState, events: Sequence[lc.Event],
+        metadata: Mapping[str, Any] | None,
+    ) -> list[RecordedEvent]:
+        """Append ``events``, decided on ``state``, as :meth:`append_pending`
+        does; one event that wakes no consumer goes with its derived rows and
+        its result wake-up in one statement where the database can take it."""
+        if self._single_append is None or len(events) != 1:
+            return self.append_pending(tx, [(state, events, metadata)])[0]
+        rows, _, states = _rows([(state, events, metadata)], tx.now)
+        (row,), (event,) = rows, events
+        recorded = RecordedEvent(
+            position=0, stream=state.stream, version=row["version"], event=event,
+            metadata=row["metadata"], recorded_at=row["recorded_at"],
+        )
+        wake = (self.channels.result(state.stream)
+                if isinstance(event, _FINISHING) and self.notifier.sends else None)
+        prepared = (
+            None if newly_queued([recorded], states)
+            else self._single_append.prepare(row, recorded, states, wake)
+        )
+        if prepared is None:
+            return self.append_pending(tx, [(state, events, metadata)])[0]
+        position = tx.conn.execute(*prepared).one()[0]
+        appended = [dataclasses.replace(recorded, position=position)]
+        tx.appended.extend(appended)
+        return appended
 
     def _wake(
         self, tx: Tx, recorded: Sequence[RecordedEvent], states: Mapping[str, lc.JobState]
@@ -396,7 +432,7 @@ class EventLog:
                 else:
                     state = self.load_all(tx, [stream])[stream]
                 events = lc.decide(command, state, tx.now)
-                return self.append_pending(tx, [(state, events, metadata)])[0]
+                return self.append_decided(tx, state, events, metadata)
 
         return self.db.retrying(attempt)
 
