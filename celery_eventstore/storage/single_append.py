@@ -72,8 +72,9 @@ class SingleAppend:
             if one is None:
                 return None
             derived.append((statement, one))
-        if len({id(statement.table) for statement, _ in derived}) != len(derived):
-            return None  # two changes to one table in one statement: left to the generic path
+        tables = {id(getattr(statement, "table", None)) for statement, _ in derived}
+        if len(tables) != len(derived) or id(None) in tables:
+            return None  # two changes to one table in one statement, or not a change
         statement = self._statement(
             sorted(row), [s for s, _ in derived], [sorted(p) for _, p in derived],
             wake is not None,

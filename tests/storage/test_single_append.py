@@ -66,6 +66,28 @@ def test_a_result_write_costs_its_read_and_one_statement_on_postgresql(store, co
     assert store.projection_rows() == live
 
 
+@pytest.mark.parametrize("db", ["psycopg2"], indirect=True)
+def test_a_projection_it_cannot_carry_makes_the_one_statement_step_aside(store, monkeypatch):
+    """Should the projection make a change of many rows (a projection added
+    later), the write takes the generic path: nothing derived is skipped."""
+    from celery_eventstore.storage import single_append
+
+    def with_many_rows(queries, recorded, states):
+        many = [{"deliveries": ["a"]}, {"deliveries": ["b"]}]
+        return [*captured(queries, recorded, states), (queries.delete_dead_letters, many)]
+
+    captured = single_append.captured
+    monkeypatch.setattr(single_append, "captured", with_many_rows)
+    held = claimed(store, "t1")
+    with executed_statements() as sent:
+        store.execute("t1", lc.Succeed({"r": 1}, claim=held.claim))
+    assert len(writes(sent)) == 5, sent  # read, event, results row, task row, NOTIFY
+    assert store.results(["t1"])["t1"][:2] == ("SUCCESS", {"r": 1})
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
+
+
 def test_a_started_task_then_its_result_derive_what_a_rebuild_does(store):
     held = claimed(store, "t1")
     store.execute("t1", lc.Start(worker="w1", claim=held.claim))
