@@ -91,8 +91,12 @@ class SQLiteDialect(Dialect):
         # writer can come between once the first row is in): the last one's tells
         # them all.  Outside one (a caller's connection in autocommit, or whose
         # transaction the driver has not begun yet) each row would commit alone.
+        # One row (a result, a single publish) is told by the cursor's lastrowid:
+        # a RETURNING costs SQLAlchemy a result to build, about half the insert.
+        if len(rows) == 1:
+            return [int(conn.execute(plain, rows[0]).lastrowid)]
         dbapi = conn.connection.dbapi_connection
-        if len(rows) == 1 or not getattr(dbapi, "in_transaction", False):
+        if not getattr(dbapi, "in_transaction", False):
             return list(conn.execute(returning, rows).scalars().all())
         conn.execute(plain, rows)
         last = int(conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
