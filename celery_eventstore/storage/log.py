@@ -307,26 +307,27 @@ class EventLog:
         metadata: Mapping[str, Any] | None,
     ) -> list[RecordedEvent]:
         """Append ``events``, decided on ``state``, as :meth:`append_pending`
-        does; one event that wakes no consumer goes with its derived rows and
-        its result wake-up in one statement where the database can take it."""
-        if self._single_append is None or len(events) != 1:
+        does; where the database can take it and they wake no consumer, in one
+        statement with their derived rows and their result wake-up."""
+        if self._single_append is None or not events:
             return self.append_pending(tx, [(state, events, metadata)])[0]
         rows, _, states = _rows([(state, events, metadata)], tx.now)
-        (row,), (event,) = rows, events
-        recorded = RecordedEvent(
-            position=0, stream=state.stream, version=row["version"], event=event,
-            metadata=row["metadata"], recorded_at=row["recorded_at"],
-        )
-        wake = (self.channels.result(state.stream)
-                if isinstance(event, _FINISHING) and self.notifier.sends else None)
+        recorded = [
+            RecordedEvent(position=0, stream=state.stream, version=row["version"], event=event,
+                          metadata=row["metadata"], recorded_at=row["recorded_at"])
+            for row, event in zip(rows, events, strict=True)
+        ]
+        wake = (self.channels.result(state.stream) if self.notifier.sends
+                and any(isinstance(e, _FINISHING) for e in events) else None)
         prepared = (
-            None if newly_queued([recorded], states)
-            else self._single_append.prepare(row, recorded, states, wake)
+            None if newly_queued(recorded, states)
+            else self._single_append.prepare(rows, recorded, states, wake)
         )
         if prepared is None:
             return self.append_pending(tx, [(state, events, metadata)])[0]
-        position = tx.conn.execute(*prepared).one()[0]
-        appended = [dataclasses.replace(recorded, position=position)]
+        positions = tx.conn.execute(*prepared).one()[:len(rows)]
+        appended = [dataclasses.replace(r, position=p)
+                    for r, p in zip(recorded, positions, strict=True)]
         tx.appended.extend(appended)
         return appended
 

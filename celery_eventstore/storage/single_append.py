@@ -1,22 +1,23 @@
-"""One event appended after its stream was read, in one statement where the
+"""A stream's events appended after its read, in one statement where the
 database can take it.
 
-A result write (``Succeeded``, ``Failed``, ``RetryScheduled``, ``Started``)
-reads its stream, lets the pure model decide, and appends one event.  The
-generic append then costs a round trip per statement: the event, each derived
-row (the results row, the task-index row), the result channel's wake-up.  This
-sends them as one statement of data-modifying CTEs on PostgreSQL: the event row
-(its position ``RETURNING``), each statement :func:`.projection.project` makes
-for it -- captured rather than executed, its parameters renamed apart -- and the
+A result write (``Succeeded``, ``Failed``, ``RetryScheduled``, ``Started``, a
+chord's part counted) reads its stream, lets the pure model decide, and
+appends an event or two.  The generic append then costs a round trip per
+statement: the events, each derived row (the results row, the task-index row,
+the chord's rows), the result channel's wake-up.  This sends them as one
+statement of data-modifying CTEs on PostgreSQL: the event rows (their
+positions ``RETURNING``), each statement :func:`.projection.project` makes for
+them -- captured rather than executed, its parameters renamed apart -- and the
 wake-up.
 
-Nothing is decided here.  The event's recorded time is the transaction's, known
-since the read, so the derived rows need nothing from the event row; events
-whose projection records their log position (:data:`POSITIONED`: publishes,
-dead letters) take the generic path, as does anything the capture cannot carry
-in one statement (a statement of many rows, two statements on one table).  A
-lost race fails on ``(stream_id, version)`` as the generic append does, and is
-retried from a fresh read.
+Nothing is decided here.  The events' recorded time is the transaction's, known
+since the read, so the derived rows need nothing from the event rows but their
+positions; events whose projection records their log position
+(:data:`POSITIONED`: publishes, dead letters) take the generic path, as does
+anything the capture cannot carry in one statement (a statement of many rows,
+two statements on one table).  A lost race fails on ``(stream_id, version)`` as
+the generic append does, and is retried from a fresh read.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from .records import RecordedEvent
 #: Events whose projection records their log position.
 POSITIONED = (lc.Published, lc.DeadLettered, lc.Quarantined)
 
+#: The most events of one statement (a revoke discards each waiting message).
+MOST_EVENTS = 8
+
 #: Statements built per shape (which derived statements, with a wake-up or
 #: not); a handful in practice, bounded in case a projection makes new ones.
 _MOST_SHAPES = 64
@@ -45,7 +49,8 @@ Notify = Callable[[sa.ColumnElement[str], sa.ColumnElement[str]], Any]
 
 
 class SingleAppend:
-    """The one statement for one event and its derived rows, built once per shape."""
+    """The one statement for a stream's events and their derived rows, built
+    once per shape."""
 
     def __init__(self, queries: Queries, notify: Notify | None) -> None:
         self.queries = queries
@@ -55,20 +60,20 @@ class SingleAppend:
         self._built: dict[tuple[Any, ...], tuple[list[Any], sa.Select[Any] | None]] = {}
 
     def prepare(
-        self, row: Mapping[str, Any], recorded: RecordedEvent,
+        self, rows: Sequence[Mapping[str, Any]], recorded: Sequence[RecordedEvent],
         states: Mapping[str, lc.JobState], wake: str | None,
     ) -> tuple[sa.Select[Any], dict[str, Any]] | None:
-        """The statement and its parameters appending ``row`` (the event row
-        of ``recorded``), with the derived rows its projection makes as of
-        ``states`` and, with ``wake`` (a channel), a wake-up naming its stream;
-        None when that is not one statement.  The statement returns the
-        event's position."""
-        if isinstance(recorded.event, POSITIONED) or (wake and self.notify is None):
+        """The statement and its parameters appending ``rows`` (the event rows
+        of ``recorded``, one stream's, in version order), with the derived rows
+        their projection makes as of ``states`` and, with ``wake`` (a channel),
+        a wake-up naming their stream; None when that is not one statement.
+        The statement returns the events' positions, in order."""
+        if (not 0 < len(rows) <= MOST_EVENTS or (wake and self.notify is None)
+                or any(isinstance(r.event, POSITIONED) for r in recorded)):
             return None
-        calls = captured(self.queries, [recorded], states)
         derived: list[tuple[Any, dict[str, Any]]] = []
-        for statement, params in calls:
-            one = _one_row(params)
+        for statement, given in captured(self.queries, recorded, states):
+            one = _one_row(given)
             if one is None:
                 return None
             derived.append((statement, one))
@@ -76,53 +81,76 @@ class SingleAppend:
         if len(tables) != len(derived) or id(None) in tables:
             return None  # two changes to one table in one statement, or not a change
         statement = self._statement(
-            sorted(row), [s for s, _ in derived], [sorted(p) for _, p in derived],
+            len(rows), sorted(rows[0]), [s for s, _ in derived], [sorted(p) for _, p in derived],
             wake is not None,
         )
         if statement is None:
             return None
-        params = {f"e_{key}": value for key, value in row.items()}
+        params: dict[str, Any] = {}
+        for number, row in enumerate(rows):
+            params.update({f"e{number}_{key}": value for key, value in row.items()})
         for number, (_, one) in enumerate(derived):
             params.update({f"d{number}_{key}": value for key, value in one.items()})
         if wake is not None:
-            params.update(channel=wake, payload=recorded.stream)
+            params.update(channel=wake, payload=recorded[0].stream)
         return statement, params
 
     def _statement(
-        self, event_columns: list[str], derived: list[Any], columns: list[list[str]],
-        wakes: bool,
+        self, events: int, event_columns: list[str], derived: list[Any],
+        columns: list[list[str]], wakes: bool,
     ) -> sa.Select[Any] | None:
         """The statement of one shape, built once (None: it cannot be built)."""
-        key = (tuple(event_columns), tuple(id(s) for s in derived),
+        key = (events, tuple(event_columns), tuple(id(s) for s in derived),
                tuple(map(tuple, columns)), wakes)
         built = self._built.get(key)
         if built is not None:
             return built[1]
-        statement = self._build(event_columns, derived, columns, wakes)
+        statement = self._build(events, event_columns, derived, columns, wakes)
         if len(self._built) < _MOST_SHAPES:
             self._built[key] = (derived, statement)
         return statement
 
     def _build(
-        self, event_columns: list[str], derived: list[Any], columns: list[list[str]],
-        wakes: bool,
+        self, events: int, event_columns: list[str], derived: list[Any],
+        columns: list[list[str]], wakes: bool,
     ) -> sa.Select[Any] | None:
-        event = _renamed(self.queries.append, "e_", event_columns)
         renamed = [
             _renamed(statement, f"d{number}_", names)
             for number, (statement, names) in enumerate(zip(derived, columns, strict=True))
         ]
-        if event is None or any(statement is None for statement in renamed):
+        if any(statement is None for statement in renamed):
             return None
-        appended = event.returning(self.queries.tables.events.c.position).cte("appended")
+        appended = self._appended(events, event_columns)
         ctes = [statement.cte(f"derived_{number}")  # type: ignore[union-attr]
                 for number, statement in enumerate(renamed)]
-        returned: list[Any] = [appended.c.position]
+        returned: list[Any] = [
+            cte.c.position.label(f"position_{number}") for number, cte in enumerate(appended)
+        ]
         if wakes:
             assert self.notify is not None
             returned.append(self.notify(sa.bindparam("channel"), sa.bindparam("payload"))
                             .label("woken"))
-        return sa.select(*returned).add_cte(*ctes)
+        joined: Any = appended[0]
+        for cte in appended[1:]:  # one row each: a join on true is their one row
+            joined = joined.join(cte, sa.true())
+        return sa.select(*returned).select_from(joined).add_cte(*ctes)
+
+    def _appended(self, events: int, columns: list[str]) -> list[sa.CTE]:
+        """One CTE per event row, each inserting from the one before it: its
+        row exists only once the earlier one's does, so the positions follow
+        the versions as the generic append's do."""
+        ev = self.queries.tables.events
+        appended: list[sa.CTE] = []
+        for number in range(events):
+            values = [sa.bindparam(f"e{number}_{c}", type_=ev.c[c].type) for c in columns]
+            source = sa.select(*values)
+            if appended:
+                source = source.select_from(appended[-1])
+            appended.append(
+                ev.insert().from_select(columns, source).returning(ev.c.position)
+                .cte(f"appended_{number}")
+            )
+        return appended
 
 
 def _one_row(params: Any) -> dict[str, Any] | None:
@@ -167,4 +195,4 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a._generate_cache_key() == b._generate_cache_key())  # noqa: SLF001
 
 
-__all__: Sequence[str] = ["POSITIONED", "SingleAppend"]
+__all__: Sequence[str] = ["MOST_EVENTS", "POSITIONED", "SingleAppend"]

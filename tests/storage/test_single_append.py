@@ -66,6 +66,25 @@ def test_a_result_write_costs_its_read_and_one_statement_on_postgresql(store, co
     assert store.projection_rows() == live
 
 
+def test_events_of_one_decision_go_together_positions_in_version_order(store):
+    """A revoke of a task with two waiting messages is three events (the
+    revoke, a discard each): one statement on PostgreSQL, whose chained
+    inserts number them in the order of their versions, as the generic path."""
+    for queue in ("rq", "rq2"):  # two queues: no "ready" wake-up is owed meanwhile
+        store.publish([NewMessage(stream="t1", queue=queue, message={})])
+    with executed_statements() as sent:
+        recorded = store.execute("t1", lc.Revoke(reason="stop"))
+    assert [r.type for r in recorded] == ["Revoked", "Discarded", "Discarded"]
+    assert len(writes(sent)) == {"postgresql": 2, "sqlite": 6}[store.db.dialect.name], sent
+    assert [r.position for r in recorded] == sorted(r.position for r in recorded)
+    assert [r.position for r in store.read_stream("t1")[2:]] == [r.position for r in recorded]
+    assert store.queue_size("rq") == store.queue_size("rq2") == 0
+    assert store.results(["t1"])["t1"][0] == "REVOKED"
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
+
+
 @pytest.mark.parametrize("db", ["psycopg2"], indirect=True)
 def test_a_projection_it_cannot_carry_makes_the_one_statement_step_aside(store, monkeypatch):
     """Should the projection make a change of many rows (a projection added
