@@ -64,7 +64,8 @@ PG = os.environ.get("CELERY_EVENTSTORE_TEST_POSTGRESQL_URL",
                     "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/15")
 AMQP = os.environ.get("E2E_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-PEERS = ("eventstore+postgresql", "eventstore+sqlite", "redis", "rabbitmq", "sqla+postgresql")
+PEERS = ("eventstore+postgresql", "eventstore+psycopg", "eventstore+sqlite", "redis", "rabbitmq",
+         "sqla+postgresql")
 #: The issue's worker + database CPU per task with results on PostgreSQL, µs.
 BASELINE_CPU_US = 4440 + 1592
 PRODUCERS = 8
@@ -328,16 +329,18 @@ def cpu_seconds(before: CpuSnapshot, after: CpuSnapshot) -> float:
 # -- peers ------------------------------------------------------------------------------
 
 
-def _pg_url() -> sa.URL:
-    return sa.make_url(PG).set(drivername="postgresql+psycopg2")
+def _pg_url(driver: str = "psycopg2") -> sa.URL:
+    return sa.make_url(PG).set(drivername=f"postgresql+{driver}")
 
 
 def _url(url: sa.URL) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def _pg_schema(prefix: str, cleanups: list[Callable[[], None]]) -> tuple[sa.Engine, str]:
-    engine = sa.create_engine(_pg_url(), poolclass=sa.pool.NullPool)
+def _pg_schema(
+    prefix: str, cleanups: list[Callable[[], None]], driver: str = "psycopg2"
+) -> tuple[sa.Engine, str]:
+    engine = sa.create_engine(_pg_url(driver), poolclass=sa.pool.NullPool)
     schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
         conn.execute(sa.schema.CreateSchema(schema))
@@ -362,12 +365,15 @@ def _timed(n: int, once: Callable[[], None]) -> list[float]:
     return times
 
 
-def eventstore_postgresql(run: str, workdir: Path) -> Peer:
+def eventstore_postgresql(run: str, workdir: Path, driver: str = "psycopg2") -> Peer:
+    """The event store on PostgreSQL through ``driver``: psycopg2, what a plain
+    ``postgresql://`` URL picks, or psycopg (3), which prepares a statement on the
+    server once it has run a few times on a connection."""
     cleanups: list[Callable[[], None]] = []
-    engine, schema = _pg_schema("e2e", cleanups)
+    engine, schema = _pg_schema("e2e", cleanups, driver)
     tag = f"e2e_worker_{run}"
-    url = _url(_pg_url())
-    worker_url = _url(_pg_url().update_query_dict({"application_name": tag}))
+    url = _url(_pg_url(driver))
+    worker_url = _url(_pg_url(driver).update_query_dict({"application_name": tag}))
 
     def server_pids() -> list[int]:
         # The worker's backends, and the processes that write and flush for everyone.
@@ -393,7 +399,8 @@ def eventstore_postgresql(run: str, workdir: Path) -> Peer:
         finally:
             conn.close()
 
-    return Peer("eventstore+postgresql", f"eventstore+{url}", f"eventstore+{url}",
+    name = "eventstore+postgresql" if driver == "psycopg2" else f"eventstore+{driver}"
+    return Peer(name, f"eventstore+{url}", f"eventstore+{url}",
                 f"eventstore+{worker_url}", f"eventstore+{worker_url}", f"e2e-{run}",
                 {"schema": schema}, atomic_url=url, server_pids=server_pids,
                 raw_commit=raw_commit, cleanups=cleanups)
@@ -471,6 +478,7 @@ def sqla_postgresql(run: str, workdir: Path) -> Peer:
 
 MAKERS: dict[str, Callable[[str, Path], Peer]] = {
     "eventstore+postgresql": eventstore_postgresql,
+    "eventstore+psycopg": lambda run, workdir: eventstore_postgresql(run, workdir, "psycopg"),
     "eventstore+sqlite": eventstore_sqlite,
     "redis": redis_peer,
     "rabbitmq": rabbitmq_peer,

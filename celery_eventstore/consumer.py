@@ -65,10 +65,6 @@ RENEW_INTERVAL = 1.0
 #: How often a consuming process sweeps expired transient queues and messages.
 SWEEP_INTERVAL = 10.0
 
-#: How far back of its own clock reading a consumer looks for ETAs that passed
-#: while it claimed: its reading of the database's clock may run a little ahead.
-DUE_CLOCK_MARGIN = 0.1
-
 #: What a claim hands to the consumers: kombu payloads and the queue of each.
 Batch = list[tuple[dict[str, Any], str]]
 
@@ -190,14 +186,10 @@ class QoS(virtual.QoS):
             self._due = None
             return True
 
-    def _find_due(self, queues: Sequence[str], after: float) -> None:
-        """Look up the next ETA in ``queues`` past ``after`` (the store's clock)."""
-        try:
-            due = self.store.earliest_due(queues, after)
-            when = None if due is None else time.monotonic() + (due - self.store.now())
-        except Exception as exc:  # the claim succeeded: the safety-net poll still runs
-            logger.debug("could not look up the next ETA: %s", exc)
-            return
+    def _set_due(self, due: float | None) -> None:
+        """Remember the next ETA (the store's clock) as a time on this host's
+        monotonic clock."""
+        when = None if due is None else time.monotonic() + (due - self.store.now())
         with self._lock:
             self._due = when
 
@@ -212,22 +204,22 @@ class QoS(virtual.QoS):
         if not queues:
             self.flush_acks()
             return []
-        # An ETA that passes after this is one the claim may have missed.
-        since = self.store.now() - DUE_CLOCK_MARGIN
         acks = self._take_acks()
         asked = time.monotonic()  # the leases start after this: renew early, not late
+        # Consumers only ask for the next ETA: a basic_get does not wait for one.
+        consuming = bool(self.channel._consumers)
         try:
-            outcomes, claimed = self.store.ack_and_claim(
+            done = self.store.claim_round(
                 acks, queues, limit, self._consumer, self.channel.visibility_timeout,
-                max_claims=self.channel.max_claims,
+                max_claims=self.channel.max_claims, next_due=consuming,
             )
         except Exception:
             self._return_acks(acks)
             raise
-        if len(claimed) < limit and self.channel._consumers:
-            # Nothing more is due now: when is the next one?  (Consumers only: a
-            # basic_get does not wait for ETAs.)
-            self._find_due(queues, since)
+        outcomes, claimed = done.outcomes, done.claimed
+        if len(claimed) < limit and consuming:
+            # Nothing more is due now: the round brought when the next one is.
+            self._set_due(done.next_due)
         self._warn_stale(outcomes, "ack")
         self._hold([m for m in claimed if m.queue not in noack], asked)
         at_once = [m.ref for m in claimed if m.queue in noack]

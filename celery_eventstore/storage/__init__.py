@@ -16,6 +16,7 @@ from .notifiers import ANY_QUEUE, Listener
 from .records import (
     ClaimedMessage,
     ClaimRef,
+    ClaimRound,
     DeadLetter,
     LogFilter,
     NewMessage,
@@ -38,6 +39,7 @@ __all__ = [
     "Binding",
     "ClaimRef",
     "ClaimedMessage",
+    "ClaimRound",
     "ConnectionInfo",
     "DeadLetter",
     "EventStore",

@@ -235,6 +235,35 @@ class Database:
                 if tx.appended:
                     self._announce(tx.appended)
 
+    @property
+    def one_statement_commits(self) -> bool:
+        """Whether :meth:`one_statement` runs without BEGIN and COMMIT."""
+        return self.dialect.autocommits
+
+    @contextlib.contextmanager
+    def one_statement(self) -> Iterator[Tx]:
+        """A durable write that is one statement, whole by itself: it commits as it
+        runs, with no BEGIN or COMMIT round trip of its own (psycopg2 sends each
+        apart).  Where the dialect cannot, an ordinary :meth:`write`.
+
+        Every statement in it commits alone: run several only where each is whole
+        by itself.
+        """
+        if not self.dialect.autocommits:
+            with self.write() as tx:
+                yield tx
+            return
+        self._prepare()
+        after: list[Callable[[], None]] = []
+        with self.translate_errors(), self.engine.connect() as conn:
+            with self.dialect.autocommit(conn):
+                tx = self._tx(conn, relaxed=False, after_commit=after)
+                yield tx
+        for callback in after:
+            callback()
+        if tx.appended:
+            self._announce(tx.appended)
+
     def _announce(self, appended: list[Any]) -> None:
         """Tell the watchers what a transaction committed.  A watcher's failure is
         logged, never raised: the commit has happened."""

@@ -19,7 +19,7 @@ from .. import lifecycle as lc
 from ..exceptions import InvalidTransition, MessageTooLarge, StaleClaim, UnreadableStream
 from .database import Database, Tx
 from .log import EventLog, Pending, decided, decode_json, evolve_all, fold
-from .records import ClaimedMessage, ClaimRef, NewMessage, Outcome, RecordedEvent
+from .records import ClaimedMessage, ClaimRef, ClaimRound, NewMessage, Outcome, RecordedEvent
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class ClaimRequest:
     consumer: str
     lease_seconds: float
     max_claims: int | None
+    #: Ask for the earliest ETA in ``queues`` later than the claim's time.
+    next_due: bool = False
 
 
 class Deliveries:
@@ -70,6 +72,15 @@ class Deliveries:
         ]
 
         def attempt() -> list[str]:
+            if guess[0] and connection is None and len(prepared) == 1 and (
+                self.db.one_statement_commits
+            ):
+                # Our own transaction, and one statement: it commits as it runs.
+                guess[0] = False  # one try only
+                msg, command = prepared[0]
+                with self.db.one_statement() as tx:
+                    if self._publish_one(tx, prepared[0], {msg.stream: fold(msg.stream, ())}):
+                        return [command.delivery]
             with self.db.write(connection) as tx:
                 if guess[0]:
                     guess[0] = False  # one try only
@@ -136,9 +147,9 @@ class Deliveries:
         """
         if limit <= 0 or not queues:
             return []
-        return self.ack_and_claim(
+        return self.claim_round(
             [], queues, limit, consumer, lease_seconds, max_claims=max_claims
-        )[1]
+        ).claimed
 
     def ack_and_claim(
         self,
@@ -152,11 +163,33 @@ class Deliveries:
     ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
         """:meth:`ack` then :meth:`claim` in one transaction: a consumer's steady
         state (finish some, take as many more) costs one commit, not two."""
-        if not acks and (limit <= 0 or not queues):
-            return {}, []
-        request = ClaimRequest(list(queues), limit, consumer, lease_seconds, max_claims)
+        done = self.claim_round(
+            acks, queues, limit, consumer, lease_seconds, max_claims=max_claims
+        )
+        return done.outcomes, done.claimed
 
-        def attempt() -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+    def claim_round(
+        self,
+        acks: Sequence[ClaimRef],
+        queues: Sequence[str],
+        limit: int,
+        consumer: str,
+        lease_seconds: float,
+        *,
+        max_claims: int | None = None,
+        next_due: bool = False,
+    ) -> ClaimRound:
+        """:meth:`ack_and_claim`, and with ``next_due`` the earliest ETA in
+        ``queues`` later than the claim's time (as :meth:`earliest_due`), found by
+        the claim's own nomination: a consumer's whole round, clock and next ETA
+        included, costs one transaction and no extra statement."""
+        if not acks and (limit <= 0 or not queues):
+            return ClaimRound({}, [])
+        request = ClaimRequest(
+            list(queues), limit, consumer, lease_seconds, max_claims, next_due
+        )
+
+        def attempt() -> ClaimRound:
             with self.db.write(durable=False) as tx:
                 return self._settle_and_claim(tx, acks, _ack, request)
 
@@ -209,7 +242,7 @@ class Deliveries:
 
         def attempt() -> dict[str, Outcome]:
             with self.db.write(durable=durable) as tx:
-                return self._settle_and_claim(tx, refs, command_for, None)[0]
+                return self._settle_and_claim(tx, refs, command_for, None).outcomes
 
         return self.db.retrying(attempt)
 
@@ -219,15 +252,16 @@ class Deliveries:
         refs: Sequence[ClaimRef],
         command_for: Callable[[ClaimRef], lc.Command],
         request: ClaimRequest | None,
-    ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
+    ) -> ClaimRound:
         """Decide claim-fenced commands for ``refs``, then claim, in one transaction:
-        one nomination, one read of every stream involved, one append.
+        one nomination (which brings the clock and the next ETA), one read of every
+        stream involved, one append.
 
         Nothing is locked for the refs: a racing re-claim of the same delivery
         makes one of the two appends lose on the ``(stream, version)`` key, and the
         loser is retried from a fresh read.
         """
-        candidates = self._nominate(tx, request)
+        candidates, next_due = self._nominate(tx, request)
         streams = self.log.read_streams(
             tx, [r.stream for r in refs] + [c.stream_id for c in candidates]
         )
@@ -245,7 +279,9 @@ class Deliveries:
             claims = _decide_claims(request, candidates, states, pending, tx.now)
         _, final = self.log.append_pending(tx, decided(pending), read_positions=False)
         bodies = {c.delivery_id: c.data for c in candidates}
-        return {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now)
+        return ClaimRound(
+            {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now), next_due
+        )
 
     def _fold_readable(
         self, tx: Tx, streams: Mapping[str, Sequence[RecordedEvent]]
@@ -267,15 +303,28 @@ class Deliveries:
                 unreadable.add(stream)
         return states, unreadable
 
-    def _nominate(self, tx: Tx, request: ClaimRequest | None) -> Sequence[Any]:
+    def _nominate(
+        self, tx: Tx, request: ClaimRequest | None
+    ) -> tuple[Sequence[Any], float | None]:
+        """The due deliveries to try to claim, and the next ETA if the request
+        asks for it; the transaction's clock comes with them."""
         if request is None or request.limit <= 0 or not request.queues:
-            return ()
+            return (), None
         queries = self.log.queries
         queues = list(dict.fromkeys(request.queues))
-        return tx.conn.execute(
+        clock_wanted = tx.clock_wanted
+        rows = tx.conn.execute(
             queries.nominate(len(queues)),
-            queries.nominate_params(queues, tx.now, request.limit),
+            queries.nominate_params(
+                queues, None if clock_wanted else tx.now, request.limit,
+                relaxed=clock_wanted and tx.relaxed, next_due=request.next_due,
+            ),
         ).all()
+        first = rows[0]  # there always is one: the clock's
+        if clock_wanted:
+            tx.clock_read(float(first.tx_clock))
+        next_due = None if first.next_due is None else float(first.next_due)
+        return [r for r in rows if r.delivery_id is not None], next_due
 
 
 def _ack(ref: ClaimRef) -> lc.Command:
@@ -312,7 +361,8 @@ def _decide_claims(
 ) -> list[tuple[str, str, str]]:
     """Claim each nominated delivery still claimable; ``(stream, delivery, claim)``."""
     claims = []
-    for delivery, stream, _ in candidates:
+    for candidate in candidates:
+        delivery, stream = candidate.delivery_id, candidate.stream_id
         claim_id = uuid.uuid4().hex
         command = lc.Claim(
             delivery, claim_id, request.consumer, request.lease_seconds, request.max_claims

@@ -345,8 +345,9 @@ class EventLog:
             self.notifier.send(tx.conn, self.channels.result(stream), [stream])
 
     def _notify_ready(self, queues: set[str]) -> None:
-        """Send the "ready" wake-ups a window held back, in a transaction of their own."""
-        with self.db.write() as tx:
+        """Send the "ready" wake-ups a window held back, each a statement that
+        commits by itself (nothing to keep together)."""
+        with self.db.one_statement() as tx:
             self.notifier.send(tx.conn, self.channels.ready, queues)
 
     def quarantine(

@@ -226,10 +226,20 @@ class Queries:
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of queue counts
     def nominate(self, queues: int) -> sa.Select[Any]:
-        """``queue_0`` .. ``queue_<queues - 1>``, ``now``, ``limit``: due deliveries
-        (``delivery_id``, ``stream_id``, and the ``data`` of the publish that holds
-        the body), highest priority, then oldest, locked against other claimers
-        (:meth:`nominate_params` binds them).
+        """``queue_0`` .. ``queue_<queues - 1>``, ``now``, ``limit``, ``relaxed``,
+        ``next_due``: due deliveries (``delivery_id``, ``stream_id``, and the ``data``
+        of the publish that holds the body), highest priority, then oldest, locked
+        against other claimers (:meth:`nominate_params` binds them).
+
+        It always returns at least one row, and every row carries what the rest
+        of a claim's round needs, so none costs a round trip of its own:
+        ``tx_clock``, the time the claim decides at (``now``, or, where ``now`` is
+        None, the database's clock, read once; see ``Dialect.clock_columns`` for
+        ``relaxed``), and, where ``next_due`` is true, ``next_due``: the earliest
+        ETA in the queues later than that time (as :meth:`earliest_due`), read in
+        the same snapshot -- any earlier one is due, so nominated here or held by
+        another claimer.  Without a due delivery the one row's ``delivery_id`` is
+        NULL.
 
         Each queue is read through two bounded index ranges, whatever the planner
         knows: the first ``limit`` claimable messages without an ETA in claim order
@@ -239,7 +249,15 @@ class Queries:
         scheduled messages falling due at once, the earlier due go first.
         """
         msgs = self.tables.messages
-        now = sa.bindparam("now", type_=msgs.c.available_at.type)
+        given = sa.bindparam("now", type_=msgs.c.available_at.type)
+        database_clock = self.dialect.clock_expression()
+        clock = sa.select(
+            (given if database_clock is None else sa.func.coalesce(given, database_clock))
+            .label("now"),
+            *self.dialect.relaxed_columns(sa.bindparam("relaxed", type_=sa.Boolean)),
+        ).cte("clock")
+        # A volatile clock is evaluated once, in the CTE, whatever reads it.
+        now = sa.select(clock.c.now).scalar_subquery()
         limit = sa.bindparam("limit", type_=sa.Integer)
         columns = (msgs.c.delivery_id, msgs.c.stream_id, msgs.c.priority, msgs.c.seq)
         arms = []
@@ -267,9 +285,10 @@ class Queries:
                 arms.append(sa.select(locked))
         candidates = sa.union_all(*arms).subquery()
         ev = self.tables.events
-        return (
+        picked = (
             sa.select(
                 candidates.c.delivery_id, candidates.c.stream_id,
+                candidates.c.priority, candidates.c.seq,
                 # The body to deliver, from the publish the row was made by:
                 # folding the streams reads them without bodies.
                 sa.type_coerce(ev.c.data, sa.Text).label("data"),
@@ -277,6 +296,22 @@ class Queries:
             .join(ev, ev.c.position == candidates.c.seq)
             .order_by(candidates.c.priority.desc(), candidates.c.seq)
             .limit(limit)
+            .subquery("picked")
+        )
+        # NULL when not asked for: ``not_before > NULL`` matches nothing.
+        next_due = self._first_etas(
+            queues, sa.case((sa.bindparam("next_due", type_=sa.Boolean), now))
+        )
+        return (
+            sa.select(
+                clock.c.now.label("tx_clock"),
+                *[c for c in clock.c if c.name != "now"],
+                next_due.scalar_subquery().label("next_due"),
+                picked.c.delivery_id, picked.c.stream_id, picked.c.data,
+            )
+            .select_from(clock)
+            .outerjoin(picked, sa.true())
+            .order_by(picked.c.priority.desc(), picked.c.seq)
         )
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of queue counts
@@ -286,7 +321,10 @@ class Queries:
         reads the first entry of each queue's scheduled index past it (a single
         ``IN`` would read and sort every scheduled message of the queues)."""
         msgs = self.tables.messages
-        after = sa.bindparam("after", type_=msgs.c.not_before.type)
+        return self._first_etas(queues, sa.bindparam("after", type_=msgs.c.not_before.type))
+
+    def _first_etas(self, queues: int, after: sa.ColumnElement[Any]) -> sa.Select[Any]:
+        msgs = self.tables.messages
         arms = []
         for i in range(queues):
             first = (
@@ -306,10 +344,14 @@ class Queries:
         return sa.select(sa.func.min(firsts.c.not_before))
 
     @staticmethod
-    def nominate_params(queues: Sequence[str], now: float, limit: int) -> dict[str, Any]:
+    def nominate_params(
+        queues: Sequence[str], now: float | None, limit: int, *, relaxed: bool = False,
+        next_due: bool = False,
+    ) -> dict[str, Any]:
         """The parameters of :meth:`nominate` for ``queues``."""
         return {
-            "now": now, "limit": limit, **{f"queue_{i}": q for i, q in enumerate(queues)}
+            "now": now, "limit": limit, "relaxed": relaxed, "next_due": next_due,
+            **{f"queue_{i}": q for i, q in enumerate(queues)},
         }
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of column sets

@@ -65,6 +65,18 @@ class ClaimedMessage:
 
 
 @dataclass(frozen=True)
+class ClaimRound:
+    """One round of a consumer's work in one transaction: the outcomes of the
+    acks it wrote, the messages it claimed, and ``next_due``, the earliest ETA in
+    its queues later than the time it claimed at (None when there is none, or
+    it did not ask)."""
+
+    outcomes: dict[str, Outcome]
+    claimed: list[ClaimedMessage]
+    next_due: float | None = None
+
+
+@dataclass(frozen=True)
 class ScheduledMessage:
     """A message the store holds until its ETA (``not_before``)."""
 

@@ -57,6 +57,7 @@ from .queries import Queries
 from .records import (
     ClaimedMessage,
     ClaimRef,
+    ClaimRound,
     DeadLetter,
     LogFilter,
     NewMessage,
@@ -507,6 +508,26 @@ class EventStore:
         self.names.consumer.check(consumer)
         return self.deliveries.ack_and_claim(
             acks, queues, limit, consumer, lease_seconds, max_claims=max_claims
+        )
+
+    def claim_round(
+        self,
+        acks: Sequence[ClaimRef],
+        queues: Sequence[str],
+        limit: int,
+        consumer: str,
+        lease_seconds: float,
+        *,
+        max_claims: int | None = None,
+        next_due: bool = False,
+    ) -> ClaimRound:
+        """Ack, claim and (``next_due``) look up the next ETA, in one transaction
+        (see :meth:`.Deliveries.claim_round`)."""
+        self.names.queue.check(*queues)
+        self.names.consumer.check(consumer)
+        return self.deliveries.claim_round(
+            acks, queues, limit, consumer, lease_seconds, max_claims=max_claims,
+            next_due=next_due,
         )
 
     def earliest_due(self, queues: Sequence[str], after: float) -> float | None:

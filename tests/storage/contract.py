@@ -205,6 +205,36 @@ class StoreContract:
         # A claimed message is no longer waiting, whatever its ETA was.
         assert store.earliest_due(["q"], now) == now + 60
 
+    def test_a_claim_round_brings_the_next_eta_after_its_own_time(self, store, clock):
+        """A consumer's round (acks, claim, next ETA) in one transaction: the next
+        ETA is the earliest later than the time the round claimed at, so one that
+        fell due by then is claimed, never reported as still to come."""
+        now = clock.now
+        store.publish([
+            msg("ready"),
+            msg("in-a-minute", not_before=now + 60),
+            msg("in-ten", not_before=now + 10),
+            msg("other-queue", queue="other", not_before=now + 5),
+        ])
+        first = store.claim_round([], ["q"], 5, "w", 300, next_due=True)
+        assert [m.stream for m in first.claimed] == ["ready"]
+        assert first.next_due == now + 10
+        assert store.claim_round([], ["q", "other"], 5, "w", 300, next_due=True).next_due == (
+            now + 5
+        )
+        assert store.claim_round([], ["q"], 5, "w", 300).next_due is None  # not asked
+        clock.advance(10)
+        second = store.claim_round(
+            [m.ref for m in first.claimed], ["q"], 5, "w", 300, next_due=True
+        )
+        assert second.outcomes == {first.claimed[0].delivery: Outcome.DONE}
+        assert [m.stream for m in second.claimed] == ["in-ten"]
+        assert second.next_due == now + 60
+        clock.advance(60)
+        third = store.claim_round([], ["q"], 5, "w", 300, next_due=True)
+        assert [m.stream for m in third.claimed] == ["in-a-minute"]
+        assert third.next_due is None
+
     def test_a_scheduled_publish_wakes_listeners_of_its_queue(self, make_store, clock):
         consumer, producer = make_store(), make_store()
         listener = consumer.listener()

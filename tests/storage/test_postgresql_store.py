@@ -210,6 +210,27 @@ class TestNoRelaxedSettingOutlivesItsTransaction:
             assert not [s for s in sent if s.lstrip().startswith("SELECT extract")], sent
         assert seen == {"start": "off", "ack": "off", "result": "on"}
 
+    def test_a_claim_round_is_its_nomination_one_read_and_its_writes(self, store, commits):
+        """A consumer's round -- ack one, claim one, look up the next ETA -- sends no
+        clock statement and no ETA lookup of its own: the nomination brings the
+        transaction's clock (and its relaxed commit) and the next ETA."""
+        from celery_eventstore.storage import NewMessage
+
+        store.publish([NewMessage(stream="a", queue="cq", message={}),
+                       NewMessage(stream="later", queue="cq", message={},
+                                  not_before=store.now() + 3600)])
+        [held] = store.claim(["cq"], 1, "c", 30)
+        store.publish([NewMessage(stream="b", queue="cq", message={})])
+        commits.clear()
+        with executed_statements() as sent:
+            done = store.claim_round([held.ref], ["cq"], 4, "c", 30, next_due=True)
+        assert [m.stream for m in done.claimed] == ["b"] and done.next_due is not None
+        verbs = [s.lstrip().split(None, 1)[0].upper() for s in sent]
+        # nomination (WITH clock ...), the streams' read, the events, the claimed
+        # row's update, the acked row's delete
+        assert verbs == ["WITH", "SELECT", "INSERT", "UPDATE", "DELETE"], sent
+        assert commits == ["off"]
+
     def test_durable_commits_after_relaxed_and_rolled_back_ones(self, store, commits):
         for relaxed in self.relaxed_work(store):
             for rollback_first in (False, True):

@@ -80,6 +80,36 @@ def test_a_publish_to_a_new_stream_is_one_statement_and_derives_what_a_rebuild_d
     assert claimed.message == {"body": "t1"} and claimed.stream == "t1"
 
 
+def test_a_publish_of_our_own_commits_as_its_statement_runs(store, postgresql_db):
+    """No BEGIN before the statement and no COMMIT after it (psycopg2 sends each
+    as a round trip of its own): once it has run, the server holds no open
+    transaction on that connection, and another connection already sees the
+    message."""
+    status_after: list[int] = []
+
+    def after(conn, cursor, statement, *args):
+        if statement.lstrip().startswith("WITH"):
+            status_after.append(int(conn.connection.dbapi_connection.info.transaction_status))
+
+    sa.event.listen(store.engine, "after_cursor_execute", after)
+    try:
+        store.publish([new("t1")])
+    finally:
+        sa.event.remove(store.engine, "after_cursor_execute", after)
+    assert status_after == [0], status_after  # TRANSACTION_STATUS_IDLE: committed
+    url, options = postgresql_db
+    other = EventStore(url, **options)
+    try:
+        (claimed,) = other.claim(["q"], 1, "w", 30)
+        assert claimed.stream == "t1"
+    finally:
+        other.close()
+    # The pooled connection is back in its usual mode: a write of several
+    # statements is one transaction again.
+    with store.transaction() as conn:
+        assert not conn.connection.dbapi_connection.autocommit
+
+
 def test_a_wrong_hint_falls_back_to_the_stream_read(store):
     store.publish([new("t1")])
     with executed_statements() as sent:

@@ -58,6 +58,17 @@ class Dialect:
         """Execution options for a read-only transaction."""
         return {}
 
+    #: :meth:`autocommit` runs statements that commit as they run.
+    autocommits = False
+
+    @contextlib.contextmanager
+    def autocommit(self, conn: sa.Connection) -> Iterator[None]:
+        """Make each statement on ``conn`` a transaction of its own (no BEGIN, no
+        COMMIT: a round trip each where the driver sends them apart), until the
+        block ends.  Only where :attr:`autocommits`."""
+        raise NotImplementedError
+        yield
+
     @contextlib.contextmanager
     def join(self, connection: sa.Connection) -> Iterator[sa.Connection]:
         """Run our writes inside the caller's open transaction.
@@ -130,6 +141,12 @@ class Dialect:
         where the bound ``relaxed`` is true), saving its round trip.  Evaluated
         for each row read: a read that finds nothing leaves it to :meth:`begin`."""
         return [sa.null().label("tx_clock")]
+
+    def relaxed_columns(self, relaxed: sa.ColumnElement[bool]) -> list[sa.ColumnElement[Any]]:
+        """Columns that relax the transaction's commit where the bound ``relaxed``
+        is true, as :meth:`begin` does (none where the commit cannot be relaxed
+        per transaction)."""
+        return []
 
     def insert_numbered(
         self, conn: sa.Connection, returning: sa.Executable, plain: sa.Executable,

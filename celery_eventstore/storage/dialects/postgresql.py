@@ -14,9 +14,10 @@ that off.  psycopg2 never prepares; the parameter is dropped for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -147,6 +148,23 @@ class PostgreSQLDialect(Dialect):
         idle = status == _IDLE and dbapi_connection.autocommit
         return ConnectionInfo(url, NONE if idle else OPEN)
 
+    autocommits = True
+
+    @contextlib.contextmanager
+    def autocommit(self, conn: sa.Connection) -> Iterator[None]:
+        # The driver's own switch, not SQLAlchemy's isolation level: that one is
+        # undone with a SET statement when the connection goes back to the pool,
+        # the very round trip this saves.  Both drivers send nothing to switch,
+        # and a rollback outside a transaction sends nothing either.
+        dbapi_connection = conn.connection.dbapi_connection
+        assert dbapi_connection is not None
+        dbapi_connection.autocommit = True
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # a lost connection is discarded
+                dbapi_connection.autocommit = False
+
     def nominate(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         # SKIP LOCKED nominates rows no one else is claiming; the (stream, version)
         # key still arbitrates if two claimers reach the same stream.
@@ -218,6 +236,11 @@ class PostgreSQLDialect(Dialect):
         # setting is only consulted at commit, so setting it late is as good.
         return [
             sa.extract("epoch", sa.func.clock_timestamp()).label("tx_clock"),
+            *self.relaxed_columns(relaxed),
+        ]
+
+    def relaxed_columns(self, relaxed: sa.ColumnElement[bool]) -> list[sa.ColumnElement[Any]]:
+        return [
             sa.case(
                 (relaxed, sa.func.set_config("synchronous_commit", "off", sa.true())),
             ).label("tx_relaxed"),

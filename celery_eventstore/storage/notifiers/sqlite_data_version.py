@@ -1,8 +1,20 @@
-"""SQLite change detection by ``PRAGMA data_version``: no table is read to find out."""
+"""SQLite change detection by ``PRAGMA data_version``: no table is read to find out.
+
+When does it look?  On Linux, when the kernel says the database file or its
+write-ahead log was written (inotify on their directory): a commit by any process
+wakes waiters at once, and an event loop can watch the descriptor.  Elsewhere,
+or where inotify cannot be had, it polls the pragma on an interval.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import os
+import select
 import sqlite3
+import struct
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -22,13 +34,94 @@ class DataVersionNotifier(Notifier):
         return DataVersionListener(engine)
 
 
+logger = logging.getLogger(__name__)
+
+# <sys/inotify.h>
+_IN_MODIFY = 0x002
+_IN_MOVED_TO = 0x080
+_IN_CREATE = 0x100
+_IN_Q_OVERFLOW = 0x4000
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+#: struct inotify_event without its name: wd, mask, cookie, len.
+_EVENT = struct.Struct("iIII")
+
+
+class FileWatch:
+    """A descriptor that turns readable when a database file, its write-ahead log
+    or its rollback journal is written, by any process (Linux inotify).
+
+    The directory is watched, not the files: the log is deleted and made anew as
+    connections come and go.  Raises OSError where inotify cannot be had.
+    """
+
+    def __init__(self, database: str) -> None:
+        libc_name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        if not hasattr(libc, "inotify_init1"):
+            raise OSError("inotify is not available here")
+        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        path = os.path.abspath(database)
+        directory = os.path.dirname(path)
+        if libc.inotify_add_watch(
+            fd, os.fsencode(directory), _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO
+        ) < 0:
+            errno = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(errno, f"cannot watch {directory}")
+        self.fd = fd
+        base = os.fsencode(os.path.basename(path))
+        self._names = {base, base + b"-wal", base + b"-journal"}
+
+    def drain(self) -> bool:
+        """Read the events waiting; whether any was about the database's files."""
+        touched = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return touched
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                _, mask, _, length = _EVENT.unpack_from(data, offset)
+                start = offset + _EVENT.size
+                name = data[start:start + length].rstrip(b"\0")
+                offset = start + length
+                if name in self._names or mask & _IN_Q_OVERFLOW:
+                    touched = True
+
+    def wait(self, timeout: float) -> None:
+        """Block until an event arrives or ``timeout`` passes."""
+        select.select([self.fd], [], [], max(timeout, 0.0))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def watch_file(engine: sa.Engine) -> FileWatch | None:
+    """A :class:`FileWatch` on the engine's database file, or None (a memory
+    database, or no inotify: the listener polls instead)."""
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    try:
+        return FileWatch(database)
+    except OSError as exc:
+        logger.debug("no file watch on %s, polling instead: %s", database, exc)
+        return None
+
+
 class DataVersionListener(Listener):
     """Wakes when another connection committed to the database file.
 
     The pragma's value changes whenever another connection commits, so a consumer
-    runs its claim query only after a write, not on every tick.  Waiting polls the
-    pragma with an interval that starts short after activity and grows while the
-    database stays quiet.
+    runs its claim query only after a write, not on every tick.  With a
+    :class:`FileWatch`, the pragma is read when the file was written (and an event
+    loop watches :meth:`fileno`); without one, waiting polls the pragma with an
+    interval that starts short after activity and grows while the database stays
+    quiet.
     """
 
     MIN_INTERVAL = 0.005
@@ -38,6 +131,10 @@ class DataVersionListener(Listener):
         self._conn: Any = engine.raw_connection()
         self._version = self._read()
         self._interval = self.MIN_INTERVAL
+        self._watch = watch_file(engine)
+
+    def fileno(self) -> int | None:
+        return None if self._watch is None else self._watch.fd
 
     def _read(self) -> int:
         try:
@@ -51,6 +148,8 @@ class DataVersionListener(Listener):
             raise DatabaseUnavailable(f"lost the database file: {exc}") from exc
 
     def poll(self) -> set[str]:
+        if self._watch is not None:
+            self._watch.drain()  # the pragma decides; the events only say when to look
         version = self._read()
         if version == self._version:
             return set()
@@ -65,8 +164,16 @@ class DataVersionListener(Listener):
             remaining = deadline - time.monotonic()
             if woken or remaining <= 0:
                 return woken
+            if self._watch is not None:
+                # A safety net beside the events: the pragma is read at least
+                # this often (a file system that sends no events, say).
+                self._watch.wait(min(self.MAX_INTERVAL, remaining))
+                continue
             time.sleep(min(self._interval, remaining))
             self._interval = min(self._interval * 2, self.MAX_INTERVAL)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         self._conn.close()
