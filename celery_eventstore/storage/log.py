@@ -11,6 +11,7 @@ it unless it asked for an explicit expected version.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from .notifiers import Channels, Notifier, ReadyThrottle
 from .projection import project
 from .queries import Queries
 from .records import LogFilter, RecordedEvent
+from .single_append import POSITIONED, SingleAppend
 from .single_publish import derived_rows, publish_parameters, publish_statement, recorded_after
 
 #: Decisions made but not appended yet: the state each was decided on, its
@@ -65,6 +67,12 @@ class EventLog:
                 publish_statement(queries, clock, notifier.expression)
                 if notifier.sends else None,
             )
+        #: One event after a read, with its derived rows and wake-up, in one
+        #: statement (None where the database cannot: see :mod:`.single_append`).
+        self._single_append = (
+            SingleAppend(queries, notifier.expression if notifier.sends else None)
+            if db.dialect.writes_in_with else None
+        )
         #: The log is partitioned by birth day (found when the schema is checked):
         #: writers then hold their streams against a prune moving them (see
         #: :meth:`hold_streams`).
@@ -239,7 +247,7 @@ class EventLog:
         if not rows:
             return [], states
         positions: Sequence[int]
-        if read_positions or any(isinstance(e, _POSITIONED) for e in events):
+        if read_positions or any(isinstance(e, POSITIONED) for e in events):
             positions = self.db.dialect.insert_numbered(
                 tx.conn, self.queries.append_returning, self.queries.append, rows
             )
@@ -302,6 +310,35 @@ class EventLog:
         recorded = [recorded_after(row, event, position, recorded_at)]
         tx.appended.extend(recorded)
         return recorded
+
+    def append_decided(
+        self, tx: Tx, state: lc.JobState, events: Sequence[lc.Event],
+        metadata: Mapping[str, Any] | None,
+    ) -> list[RecordedEvent]:
+        """Append ``events``, decided on ``state``, as :meth:`append_pending`
+        does; where the database can take it and they wake no consumer, in one
+        statement with their derived rows and their result wake-up."""
+        if self._single_append is None or not events:
+            return self.append_pending(tx, [(state, events, metadata)])[0]
+        rows, _, states = _rows([(state, events, metadata)], tx.now)
+        recorded = [
+            RecordedEvent(position=0, stream=state.stream, version=row["version"], event=event,
+                          metadata=row["metadata"], recorded_at=row["recorded_at"])
+            for row, event in zip(rows, events, strict=True)
+        ]
+        wake = (self.channels.result(state.stream) if self.notifier.sends
+                and any(isinstance(e, _FINISHING) for e in events) else None)
+        prepared = (
+            None if newly_queued(recorded, states)
+            else self._single_append.prepare(rows, recorded, states, wake)
+        )
+        if prepared is None:
+            return self.append_pending(tx, [(state, events, metadata)])[0]
+        positions = tx.conn.execute(*prepared).one()[:len(rows)]
+        appended = [dataclasses.replace(r, position=p)
+                    for r, p in zip(recorded, positions, strict=True)]
+        tx.appended.extend(appended)
+        return appended
 
     def _wake(
         self, tx: Tx, recorded: Sequence[RecordedEvent], states: Mapping[str, lc.JobState]
@@ -406,7 +443,7 @@ class EventLog:
                 else:
                     state = self.load_all(tx, [stream])[stream]
                 events = lc.decide(command, state, tx.now)
-                return self.append_pending(tx, [(state, events, metadata)])[0]
+                return self.append_decided(tx, state, events, metadata)
 
         return self.db.retrying(attempt)
 

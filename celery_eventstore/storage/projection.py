@@ -163,6 +163,30 @@ def project(
     _write_chords(conn, queries, chords, states)
 
 
+class _Capture:
+    """Stands in for a connection: keeps what :func:`project` would execute."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any]] = []
+
+    def execute(self, statement: Any, parameters: Any = None) -> None:
+        # Rows as a list, however they were given (one row comes as a mapping).
+        rows = [parameters] if isinstance(parameters, Mapping) else parameters
+        self.calls.append((statement, rows))
+
+
+def captured(
+    queries: Queries, recorded: Sequence[RecordedEvent], states: Mapping[str, JobState]
+) -> list[tuple[Any, Any]]:
+    """What :func:`project` would execute for ``recorded``, without executing it:
+    each statement with its parameters, in order.  A writer that folds the
+    derived rows into a statement of its own takes them from here, so a
+    projection added later reaches it too (or makes it step aside)."""
+    capture = _Capture()
+    project(capture, queries, recorded, states)  # type: ignore[arg-type]
+    return capture.calls
+
+
 def _merge(changes: dict[str, tuple[str, dict[str, Any]]], delivery: str,
            values: dict[str, Any]) -> None:
     kind, row = changes.get(delivery, (_UPDATE, {"delivery_id": delivery}))

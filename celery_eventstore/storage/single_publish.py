@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import lifecycle as lc
-from .projection import project
+from .projection import captured
 from .queries import Queries
 from .records import RecordedEvent
 
@@ -31,27 +31,14 @@ from .records import RecordedEvent
 SECONDS_PER_DAY = 86400
 
 
-class _Capture:
-    """Stands in for a connection: keeps what :func:`project` would execute."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, Any]] = []
-
-    def execute(self, statement: Any, parameters: Any = None) -> None:
-        # Rows as a list, however they were given (one row comes as a mapping).
-        rows = [parameters] if isinstance(parameters, Mapping) else parameters
-        self.calls.append((statement, rows))
-
-
 def derived_rows(
     queries: Queries, recorded: RecordedEvent, states: Mapping[str, lc.JobState]
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The queue row and the task-index row the projection makes for one
     publish to a new stream, or None when it makes anything else."""
-    capture = _Capture()
-    project(capture, queries, [recorded], states)  # type: ignore[arg-type]
-    made = {id(statement): rows for statement, rows in capture.calls}
-    if len(capture.calls) != 2 or set(made) != {id(queries.insert_messages),
+    calls = captured(queries, [recorded], states)
+    made = {id(statement): rows for statement, rows in calls}
+    if len(calls) != 2 or set(made) != {id(queries.insert_messages),
                                                  id(queries.insert_tasks)}:
         return None
     (message,), (task,) = made[id(queries.insert_messages)], made[id(queries.insert_tasks)]

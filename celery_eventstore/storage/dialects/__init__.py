@@ -36,6 +36,9 @@ class Dialect:
     writer_pause = 0.0
     #: The log can be partitioned by day (``partitioned_log``).
     can_partition = False
+    #: A statement can write in its ``WITH`` clauses (data-modifying CTEs): an
+    #: event and its derived rows can then be one statement (:mod:`..single_append`).
+    writes_in_with = False
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         return url

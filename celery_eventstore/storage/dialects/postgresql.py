@@ -86,6 +86,7 @@ class PostgreSQLDialect(Dialect):
     name = "postgresql"
     clock_in_reads = True
     can_partition = True
+    writes_in_with = True
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         if url.drivername == "postgresql":

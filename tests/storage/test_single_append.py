@@ -1,0 +1,203 @@
+"""A worker's result write: its read, then one statement where the database can
+take it (PostgreSQL), issue 15.
+
+The store contract runs these commands on every dialect; the tests below check
+what it cannot see: the statements sent, the wake-up, and processes racing
+result writes -- fenced and duplicate ones -- against a real database.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import time
+from typing import Any
+
+import pytest
+from storehelpers import executed_statements, make_factory
+
+from celery_eventstore import lifecycle as lc
+from celery_eventstore.storage import EventStore, NewMessage
+
+#: Statements a result write sends besides BEGIN and COMMIT, by dialect: the
+#: stream's read (bringing the clock), then the append with its derived rows
+#: and wake-up -- one statement on PostgreSQL; the event, the results row and
+#: the task-index row apart on SQLite (no NOTIFY to send there).
+RESULT_STATEMENTS = {"postgresql": 2, "sqlite": 4}
+
+RESULT_COMMANDS = {
+    "start": lambda claim: lc.Start(worker="w1", result={"pid": 1}, claim=claim),
+    "succeed": lambda claim: lc.Succeed({"r": 1}, claim=claim),
+    "fail": lambda claim: lc.Fail(exc="ValueError('x')", traceback="tb", result={"e": 1},
+                                  claim=claim),
+    "retry": lambda claim: lc.ScheduleRetry(exc="Retry()", countdown=5, result={"e": 2},
+                                            claim=claim),
+}
+
+
+@pytest.fixture
+def store(db):
+    factory = make_factory(db)
+    yield next(factory)()
+    next(factory, None)
+
+
+def claimed(store: EventStore, stream: str, lease: float = 30) -> Any:
+    store.publish([NewMessage(stream=stream, queue="rq", message={"body": stream},
+                              metadata={"task": "app.add"})])
+    (held,) = store.claim(["rq"], 1, "c", lease)
+    return held
+
+
+def writes(sent: list[str]) -> list[str]:
+    return [s for s in sent if s.split(None, 1)[0].upper() not in ("BEGIN", "COMMIT")]
+
+
+@pytest.mark.parametrize("command", sorted(RESULT_COMMANDS))
+def test_a_result_write_costs_its_read_and_one_statement_on_postgresql(store, command):
+    held = claimed(store, "t1")
+    with executed_statements() as sent:
+        (recorded,) = store.execute("t1", RESULT_COMMANDS[command](held.claim))
+    assert len(writes(sent)) == RESULT_STATEMENTS[store.db.dialect.name], sent
+    assert recorded.position == store.last_position() and recorded.version == 3
+    assert store.read_stream("t1")[-1] == recorded
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
+
+
+def test_events_of_one_decision_go_together_positions_in_version_order(store):
+    """A revoke of a task with two waiting messages is three events (the
+    revoke, a discard each): one statement on PostgreSQL, whose chained
+    inserts number them in the order of their versions, as the generic path."""
+    for queue in ("rq", "rq2"):  # two queues: no "ready" wake-up is owed meanwhile
+        store.publish([NewMessage(stream="t1", queue=queue, message={})])
+    with executed_statements() as sent:
+        recorded = store.execute("t1", lc.Revoke(reason="stop"))
+    assert [r.type for r in recorded] == ["Revoked", "Discarded", "Discarded"]
+    assert len(writes(sent)) == {"postgresql": 2, "sqlite": 6}[store.db.dialect.name], sent
+    assert [r.position for r in recorded] == sorted(r.position for r in recorded)
+    assert [r.position for r in store.read_stream("t1")[2:]] == [r.position for r in recorded]
+    assert store.queue_size("rq") == store.queue_size("rq2") == 0
+    assert store.results(["t1"])["t1"][0] == "REVOKED"
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
+
+
+@pytest.mark.parametrize("db", ["psycopg2"], indirect=True)
+def test_a_projection_it_cannot_carry_makes_the_one_statement_step_aside(store, monkeypatch):
+    """Should the projection make a change of many rows (a projection added
+    later), the write takes the generic path: nothing derived is skipped."""
+    from celery_eventstore.storage import single_append
+
+    def with_many_rows(queries, recorded, states):
+        many = [{"deliveries": ["a"]}, {"deliveries": ["b"]}]
+        return [*captured(queries, recorded, states), (queries.delete_dead_letters, many)]
+
+    captured = single_append.captured
+    monkeypatch.setattr(single_append, "captured", with_many_rows)
+    held = claimed(store, "t1")
+    with executed_statements() as sent:
+        store.execute("t1", lc.Succeed({"r": 1}, claim=held.claim))
+    assert len(writes(sent)) == 5, sent  # read, event, results row, task row, NOTIFY
+    assert store.results(["t1"])["t1"][:2] == ("SUCCESS", {"r": 1})
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
+
+
+def test_a_started_task_then_its_result_derive_what_a_rebuild_does(store):
+    held = claimed(store, "t1")
+    store.execute("t1", lc.Start(worker="w1", claim=held.claim))
+    store.execute("t1", lc.Succeed({"r": 1}, claim=held.claim))
+    state, result, done = store.results(["t1"])["t1"]
+    assert (state, result) == ("SUCCESS", {"r": 1}) and done is not None
+    (summary,) = store.tasks()
+    assert (summary.state, summary.worker) == ("SUCCESS", "w1")
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
+
+
+def test_a_fenced_result_is_recorded_in_as_few_statements_and_changes_no_result(store):
+    old = claimed(store, "t1", lease=0.2)
+    time.sleep(0.5)
+    (new,) = store.claim(["rq"], 1, "c2", 30)
+    store.execute("t1", lc.Succeed({"r": "new"}, claim=new.claim))
+    with executed_statements() as sent:
+        fenced = store.execute("t1", lc.Succeed({"r": "old"}, claim=old.claim))
+    assert [r.event for r in fenced] == [lc.ResultFenced(old.delivery, old.claim, "SUCCESS")]
+    assert len(writes(sent)) <= RESULT_STATEMENTS[store.db.dialect.name], sent
+    assert store.results(["t1"])["t1"][1] == {"r": "new"}
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
+
+
+@pytest.mark.parametrize("db", ["psycopg2", "psycopg"], indirect=True)
+def test_a_result_in_one_statement_wakes_its_waiter(store):
+    held = claimed(store, "t1")
+    listener = store.listener(results=["t1"])
+    try:
+        listener.poll()
+        store.execute("t1", lc.Succeed({"r": 1}, claim=held.claim))
+        woken = listener.wait(10)
+    finally:
+        listener.close()
+    assert "t1" in woken
+
+
+def write_results(url: str, options: dict[str, Any], writes: list[tuple[str, str, str]],
+                  out: Any) -> None:
+    """A racing worker: writes each (stream, claim, result) as a Succeed."""
+    store = EventStore(url, **options)
+    try:
+        for stream, claim, result in writes:
+            store.execute(stream, lc.Succeed({"r": result}, claim=claim))
+        out.put(len(writes))
+    except Exception as exc:  # reported to the test instead of hanging it
+        out.put(repr(exc))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("db", ["sqlite", "psycopg2"], indirect=True)
+def test_racing_result_writes_record_one_outcome_and_fence_the_old_claim(store):
+    """Each of 60 tasks was claimed, lost its lease and was claimed again; four
+    processes write results for all of them at once, two under the old claim
+    and two under the new one.  Each task ends with one Succeeded (the new
+    claim's), the old claim's writes fenced, and the read models as a rebuild
+    makes them."""
+    streams = [f"race-{i}" for i in range(60)]
+    store.publish([NewMessage(stream=s, queue="rq", message={"n": s}) for s in streams])
+    old = {m.stream: m.claim for m in store.claim(["rq"], 100, "old", 0.2)}
+    time.sleep(0.5)
+    new = {m.stream: m.claim for m in store.claim(["rq"], 100, "new", 60)}
+    assert set(old) == set(new) == set(streams)
+    plans = [
+        [(s, claims[s], name) for s in streams[::direction]]
+        for name, claims in (("old", old), ("new", new))
+        for direction in (1, -1)
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    url = store.url.render_as_string(hide_password=False)
+    options = {"schema": store.schema, "table_prefix": store.table_prefix}
+    procs = [ctx.Process(target=write_results, args=(url, options, plan, out)) for plan in plans]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert results == [len(streams)] * 4, results
+    for stream in streams:
+        types = collections.Counter(r.type for r in store.read_stream(stream))
+        assert (types["Succeeded"], types["ResultFenced"]) == (1, 2), (stream, types)
+        versions = [r.version for r in store.read_stream(stream)]
+        assert versions == list(range(1, len(versions) + 1))
+    done = store.results(streams)
+    assert {s: done[s][:2] for s in streams} == {s: ("SUCCESS", {"r": "new"}) for s in streams}
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
