@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -318,8 +318,19 @@ class EventLog:
         """Append ``events``, decided on ``state``, as :meth:`append_pending`
         does; where the database can take it and they wake no consumer, in one
         statement with their derived rows and their result wake-up."""
-        if self._single_append is None or not events:
+        single = self._one_statement(tx, state, events, metadata)
+        if single is None:
             return self.append_pending(tx, [(state, events, metadata)])[0]
+        return single()
+
+    def _one_statement(
+        self, tx: Tx, state: lc.JobState, events: Sequence[lc.Event],
+        metadata: Mapping[str, Any] | None,
+    ) -> Callable[[], list[RecordedEvent]] | None:
+        """The append of ``events`` as one statement in ``tx``, ready to run, or
+        None where one statement cannot carry it (see :meth:`append_decided`)."""
+        if self._single_append is None or not events:
+            return None
         rows, _, states = _rows([(state, events, metadata)], tx.now)
         recorded = [
             RecordedEvent(position=0, stream=state.stream, version=row["version"], event=event,
@@ -333,12 +344,16 @@ class EventLog:
             else self._single_append.prepare(rows, recorded, states, wake)
         )
         if prepared is None:
-            return self.append_pending(tx, [(state, events, metadata)])[0]
-        positions = tx.conn.execute(*prepared).one()[:len(rows)]
-        appended = [dataclasses.replace(r, position=p)
-                    for r, p in zip(recorded, positions, strict=True)]
-        tx.appended.extend(appended)
-        return appended
+            return None
+
+        def run() -> list[RecordedEvent]:
+            positions = tx.conn.execute(*prepared).one()[:len(rows)]
+            appended = [dataclasses.replace(r, position=p)
+                        for r, p in zip(recorded, positions, strict=True)]
+            tx.appended.extend(appended)
+            return appended
+
+        return run
 
     def _wake(
         self, tx: Tx, recorded: Sequence[RecordedEvent], states: Mapping[str, lc.JobState]
@@ -432,6 +447,12 @@ class EventLog:
         :class:`~celery_eventstore.exceptions.InvalidTransition`.
         """
         durable = not isinstance(command, (lc.Start, lc.UpdateState))
+        if (
+            connection is None and durable and self._single_append is not None
+            and self.db.one_statement_commits and not self.partitioned
+            and lc.stream_kind(stream) is lc.StreamKind.TASK
+        ):
+            return self.db.retrying(lambda: self._execute_apart(stream, command, metadata))
 
         def attempt() -> list[RecordedEvent]:
             with self.db.write(connection, durable=durable) as tx:
@@ -446,6 +467,28 @@ class EventLog:
                 return self.append_decided(tx, state, events, metadata)
 
         return self.db.retrying(attempt)
+
+    def _execute_apart(
+        self, stream: str, command: lc.Command, metadata: Mapping[str, Any] | None
+    ) -> list[RecordedEvent]:
+        """A durable command on one task's stream as a read and a write that each
+        commit as they run, with no BEGIN or COMMIT round trip: nothing is held
+        between them, and a write that lands after another writer's loses on the
+        ``(stream, version)`` key and is tried again from a fresh read, as in any
+        race.  A write one statement cannot carry takes a transaction of its own,
+        decided on the same read."""
+        with self.db.one_statement() as tx:
+            state = self.load_all(tx, [stream])[stream]
+            events = lc.decide(command, state, tx.now)
+            if not events:
+                return []
+            single = self._one_statement(tx, state, events, metadata)
+            if single is not None:
+                return single()
+            now = tx.now
+        with self.db.write() as tx:
+            tx.clock_read(now)
+            return self.append_pending(tx, [(state, events, metadata)])[0]
 
     def _chord_state(self, conn: sa.Connection, stream: str, task_id: str) -> lc.JobState:
         """A chord's state from its read model (a few rows whatever its size), or

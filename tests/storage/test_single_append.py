@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from storehelpers import executed_statements, make_factory
 
 from celery_eventstore import lifecycle as lc
@@ -64,6 +65,28 @@ def test_a_result_write_costs_its_read_and_one_statement_on_postgresql(store, co
     live = store.projection_rows()
     store.rebuild()
     assert store.projection_rows() == live
+
+
+@pytest.mark.parametrize("db", ["psycopg2", "psycopg"], indirect=True)
+@pytest.mark.parametrize("command", ["succeed", "fail"])
+def test_a_result_is_a_read_and_a_write_each_committing_as_it_runs(store, command):
+    """No BEGIN before the read, no COMMIT after the write (psycopg2 sends each
+    apart): after each of the two statements the server holds no transaction
+    open on the connection, and the result is there for another connection."""
+    held = claimed(store, "t1")
+    status_after: list[int] = []
+
+    def after(conn, cursor, statement, *args):
+        status_after.append(int(conn.connection.dbapi_connection.info.transaction_status))
+
+    sa.event.listen(store.engine, "after_cursor_execute", after)
+    try:
+        store.execute("t1", RESULT_COMMANDS[command](held.claim))
+    finally:
+        sa.event.remove(store.engine, "after_cursor_execute", after)
+    assert status_after == [0, 0], status_after  # TRANSACTION_STATUS_IDLE
+    state = {"succeed": "SUCCESS", "fail": "FAILURE"}[command]
+    assert store.results(["t1"])["t1"][0] == state
 
 
 def test_events_of_one_decision_go_together_positions_in_version_order(store):
