@@ -210,6 +210,15 @@ class Deliveries:
         request = ClaimRequest(
             list(queues), limit, consumer, lease_seconds, max_claims, next_due
         )
+        if not acks and self.db.dialect.single_writer:
+            # Where a claim takes the one write lock (SQLite), look first: every
+            # commit wakes consumers, and an empty claim holding the lock would
+            # make publishers wait for nothing.  A message committed after the
+            # look wakes them again.
+            with self.db.read() as conn:
+                idle = self._nominate_rows(conn, request, self.db.now(), 1)
+            if idle[0].delivery_id is None:
+                return ClaimRound({}, [], _next_due(idle))
 
         def attempt() -> ClaimRound:
             with self.db.write(durable=False) as tx:
@@ -334,21 +343,34 @@ class Deliveries:
         asks for it; the transaction's clock comes with them."""
         if request is None or request.limit <= 0 or not request.queues:
             return (), None
+        clock_wanted = tx.clock_wanted
+        rows = self._nominate_rows(
+            tx.conn, request, None if clock_wanted else tx.now, request.limit,
+            relaxed=clock_wanted and tx.relaxed,
+        )
+        if clock_wanted:
+            tx.clock_read(float(rows[0].tx_clock))
+        return [r for r in rows if r.delivery_id is not None], _next_due(rows)
+
+    def _nominate_rows(
+        self, conn: sa.Connection, request: ClaimRequest, now: float | None, limit: int,
+        *, relaxed: bool = False,
+    ) -> Sequence[Any]:
+        """The nomination's rows: at least one (the clock's)."""
         queries = self.log.queries
         queues = list(dict.fromkeys(request.queues))
-        clock_wanted = tx.clock_wanted
-        rows = tx.conn.execute(
+        return conn.execute(
             queries.nominate(len(queues)),
             queries.nominate_params(
-                queues, None if clock_wanted else tx.now, request.limit,
-                relaxed=clock_wanted and tx.relaxed, next_due=request.next_due,
+                queues, now, limit, relaxed=relaxed, next_due=request.next_due
             ),
         ).all()
-        first = rows[0]  # there always is one: the clock's
-        if clock_wanted:
-            tx.clock_read(float(first.tx_clock))
-        next_due = None if first.next_due is None else float(first.next_due)
-        return [r for r in rows if r.delivery_id is not None], next_due
+
+
+def _next_due(rows: Sequence[Any]) -> float | None:
+    """The next ETA a nomination's rows bring (the same on every row)."""
+    due = rows[0].next_due
+    return None if due is None else float(due)
 
 
 def _ack(ref: ClaimRef) -> lc.Command:

@@ -43,3 +43,41 @@ def test_reads_run_beside_a_held_write_lock_and_writes_wait_for_it(sqlite_db, tm
     assert done.is_set()
     assert store.queue_size("q") == 2
     next(factory, None)  # closes the store
+
+
+def test_a_claim_with_nothing_due_does_not_wait_for_the_write_lock(sqlite_db, tmp_path, clock):
+    """Every commit wakes SQLite's consumers, and a claim that finds nothing must
+    not queue for the one write lock behind a publisher (it looks first, as a
+    read); one that finds a message takes the lock and waits for it."""
+    import sqlite3
+    import threading
+
+    from contract import msg
+
+    factory = make_factory(sqlite_db)
+    store = next(factory)(clock=clock)
+    store.publish([msg("later", not_before=clock.now + 60)])
+    holder = sqlite3.connect(str(tmp_path / "events.db"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        done: list[object] = []
+        idle = threading.Thread(
+            target=lambda: done.append(store.claim_round([], ["q"], 4, "w", 30, next_due=True))
+        )
+        idle.start()
+        idle.join(5)
+        assert done, "an empty claim waited for the write lock"
+        (empty,) = done
+        assert empty.claimed == [] and empty.next_due == clock.now + 60
+        clock.advance(61)
+        claimed: list[object] = []
+        busy = threading.Thread(target=lambda: claimed.append(store.claim(["q"], 4, "w", 30)))
+        busy.start()
+        busy.join(0.5)
+        assert not claimed, "a claim that writes must wait for the write lock"
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    busy.join(10)
+    assert [m.stream for m in claimed[0]] == ["later"]
+    next(factory, None)
