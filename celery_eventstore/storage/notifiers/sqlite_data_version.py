@@ -113,6 +113,11 @@ def watch_file(engine: sa.Engine) -> FileWatch | None:
         return None
 
 
+#: After a file event with no change to see, how long (seconds) before the
+#: pragma is read again: a commit's frames are written before it is visible.
+COMMIT_IN_FLIGHT_PAUSE = 0.0002
+
+
 class DataVersionListener(Listener):
     """Wakes when another connection committed to the database file.
 
@@ -132,6 +137,8 @@ class DataVersionListener(Listener):
         self._version = self._read()
         self._interval = self.MIN_INTERVAL
         self._watch = watch_file(engine)
+        #: The last poll saw the file written but no commit yet.
+        self._in_flight = False
 
     def fileno(self) -> int | None:
         return None if self._watch is None else self._watch.fd
@@ -148,9 +155,16 @@ class DataVersionListener(Listener):
             raise DatabaseUnavailable(f"lost the database file: {exc}") from exc
 
     def poll(self) -> set[str]:
-        if self._watch is not None:
-            self._watch.drain()  # the pragma decides; the events only say when to look
+        touched = self._watch is not None and self._watch.drain()
         version = self._read()
+        # The pragma decides; the events only say when to look.  A commit writes
+        # its log frames (the event) before it makes them visible, so an event
+        # with no change yet may be a commit in flight: look again once, and
+        # have a waiter look again soon rather than at the safety net.
+        if touched and version == self._version:
+            time.sleep(COMMIT_IN_FLIGHT_PAUSE)
+            version = self._read()
+        self._in_flight = touched and version == self._version
         if version == self._version:
             return set()
         self._version = version
@@ -167,7 +181,8 @@ class DataVersionListener(Listener):
             if self._watch is not None:
                 # A safety net beside the events: the pragma is read at least
                 # this often (a file system that sends no events, say).
-                self._watch.wait(min(self.MAX_INTERVAL, remaining))
+                pause = self.MIN_INTERVAL if self._in_flight else self.MAX_INTERVAL
+                self._watch.wait(min(pause, remaining))
                 continue
             time.sleep(min(self._interval, remaining))
             self._interval = min(self._interval * 2, self.MAX_INTERVAL)
