@@ -230,10 +230,7 @@ class Database:
                     relaxed = not durable and self.async_commit
                     tx = self._tx(conn, relaxed=relaxed, after_commit=after)
                     yield tx
-                for callback in after:
-                    callback()
-                if tx.appended:
-                    self._announce(tx.appended)
+                self._committed(tx, after)
 
     @property
     def one_statement_commits(self) -> bool:
@@ -259,6 +256,10 @@ class Database:
             with self.dialect.autocommit(conn):
                 tx = self._tx(conn, relaxed=False, after_commit=after)
                 yield tx
+        self._committed(tx, after)
+
+    def _committed(self, tx: Tx, after: list[Callable[[], None]]) -> None:
+        """What follows a commit of our own: its callbacks, then its watchers."""
         for callback in after:
             callback()
         if tx.appended:

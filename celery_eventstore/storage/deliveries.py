@@ -173,23 +173,6 @@ class Deliveries:
             [], queues, limit, consumer, lease_seconds, max_claims=max_claims
         ).claimed
 
-    def ack_and_claim(
-        self,
-        acks: Sequence[ClaimRef],
-        queues: Sequence[str],
-        limit: int,
-        consumer: str,
-        lease_seconds: float,
-        *,
-        max_claims: int | None = None,
-    ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
-        """:meth:`ack` then :meth:`claim` in one transaction: a consumer's steady
-        state (finish some, take as many more) costs one commit, not two."""
-        done = self.claim_round(
-            acks, queues, limit, consumer, lease_seconds, max_claims=max_claims
-        )
-        return done.outcomes, done.claimed
-
     def claim_round(
         self,
         acks: Sequence[ClaimRef],
@@ -201,10 +184,12 @@ class Deliveries:
         max_claims: int | None = None,
         next_due: bool = False,
     ) -> ClaimRound:
-        """:meth:`ack_and_claim`, and with ``next_due`` the earliest ETA in
-        ``queues`` later than the claim's time (as :meth:`earliest_due`), found by
-        the claim's own nomination: a consumer's whole round, clock and next ETA
-        included, costs one transaction and no extra statement."""
+        """:meth:`ack` then :meth:`claim` in one transaction -- a consumer's steady
+        state (finish some, take as many more) costs one commit, not two -- and
+        with ``next_due`` the earliest ETA in ``queues`` later than the claim's
+        time (as :meth:`earliest_due`), found by the claim's own nomination: a
+        consumer's whole round, clock and next ETA included, costs one
+        transaction and no extra statement."""
         if not acks and (limit <= 0 or not queues):
             return ClaimRound({}, [])
         request = ClaimRequest(

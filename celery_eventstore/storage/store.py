@@ -517,11 +517,9 @@ class EventStore:
         max_claims: int | None = None,
     ) -> tuple[dict[str, Outcome], list[ClaimedMessage]]:
         """Ack, then claim, in one transaction."""
-        self.names.queue.check(*queues)
-        self.names.consumer.check(consumer)
-        return self.deliveries.ack_and_claim(
-            acks, queues, limit, consumer, lease_seconds, max_claims=max_claims
-        )
+        done = self.claim_round(acks, queues, limit, consumer, lease_seconds,
+                                max_claims=max_claims)
+        return done.outcomes, done.claimed
 
     def claim_round(
         self,
