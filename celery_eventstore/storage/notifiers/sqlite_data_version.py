@@ -12,7 +12,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import select
 import sqlite3
 import struct
 import time
@@ -23,6 +22,7 @@ import sqlalchemy as sa
 
 from ...exceptions import DatabaseUnavailable
 from . import ANY_QUEUE, DATA_VERSION, Listener, Notifier
+from .postgresql_notify import readable
 
 
 class DataVersionNotifier(Notifier):
@@ -78,11 +78,13 @@ class FileWatch:
     def drain(self) -> bool:
         """Read the events waiting; whether any was about the database's files."""
         touched = False
-        while True:
+        # Read only what poll() says is there: eventlet's os.read waits for a
+        # descriptor with nothing to read instead of failing with EAGAIN.
+        while readable(self.fd, 0):
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
-                return touched
+                break
             offset = 0
             while offset + _EVENT.size <= len(data):
                 _, mask, _, length = _EVENT.unpack_from(data, offset)
@@ -91,10 +93,11 @@ class FileWatch:
                 offset = start + length
                 if name in self._names or mask & _IN_Q_OVERFLOW:
                     touched = True
+        return touched
 
     def wait(self, timeout: float) -> None:
         """Block until an event arrives or ``timeout`` passes."""
-        select.select([self.fd], [], [], max(timeout, 0.0))
+        readable(self.fd, max(timeout, 0.0))
 
     def close(self) -> None:
         os.close(self.fd)
