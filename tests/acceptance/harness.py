@@ -63,6 +63,12 @@ def _failed(request: pytest.FixtureRequest) -> bool:
     )
 
 
+def queue_drained(stats: Any) -> bool:
+    """Whether a queue's stats (``Broker.stats()``, read once) show nothing waiting
+    or in flight; None, a queue with no row left, is drained too."""
+    return stats is None or stats.ready + stats.claimed == 0
+
+
 def wait_for(
     predicate: Callable[[], T],
     timeout: float,
