@@ -147,8 +147,11 @@ MESSAGES = 1500
 CONSUMERS = 6
 
 
-def shuttle(url: str, options: dict, days: tuple[int, int], rounds: int, out) -> None:
-    """Move every live stream from one day's partition to the other and back."""
+def shuttle(
+    url: str, options: dict, days: tuple[int, int], rounds: int, out, moving=None
+) -> None:
+    """Move every live stream from one day's partition to the other and back;
+    ``moving`` is set once the first batch has moved."""
     store = EventStore(url, **options)
     moved = 0
     try:
@@ -158,6 +161,8 @@ def shuttle(url: str, options: dict, days: tuple[int, int], rounds: int, out) ->
                 while live := store.partitions._live(part, before=float("inf")):
                     store.db.retrying(functools.partial(store.partitions._move, part, live, dst))
                     moved += len(live)
+                    if moving is not None:
+                        moving.set()
         out.put(moved)
     except Exception as exc:  # noqa: BLE001 - reported to the test
         out.put(exc)
@@ -174,14 +179,18 @@ def test_streams_moved_while_consumers_claim_are_delivered_once(postgresql_db):
         store.publish([msg(f"task-{i}", queue="race") for i in range(start, start + 500)])
 
     ctx = multiprocessing.get_context("spawn")
-    out, moves = ctx.Queue(), ctx.Queue()
+    out, moves, moving = ctx.Queue(), ctx.Queue(), ctx.Event()
     plain = store.url.render_as_string(False)
-    mover = ctx.Process(target=shuttle, args=(plain, options, (today, today - 1), 30, moves))
+    mover = ctx.Process(
+        target=shuttle, args=(plain, options, (today, today - 1), 30, moves, moving)
+    )
     consumers = [
         ctx.Process(target=claim_and_ack_until_empty, args=(plain, options, "race", 5, out))
         for _ in range(CONSUMERS)
     ]
     mover.start()
+    # Consumers start once the mover is moving, however fast they drain.
+    assert moving.wait(120), "the mover never moved a stream"
     for p in consumers:
         p.start()
     results = [out.get(timeout=240) for _ in consumers]
