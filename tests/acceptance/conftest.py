@@ -6,6 +6,7 @@ Tests must not ``from conftest import ...``: with several test directories in on
 
 from harness import (  # noqa: F401 - fixtures and hooks pytest finds here
     broker,
+    current_result_app,
     pytest_runtest_makereport,
     result_app,
     start_worker,

@@ -299,6 +299,18 @@ def result_app(broker: Broker) -> Iterator[Any]:
     app.close()
 
 
+@pytest.fixture
+def current_result_app(result_app: Any) -> Iterator[Any]:
+    """``result_app`` as Celery's current app for the test, as an application's one
+    app is (``delay()`` outside any app context publishes through it)."""
+    from celery import current_app
+
+    previous = current_app._get_current_object()
+    result_app.set_current()
+    yield result_app
+    previous.set_current()
+
+
 class Worker:
     """``celery -A <app> worker`` (``proj`` by default) in a process group of its own;
     prefork with two processes unless ``args`` say otherwise (``-P``, ``-c``)."""

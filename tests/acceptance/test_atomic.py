@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from celery import current_app
 from enqueuer import TASK, business_engine, business_table, job_id
 from harness import HERE, Broker, wait_for
 from sqlalchemy.orm import Session
@@ -72,12 +71,8 @@ def _rows(engine: sa.Engine, table: sa.Table) -> set[str]:
 
 
 @pytest.fixture
-def app(result_app: Any) -> Iterator[Any]:
-    """``result_app`` as Celery's current app for the test, as an application's one app is."""
-    previous = current_app._get_current_object()
-    result_app.set_current()
-    yield result_app
-    previous.set_current()
+def app(current_result_app: Any) -> Any:
+    return current_result_app
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from celery import current_app
 from enqueuer import TASK, business_engine, business_table
 from harness import HERE, Broker
 from sqlalchemy.orm import Session
@@ -30,11 +29,8 @@ from celery_eventstore.storage import EventStore
 
 
 @pytest.fixture
-def app(result_app: Any) -> Iterator[Any]:
-    previous = current_app._get_current_object()
-    result_app.set_current()
-    yield result_app
-    previous.set_current()
+def app(current_result_app: Any) -> Any:
+    return current_result_app
 
 
 @pytest.fixture
