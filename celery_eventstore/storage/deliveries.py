@@ -18,13 +18,17 @@ import sqlalchemy as sa
 from .. import lifecycle as lc
 from ..exceptions import InvalidTransition, MessageTooLarge, StaleClaim, UnreadableStream
 from .database import Database, Tx
-from .log import EventLog, Pending, decided, decode_json, evolve_all, fold
+from .log import EventLog, Pending, decided, decode_json, evolve_all, fold, fold_on
 from .records import ClaimedMessage, ClaimRef, ClaimRound, NewMessage, Outcome, RecordedEvent
 
 logger = logging.getLogger(__name__)
 
 #: Default largest message, as stored JSON, that publish accepts.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+#: The most claims whose stream's state a process keeps for their settling: a
+#: consumer holds its prefetch; more are claims it lost track of.
+MOST_HELD_STATES = 10_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,12 @@ class Deliveries:
         self.db = db
         self.log = log
         self.max_message_size = max_message_size
+        #: Claim id -> its stream's state as the claim left it.  Settling the
+        #: claim later reads only the events after it (the task's result, a
+        #: renewal, another claimer's), not the whole stream: a state is a fold
+        #: of the stream up to its version whoever appended since, so one that
+        #: is out of date costs a longer tail, never a wrong decision.
+        self._held: dict[str, lc.JobState] = {}
 
     # -- publishing --------------------------------------------------------------
 
@@ -278,10 +288,12 @@ class Deliveries:
         loser is retried from a fresh read.
         """
         candidates, next_due = self._nominate(tx, request)
+        known = self._known(tx, refs, candidates) if request is not None else {}
         streams = self.log.read_streams(
-            tx, [r.stream for r in refs] + [c.stream_id for c in candidates]
+            tx, [r.stream for r in refs] + [c.stream_id for c in candidates],
+            after={stream: state.version for stream, state in known.items()},
         )
-        states, unreadable = self._fold_readable(tx, streams)
+        states, unreadable = self._fold_readable(tx, streams, known)
         # A claim on a stream that cannot be read can only be fenced out.
         fenced = {r.delivery: Outcome.STALE for r in refs if r.stream in unreadable}
         refs = [r for r in refs if r.stream not in unreadable]
@@ -296,21 +308,63 @@ class Deliveries:
         _, final = self.log.append_pending(
             tx, decided(pending), read_positions=False, folded=states
         )
+        self._hold(refs, claims, final)
         bodies = {c.delivery_id: c.data for c in candidates}
         return ClaimRound(
             {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now), next_due
         )
 
+    def _known(
+        self, tx: Tx, refs: Sequence[ClaimRef], candidates: Sequence[Any]
+    ) -> dict[str, lc.JobState]:
+        """The held states of the refs' streams that need no whole read in a
+        consumer's round: a stream settled once in it and not claimed in it.
+        Only once the round has its clock (a read that may return no rows cannot
+        bring it).  A plain settle (:meth:`ack`, :meth:`renew`...) reads whole
+        streams, and so finds a row corrupted under its holder."""
+        if tx.clock_wanted or not self._held or self.log.partitioned:
+            return {}  # on a partitioned log, a stream may have moved since
+        settled: dict[str, int] = {}
+        for ref in refs:
+            settled[ref.stream] = settled.get(ref.stream, 0) + 1
+        claimed = {c.stream_id for c in candidates}
+        known = {}
+        for ref in refs:
+            state = self._held.get(ref.claim)
+            if state is not None and settled[ref.stream] == 1 and ref.stream not in claimed:
+                known[ref.stream] = state
+        return known
+
+    def _hold(
+        self, refs: Sequence[ClaimRef], claims: Sequence[tuple[str, str, str]],
+        final: Mapping[str, lc.JobState],
+    ) -> None:
+        """Keep the states the round's claims (and renewals) left; forget those
+        of claims it settled."""
+        for ref in refs:
+            state = final.get(ref.stream)  # the streams this round appended to
+            if state is not None and _still_held(state, ref):
+                self._held[ref.claim] = state  # a renewal
+            else:
+                self._held.pop(ref.claim, None)
+        for stream, _, claim_id in claims:
+            self._held[claim_id] = final[stream]
+        while len(self._held) > MOST_HELD_STATES:  # the oldest first
+            del self._held[next(iter(self._held))]
+
     def _fold_readable(
-        self, tx: Tx, streams: Mapping[str, Sequence[RecordedEvent]]
+        self, tx: Tx, streams: Mapping[str, Sequence[RecordedEvent]],
+        known: Mapping[str, lc.JobState],
     ) -> tuple[dict[str, lc.JobState], set[str]]:
-        """Fold each stream; quarantine those that cannot be read, in ``tx``, so
-        one bad row costs its own messages and never stops the queue."""
+        """Fold each stream (carry a ``known`` state on by its tail); quarantine
+        those that cannot be read, in ``tx``, so one bad row costs its own
+        messages and never stops the queue."""
         states: dict[str, lc.JobState] = {}
         unreadable: set[str] = set()
         for stream, recs in streams.items():
             try:
-                states[stream] = fold(stream, recs)
+                held = known.get(stream)
+                states[stream] = fold(stream, recs) if held is None else fold_on(held, recs)
             except UnreadableStream as error:
                 logger.error("quarantined: %s", error)
                 self.log.quarantine(
@@ -356,6 +410,15 @@ def _next_due(rows: Sequence[Any]) -> float | None:
     """The next ETA a nomination's rows bring (the same on every row)."""
     due = rows[0].next_due
     return None if due is None else float(due)
+
+
+def _still_held(state: lc.JobState, ref: ClaimRef) -> bool:
+    """Whether ``ref``'s claim is its delivery's current one in ``state``."""
+    try:
+        delivery = state.delivery(ref.delivery)
+    except InvalidTransition:
+        return False
+    return delivery.claim == ref.claim and delivery.status is lc.DeliveryStatus.CLAIMED
 
 
 def _ack(ref: ClaimRef) -> lc.Command:

@@ -102,35 +102,41 @@ class EventLog:
 
     def read_streams(
         self, conn: sa.Connection | Tx, streams: Iterable[str], *, bodies: bool = False,
-        hold: bool = True,
+        hold: bool = True, after: Mapping[str, int] | None = None,
     ) -> dict[str, list[RecordedEvent]]:
         """Every event of ``streams``; without ``bodies``, as a decision reads
         them: message bodies ``None`` and no metadata (see ``Queries.read_streams``).
         Given a write transaction still without its clock, the read brings it.
         ``hold``: the read is for a write (the default), so on a partitioned log
-        the streams are held first."""
+        the streams are held first.  ``after`` (stream -> version; without
+        ``bodies``): of those streams, only the events after that version -- the
+        tail past a state the caller holds."""
         wanted = sorted(set(streams))
         found: dict[str, list[RecordedEvent]] = {s: [] for s in wanted}
         if not wanted:
             return found
         if hold:
             self.hold_streams(conn.conn if isinstance(conn, Tx) else conn, wanted)
+        after = {s: v for s, v in (after or {}).items() if s in found}
+        tails = {"known": sorted(after), "after": min(after.values(), default=0)}
         if bodies:
-            assert isinstance(conn, sa.Connection)
+            assert isinstance(conn, sa.Connection) and not after
             rows = conn.execute(self.queries.read_streams_whole, {"streams": wanted})
         elif isinstance(conn, Tx):
             rows = conn.conn.execute(
-                self.queries.read_streams, {"streams": wanted, "relaxed": conn.relaxed}
+                self.queries.read_streams,
+                {"streams": wanted, "relaxed": conn.relaxed, **tails},
             )
         else:
-            rows = conn.execute(self.queries.read_streams, {"streams": wanted})
+            rows = conn.execute(self.queries.read_streams, {"streams": wanted, **tails})
         clock_wanted = isinstance(conn, Tx) and conn.clock_wanted
         for row in rows.all():  # one fetch, not one driver call per row
             if clock_wanted and row.tx_clock is not None:
                 assert isinstance(conn, Tx)
                 conn.clock_read(float(row.tx_clock))
                 clock_wanted = False
-            found[row.stream_id].append(self.recorded(row))
+            if row.version > after.get(row.stream_id, 0):  # the query's ``after`` is the lowest
+                found[row.stream_id].append(self.recorded(row))
         return found
 
     def task_names(self, streams: Iterable[str]) -> dict[str, str]:
@@ -522,6 +528,26 @@ def fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:
             born=recorded[0].born,
         )
     return state
+
+
+def fold_on(state: lc.JobState, tail: Sequence[RecordedEvent]) -> lc.JobState:
+    """A state held up to its version, carried on by the stream's events after
+    it (numbered on from it): what :func:`fold` of the whole stream gives.
+
+    Raises :class:`UnreadableStream` as :func:`fold` does."""
+    for expected, rec in enumerate(tail, start=state.version + 1):
+        if rec.version != expected:
+            raise UnreadableStream(
+                state.stream, rec.position, f"version {rec.version} follows {expected - 1}"
+            )
+        if isinstance(rec.event, lc.Unreadable):
+            raise UnreadableStream(state.stream, rec.position, rec.event.reason)
+    if not tail:
+        return state
+    return lc.replace(
+        evolve_all(state, (rec.event for rec in tail)),
+        recorded_until=max(state.recorded_until, *(rec.recorded_at for rec in tail)),
+    )
 
 
 def decode_json(value: Any) -> Any:

@@ -68,6 +68,10 @@ class Queries:
         #: order: every event with its message body blanked (``null``) and without
         #: metadata.  A decision never reads a body; a publish's body is most of
         #: its bytes, and a claim takes the bodies it delivers from its nomination.
+        #: ``known`` (a list, may be empty) and ``after``: of the streams in
+        #: ``known`` (whose state the caller holds up to a version), only the
+        #: events after version ``after`` -- their tails, if ``after`` is the
+        #: lowest of the versions held.
         self.read_streams = dialect.each_of(
             sa.select(
                 ev.c.position, ev.c.stream_id, ev.c.version, ev.c.type,
@@ -82,7 +86,10 @@ class Queries:
                 *dialect.clock_columns(
                     sa.bindparam("relaxed", value=False, type_=sa.Boolean)
                 ),
-            ),
+            ).where(sa.or_(
+                ev.c.version > sa.bindparam("after", value=0, type_=sa.Integer),
+                sa.not_(dialect.one_of(ev.c.stream_id, "known")),
+            )),
             ev.c.stream_id, "streams", order_by=("stream_id", "version"),
         )
         #: ``after``, ``limit``: events past a position, in log order.

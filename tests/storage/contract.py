@@ -235,6 +235,56 @@ class StoreContract:
         assert [m.stream for m in third.claimed] == ["in-a-minute"]
         assert third.next_due is None
 
+    def test_a_round_settles_its_claims_from_their_held_state_and_the_tail(
+        self, make_store, clock, monkeypatch
+    ):
+        """A consumer's round settles the claims it made from the state each claim
+        left, carried on by the events appended since (a result, another
+        claimer's steal) -- read alone, not the whole streams -- and decides as a
+        whole read would."""
+        consumer, other = make_store(clock=clock), make_store(clock=clock)
+        consumer.publish([msg("quiet"), msg("finished"), msg("stolen")])
+        first = consumer.claim_round([], ["q"], 2, "w", 300)
+        short = consumer.claim_round([], ["q"], 1, "w", 1)
+        held = {m.stream: m for m in [*first.claimed, *short.claimed]}
+        assert sorted(held) == ["finished", "quiet", "stolen"]
+        other.execute("finished", lc.Succeed(result={"r": 1}, claim=held["finished"].claim))
+        clock.advance(2)  # the short lease runs out: another consumer takes it
+        [steal] = other.claim(["q"], 5, "thief", 300)
+        assert steal.stream == "stolen"
+
+        decoded = []
+        recorded = consumer.deliveries.log.recorded
+        monkeypatch.setattr(consumer.deliveries.log, "recorded",
+                            lambda row: decoded.append(row.stream_id) or recorded(row))
+        round_ = consumer.claim_round([m.ref for m in held.values()], ["q"], 5, "w", 300)
+
+        assert round_.outcomes == {
+            held["quiet"].delivery: Outcome.DONE,
+            held["finished"].delivery: Outcome.DONE,
+            held["stolen"].delivery: Outcome.STALE,
+        }
+        if consumer.deliveries.log.partitioned:  # a stream may have moved: read whole
+            assert sorted(decoded) == ["finished"] * 3 + ["quiet"] * 2 + ["stolen"] * 4
+        else:  # the tails only: the result, and the steal's two events
+            assert sorted(decoded) == ["finished", "stolen", "stolen"]
+        assert types(consumer, "quiet") == ["Published", "Claimed", "Acked"]
+        assert types(consumer, "finished") == ["Published", "Claimed", "Succeeded", "Acked"]
+        assert types(consumer, "stolen") == ["Published", "Claimed", "LeaseExpired", "Claimed"]
+        assert other.ack([steal.ref]) == {steal.delivery: Outcome.DONE}
+
+    def test_a_plain_ack_reads_whole_streams(self, make_store, clock, monkeypatch):
+        """Outside a consumer's round, settling reads the streams whole."""
+        store = make_store(clock=clock)
+        store.publish([msg("a")])
+        claimed = store.claim_round([], ["q"], 1, "w", 300).claimed
+        decoded = []
+        recorded = store.deliveries.log.recorded
+        monkeypatch.setattr(store.deliveries.log, "recorded",
+                            lambda row: decoded.append(row.stream_id) or recorded(row))
+        assert store.ack([m.ref for m in claimed]) == {claimed[0].delivery: Outcome.DONE}
+        assert decoded == ["a", "a"]
+
     def test_a_scheduled_publish_wakes_listeners_of_its_queue(self, make_store, clock):
         consumer, producer = make_store(), make_store()
         listener = consumer.listener()

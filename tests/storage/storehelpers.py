@@ -64,6 +64,49 @@ def claim_and_ack_until_empty(
     out.put(delivered)
 
 
+def settle_in_rounds(
+    url: str, options: dict[str, Any], queue: str, batch: int, seed: int, out: Any
+) -> None:
+    """A racing consumer that works as the transport's does: each round settles
+    the claims of the one before and claims more (:meth:`EventStore.claim_round`),
+    under a lease short enough to lose.  Before a round it records a result for
+    some of its claims, as a worker would, and now and then stalls past the
+    lease, so that others steal what it holds.  Reports the claims each round
+    said were acked and those it said were stale."""
+    import random
+    import time
+
+    from celery_eventstore import lifecycle as lc
+    from celery_eventstore.exceptions import InvalidTransition
+
+    store = EventStore(url, **options)
+    rng = random.Random(seed)
+    acked: list[str] = []
+    stale: list[str] = []
+    held: list[Any] = []
+    empty_rounds = 0
+    try:
+        while empty_rounds < 3 or held:
+            if held and rng.random() < 0.2:
+                time.sleep(0.3)  # past the lease: another consumer may take them
+            for m in held[::2]:
+                try:
+                    store.execute(m.stream, lc.Succeed(result={"n": 1}, claim=m.claim))
+                except InvalidTransition:
+                    pass  # a claim no longer current writes no result
+            claims = {m.delivery: m.claim for m in held}
+            done = store.claim_round([m.ref for m in held], [queue], batch, f"c{seed}", 0.2)
+            for delivery, outcome in done.outcomes.items():
+                (acked if outcome == "done" else stale).append(claims[delivery])
+            held = done.claimed
+            empty_rounds = 0 if held else empty_rounds + 1
+    except Exception as exc:  # reported to the test instead of hanging it
+        out.put(exc)
+        raise
+    store.close()
+    out.put((acked, stale))
+
+
 def race_consumers(
     store: EventStore, options: dict[str, Any], queue: str | list[str], processes: int,
     batch: int,

@@ -6,7 +6,7 @@ import collections
 import multiprocessing
 
 import pytest
-from storehelpers import count_chord_parts, race_consumers
+from storehelpers import count_chord_parts, race_consumers, settle_in_rounds
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore, NewMessage
@@ -52,6 +52,45 @@ def test_racing_consumers_deliver_each_message_exactly_once(db):
     assert all(t == ["Published", "Claimed", "Acked"] for t in by_stream.values())
     assert store.queue_size("race") == 0
     assert store.projection_rows()[store.tables.messages.name] == []
+    store.close()
+
+
+def test_racing_rounds_settle_each_claim_once_while_leases_are_stolen(db):
+    """Consumers settling in rounds from the states their claims left (plus the
+    tails since: results, steals) against consumers stealing their expired
+    leases: each message is settled once, and the claims the rounds called
+    acked are exactly those the log acked."""
+    url, options = db
+    store = EventStore(url, **options)
+    store.migrate()
+    messages = 400
+    store.publish([NewMessage(stream=f"task-{i}", queue="steal", message={"n": i})
+                   for i in range(messages)])
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    plain_url = store.url.render_as_string(False)
+    procs = [ctx.Process(target=settle_in_rounds, args=(plain_url, options, "steal", 4, i, out))
+             for i in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    reports = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert not [r for r in reports if isinstance(r, Exception)], reports
+
+    said_acked = collections.Counter(claim for acked, _ in reports for claim in acked)
+    assert max(said_acked.values()) == 1
+    events = store.read_all(limit=20 * messages)
+    assert max(collections.Counter((e.stream, e.version) for e in events).values()) == 1
+    # Settled once each: acked, or discarded by a claim that found its result
+    # recorded (its holder stalled past the lease after the result).
+    settled = [e for e in events if e.type in ("Acked", "Discarded")]
+    assert sorted(e.stream for e in settled) == sorted(f"task-{i}" for i in range(messages))
+    assert {e.event.claim for e in settled if e.type == "Acked"} == set(said_acked)
+    steals = sum(e.type == "LeaseExpired" for e in events)
+    assert steals > 0 and sum(len(stale) for _, stale in reports) > 0, "no lease was stolen"
+    assert store.queue_size("steal") == 0
     store.close()
 
 
