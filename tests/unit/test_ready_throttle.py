@@ -42,3 +42,22 @@ def test_a_held_queue_covered_by_a_later_commits_notify_is_not_sent_again() -> N
     assert throttle.now(["a"]) == ({"a"}, set())
     assert flushes.done.wait(2)
     assert flushes.sent == [{"b"}]
+
+
+def test_one_sender_thread_sends_every_windows_held_wake_ups() -> None:
+    senders: list[threading.Thread] = []
+    flushed = threading.Semaphore(0)
+
+    def flush(queues: set[str]) -> None:
+        senders.append(threading.current_thread())
+        flushed.release()
+
+    throttle = ReadyThrottle(flush, window=0.02)
+    for _ in range(3):
+        throttle._sent.clear()  # a window opens
+        assert throttle.now(["a"]) == ({"a"}, set())
+        _, hold = throttle.now(["a"])
+        throttle.later(hold)
+        assert flushed.acquire(timeout=2)
+    assert len(senders) == 3 and len(set(senders)) == 1
+    assert senders[0] is not threading.current_thread()

@@ -171,18 +171,24 @@ class ReadyThrottle:
     :meth:`now` says which of a transaction's queues to notify in it: those not
     notified within :data:`READY_WINDOW`.  The others are handed to
     :meth:`later` once the transaction committed (never before: a consumer woken
-    early would find nothing), and :meth:`flush` -- one transaction of its own --
-    sends them when their window closes, on a timer thread.
+    early would find nothing), and ``flush`` -- one transaction of its own --
+    sends them when their window closes, on a thread of the throttle's.
     """
 
     def __init__(self, flush: Callable[[set[str]], None], window: float = READY_WINDOW) -> None:
         self._flush = flush
         self.window = window
         self._lock = threading.Lock()
+        self._owing = threading.Condition(self._lock)
         self._sent: dict[str, float] = {}
         #: Queues held back, and when their transaction committed.
         self._owed: dict[str, float] = {}
-        self._timer: threading.Timer | None = None
+        #: When the owed wake-ups are to go (None: nothing owed).
+        self._due: float | None = None
+        #: The one thread that sends them, started at the first held wake-up and
+        #: kept: a busy publisher holds some back every window, and a thread
+        #: started per window cost it more than the NOTIFY saved.
+        self._sender: threading.Thread | None = None
         self._pid = os.getpid()
 
     def now(self, queues: Iterable[str]) -> tuple[set[str], set[str]]:
@@ -211,33 +217,41 @@ class ReadyThrottle:
             self._forked()
             for queue in queues:
                 self._owed.setdefault(queue, clock)
-            if self._timer is None:
+            if self._due is None:
                 opened = min(self._sent.get(q, clock) for q in queues)
-                self._timer = threading.Timer(
-                    max(opened + self.window - clock, 0.0), self._send_owed
-                )
-                self._timer.daemon = True
-                self._timer.start()
+                self._due = opened + self.window
+                if self._sender is None:
+                    self._sender = threading.Thread(
+                        target=self._send_when_due, name="eventstore-ready-wakeups", daemon=True
+                    )
+                    self._sender.start()
+                else:
+                    self._owing.notify()
 
-    def _send_owed(self) -> None:
-        with self._lock:
-            owed, self._owed = self._owed, {}
-            self._timer = None
-            clock = time.monotonic()
-            # A queue notified by a transaction decided after the held one committed
-            # is covered: that NOTIFY comes with a later commit.
-            due = {q for q, since in owed.items() if self._sent.get(q, 0.0) < since}
-            for queue in due:
-                self._sent[queue] = clock
-        if not due:
-            return
+    def _send_when_due(self) -> None:
+        while True:
+            with self._lock:
+                while self._due is None or time.monotonic() < self._due:
+                    self._owing.wait(None if self._due is None else self._due - time.monotonic())
+                owed, self._owed, self._due = self._owed, {}, None
+                clock = time.monotonic()
+                # A queue notified by a transaction decided after the held one
+                # committed is covered: that NOTIFY comes with a later commit.
+                due = {q for q, since in owed.items() if self._sent.get(q, 0.0) < since}
+                for queue in due:
+                    self._sent[queue] = clock
+            if due:
+                self._send(due)
+
+    def _send(self, due: set[str]) -> None:
         try:
             self._flush(due)
         except Exception as exc:  # noqa: BLE001 - the consumers' poll covers a lost wake-up
             logger.info("could not send %d wake-up(s): %s", len(due), exc)
 
     def _forked(self) -> None:
-        """A forked child inherits no timer thread: start afresh."""
+        """A forked child inherits no sender thread: start afresh."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._sent, self._owed, self._timer = {}, {}, None
+            self._sent, self._owed, self._due, self._sender = {}, {}, None, None
+            self._owing = threading.Condition(self._lock)
