@@ -149,6 +149,7 @@ class Database:
         self._clock_measured = 0.0
 
     def close(self) -> None:
+        self.dialect.close()
         self.engine.dispose()
 
     def describe_driver(self) -> str:
@@ -260,6 +261,7 @@ class Database:
 
     def _committed(self, tx: Tx, after: list[Callable[[], None]]) -> None:
         """What follows a commit of our own: its callbacks, then its watchers."""
+        self.dialect.committed()
         for callback in after:
             callback()
         if tx.appended:

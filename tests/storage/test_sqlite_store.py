@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from contract import StoreContract
 from storehelpers import make_factory
@@ -81,3 +84,33 @@ def test_a_claim_with_nothing_due_does_not_wait_for_the_write_lock(sqlite_db, tm
     busy.join(10)
     assert [m.stream for m in claimed[0]] == ["later"]
     next(factory, None)
+
+
+@pytest.mark.parametrize("commits", [3, 100])
+def test_the_wal_is_checkpointed_by_a_thread_of_the_store_not_by_committers(
+    sqlite_db, commits
+):
+    """A committing caller never copies the WAL back (SQLite's own checkpoint is
+    pushed back to a backstop): the store's thread does, after a run of commits
+    or once they stop."""
+    from contract import msg
+
+    from celery_eventstore.storage.dialects import sqlite as sqlite_dialect
+
+    factory = make_factory(sqlite_db)
+    store = next(factory)()
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == (
+            sqlite_dialect.BACKSTOP_CHECKPOINT_PAGES
+        )
+    checkpointer = store.db.dialect._checkpointer
+    assert checkpointer is not None and checkpointer.last is None
+    for i in range(commits):
+        store.publish([msg(f"task-{i}")])
+    deadline = time.monotonic() + 3 * sqlite_dialect.CHECKPOINT_IDLE_SECONDS
+    while checkpointer.last is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert checkpointer.last is not None, "no checkpoint came"
+    _, frames, copied = checkpointer.last
+    assert frames > 0 and copied > 0
+    assert checkpointer._thread is not threading.current_thread()

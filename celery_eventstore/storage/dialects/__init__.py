@@ -55,6 +55,12 @@ class Dialect:
     def configure(self, engine: sa.Engine) -> None:
         """Install event hooks on a new engine."""
 
+    def committed(self) -> None:
+        """A transaction of the store's own has committed (background upkeep)."""
+
+    def close(self) -> None:
+        """The store is closing: stop any upkeep of the dialect's own."""
+
     @contextlib.contextmanager
     def reading(self, conn: sa.Connection) -> Iterator[sa.Connection]:
         """``conn`` (not yet begun) for a read-only transaction."""
