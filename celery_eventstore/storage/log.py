@@ -27,6 +27,7 @@ from .notifiers import Channels, Notifier, ReadyThrottle
 from .projection import project
 from .queries import Queries
 from .records import LogFilter, RecordedEvent
+from .set_writes import SetWrites
 from .single_append import POSITIONED, SingleAppend
 from .single_publish import derived_rows, publish_parameters, publish_statement, recorded_after
 
@@ -72,6 +73,11 @@ class EventLog:
         self._single_append = (
             SingleAppend(queries, notifier.expression if notifier.sends else None)
             if db.dialect.writes_in_with else None
+        )
+        #: A round's events and their derived rows in one statement, without
+        #: their positions (None where the database cannot: see :mod:`.set_writes`).
+        self._set_writes = (
+            SetWrites(queries, db.dialect) if db.dialect.writes_in_with else None
         )
         #: The log is partitioned by birth day (found when the schema is checked):
         #: writers then hold their streams against a prune moving them (see
@@ -253,12 +259,12 @@ class EventLog:
         if not rows:
             return [], states
         positions: Sequence[int]
-        if read_positions or any(isinstance(e, POSITIONED) for e in events):
+        numbered = read_positions or any(isinstance(e, POSITIONED) for e in events)
+        if numbered:
             positions = self.db.dialect.insert_numbered(
                 tx.conn, self.queries.append_returning, self.queries.append, rows
             )
         else:
-            execute_rows(tx.conn, self.queries.append, rows)
             positions = [0] * len(rows)
         recorded = [
             RecordedEvent(
@@ -271,7 +277,16 @@ class EventLog:
             )
             for pos, row, event in zip(positions, rows, events, strict=True)
         ]
-        project(tx.conn, self.queries, recorded, states)
+        together = (
+            None if numbered or self._set_writes is None
+            else self._set_writes.prepare(rows, recorded, states)
+        )
+        if together is not None:  # the events and their derived rows at once
+            tx.conn.execute(*together)
+        else:
+            if not numbered:
+                execute_rows(tx.conn, self.queries.append, rows)
+            project(tx.conn, self.queries, recorded, states)
         self._wake(tx, recorded, states)
         tx.appended.extend(recorded)
         return recorded, states

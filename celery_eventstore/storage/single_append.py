@@ -73,7 +73,7 @@ class SingleAppend:
             return None
         derived: list[tuple[Any, dict[str, Any]]] = []
         for statement, given in captured(self.queries, recorded, states):
-            one = _one_row(given)
+            one = one_row(given)
             if one is None:
                 return None
             derived.append((statement, one))
@@ -115,7 +115,7 @@ class SingleAppend:
         columns: list[list[str]], wakes: bool,
     ) -> sa.Select[Any] | None:
         renamed = [
-            _renamed(statement, f"d{number}_", names)
+            with_prefix(statement, f"d{number}_", names)
             for number, (statement, names) in enumerate(zip(derived, columns, strict=True))
         ]
         if any(statement is None for statement in renamed):
@@ -153,7 +153,7 @@ class SingleAppend:
         return appended
 
 
-def _one_row(params: Any) -> dict[str, Any] | None:
+def one_row(params: Any) -> dict[str, Any] | None:
     """The parameters of a statement executed for one row; None for many rows."""
     if isinstance(params, Mapping):
         return dict(params)
@@ -162,7 +162,7 @@ def _one_row(params: Any) -> dict[str, Any] | None:
     return None
 
 
-def _renamed(statement: Any, prefix: str, names: Sequence[str]) -> Any | None:
+def with_prefix(statement: Any, prefix: str, names: Sequence[str]) -> Any | None:
     """``statement`` with its named parameters prefixed.  A plain ``INSERT``
     (no values of its own: executing it with ``names`` makes them) is made
     anew with prefixed values, not cloned (a clone keeps the original's

@@ -114,6 +114,13 @@ class Dialect:
         where = self.one_of(column, values)
         return select.where(where).order_by(*(select.selected_columns[c] for c in order_by))
 
+    def rows_of(self, columns: Sequence[sa.Column[Any]], prefix: str) -> sa.FromClause | None:
+        """Rows bound as one list parameter per column (``prefix`` + the column's
+        name, equally long lists), as a subquery with those columns: a statement
+        over many rows whose shape does not depend on how many.  None where the
+        database has no such thing (then the rows go one by one, or in a batch)."""
+        return None
+
     def one_of(self, column: sa.ColumnElement[Any], values: str) -> sa.ColumnElement[bool]:
         """``column`` is one of the list parameter ``values`` (a ``list``), for a
         statement on the hot path: an ``IN`` whose placeholders SQLAlchemy renders

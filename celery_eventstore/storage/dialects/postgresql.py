@@ -193,6 +193,14 @@ class PostgreSQLDialect(Dialect):
             .order_by(*(each.c[c] for c in order_by))
         )
 
+    def rows_of(self, columns: Sequence[sa.Column[Any]], prefix: str) -> sa.FromClause | None:
+        # unnest() of several arrays zips them into rows, in the arrays' order.
+        arrays = [sa.bindparam(prefix + c.name, type_=ARRAY(c.type)) for c in columns]
+        return (
+            sa.func.unnest(*arrays).table_valued(*(c.name for c in columns))
+            .render_derived(with_types=False)
+        )
+
     def one_of(self, column: sa.ColumnElement[Any], values: str) -> sa.ColumnElement[bool]:
         # One array parameter (what IN becomes in the planner anyway).
         return column == sa.any_(sa.bindparam(values, type_=ARRAY(column.type)))
