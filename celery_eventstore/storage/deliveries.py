@@ -68,7 +68,9 @@ class Deliveries:
         #: claim later reads only the events after it (the task's result, a
         #: renewal, another claimer's), not the whole stream: a state is a fold
         #: of the stream up to its version whoever appended since, so one that
-        #: is out of date costs a longer tail, never a wrong decision.
+        #: is out of date costs a longer tail, never a wrong decision.  A
+        #: consumer's claiming and renewing threads share it (single dict
+        #: operations, no lock: a fork may copy one held).
         self._held: dict[str, lc.JobState] = {}
 
     # -- publishing --------------------------------------------------------------
@@ -350,7 +352,10 @@ class Deliveries:
         for stream, _, claim_id in claims:
             self._held[claim_id] = final[stream]
         while len(self._held) > MOST_HELD_STATES:  # the oldest first
-            del self._held[next(iter(self._held))]
+            try:
+                del self._held[next(iter(self._held))]
+            except (StopIteration, RuntimeError, KeyError):  # another thread's round
+                break
 
     def _fold_readable(
         self, tx: Tx, streams: Mapping[str, Sequence[RecordedEvent]],

@@ -114,3 +114,23 @@ def test_the_wal_is_checkpointed_by_a_thread_of_the_store_not_by_committers(
     _, frames, copied = checkpointer.last
     assert frames > 0 and copied > 0
     assert checkpointer._thread is not threading.current_thread()
+
+
+def test_a_consumer_keeps_the_states_of_its_claims_bounded_and_forgets_settled_ones(
+    sqlite_db, monkeypatch
+):
+    from contract import msg
+
+    from celery_eventstore.storage import deliveries
+
+    monkeypatch.setattr(deliveries, "MOST_HELD_STATES", 3)
+    factory = make_factory(sqlite_db)
+    store = next(factory)()
+    store.publish([msg(f"task-{i}") for i in range(5)])
+    claimed = store.claim_round([], ["q"], 5, "w", 300).claimed
+    assert len(claimed) == 5
+    held = store.deliveries._held
+    assert list(held) == [m.claim for m in claimed[2:]]  # the newest three
+    done = store.claim_round([m.ref for m in claimed], ["q"], 5, "w", 300)
+    assert set(done.outcomes.values()) == {"done"}
+    assert held == {}
