@@ -107,28 +107,36 @@ def settle_in_rounds(
     out.put((acked, stale))
 
 
+def race_processes(jobs: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> list[Any]:
+    """Run each ``(target, args)`` in a process of its own at once (spawned: no
+    state shared but the database); each target gets a queue as its last
+    argument and puts one report on it (an exception fails the test).  Returns
+    the reports, in no particular order."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, out)) for target, args in jobs]
+    for p in procs:
+        p.start()
+    reports = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert not [r for r in reports if isinstance(r, Exception)], reports
+    return reports
+
+
 def race_consumers(
     store: EventStore, options: dict[str, Any], queue: str | list[str], processes: int,
     batch: int,
 ) -> list[list[str]]:
     """Race ``processes`` consumer processes (:func:`claim_and_ack_until_empty`) on
     ``store``'s database until the queues stay empty; each one's deliveries."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
     url = store.url.render_as_string(False)
-    procs = [
-        ctx.Process(target=claim_and_ack_until_empty, args=(url, options, queue, batch, out))
-        for _ in range(processes)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
+    return race_processes(
+        [(claim_and_ack_until_empty, (url, options, queue, batch))] * processes
+    )
 
 
 def count_chord_parts(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import collections
-import multiprocessing
 
 import pytest
-from storehelpers import count_chord_parts, race_consumers, settle_in_rounds
+from storehelpers import count_chord_parts, race_consumers, race_processes, settle_in_rounds
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore, NewMessage
@@ -66,18 +65,10 @@ def test_racing_rounds_settle_each_claim_once_while_leases_are_stolen(db):
     messages = 400
     store.publish([NewMessage(stream=f"task-{i}", queue="steal", message={"n": i})
                    for i in range(messages)])
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    plain_url = store.url.render_as_string(False)
-    procs = [ctx.Process(target=settle_in_rounds, args=(plain_url, options, "steal", 4, i, out))
-             for i in range(PROCESSES)]
-    for p in procs:
-        p.start()
-    reports = [out.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    assert not [r for r in reports if isinstance(r, Exception)], reports
+    url = store.url.render_as_string(False)
+    reports = race_processes(
+        [(settle_in_rounds, (url, options, "steal", 4, seed)) for seed in range(PROCESSES)]
+    )
 
     said_acked = collections.Counter(claim for acked, _ in reports for claim in acked)
     assert max(said_acked.values()) == 1
@@ -99,25 +90,13 @@ def race_chord_parts(store: EventStore, options: dict, stream: str, parts: list[
     """Count ``parts`` of ``stream`` (a chord of ``size``) from racing processes, each
     part by two of them (one walking forwards, one backwards, as a redelivered header
     task would count it twice), and check the chord completed exactly once."""
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    plain_url = store.url.render_as_string(False)
+    url = store.url.render_as_string(False)
     halves = PROCESSES // 2
-    procs = [
-        ctx.Process(
-            target=count_chord_parts,
-            args=(plain_url, options, stream, parts[i::halves][::direction], size, out),
-        )
+    completions = race_processes([
+        (count_chord_parts, (url, options, stream, parts[i::halves][::direction], size))
         for direction in (1, -1)
         for i in range(halves)
-    ]
-    for p in procs:
-        p.start()
-    completions = [out.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    assert not [c for c in completions if isinstance(c, Exception)], completions
+    ])
     assert sum(completions) == 1
     types = [r.type for r in store.read_stream(stream)]
     assert types.count("ChordPartDone") == size
