@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from contract import StoreContract
@@ -134,3 +135,27 @@ def test_a_consumer_keeps_the_states_of_its_claims_bounded_and_forgets_settled_o
     done = store.claim_round([m.ref for m in claimed], ["q"], 5, "w", 300)
     assert set(done.outcomes.values()) == {"done"}
     assert held == {}
+
+
+def test_the_checkpoint_thread_never_recreates_a_database_removed_under_it(
+    tmp_path, monkeypatch
+):
+    """A store left open on a file someone removed (a temporary directory
+    cleaned up): its thread's idle checkpoint fails quietly and creates nothing."""
+    from contract import msg
+
+    from celery_eventstore.storage import EventStore
+    from celery_eventstore.storage.dialects import sqlite as sqlite_dialect
+
+    errors: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    path = tmp_path / "gone.db"
+    store = EventStore(f"sqlite:///{path}", auto_migrate=True)
+    store.publish([msg("a")])  # starts the thread; its idle checkpoint is due
+    for leftover in tmp_path.iterdir():
+        leftover.unlink()
+    time.sleep(2 * sqlite_dialect.CHECKPOINT_IDLE_SECONDS)
+    assert not path.exists()
+    assert errors == []
+    assert store.db.dialect._checkpointer._thread.is_alive()
+    store.close()

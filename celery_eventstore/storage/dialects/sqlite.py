@@ -17,6 +17,7 @@ import random
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -196,7 +197,7 @@ class WalCheckpointer:
     """
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path = os.path.abspath(path)
         self._commits = 0
         self._wake = threading.Event()
         self._stopped = False
@@ -234,10 +235,12 @@ class WalCheckpointer:
                 if self._stopped or (not woken and not self._commits):
                     continue
                 self._commits = 0
-                if conn is None:
-                    conn = sqlite3.connect(self.path, isolation_level=None,
-                                           check_same_thread=False)
                 try:
+                    if conn is None:  # never creates the file (gone: nothing to do)
+                        conn = sqlite3.connect(
+                            "file:" + urllib.parse.quote(self.path) + "?mode=rw", uri=True,
+                            isolation_level=None, check_same_thread=False,
+                        )
                     self.last = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:  # the backstop checkpoints meanwhile
                     logger.debug("checkpoint of %s failed: %s", self.path, exc)
