@@ -529,13 +529,7 @@ def fold(stream: str, recorded: Sequence[RecordedEvent]) -> lc.JobState:
 
     Raises :class:`UnreadableStream` naming the first bad row's position.
     """
-    for expected, rec in enumerate(recorded, start=1):
-        if rec.version != expected:
-            raise UnreadableStream(
-                stream, rec.position, f"version {rec.version} follows {expected - 1}"
-            )
-        if isinstance(rec.event, lc.Unreadable):
-            raise UnreadableStream(stream, rec.position, rec.event.reason)
+    _check_readable(stream, recorded, after=0)
     state = lc.fold(stream, (rec.event for rec in recorded))
     if recorded:
         state = lc.replace(
@@ -550,19 +544,25 @@ def fold_on(state: lc.JobState, tail: Sequence[RecordedEvent]) -> lc.JobState:
     it (numbered on from it): what :func:`fold` of the whole stream gives.
 
     Raises :class:`UnreadableStream` as :func:`fold` does."""
-    for expected, rec in enumerate(tail, start=state.version + 1):
-        if rec.version != expected:
-            raise UnreadableStream(
-                state.stream, rec.position, f"version {rec.version} follows {expected - 1}"
-            )
-        if isinstance(rec.event, lc.Unreadable):
-            raise UnreadableStream(state.stream, rec.position, rec.event.reason)
+    _check_readable(state.stream, tail, after=state.version)
     if not tail:
         return state
     return lc.replace(
         evolve_all(state, (rec.event for rec in tail)),
         recorded_until=max(state.recorded_until, *(rec.recorded_at for rec in tail)),
     )
+
+
+def _check_readable(stream: str, recorded: Sequence[RecordedEvent], *, after: int) -> None:
+    """Raise :class:`UnreadableStream` at the first row that is not the next
+    version (numbered on from ``after``) or cannot be read."""
+    for expected, rec in enumerate(recorded, start=after + 1):
+        if rec.version != expected:
+            raise UnreadableStream(
+                stream, rec.position, f"version {rec.version} follows {expected - 1}"
+            )
+        if isinstance(rec.event, lc.Unreadable):
+            raise UnreadableStream(stream, rec.position, rec.event.reason)
 
 
 def decode_json(value: Any) -> Any:
