@@ -526,7 +526,24 @@ class Queries:
             sa.select(b).where(b.c.exchange == sa.bindparam("exchange"))
             .order_by(b.c.queue, b.c.routing_key)
         )
-        self.insert_transient = tm.insert()
+        #: ``queue``, ``payload``, ``priority``, ``expires_at``: one transient message,
+        #: stored only while its queue is declared (a binding cached from before a
+        #: sweep must not leave rows behind for a queue that is gone).
+        self.insert_transient = tm.insert().from_select(
+            ["queue", "payload", "priority", "expires_at"],
+            sa.select(
+                sa.cast(sa.bindparam("queue", type_=tm.c.queue.type), tm.c.queue.type),
+                dialect.json_from_text(
+                    sa.bindparam("payload", type_=tm.c.payload.type), tm.c.payload.type
+                ),
+                sa.cast(sa.bindparam("priority", type_=tm.c.priority.type), tm.c.priority.type),
+                sa.cast(
+                    sa.bindparam("expires_at", type_=tm.c.expires_at.type), tm.c.expires_at.type
+                ),
+            ).where(
+                sa.exists().where(q.c.name == sa.bindparam("queue", type_=q.c.name.type))
+            ),
+        )
         #: ``queues``, ``limit``: transient messages to take, highest priority first.
         self.nominate_transient = dialect.nominate(
             sa.select(tm.c.id, tm.c.queue, tm.c.payload, tm.c.expires_at)

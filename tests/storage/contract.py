@@ -946,6 +946,16 @@ class StoreContract:
         assert store.bindings("celery.pidbox") == []
         assert store.transient_size("gone") == 0
 
+    def test_a_transient_message_for_a_queue_not_declared_is_dropped(self, store, clock):
+        # A worker's heartbeat routed by a binding cached from before the sweep.
+        store.declare_queue(QueueInfo("swept", transient=True, expires=10))
+        clock.advance(11)
+        assert store.sweep() == 1
+        store.declare_queue(QueueInfo("kept", transient=True))
+        store.put_transient([("swept", {"n": 1}, 0, None), ("kept", {"n": 2}, 0, None)])
+        assert store.transient_size("swept") == 0
+        assert [p for _, p in store.take_transient(["swept", "kept"], 10)] == [{"n": 2}]
+
     def test_queue_exists_when_declared_or_holding_messages(self, store):
         assert not store.queue_exists("q")
         store.publish([msg("a")])
