@@ -160,3 +160,46 @@ def test_the_checkpoint_thread_never_recreates_a_database_removed_under_it(
     assert errors == []
     assert store.db.dialect._checkpointer._thread.is_alive()
     store.close()
+
+
+def test_a_writer_takes_the_write_lock_once_it_is_free_and_gives_up_after_the_timeout(
+    tmp_path,
+):
+    """``BEGIN IMMEDIATE`` with SQLite's busy handler off for its own tries: a
+    writer gets the lock once the holder lets it go, gets SQLite's "database is
+    locked" once the timeout has passed, and in both cases leaves the busy
+    timeout of the connection's other statements as it was."""
+    import sqlite3
+
+    from celery_eventstore.storage.dialects.sqlite import BUSY_TIMEOUT_SECONDS, take_write_lock
+
+    path = str(tmp_path / "lock.db")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("CREATE TABLE t (n INTEGER)")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+
+    def busy_timeout() -> int:
+        return int(writer.execute("PRAGMA busy_timeout").fetchone()[0])
+
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        take_write_lock(writer, timeout=0.3)
+    assert time.monotonic() - started >= 0.3
+    assert not writer.in_transaction
+    assert busy_timeout() == int(BUSY_TIMEOUT_SECONDS * 1000)
+
+    released = threading.Timer(0.2, lambda: holder.execute("COMMIT"))
+    released.start()
+    try:
+        take_write_lock(writer, timeout=10)
+        assert writer.in_transaction
+        writer.execute("INSERT INTO t VALUES (1)")
+        assert busy_timeout() == int(BUSY_TIMEOUT_SECONDS * 1000)
+        writer.execute("COMMIT")
+    finally:
+        released.join()
+        holder.close()
+        writer.close()
