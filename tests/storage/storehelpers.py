@@ -107,6 +107,42 @@ def settle_in_rounds(
     out.put((acked, stale))
 
 
+def run_and_record_results(
+    url: str, options: dict[str, Any], queue: str, seed: int, out: Any
+) -> None:
+    """A racing worker that never acks: it claims one message under a lease
+    short enough to lose, runs it for a random while (often past the lease, so
+    another worker takes it over) and records its result with the claim it ran
+    under.  Reports the ``(stream, claim)`` whose result the store recorded."""
+    import random
+    import time
+
+    from celery_eventstore import lifecycle as lc
+
+    store = EventStore(url, **options)
+    rng = random.Random(seed)
+    recorded: list[tuple[str, str]] = []
+    empty_rounds = 0
+    try:
+        while empty_rounds < 5:
+            claimed = store.claim([queue], 1, f"w{seed}", 0.05)
+            if not claimed:
+                empty_rounds += 1
+                time.sleep(0.05)
+                continue
+            empty_rounds = 0
+            m = claimed[0]
+            time.sleep(rng.choice([0.0, 0.0, 0.02, 0.08]))
+            events = store.execute(m.stream, lc.Succeed(result={"by": seed}, claim=m.claim))
+            if any(isinstance(e.event, lc.Succeeded) for e in events):
+                recorded.append((m.stream, m.claim))
+    except Exception as exc:  # reported to the test instead of hanging it
+        out.put(exc)
+        raise
+    store.close()
+    out.put(recorded)
+
+
 def race_processes(jobs: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> list[Any]:
     """Run each ``(target, args)`` in a process of its own at once (spawned: no
     state shared but the database); each target gets a queue as its last

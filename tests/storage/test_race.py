@@ -5,7 +5,13 @@ from __future__ import annotations
 import collections
 
 import pytest
-from storehelpers import count_chord_parts, race_consumers, race_processes, settle_in_rounds
+from storehelpers import (
+    count_chord_parts,
+    race_consumers,
+    race_processes,
+    run_and_record_results,
+    settle_in_rounds,
+)
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore, NewMessage
@@ -82,6 +88,40 @@ def test_racing_rounds_settle_each_claim_once_while_leases_are_stolen(db):
     steals = sum(e.type == "LeaseExpired" for e in events)
     assert steals > 0 and sum(len(stale) for _, stale in reports) > 0, "no lease was stolen"
     assert store.queue_size("steal") == 0
+    store.close()
+
+
+def test_racing_workers_record_one_result_per_task_each_under_its_current_claim(db):
+    """Workers that run past their leases while others take their messages over
+    record results from racing processes: each task gets one result, written
+    under the claim that was current when it was recorded (a result read
+    before a takeover and written after it is fenced out, never appended)."""
+    url, options = db
+    store = EventStore(url, **options)
+    store.migrate()
+    tasks = 150
+    store.publish([NewMessage(stream=f"task-{i}", queue="results", message={"n": i})
+                   for i in range(tasks)])
+    url = store.url.render_as_string(False)
+    reports = race_processes(
+        [(run_and_record_results, (url, options, "results", seed)) for seed in range(PROCESSES)]
+    )
+
+    said = [pair for report in reports for pair in report]
+    events = store.read_all(limit=20 * tasks)
+    assert max(collections.Counter((e.stream, e.version) for e in events).values()) == 1
+    succeeded = [e for e in events if isinstance(e.event, lc.Succeeded)]
+    assert sorted(e.stream for e in succeeded) == sorted(f"task-{i}" for i in range(tasks))
+    current: dict[str, str] = {}  # stream -> its latest claim, in log order
+    recorded_under = set()
+    for e in events:
+        if isinstance(e.event, lc.Claimed):
+            current[e.stream] = e.event.claim
+        elif isinstance(e.event, lc.Succeeded):
+            recorded_under.add((e.stream, current[e.stream]))
+    assert recorded_under == set(said)
+    assert sum(isinstance(e.event, lc.Claimed) for e in events) > tasks, "no lease was lost"
+    assert any(isinstance(e.event, lc.ResultFenced) for e in events), "no result was fenced"
     store.close()
 
 
