@@ -196,8 +196,8 @@ def take_write_lock(dbapi_conn: Any, timeout: float = BUSY_TIMEOUT_SECONDS) -> N
     timeout would give.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15 ... 100 ms between tries:
-    a writer that found the lock held twice slept 3 ms, then 8 ms, for a lock
-    held well under one.  A worker's consumer and its pool processes writing
+    a writer that missed the lock three times had slept 8 ms, for a lock held
+    well under one.  A worker's consumer and its pool processes writing
     results take turns at the lock all the time, and spent much of it asleep.
     The handler is off for these tries only: any other statement still waits
     out a lock as before.
