@@ -30,6 +30,22 @@ def db(request):
     return request.getfixturevalue(f"{request.param}_db")
 
 
+def race_on_a_queue(db, queue, messages, target, *args):
+    """A store with ``messages`` tasks published to ``queue``, and the reports of
+    PROCESSES racing processes, each running ``target(url, options, queue, *args,
+    seed)`` with a seed of its own."""
+    url, options = db
+    store = EventStore(url, **options)
+    store.migrate()
+    store.publish([NewMessage(stream=f"task-{i}", queue=queue, message={"n": i})
+                   for i in range(messages)])
+    url = store.url.render_as_string(False)
+    reports = race_processes(
+        [(target, (url, options, queue, *args, seed)) for seed in range(PROCESSES)]
+    )
+    return store, reports
+
+
 def test_racing_consumers_deliver_each_message_exactly_once(db):
     url, options = db
     store = EventStore(url, **options)
@@ -65,16 +81,8 @@ def test_racing_rounds_settle_each_claim_once_while_leases_are_stolen(db):
     tails since: results, steals) against consumers stealing their expired
     leases: each message is settled once, and the claims the rounds called
     acked are exactly those the log acked."""
-    url, options = db
-    store = EventStore(url, **options)
-    store.migrate()
     messages = 400
-    store.publish([NewMessage(stream=f"task-{i}", queue="steal", message={"n": i})
-                   for i in range(messages)])
-    url = store.url.render_as_string(False)
-    reports = race_processes(
-        [(settle_in_rounds, (url, options, "steal", 4, seed)) for seed in range(PROCESSES)]
-    )
+    store, reports = race_on_a_queue(db, "steal", messages, settle_in_rounds, 4)
 
     said_acked = collections.Counter(claim for acked, _ in reports for claim in acked)
     assert max(said_acked.values()) == 1
@@ -96,16 +104,8 @@ def test_racing_workers_record_one_result_per_task_each_under_its_current_claim(
     record results from racing processes: each task gets one result, written
     under the claim that was current when it was recorded (a result read
     before a takeover and written after it is fenced out, never appended)."""
-    url, options = db
-    store = EventStore(url, **options)
-    store.migrate()
     tasks = 150
-    store.publish([NewMessage(stream=f"task-{i}", queue="results", message={"n": i})
-                   for i in range(tasks)])
-    url = store.url.render_as_string(False)
-    reports = race_processes(
-        [(run_and_record_results, (url, options, "results", seed)) for seed in range(PROCESSES)]
-    )
+    store, reports = race_on_a_queue(db, "results", tasks, run_and_record_results)
 
     said = [pair for report in reports for pair in report]
     events = store.read_all(limit=20 * tasks)
