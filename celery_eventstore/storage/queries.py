@@ -526,22 +526,28 @@ class Queries:
             sa.select(b).where(b.c.exchange == sa.bindparam("exchange"))
             .order_by(b.c.queue, b.c.routing_key)
         )
-        #: ``queue``, ``payload``, ``priority``, ``expires_at``: one transient message,
-        #: stored only while its queue is declared (a binding cached from before a
-        #: sweep must not leave rows behind for a queue that is gone).
+        # A transient message is stored only while its queue is declared: a
+        # binding cached from before a sweep must not leave rows behind for a
+        # queue that is gone.
+        columns = [tm.c.queue, tm.c.payload, tm.c.priority, tm.c.expires_at]
+        rows = dialect.rows_of(columns, "t_")
+        #: Whether :attr:`insert_transient` takes one list per column (``t_`` +
+        #: the column's name: a broadcast to many queues is one statement), else
+        #: one parameter row per message.
+        self.transient_as_lists = rows is not None
+        if rows is None:  # one row of typed parameters (a JSON cast on SQLite would
+            # take the numeric affinity: the payload's text goes in as it is)
+            rows = sa.select(*(
+                (dialect.json_from_text if c is tm.c.payload else sa.cast)(
+                    sa.bindparam(c.name, type_=c.type), c.type
+                ).label(c.name)
+                for c in columns
+            )).subquery("t")
+        #: Transient messages (``queue``, ``payload``, ``priority``, ``expires_at``).
         self.insert_transient = tm.insert().from_select(
-            ["queue", "payload", "priority", "expires_at"],
-            sa.select(
-                sa.cast(sa.bindparam("queue", type_=tm.c.queue.type), tm.c.queue.type),
-                dialect.json_from_text(
-                    sa.bindparam("payload", type_=tm.c.payload.type), tm.c.payload.type
-                ),
-                sa.cast(sa.bindparam("priority", type_=tm.c.priority.type), tm.c.priority.type),
-                sa.cast(
-                    sa.bindparam("expires_at", type_=tm.c.expires_at.type), tm.c.expires_at.type
-                ),
-            ).where(
-                sa.exists().where(q.c.name == sa.bindparam("queue", type_=q.c.name.type))
+            [c.name for c in columns],
+            sa.select(*(rows.c[c.name] for c in columns)).where(
+                sa.exists().where(q.c.name == rows.c.queue)
             ),
         )
         #: ``queues``, ``limit``: transient messages to take, highest priority first.

@@ -129,11 +129,15 @@ class Routing:
         """Store ``(queue, payload, priority, expires_at)`` messages outside the log."""
         if not messages:
             return
+        rows = [
+            {"queue": q, "payload": dict(p), "priority": pri, "expires_at": exp}
+            for q, p, pri, exp in messages
+        ]
+        params: Any = rows
+        if self.queries.transient_as_lists:
+            params = {f"t_{key}": [row[key] for row in rows] for key in rows[0]}
         with self.db.write(durable=False) as tx:
-            tx.conn.execute(self.queries.insert_transient, [
-                {"queue": q, "payload": dict(p), "priority": pri, "expires_at": exp}
-                for q, p, pri, exp in messages
-            ])
+            tx.conn.execute(self.queries.insert_transient, params)
             self.notifier.send(tx.conn, self.ready_channel, (q for q, _, _, _ in messages))
 
     def take_transient(self, queues: Sequence[str], limit: int) -> list[tuple[str, dict[str, Any]]]:

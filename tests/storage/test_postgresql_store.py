@@ -286,3 +286,32 @@ class TestNoRelaxedSettingOutlivesItsTransaction:
                     last = commits[-1:] or sorted(set(autocommitted))
                     # A dead letter's claim before it is relaxed: its reject is not.
                     assert last == ["on"], (name, commits, autocommitted)
+
+
+def test_a_broadcast_to_many_queues_is_one_insert(driver_db):
+    """Transient messages are stored only for declared queues, and a broadcast to
+    many (``celery control`` to every worker's pidbox) is one statement whatever
+    their number, as a plain batched insert would be."""
+    from celery_eventstore.storage import QueueInfo
+
+    factory = make_factory(driver_db)
+    store = next(factory)()
+    queues = [f"w{n}.pidbox" for n in range(30)]
+    for queue in queues[:-1]:  # the last one was swept a moment ago
+        store.declare_queue(QueueInfo(queue, transient=True))
+    inserts: list[tuple[str, bool]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT"):
+            inserts.append((statement, executemany))
+
+    sa.event.listen(store.db.engine, "before_cursor_execute", record)
+    try:
+        store.put_transient([(queue, {"method": "ping"}, 0, None) for queue in queues])
+    finally:
+        sa.event.remove(store.db.engine, "before_cursor_execute", record)
+    # One execution of one statement: not an executemany, which psycopg2 sends
+    # as a round trip per row.
+    assert [many for _, many in inserts] == [False], inserts
+    assert [store.transient_size(queue) for queue in queues] == [1] * 29 + [0]
+    next(factory, None)
