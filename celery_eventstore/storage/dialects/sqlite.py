@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 #: How long a writer waits for the write lock before giving up.
 BUSY_TIMEOUT_SECONDS = 30.0
+_BUSY_TIMEOUT_PRAGMA = f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}"
 #: A writer's first and longest sleeps between tries for the write lock.
 WRITE_LOCK_FIRST_PAUSE = 0.00005
 WRITE_LOCK_LONGEST_PAUSE = 0.001
@@ -67,7 +68,7 @@ class SQLiteDialect(Dialect):
             # Let us emit BEGIN ourselves instead of the driver's implicit one.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            cur.execute(_BUSY_TIMEOUT_PRAGMA)
             _enter_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             # Checkpoints are the store's thread's (WalCheckpointer), not the
@@ -217,7 +218,7 @@ def take_write_lock(dbapi_conn: Any, timeout: float = BUSY_TIMEOUT_SECONDS) -> N
             pause = min(2 * pause, WRITE_LOCK_LONGEST_PAUSE)
     finally:
         with contextlib.suppress(sqlite3.Error):  # never hide the error being raised
-            dbapi_conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            dbapi_conn.execute(_BUSY_TIMEOUT_PRAGMA)
 
 
 _SQLITE_BUSY = 5  # the primary result code; its extended codes share the low byte
