@@ -343,6 +343,7 @@ class Channel(virtual.Channel):
             expires = ttl_expiry if expires is None else min(expires, ttl_expiry)
         priority = self._store_priority(message)
         routed = bool((props.get("delivery_info") or {}).get("exchange"))
+        publish_id, message = _publish_id(message)
         durable, transient = [], []
         for queue in queues:
             if routed and not self._still_declared(queue):
@@ -353,10 +354,10 @@ class Channel(virtual.Channel):
                 expiry = min((e for e in (expires, queue_expiry) if e is not None), default=None)
                 transient.append((queue, message, priority, expiry))
             else:
-                # A message without a Celery task id is a stream of its own.
-                delivery = uuid.uuid4().hex
+                delivery = _per_queue(publish_id, queue)
                 durable.append(
                     NewMessage(
+                        # A message without a Celery task id is a stream of its own.
                         stream=str(headers.get("id") or delivery),
                         delivery=delivery,
                         queue=queue,
@@ -624,6 +625,37 @@ def _for_delivery(message: Mapping[str, Any], tag: str, redelivered: bool) -> di
     if redelivered:
         payload["redelivered"] = True
     return payload
+
+
+#: The message property that keeps one publish's delivery id across kombu's
+#: retries of it (not stored: it is taken out of the message written).
+PUBLISH_ID = "eventstore_delivery"
+
+
+def _publish_id(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """This publish's delivery id, and the message to store.
+
+    kombu retries a publish that met a connection error (``Connection.ensure``)
+    with the same properties dict.  When the error came after the commit had
+    landed, the retry is the same message again: the id kept in that dict makes
+    it the same delivery, which the store records once (a ``Publish`` of a
+    delivery it holds is a no-op).  A new publish, even of the same task id,
+    gets a new dict from kombu, so a new id.
+    """
+    props = message.get("properties")
+    if not isinstance(props, dict):
+        return uuid.uuid4().hex, message
+    publish_id = props.get(PUBLISH_ID)
+    if not isinstance(publish_id, str):
+        publish_id = props[PUBLISH_ID] = uuid.uuid4().hex
+    stored = {k: v for k, v in props.items() if k != PUBLISH_ID}
+    return publish_id, {**message, "properties": stored}
+
+
+def _per_queue(publish_id: str, queue: str) -> str:
+    """The delivery id of one publish's copy in ``queue``: kombu hands a message
+    routed to several queues to ``_put`` once per queue, with one properties dict."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{publish_id}/{queue}").hex
 
 
 def _publish_metadata(message: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,12 @@ class Command:
 
 @dataclass(frozen=True)
 class Publish(Command):
-    """Publish a message; refused for a delivery id already used."""
+    """Publish a message.
+
+    Publishing a delivery id already held is a no-op when it names the same
+    queue (a producer retrying a publish whose commit it could not confirm) and
+    refused otherwise.
+    """
 
     delivery: str
     queue: str

@@ -372,8 +372,15 @@ def _publish(command: Publish, state: TaskState, now: float) -> list[Event]:
         or state.deliveries[command.retry_of].status is not DeliveryStatus.DEAD
     ):
         raise InvalidTransition(f"delivery {command.retry_of!r} is not dead-lettered")
-    if command.delivery in state.deliveries:
-        raise InvalidTransition(f"delivery {command.delivery!r} already published")
+    held = state.deliveries.get(command.delivery)
+    if held is not None:
+        if held.queue != command.queue:
+            raise InvalidTransition(
+                f"delivery {command.delivery!r} already published to {held.queue!r}"
+            )
+        # The same publish again: its producer retried a commit whose answer it
+        # never heard.  The first one counts; the delivery is not doubled.
+        return []
     if state.revoked:
         return [published, Discarded(command.delivery, "revoked")]
     return [published]

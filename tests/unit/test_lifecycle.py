@@ -155,9 +155,19 @@ def test_a_ready_delivery_is_claimable_at_once() -> None:
     assert events == [Claimed("d1", "c1", "w1", NOW + LEASE)]
 
 
-def test_publish_of_an_existing_delivery_is_refused() -> None:
+def test_publish_of_an_existing_delivery_to_another_queue_is_refused() -> None:
     job = published(Job())
     job.refused(Publish("d1", "other", MESSAGE), InvalidTransition)
+
+
+def test_publish_of_an_existing_delivery_again_records_nothing() -> None:
+    """A producer that retries a publish it could not confirm sends the same
+    delivery again: one delivery, whatever it has become since."""
+    job = published(Job())
+    job.do(Claim("d1", "c1", "w1", LEASE), NOW)
+    before = job.state
+    assert job.do(Publish("d1", "celery", {"again": True}), NOW) == []
+    assert job.state == before
 
 
 def test_a_stream_holds_several_deliveries() -> None:
