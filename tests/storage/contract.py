@@ -17,6 +17,7 @@ from celery_eventstore import lifecycle as lc
 from celery_eventstore.exceptions import (
     ConcurrencyConflict,
     CorruptStream,
+    InvalidTransition,
     MessageTooLarge,
     SchemaMissing,
     SchemaOutdated,
@@ -148,6 +149,22 @@ class StoreContract:
         assert [r.version for r in store.read_stream("t1")] == [1, 2, 3, 4]
         (again,) = store.claim(["q"], 1, "w", 30)
         assert (again.delivery, again.message) == (second, {"body": "again"})
+
+    @pytest.mark.parametrize("new_stream", [True, False])
+    def test_a_delivery_published_again_is_recorded_once(self, store, new_stream):
+        """A producer retrying a publish it could not confirm sends the same
+        delivery id: claimed or not by then, the store keeps one delivery."""
+        again = msg("t1", delivery="d1", new_stream=new_stream)
+        assert store.publish([again]) == ["d1"]
+        (claimed,) = store.claim(["q"], 1, "w", 30)
+        assert store.publish([again]) == ["d1"]
+        assert types(store, "t1") == ["Published", "Claimed"]
+        assert store.claim(["q"], 1, "w", 30) == []
+        store.ack([claimed.ref])
+        assert store.publish([again]) == ["d1"]
+        assert types(store, "t1") == ["Published", "Claimed", "Acked"]
+        with pytest.raises(InvalidTransition):
+            store.publish([msg("t1", queue="other", delivery="d1")])
 
     def test_publish_hinted_new_inside_a_callers_transaction(self, store):
         store.publish([msg("t2")])

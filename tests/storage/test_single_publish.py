@@ -142,11 +142,14 @@ def test_a_publish_in_one_statement_wakes_consumers_ready_or_scheduled(store, et
     assert "wq" in woken
 
 
-def publish_new_streams(url, options, streams, out):
+def publish_new_streams(url, options, streams, out, same_delivery=False):
+    """Publish one message to each of ``streams``; with ``same_delivery`` under a
+    delivery id every racer shares, as retries of one publish are."""
     store = EventStore(url, **options)
     try:
         for stream in streams:
-            store.publish([new(stream, queue="race")])
+            delivery = f"{stream}-d" if same_delivery else None
+            store.publish([new(stream, queue="race", delivery=delivery)])
         out.put(len(streams))
     except Exception as exc:  # reported to the test instead of hanging it
         out.put(repr(exc))
@@ -177,6 +180,31 @@ def test_racing_processes_publishing_to_the_same_new_streams_lose_nothing(store)
                for s in streams[:20])
     assert store.queue_size("race") == 800
     assert len(store.tasks(limit=1000)) == 200
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
+
+
+def test_racing_processes_publishing_the_same_deliveries_record_each_once(store):
+    """Four processes publish the same 200 deliveries to new task ids at once (a
+    retried publish racing the one it repeats): each lands once, none fails."""
+    streams = [f"again-{i}" for i in range(200)]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    url = store.url.render_as_string(hide_password=False)
+    options = {"schema": store.schema, "table_prefix": store.table_prefix}
+    procs = [ctx.Process(target=publish_new_streams, args=(url, options, streams, out, True))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert results == [200] * 4, results
+    events = store.read_all(limit=10_000)
+    assert collections.Counter(e.stream for e in events) == {s: 1 for s in streams}
+    assert {e.event.delivery for e in events} == {f"{s}-d" for s in streams}
+    assert store.queue_size("race") == 200
     live = store.projection_rows()
     store.rebuild()
     assert store.projection_rows() == live
