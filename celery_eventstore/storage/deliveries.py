@@ -7,7 +7,6 @@ is one transaction with a handful of statements, whatever N is.
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,12 +15,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import lifecycle as lc
-from ..exceptions import InvalidTransition, MessageTooLarge, StaleClaim, UnreadableStream
+from ..exceptions import InvalidTransition, MessageTooLarge, StaleClaim
 from .database import Database, Tx
-from .log import EventLog, Pending, decided, decode_json, evolve_all, fold, fold_on
-from .records import ClaimedMessage, ClaimRef, ClaimRound, NewMessage, Outcome, RecordedEvent
-
-logger = logging.getLogger(__name__)
+from .log import EventLog, Pending, decided, decode_json, evolve_all, fold
+from .records import ClaimedMessage, ClaimRef, ClaimRound, NewMessage, Outcome
 
 #: Default largest message, as stored JSON, that publish accepts.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -295,7 +292,7 @@ class Deliveries:
             tx, [r.stream for r in refs] + [c.stream_id for c in candidates],
             after={stream: state.version for stream, state in known.items()},
         )
-        states, unreadable = self._fold_readable(tx, streams, known)
+        states, unreadable = self.log.fold_readable(tx, streams, known)
         # A claim on a stream that cannot be read can only be fenced out.
         fenced = {r.delivery: Outcome.STALE for r in refs if r.stream in unreadable}
         refs = [r for r in refs if r.stream not in unreadable]
@@ -356,29 +353,6 @@ class Deliveries:
                 del self._held[next(iter(self._held))]
             except (StopIteration, RuntimeError, KeyError):  # another thread's round
                 break
-
-    def _fold_readable(
-        self, tx: Tx, streams: Mapping[str, Sequence[RecordedEvent]],
-        known: Mapping[str, lc.JobState],
-    ) -> tuple[dict[str, lc.JobState], set[str]]:
-        """Fold each stream (carry a ``known`` state on by its tail); quarantine
-        those that cannot be read, in ``tx``, so one bad row costs its own
-        messages and never stops the queue."""
-        states: dict[str, lc.JobState] = {}
-        unreadable: set[str] = set()
-        for stream, recs in streams.items():
-            try:
-                held = known.get(stream)
-                states[stream] = fold(stream, recs) if held is None else fold_on(held, recs)
-            except UnreadableStream as error:
-                logger.error("quarantined: %s", error)
-                self.log.quarantine(
-                    tx, error,
-                    max((r.version for r in recs), default=0),
-                    max((r.recorded_at for r in recs), default=0.0),
-                )
-                unreadable.add(stream)
-        return states, unreadable
 
     def _nominate(
         self, tx: Tx, request: ClaimRequest | None

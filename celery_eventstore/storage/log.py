@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ from .records import LogFilter, RecordedEvent
 from .set_writes import SetWrites
 from .single_append import POSITIONED, SingleAppend
 from .single_publish import derived_rows, publish_parameters, publish_statement, recorded_after
+
+logger = logging.getLogger(__name__)
 
 #: Decisions made but not appended yet: the state each was decided on, its
 #: events and their metadata.
@@ -394,6 +397,30 @@ class EventLog:
         commits by itself (nothing to keep together)."""
         with self.db.one_statement() as tx:
             self.notifier.send(tx.conn, self.channels.ready, queues)
+
+    def fold_readable(
+        self, tx: Tx, streams: Mapping[str, Sequence[RecordedEvent]],
+        known: Mapping[str, lc.JobState] | None = None,
+    ) -> tuple[dict[str, lc.JobState], set[str]]:
+        """Fold each stream (carry a ``known`` state on by its tail); quarantine
+        those that cannot be read, in ``tx``, so one bad row costs its own
+        messages and never stops a queue.  Returns the states and the streams
+        quarantined."""
+        states: dict[str, lc.JobState] = {}
+        unreadable: set[str] = set()
+        for stream, recs in streams.items():
+            try:
+                held = (known or {}).get(stream)
+                states[stream] = fold(stream, recs) if held is None else fold_on(held, recs)
+            except UnreadableStream as error:
+                logger.error("quarantined: %s", error)
+                self.quarantine(
+                    tx, error,
+                    max((r.version for r in recs), default=0),
+                    max((r.recorded_at for r in recs), default=0.0),
+                )
+                unreadable.add(stream)
+        return states, unreadable
 
     def quarantine(
         self, tx: Tx, error: UnreadableStream, version: int, after: float = 0.0

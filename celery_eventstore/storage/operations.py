@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import time
 import uuid
 from collections import defaultdict
@@ -20,6 +21,8 @@ from .database import Database
 from .log import EventLog, Pending, decided, decode_json, evolve_all, fold
 from .projection import project
 from .records import DeadLetter, QueueStats, RecordedEvent, ScheduledMessage
+
+logger = logging.getLogger(__name__)
 
 #: ``progress(done, total)``: how a long operation reports how far it got.
 Progress = Callable[[int, int], None]
@@ -84,23 +87,39 @@ class Operations:
             ]
 
     def purge(self, queue: str, *, reason: str = "purged") -> int:
-        """Discard every unclaimed message in ``queue``; returns how many."""
-        total = 0
-        while done := self.db.retrying(lambda: self._purge_batch(queue, reason)):
-            total += done
-        return total
+        """Discard every unclaimed message in ``queue``; returns how many.
 
-    def _purge_batch(self, queue: str, reason: str) -> int:
+        A message whose stream cannot be read is quarantined as a dead letter
+        instead, as a claim would (not counted); one whose queue row the log
+        does not bear out is left for ``check`` and ``rebuild``, and logged."""
+        total = 0
+        while True:
+            discarded, moved = self.db.retrying(lambda: self._purge_batch(queue, reason))
+            total += discarded
+            if not (discarded or moved):
+                return total
+
+    def _purge_batch(self, queue: str, reason: str) -> tuple[int, int]:
+        """One batch: how many messages it discarded, and how many streams it
+        quarantined (their messages left the queue too)."""
         with self.db.write() as tx:
             rows = tx.conn.execute(self.queries.nominate_unclaimed, {"queue": queue}).all()
-            states = self.log.load_all(tx, (r.stream_id for r in rows))
+            streams = self.log.read_streams(tx, (r.stream_id for r in rows))
+            states, unreadable = self.log.fold_readable(tx, streams)
             pending: Pending = []
             for delivery, stream in rows:
-                events = lc.decide(lc.Discard(delivery, reason), states[stream], tx.now)
+                if stream in unreadable:
+                    continue
+                try:
+                    events = lc.decide(lc.Discard(delivery, reason), states[stream], tx.now)
+                except InvalidTransition as error:
+                    logger.error("purge of %r skipped a queue row the log does not bear out "
+                                 "(run `celery-eventstore check`): %s", queue, error)
+                    continue
                 pending.append((states[stream], events, None))
                 states[stream] = evolve_all(states[stream], events)
             self.log.append_pending(tx, decided(pending))
-            return len(rows)
+            return len(pending), len(unreadable)
 
     # -- dead letters ---------------------------------------------------------------
 

@@ -75,6 +75,34 @@ def test_the_corrupt_stream_is_quarantined_and_the_queue_flows(store, how):
     assert [m.stream for m in store.claim(["q"], 10, "worker", 30)] == ["d"]
 
 
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+def test_a_purge_quarantines_the_corrupt_stream_and_discards_the_rest(store, how):
+    publish(store, "a", "b", "c")
+    position = corrupt(store, "b", how)
+
+    assert store.purge("q") == 2
+
+    assert store.queue_size("q") == 0
+    [letter] = store.dead_letters()
+    assert letter.stream == "b" and f"position {position}" in letter.reason
+    assert [r.type for r in store.read_stream("a")] == ["Published", "Discarded"]
+
+
+def test_a_purge_leaves_a_queue_row_the_log_does_not_bear_out_and_goes_on(store, caplog):
+    """A queue row naming a delivery its stream never had (a hand-edited row) is
+    not a message the log knows: the purge leaves it, says so, and purges the rest."""
+    publish(store, "a", "b", "c")
+    msgs = store.tables.messages
+    with store.engine.begin() as conn:
+        conn.execute(msgs.update().where(msgs.c.stream_id == "b").values(delivery_id="bogus"))
+
+    assert store.purge("q") == 2
+
+    assert store.queue_size("q") == 1
+    assert "has no delivery 'bogus'" in caplog.text and "celery-eventstore check" in caplog.text
+    assert store.dead_letters() == []
+
+
 def test_a_version_gap_is_quarantined(store):
     publish(store, "a", "b")
     assert len(store.claim(["q"], 2, "worker", 0.05)) == 2
