@@ -65,8 +65,8 @@ PG = os.environ.get("CELERY_EVENTSTORE_TEST_POSTGRESQL_URL",
                     "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/15")
 AMQP = os.environ.get("E2E_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-PEERS = ("eventstore+postgresql", "eventstore+psycopg", "eventstore+sqlite", "redis", "rabbitmq",
-         "sqla+postgresql")
+PEERS = ("eventstore+postgresql", "eventstore+prepared", "eventstore+psycopg",
+         "eventstore+sqlite", "redis", "rabbitmq", "sqla+postgresql")
 #: The issue's worker + database CPU per task with results on PostgreSQL, µs.
 BASELINE_CPU_US = 4440 + 1592
 PRODUCERS = 8
@@ -366,15 +366,21 @@ def _timed(n: int, once: Callable[[], None]) -> list[float]:
     return times
 
 
-def eventstore_postgresql(run: str, workdir: Path, driver: str = "psycopg2") -> Peer:
+def eventstore_postgresql(
+    run: str, workdir: Path, driver: str = "psycopg2", prepared: bool = False
+) -> Peer:
     """The event store on PostgreSQL through ``driver``: psycopg2, what a plain
     ``postgresql://`` URL picks, or psycopg (3), which prepares a statement on the
-    server once it has run a few times on a connection."""
+    server once it has run a few times on a connection.  ``prepared``: psycopg2
+    with the store preparing every statement (``?prepare_threshold=0``)."""
     cleanups: list[Callable[[], None]] = []
     engine, schema = _pg_schema("e2e", cleanups, driver)
     tag = f"e2e_worker_{run}"
-    url = _url(_pg_url(driver))
-    worker_url = _url(_pg_url(driver).update_query_dict({"application_name": tag}))
+    store_url = _pg_url(driver)
+    if prepared:
+        store_url = store_url.update_query_dict({"prepare_threshold": "0"})
+    url = _url(store_url)
+    worker_url = _url(store_url.update_query_dict({"application_name": tag}))
 
     def server_pids() -> list[int]:
         # The worker's backends, and the processes that write and flush for everyone.
@@ -401,9 +407,11 @@ def eventstore_postgresql(run: str, workdir: Path, driver: str = "psycopg2") -> 
             conn.close()
 
     name = "eventstore+postgresql" if driver == "psycopg2" else f"eventstore+{driver}"
+    if prepared:
+        name = "eventstore+prepared"
     return Peer(name, f"eventstore+{url}", f"eventstore+{url}",
                 f"eventstore+{worker_url}", f"eventstore+{worker_url}", f"e2e-{run}",
-                {"schema": schema}, atomic_url=url, server_pids=server_pids,
+                {"schema": schema}, atomic_url=_url(_pg_url(driver)), server_pids=server_pids,
                 raw_commit=raw_commit, cleanups=cleanups)
 
 
@@ -479,6 +487,8 @@ def sqla_postgresql(run: str, workdir: Path) -> Peer:
 
 MAKERS: dict[str, Callable[[str, Path], Peer]] = {
     "eventstore+postgresql": eventstore_postgresql,
+    "eventstore+prepared": lambda run, workdir: eventstore_postgresql(run, workdir,
+                                                                      prepared=True),
     "eventstore+psycopg": lambda run, workdir: eventstore_postgresql(run, workdir, "psycopg"),
     "eventstore+sqlite": eventstore_sqlite,
     "redis": redis_peer,

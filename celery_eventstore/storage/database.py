@@ -128,7 +128,7 @@ class Database:
             self.engine = sa.create_engine(self.url, **options)
         except (sa.exc.ArgumentError, ImportError) as exc:
             raise InvalidURL(f"cannot use {redact(self.url)}: {exc}") from None
-        self.dialect.configure(self.engine)
+        self.dialect.configure(self.engine, url)
         #: Engines for callers' own DB-API connections (atomic enqueue).  Another
         #: driver's dialect is set up on a connection made with the application's
         #: connect_args (SSL, server options), not its pool settings.

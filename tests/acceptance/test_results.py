@@ -18,6 +18,7 @@ from typing import Any
 import proj
 import pytest
 import resultproj
+import sqlalchemy as sa
 from celery import chord, group
 from celery.exceptions import ChordError, TaskRevokedError
 from celery.result import AsyncResult, GroupResult, ResultSet
@@ -60,17 +61,22 @@ def _close_app(app: Any) -> None:
     app.close()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "postgresql-prepared"])
 def results(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Results]:
-    """A broker, one ``resultproj`` worker on it, and the test process's app."""
-    reaper = reaper_for(request, request.param)
+    """A broker, one ``resultproj`` worker on it, and the test process's app.
+    ``postgresql-prepared``: psycopg2 with every statement prepared on the server."""
+    dialect = "sqlite" if request.param == "sqlite" else "postgresql"
+    reaper = reaper_for(request, dialect)
     tmp_path = tmp_path_factory.mktemp(f"results-{request.param}")
-    url = (
-        f"sqlite:///{tmp_path / 'broker.db'}" if request.param == "sqlite"
-        else request.getfixturevalue("postgresql_url")
-    )
+    if dialect == "sqlite":
+        url = f"sqlite:///{tmp_path / 'broker.db'}"
+    else:
+        url = request.getfixturevalue("postgresql_url")
+        if request.param == "postgresql-prepared":
+            url = sa.make_url(url).set(drivername="postgresql+psycopg2").update_query_dict(
+                {"prepare_threshold": "0"}).render_as_string(hide_password=False)
     broker, cleanup = make_broker(url, tmp_path, prefix="accr")
 
     app = None

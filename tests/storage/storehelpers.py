@@ -169,7 +169,7 @@ def race_consumers(
 ) -> list[list[str]]:
     """Race ``processes`` consumer processes (:func:`claim_and_ack_until_empty`) on
     ``store``'s database until the queues stay empty; each one's deliveries."""
-    url = store.url.render_as_string(False)
+    url = store.db.given_url.render_as_string(False)  # with its query
     return race_processes(
         [(claim_and_ack_until_empty, (url, options, queue, batch))] * processes
     )

@@ -13,10 +13,16 @@ from celery_eventstore.exceptions import ConfigurationError, SchemaOutdated
 from celery_eventstore.storage import SCHEMA_VERSION
 
 
-@pytest.fixture(params=["psycopg2", "psycopg"])
+@pytest.fixture(params=["psycopg2", "psycopg", "psycopg2-prepared"])
 def driver_db(request, postgresql_db):
+    """Each driver; ``psycopg2-prepared``: psycopg2 with every statement prepared
+    on the server by the store (``?prepare_threshold=0``)."""
     url, options = postgresql_db
-    return sa.make_url(url).set(drivername=f"postgresql+{request.param}"), options
+    driver, _, prepared = request.param.partition("-")
+    url = sa.make_url(url).set(drivername=f"postgresql+{driver}")
+    if prepared:
+        url = url.update_query_dict({"prepare_threshold": "0"})
+    return url, options
 
 
 class TestPostgreSQLStore(StoreContract):
@@ -302,6 +308,7 @@ def test_a_broadcast_to_many_queues_is_one_insert(driver_db):
     inserts: list[tuple[str, bool]] = []
 
     def record(conn, cursor, statement, parameters, context, executemany):
+        statement = context.statement  # as built, before the store may prepare it
         if statement.lstrip().upper().startswith("INSERT"):
             inserts.append((statement, executemany))
 

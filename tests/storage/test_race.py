@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import pytest
+import sqlalchemy as sa
 from storehelpers import (
     count_chord_parts,
     race_consumers,
@@ -20,13 +21,18 @@ MESSAGES = 2000
 PROCESSES = 8
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "postgresql_partitioned"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql_partitioned", "postgresql_prepared"])
 def db(request):
     """A database; ``postgresql_partitioned``: stores on it create the log
-    partitioned by day, where ``(stream_id, version, born)`` arbitrates."""
+    partitioned by day, where ``(stream_id, version, born)`` arbitrates;
+    ``postgresql_prepared``: every statement prepared on the server (psycopg2)."""
     if request.param == "postgresql_partitioned":
         url, options = request.getfixturevalue("postgresql_db")
         return url, {**options, "partitioned_log": True}
+    if request.param == "postgresql_prepared":
+        url, options = request.getfixturevalue("postgresql_db")
+        prepared = sa.make_url(url).set(drivername="postgresql+psycopg2")
+        return prepared.update_query_dict({"prepare_threshold": "0"}), options
     return request.getfixturevalue(f"{request.param}_db")
 
 
@@ -39,7 +45,7 @@ def race_on_a_queue(db, queue, messages, target, *args):
     store.migrate()
     store.publish([NewMessage(stream=f"task-{i}", queue=queue, message={"n": i})
                    for i in range(messages)])
-    url = store.url.render_as_string(False)
+    url = store.db.given_url.render_as_string(False)  # with its query
     reports = race_processes(
         [(target, (url, options, queue, *args, seed)) for seed in range(PROCESSES)]
     )
@@ -130,7 +136,7 @@ def race_chord_parts(store: EventStore, options: dict, stream: str, parts: list[
     """Count ``parts`` of ``stream`` (a chord of ``size``) from racing processes, each
     part by two of them (one walking forwards, one backwards, as a redelivered header
     task would count it twice), and check the chord completed exactly once."""
-    url = store.url.render_as_string(False)
+    url = store.db.given_url.render_as_string(False)  # with its query
     halves = PROCESSES // 2
     completions = race_processes([
         (count_chord_parts, (url, options, stream, parts[i::halves][::direction], size))

@@ -52,8 +52,8 @@ class Dialect:
     def engine_options(self, url: sa.URL) -> dict[str, Any]:
         return {}
 
-    def configure(self, engine: sa.Engine) -> None:
-        """Install event hooks on a new engine."""
+    def configure(self, engine: sa.Engine, given: sa.URL) -> None:
+        """Install event hooks on a new engine, made for the URL as ``given``."""
 
     def committed(self) -> None:
         """A transaction of the store's own has committed (background upkeep)."""

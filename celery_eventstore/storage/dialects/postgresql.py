@@ -9,7 +9,9 @@ PgBouncer's transaction pooling: durability is set per transaction, advisory
 locks are transaction-scoped.  psycopg 3 prepares statements on the server after
 five runs, which a pooler that moves the session between server connections
 breaks (PgBouncer before 1.21): ``?prepare_threshold=none`` in the URL turns
-that off.  psycopg2 never prepares; the parameter is dropped for it.
+that off.  psycopg2 never prepares by itself; ``?prepare_threshold=N`` in the
+URL makes the store prepare with SQL (:mod:`.server_prepared`), which no
+transaction pooler can follow, so it is off unless asked for.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from ..borrowed import ABORTED, NONE, OPEN, ConnectionInfo
 from ..notifiers.postgresql_notify import readable
 from . import Dialect
+from .server_prepared import ServerPrepared
 
 #: SQLSTATEs that mean "another transaction got there first": retry.
 _RETRYABLE = {
     "23505",  # unique_violation: (stream, version) taken
     "40001",  # serialization_failure
     "40P01",  # deadlock_detected
+    "26000",  # invalid_sql_statement_name: a prepared statement the session lost
+    #           (server_prepared forgets them all; the retry prepares again)
 }
 
 #: SQLSTATEs that mean "the server cannot serve us now": wait and reconnect.  The
@@ -117,7 +122,12 @@ class PostgreSQLDialect(Dialect):
             options["connect_args"] = {PREPARE_THRESHOLD: _threshold(url.query[PREPARE_THRESHOLD])}
         return options
 
-    def configure(self, engine: sa.Engine) -> None:
+    def configure(self, engine: sa.Engine, given: sa.URL) -> None:
+        if PREPARE_THRESHOLD in given.query and engine.url.get_driver_name() == "psycopg2":
+            threshold = _threshold(given.query[PREPARE_THRESHOLD])
+            if threshold is not None:  # psycopg 3 reads the parameter itself
+                ServerPrepared(threshold).install(engine)
+
         @sa.event.listens_for(engine, "checkout")
         def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
             # A pooled connection whose server restarted would fail its first

@@ -62,7 +62,7 @@ class SQLiteDialect(Dialect):
     def engine_options(self, url: sa.URL) -> dict[str, Any]:
         return {"connect_args": {"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False}}
 
-    def configure(self, engine: sa.Engine) -> None:
+    def configure(self, engine: sa.Engine, given: sa.URL) -> None:
         @sa.event.listens_for(engine, "connect")
         def _connect(dbapi_conn: Any, record: Any) -> None:
             # Let us emit BEGIN ourselves instead of the driver's implicit one.

@@ -1,0 +1,147 @@
+"""Statements prepared on the server for psycopg2 (``?prepare_threshold=N``).
+
+The whole store contract also runs with it (``test_postgresql_store.py``), and the
+race tests race processes using it (``test_race.py``); these tests check what the
+contract cannot see: what is sent, what the server holds, and the fallbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from celery_eventstore import lifecycle as lc
+from celery_eventstore.storage import EventStore, NewMessage
+
+
+@pytest.fixture
+def make_store(postgresql_db: tuple[str, dict[str, Any]]) -> Iterator[Any]:
+    """Stores through psycopg2, with ``?prepare_threshold=<threshold>`` unless None."""
+    url, options = postgresql_db
+    made: list[EventStore] = []
+
+    def make(threshold: str | None) -> EventStore:
+        given = sa.make_url(url).set(drivername="postgresql+psycopg2")
+        if threshold is not None:
+            given = given.update_query_dict({"prepare_threshold": threshold})
+        store = EventStore(given, **options)
+        store.migrate()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+def sent(store: EventStore) -> list[str]:
+    """What the store's engine sends from now on, as the driver sent it."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, *args: Any) -> None:
+        seen.append(cursor.query.decode())
+
+    sa.event.listen(store.engine, "after_cursor_execute", record)
+    return seen
+
+
+def held(store: EventStore) -> set[str]:
+    """Names of the statements prepared on every pooled connection of the store."""
+    names: set[str] = set()
+    pool = store.engine.pool
+    connections = [pool.connect() for _ in range(pool.checkedin())]
+    try:
+        for connection in connections:
+            cursor = connection.cursor()
+            cursor.execute("SELECT name FROM pg_prepared_statements")
+            names.update(name for (name,) in cursor.fetchall())
+    finally:
+        for connection in connections:
+            connection.close()
+    return names
+
+
+def one_cycle(store: EventStore) -> None:
+    store.publish([NewMessage(stream="t1", queue="q", message={"n": 1}, new_stream=True)])
+    (claimed,) = store.claim_round([], ["q"], 1, "w", 30, next_due=True).claimed
+    store.execute("t1", lc.Succeed(result={"r": 1}, claim=claimed.ref.claim))
+    store.claim_round([claimed.ref], ["q"], 1, "w", 30)
+
+
+def test_with_a_threshold_of_0_every_statement_runs_prepared(make_store):
+    store = make_store("0")
+    seen = sent(store)
+    one_cycle(store)
+    statements = [s for s in seen if not s.startswith(("SAVEPOINT", "RELEASE", "PREPARE"))]
+    assert statements and all(s.startswith("EXECUTE ces_") for s in statements), statements
+    assert {s.split()[1] for s in statements} <= held(store)
+    assert [r.type for r in store.read_stream("t1")] == [
+        "Published", "Claimed", "Succeeded", "Acked"]
+
+
+def test_with_a_threshold_of_2_a_statement_runs_twice_as_it_is_first(make_store):
+    store = make_store("2")
+    seen = sent(store)
+    with store.engine.connect() as conn:
+        answers = [conn.exec_driver_sql("SELECT %(n)s::int * 2", {"n": n}).scalar()
+                   for n in range(4)]
+    assert answers == [0, 2, 4, 6]
+    kinds = [s.split()[0] for s in seen]
+    assert kinds == ["SELECT", "SELECT", "EXECUTE", "EXECUTE"]  # (PREPARE goes by the driver)
+
+
+def test_without_a_threshold_psycopg2_prepares_nothing(make_store):
+    store = make_store(None)
+    seen = sent(store)
+    one_cycle(store)
+    assert not any(s.startswith(("PREPARE", "EXECUTE")) for s in seen)
+    assert held(store) == set()
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_a_statement_the_server_will_not_prepare_runs_as_it_is(make_store, in_transaction):
+    """``$1 + $2`` has no type the server can choose: PREPARE fails, and inside a
+    transaction the failure does not abort it."""
+    store = make_store("0")
+    with store.engine.connect() as conn:
+        if in_transaction:
+            conn.begin()
+        total = conn.exec_driver_sql("SELECT %(a)s + %(b)s", {"a": 2, "b": 3}).scalar()
+        assert total == 5
+        assert conn.exec_driver_sql("SELECT %(a)s::int * 2", {"a": 4}).scalar() == 8
+        if in_transaction:
+            conn.commit()
+
+
+def test_a_connection_that_lost_its_prepared_statements_prepares_them_again(make_store):
+    """``DEALLOCATE ALL`` (what a pooler's reset or a new server session does):
+    the next run fails on an unknown name, is retried as a lost race, and prepares
+    again; nothing is published twice."""
+    store = make_store("0")
+    store.publish([NewMessage(stream="a", queue="q", message={}, new_stream=True)])
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("DEALLOCATE ALL")
+        conn.commit()
+    store.publish([NewMessage(stream="b", queue="q", message={}, new_stream=True)])
+    (claimed,) = store.claim(["q"], 1, "w", 30)
+    assert store.ack([claimed.ref]) == {claimed.delivery: "done"}
+    assert store.queue_size("q") == 1
+    assert [r.type for r in store.read_stream("b")] == ["Published"]
+
+
+def test_a_prepared_statement_outlives_the_transaction_that_prepared_it(make_store):
+    store = make_store("0")
+    with store.engine.connect() as conn:
+        conn.begin()
+        assert conn.exec_driver_sql("SELECT %(a)s::int + 1", {"a": 1}).scalar() == 2
+        conn.rollback()
+        assert conn.exec_driver_sql("SELECT %(a)s::int + 1", {"a": 2}).scalar() == 3
+
+
+def test_an_error_in_a_prepared_statement_is_reported_as_without_it(make_store):
+    store = make_store("0")
+    with store.engine.connect() as conn, pytest.raises(sa.exc.DataError):
+        conn.exec_driver_sql("SELECT %(a)s::int", {"a": "not a number"})
