@@ -145,3 +145,17 @@ def test_an_error_in_a_prepared_statement_is_reported_as_without_it(make_store):
     store = make_store("0")
     with store.engine.connect() as conn, pytest.raises(sa.exc.DataError):
         conn.exec_driver_sql("SELECT %(a)s::int", {"a": "not a number"})
+
+
+def test_a_statement_still_prepared_in_the_session_is_used_again(make_store):
+    """The connection's map reset (after an unknown name) while the session
+    still holds the others: preparing one again finds it there and uses it."""
+    from celery_eventstore.storage.dialects import server_prepared
+
+    store = make_store("0")
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT %(a)s::int + 1", {"a": 1}).scalar() == 2
+        conn.connection.info[server_prepared._KEY].clear()
+        seen = sent(store)
+        assert conn.exec_driver_sql("SELECT %(a)s::int + 1", {"a": 2}).scalar() == 3
+    assert [s.split()[0] for s in seen] == ["EXECUTE"]

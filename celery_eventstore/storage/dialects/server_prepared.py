@@ -43,6 +43,8 @@ _PLACEHOLDER = re.compile(
 _PREPARABLE = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE")
 #: invalid_sql_statement_name: ``EXECUTE`` of a name this session does not hold.
 _UNKNOWN_STATEMENT = "26000"
+#: duplicate_prepared_statement: ``PREPARE`` of a name this session holds.
+_ALREADY_PREPARED = "42P05"
 
 
 class ServerPrepared:
@@ -107,10 +109,12 @@ def _prepare(dbapi_connection: Any, statement: str) -> tuple[str, str] | None:
             cursor.execute("SAVEPOINT ces_prepare")
         try:
             cursor.execute(f"PREPARE {name} AS {body}")
-        except Exception:
+        except Exception as error:
             if guarded:
                 cursor.execute("ROLLBACK TO SAVEPOINT ces_prepare")
-            return None
+            # Already prepared in this session (its map was reset): the name is
+            # the text's, so it is this statement.
+            return (name, execute) if getattr(error, "pgcode", None) == _ALREADY_PREPARED else None
         if guarded:
             cursor.execute("RELEASE SAVEPOINT ces_prepare")
     finally:
