@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from storehelpers import make_factory
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore, NewMessage
@@ -21,20 +22,19 @@ from celery_eventstore.storage import EventStore, NewMessage
 def make_store(postgresql_db: tuple[str, dict[str, Any]]) -> Iterator[Any]:
     """Stores through psycopg2, with ``?prepare_threshold=<threshold>`` unless None."""
     url, options = postgresql_db
-    made: list[EventStore] = []
+    factories = []
 
     def make(threshold: str | None) -> EventStore:
         given = sa.make_url(url).set(drivername="postgresql+psycopg2")
         if threshold is not None:
             given = given.update_query_dict({"prepare_threshold": threshold})
-        store = EventStore(given, **options)
-        store.migrate()
-        made.append(store)
+        factories.append(make_factory((given, options)))
+        store: EventStore = next(factories[-1])()
         return store
 
     yield make
-    for store in made:
-        store.close()
+    for factory in factories:
+        next(factory, None)  # closes its stores
 
 
 def sent(store: EventStore) -> list[str]:

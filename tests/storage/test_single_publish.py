@@ -157,22 +157,29 @@ def publish_new_streams(url, options, streams, out, same_delivery=False):
         store.close()
 
 
-def test_racing_processes_publishing_to_the_same_new_streams_lose_nothing(store):
-    """Four processes publish to the same 200 new task ids at once: every publish
-    lands once, at its own version, with its queue row and one index row."""
-    streams = [f"same-{i}" for i in range(200)]
+def race_publishers(store, streams, *, same_delivery):
+    """Four spawned processes run :func:`publish_new_streams` on ``store``'s
+    database at once; each must report every publish done."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     url = store.url.render_as_string(hide_password=False)
     options = {"schema": store.schema, "table_prefix": store.table_prefix}
-    procs = [ctx.Process(target=publish_new_streams, args=(url, options, streams, out))
+    procs = [ctx.Process(target=publish_new_streams,
+                         args=(url, options, streams, out, same_delivery))
              for _ in range(4)]
     for p in procs:
         p.start()
     results = [out.get(timeout=240) for _ in procs]
     for p in procs:
         p.join(timeout=30)
-    assert results == [200] * 4, results
+    assert results == [len(streams)] * 4, results
+
+
+def test_racing_processes_publishing_to_the_same_new_streams_lose_nothing(store):
+    """Four processes publish to the same 200 new task ids at once: every publish
+    lands once, at its own version, with its queue row and one index row."""
+    streams = [f"same-{i}" for i in range(200)]
+    race_publishers(store, streams, same_delivery=False)
     events = store.read_all(limit=10_000)
     per_stream = collections.Counter(e.stream for e in events)
     assert per_stream == {s: 4 for s in streams}
@@ -189,18 +196,7 @@ def test_racing_processes_publishing_the_same_deliveries_record_each_once(store)
     """Four processes publish the same 200 deliveries to new task ids at once (a
     retried publish racing the one it repeats): each lands once, none fails."""
     streams = [f"again-{i}" for i in range(200)]
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    url = store.url.render_as_string(hide_password=False)
-    options = {"schema": store.schema, "table_prefix": store.table_prefix}
-    procs = [ctx.Process(target=publish_new_streams, args=(url, options, streams, out, True))
-             for _ in range(4)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-    assert results == [200] * 4, results
+    race_publishers(store, streams, same_delivery=True)
     events = store.read_all(limit=10_000)
     assert collections.Counter(e.stream for e in events) == {s: 1 for s in streams}
     assert {e.event.delivery for e in events} == {f"{s}-d" for s in streams}
