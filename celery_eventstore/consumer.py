@@ -101,6 +101,10 @@ class QoS(virtual.QoS):
         self._again = False
         #: The last claim filled its limit, or a wake-up found no credit.
         self._more = False
+        #: The last claim's round took up its whole limit, claimed or settled
+        #: (a message it settled instead -- expired, finished, dead-lettered --
+        #: fills a slot, and may leave others waiting).
+        self._filled = False
         #: When (time.monotonic()) the next scheduled message of the claimed queues
         #: is due, as the last claim that came back short found; None: none known.
         self._due: float | None = None
@@ -149,8 +153,15 @@ class QoS(virtual.QoS):
     def claim_done(self, count: int) -> None:
         """The claim in flight brought ``count`` messages; give back its reservation."""
         with self._lock:
-            self._more = count >= self._claiming
+            self._more = count >= self._claiming or self._filled
             self._claiming = 0
+
+    @property
+    def last_claim_filled(self) -> bool:
+        """Whether the last claim's round took up its whole limit (claimed or
+        settled): more messages may be waiting, whatever it brought."""
+        with self._lock:
+            return self._filled
 
     def claim_failed(self) -> None:
         """The claim in flight raised (or never ran): give back its reservation."""
@@ -217,7 +228,10 @@ class QoS(virtual.QoS):
             self._return_acks(acks)
             raise
         outcomes, claimed = done.outcomes, done.claimed
-        if len(claimed) < limit and consuming:
+        filled = done.nominated >= limit
+        with self._lock:
+            self._filled = filled
+        if not filled and consuming:
             # Nothing more is due now: the round brought when the next one is.
             self._set_due(done.next_due)
         self._warn_stale(outcomes, "ack")

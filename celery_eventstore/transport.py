@@ -108,6 +108,9 @@ DEFAULT_LEASE = 60.0
 DEFAULT_MAX_CLAIMS = 5
 DEFAULT_CLAIM_BATCH = 100
 DEFAULT_ACK_FLUSH_INTERVAL = 0.1
+#: The most claim rounds one blocking ``drain_events`` runs back to back while
+#: each settles all it took up and delivers nothing (a run of expired messages).
+MOST_SETTLING_ROUNDS = 100
 #: How long a process trusts what it read of other processes' routing state.
 ROUTING_CACHE_SECONDS = 1.0
 
@@ -397,8 +400,11 @@ class Channel(virtual.Channel):
         return message
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        for payload, _ in self.claim([queue], 1):
-            return payload
+        for _ in range(MOST_SETTLING_ROUNDS):
+            for payload, _ in self.claim([queue], 1):
+                return payload
+            if not self.qos.last_claim_filled:
+                break  # nothing was due; else the round settled one: look again
         raise Empty()
 
     def _get_many(self, queues: Sequence[str], timeout: float | None = None) -> None:
@@ -415,15 +421,22 @@ class Channel(virtual.Channel):
         :class:`~.consumer.Poller`)."""
         if not queues or not self._consumers:
             return 0
-        limit = self.qos.reserve()
-        if not limit:
-            return 0
-        try:
-            batch = self.claim(queues, limit)
-        except BaseException:
-            self.qos.claim_failed()
-            raise
-        self.qos.claim_done(len(batch))
+        batch: Batch = []
+        # A round that settled what it took up (expired, finished, dead-lettered
+        # messages) brings nothing, though more may wait: claim again rather
+        # than wait for a wake-up.  Each such round settles its whole limit.
+        for _ in range(MOST_SETTLING_ROUNDS):
+            limit = self.qos.reserve()
+            if not limit:
+                return 0
+            try:
+                batch = self.claim(queues, limit)
+            except BaseException:
+                self.qos.claim_failed()
+                raise
+            self.qos.claim_done(len(batch))
+            if batch or not self.qos.last_claim_filled:
+                break
         self.deliver(batch)
         return len(batch)
 

@@ -287,6 +287,7 @@ class Deliveries:
         loser is retried from a fresh read.
         """
         candidates, next_due = self._nominate(tx, request)
+        nominated = len(candidates)
         known = self._known(tx, refs, candidates) if request is not None else {}
         streams = self.log.read_streams(
             tx, [r.stream for r in refs] + [c.stream_id for c in candidates],
@@ -310,7 +311,8 @@ class Deliveries:
         self._hold(refs, claims, final)
         bodies = {c.delivery_id: c.data for c in candidates}
         return ClaimRound(
-            {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now), next_due
+            {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now), next_due,
+            nominated,
         )
 
     def _known(

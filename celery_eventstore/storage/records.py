@@ -67,13 +67,17 @@ class ClaimedMessage:
 @dataclass(frozen=True)
 class ClaimRound:
     """One round of a consumer's work in one transaction: the outcomes of the
-    acks it wrote, the messages it claimed, and ``next_due``, the earliest ETA in
+    acks it wrote, the messages it claimed, ``next_due``, the earliest ETA in
     its queues later than the time it claimed at (None when there is none, or
-    it did not ask)."""
+    it did not ask), and ``nominated``, how many due messages it took up: those
+    it claimed and those it settled instead (expired, dead-lettered, finished).
+    A round that nominated its limit may have left more waiting, however few
+    it claimed."""
 
     outcomes: dict[str, Outcome]
     claimed: list[ClaimedMessage]
     next_due: float | None = None
+    nominated: int = 0
 
 
 @dataclass(frozen=True)

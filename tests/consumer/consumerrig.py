@@ -146,9 +146,12 @@ class Rig:
 
     # -- making work -------------------------------------------------------
 
-    def publish(self, count: int = 1, *, eta: float | None = None) -> list[str]:
+    def publish(
+        self, count: int = 1, *, eta: float | None = None, expiration: float | None = None
+    ) -> list[str]:
         """Publish ``count`` messages, each a stream of its own, due at ``eta``
-        (epoch seconds, as Celery's ``eta`` header says) or now; their ids."""
+        (epoch seconds, as Celery's ``eta`` header says) or now, and living
+        ``expiration`` seconds (kombu's per-message TTL) or for ever; their ids."""
         ids = []
         headers: dict[str, Any] = {}
         if eta is not None:
@@ -156,7 +159,8 @@ class Rig:
         for _ in range(count):
             task_id = uuid.uuid4().hex
             self.producer.publish(
-                {"id": task_id}, routing_key=QUEUE, headers={"id": task_id, **headers}
+                {"id": task_id}, routing_key=QUEUE, headers={"id": task_id, **headers},
+                expiration=expiration,
             )
             ids.append(task_id)
         return ids

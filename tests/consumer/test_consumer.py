@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import kombu
 import pytest
 import sqlalchemy as sa
 from consumerrig import QUEUE, QUIET, Rig, TcpProxy, wait_for
@@ -293,6 +294,52 @@ def test_closing_with_a_claim_in_flight_gives_everything_back(
     assert rig.types(ids[1])[-1] == rig.types(ids[2])[-1] == "Requeued"
     assert rig.hub.readers == {} and not rig.hub.on_tick
     assert all(timer.cancelled for timer in rig.hub.timers)
+
+
+# -- rounds that settle what they took up ----------------------------------------
+
+
+def test_a_round_that_settles_all_it_took_up_claims_again_at_once(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Expired messages at the head of the queue fill the first round's limit
+    and are discarded by it: it brings nothing, yet the consumer claims again
+    at once for the messages behind them -- no wake-up, no poll (QUIET)."""
+    rig = make_rig(prefetch=2)
+    expired = rig.publish(2, expiration=0.2)
+    waiting = rig.publish(2)
+    time.sleep(0.5)
+    rig.claim_cycle()
+    assert rig.delivered == []
+    assert [rig.types(i) for i in expired] == [["Published", "Discarded"]] * 2
+    assert rig.claim_finished(timeout=2), "the consumer waits while messages are ready"
+    rig.poller.on_claimed()
+    assert rig.ids() == waiting
+
+
+@pytest.mark.parametrize("get", ["drain_events", "basic_get"])
+def test_a_blocking_consumer_looks_past_messages_a_round_settles(
+    db: tuple[str, dict[str, Any]], get: str
+) -> None:
+    """kombu's own loop (``drain_events``) and ``basic_get`` behind a run of
+    expired messages longer than a round: the message behind them comes in
+    one call, not Empty."""
+    with kombu.Connection(f"eventstore+{db[0]}", transport_options={**db[1], **QUIET}) as conn:
+        queue = kombu.Queue(QUEUE, routing_key=QUEUE)
+        producer = conn.Producer()
+        for number in range(7):
+            producer.publish({"n": number}, routing_key=QUEUE, declare=[queue], expiration=0.2)
+        time.sleep(0.5)
+        producer.publish({"n": "fresh"}, routing_key=QUEUE)
+        if get == "basic_get":
+            message = queue(conn.channel()).get(no_ack=True)
+            assert message is not None and message.payload == {"n": "fresh"}
+            return
+        got: list[Any] = []
+        with conn.Consumer(queue, callbacks=[lambda body, m: (got.append(body), m.ack())],
+                           prefetch_count=2):
+            conn.drain_events(timeout=0.001)
+        assert got == [{"n": "fresh"}]
 
 
 # -- a lost connection (PostgreSQL, through a proxy the test cuts) -------------

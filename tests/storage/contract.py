@@ -252,6 +252,22 @@ class StoreContract:
         assert [m.stream for m in third.claimed] == ["in-a-minute"]
         assert third.next_due is None
 
+    def test_a_claim_round_counts_what_it_settled_among_what_it_took_up(self, store, clock):
+        """A round that settles the messages it nominated (here, expired) claims
+        none of them, yet says it took up its whole limit: more may be waiting,
+        and its consumer must not take the short round for an empty queue."""
+        store.publish([msg("gone-1", expires=clock.now + 1), msg("gone-2", expires=clock.now + 1),
+                       msg("waiting-1"), msg("waiting-2")])
+        clock.advance(2)
+        settling = store.claim_round([], ["q"], 2, "w", 300, next_due=True)
+        assert settling.claimed == []
+        assert settling.nominated == 2
+        assert types(store, "gone-1") == ["Published", "Discarded"]
+        claiming = store.claim_round([], ["q"], 5, "w", 300, next_due=True)
+        assert sorted(m.stream for m in claiming.claimed) == ["waiting-1", "waiting-2"]
+        assert claiming.nominated == 2
+        assert store.claim_round([], ["q"], 5, "w", 300).nominated == 0
+
     def test_a_round_settles_its_claims_from_their_held_state_and_the_tail(
         self, make_store, clock, monkeypatch
     ):
