@@ -99,7 +99,7 @@ class EmbeddedPostgres:
         try:
             replica._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port),
                          "-U", EMBEDDED_SUPERUSER, "-D", str(replica.data),
-                         "-X", "stream", "-R", "--no-sync")  # fmt: skip
+                         "-X", "stream", "-R", "--no-sync", "--checkpoint=fast")  # fmt: skip
             replica.resume()
         except Exception as exc:
             server_log = replica.log.read_text() if replica.log.exists() else ""
