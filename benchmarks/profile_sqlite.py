@@ -1,7 +1,10 @@
 """cProfile of the Python side of one publish and one delivery on SQLite.
 
 SQLite costs little per statement, so what the profile shows is mostly Python:
-the transport, the store, SQLAlchemy, kombu and Celery.  ``publish`` profiles
+the transport, the store, SQLAlchemy, kombu and Celery.  ``--url`` profiles
+another database instead (a SQLAlchemy URL; on PostgreSQL a schema of its own,
+dropped afterwards), where the driver's ``execute`` -- the round trips -- comes
+first, and the same Python follows.  ``publish`` profiles
 ``task.delay()`` (Celery -> kombu -> ``Channel._put`` -> ``EventStore.publish``);
 ``drain`` profiles a kombu consumer's blocking loop (claim with the pending acks
 -> kombu message -> ack), prefetch 8; ``result`` adds the result backend's
@@ -10,6 +13,7 @@ the transport, the store, SQLAlchemy, kombu and Celery.  ``publish`` profiles
     python benchmarks/profile_sqlite.py publish 2000
     python benchmarks/profile_sqlite.py drain 2000 --sort cumulative --top 40
     python benchmarks/profile_sqlite.py drain 2000 --only celery_eventstore
+    python benchmarks/profile_sqlite.py result 2000 --url postgresql://postgres@127.0.0.1/test
 
 The function-call count in the profile's header does not depend on machine load:
 compare it between two versions when the machine is busy.
@@ -23,9 +27,12 @@ import io
 import pstats
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from celery import Celery
 from kombu import Consumer, Queue
 
@@ -52,12 +59,44 @@ def main() -> None:
     parser.add_argument("--sort", default="tottime", help="pstats sort key")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--only", default="", help="restrict the listing to this text")
+    parser.add_argument("--url", help="a SQLAlchemy URL to profile instead of a new SQLite file")
     args = parser.parse_args()
 
-    url = f"eventstore+sqlite:///{Path(tempfile.mkdtemp()) / 'profile.db'}"
+    options: dict[str, Any] = {}
+    drop: Callable[[], None] = lambda: None  # noqa: E731
+    if args.url is None:
+        url = f"eventstore+sqlite:///{Path(tempfile.mkdtemp()) / 'profile.db'}"
+    else:
+        url = f"eventstore+{args.url}"
+        if sa.make_url(args.url).get_backend_name() == "postgresql":
+            options["schema"], drop = scratch_schema(args.url)
     app = Celery("profile", broker=url, backend=url)
     app.conf.task_default_queue = "celery"
+    app.conf.broker_transport_options = options
+    app.conf.result_backend_transport_options = options
+    try:
+        run_profile(app, args)
+    finally:
+        app.close()
+        drop()
 
+
+def scratch_schema(url: str) -> tuple[str, Callable[[], None]]:
+    """A new schema on that PostgreSQL server, and the function that drops it."""
+    schema = f"profile_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.schema.CreateSchema(schema))
+
+    def drop() -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.schema.DropSchema(schema, cascade=True))
+        engine.dispose()
+
+    return schema, drop
+
+
+def run_profile(app: Celery, args: argparse.Namespace) -> None:
     @app.task(name="profile.noop")
     def noop(x: float = 0.0) -> None:
         return None
