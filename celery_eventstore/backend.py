@@ -69,6 +69,10 @@ from .stores import shared_store
 #: The message header in which the event-store transport names the claim a
 #: message was delivered under; Celery copies it onto the task's request.
 CLAIM_HEADER = "eventstore_claim"
+#: The message property in which the transport hands over the store's identity
+#: and the task stream's state as the claim left it; Celery passes it to the
+#: pool process on the request, and the result is decided on it, unread.
+CLAIM_STATE = "eventstore_claim_state"
 #: Longest a waiter sleeps between reads when no wake-up arrives (a safety net).
 WAIT_POLL_SECONDS = 1.0
 #: How many chords' header sizes a process keeps (the oldest are forgotten first).
@@ -139,6 +143,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         meta["task_id"] = task_id
         encoded = self._wrap(self.encode(meta))
         claim = _claim_of(request, task_id)
+        known = self._claim_state(request, claim)
         command: lc.Command
         if state == states.SUCCESS:
             command = lc.Succeed(result=encoded, claim=claim)
@@ -157,7 +162,7 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
         else:  # a custom state from task.update_state()
             command = lc.UpdateState(state=state, result=encoded, claim=claim)
         try:
-            recorded = self.store.execute(task_id, command)
+            recorded = self.store.execute(task_id, command, known=known)
         except DatabaseUnavailable as exc:
             if state != states.STARTED:
                 raise
@@ -169,7 +174,21 @@ class EventStoreBackend(SyncBackendMixin, BaseKeyValueStoreBackend):
             return result
         # Celery counts a chord's header task right after storing its result.
         self._local.fenced = task_id if _fenced(recorded) else None
+        if claim is not None:
+            self._local.wrote_under = claim
         return result
+
+    def _claim_state(self, request: Any, claim: str | None) -> lc.JobState | None:
+        """The stream's state as ``claim`` left it, handed over by the transport
+        of this store, for the claim's first result write here (the next one
+        would come after that write, so it reads)."""
+        if claim is None or getattr(self._local, "wrote_under", None) == claim:
+            return None
+        given = (getattr(request, "properties", None) or {}).get(CLAIM_STATE)
+        if not isinstance(given, tuple) or len(given) != 2 or given[0] != self.store.identity:
+            return None
+        state = given[1]
+        return state if isinstance(state, lc.TaskState) else None
 
     def _meta_of(self, task_id: str, row: tuple[str, Any, float | None] | None) -> Any:
         """The encoded meta of a results row (synthesised when the store made the

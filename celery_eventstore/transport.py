@@ -93,6 +93,7 @@ from .monitoring import announce
 from .storage import (
     BROKER_PREFIX,
     Binding,
+    ClaimedMessage,
     EventStore,
     Listener,
     NewMessage,
@@ -450,7 +451,7 @@ class Channel(virtual.Channel):
         durable = [q for q in queues if not self._queue_info(q).transient]
         transient = [q for q in queues if q not in durable]
         out = [
-            (_for_delivery(m.message, m.claim, m.redelivered), m.queue)
+            (_for_delivery(m.message, m.claim, m.redelivered, self._claim_state(m)), m.queue)
             for m in self.qos.claim(durable, limit, noack=self._noack_queues)
         ]
         if transient and len(out) < limit:
@@ -458,6 +459,12 @@ class Channel(virtual.Channel):
             for queue, payload in self.store.take_transient(transient, limit - len(out)):
                 out.append((_for_delivery(payload, uuid.uuid4().hex, False), queue))
         return out
+
+    def _claim_state(self, claimed: ClaimedMessage) -> tuple[str, Any] | None:
+        """What the result backend may decide this claim's result on: the
+        store's identity (a backend on another store must not use it) and the
+        stream's state as the claim left it."""
+        return None if claimed.state is None else (self.store.identity, claimed.state)
 
     def _touch(self, queues: Sequence[str]) -> None:
         expiries = [self._queue_info(q).expires for q in queues]
@@ -616,20 +623,29 @@ class Transport(virtual.Transport):
         self.poller.register(loop)
 
 
-def _for_delivery(message: Mapping[str, Any], tag: str, redelivered: bool) -> dict[str, Any]:
+def _for_delivery(
+    message: Mapping[str, Any], tag: str, redelivered: bool, claim_state: Any = None
+) -> dict[str, Any]:
     """A copy of a stored message with this delivery's tag and redelivered flag.
 
     In a Celery task message the tag (the claim id) also goes in the
     ``eventstore_claim`` header (:data:`celery_eventstore.backend.CLAIM_HEADER`):
     Celery copies message headers onto the task's request, so the result backend
     records each result with the claim it came from, and the store fences out a
-    claim taken over.  Other messages keep the headers they were published with.
+    claim taken over.  ``claim_state`` (the store's identity and the stream's
+    state as the claim left it) goes in the ``eventstore_claim_state`` property
+    (:data:`celery_eventstore.backend.CLAIM_STATE`), which Celery hands to the
+    pool process with the request but never publishes again (a retry copies the
+    headers): the result is then written without reading the stream.  Other
+    messages keep the headers they were published with.
     """
     payload = dict(message)
     headers = payload.get("headers") or {}
+    props = dict(payload.get("properties") or {})
     if "task" in headers:  # Celery's task protocol 2 names the task in a header
         payload["headers"] = {**headers, "eventstore_claim": tag}
-    props = dict(payload.get("properties") or {})
+        if claim_state is not None:
+            props["eventstore_claim_state"] = claim_state
     info = dict(props.get("delivery_info") or {})
     info["redelivered"] = redelivered
     props["delivery_info"] = info

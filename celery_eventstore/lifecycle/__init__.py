@@ -103,10 +103,12 @@ from .streams import (
     state_type,
     stream_kind,
 )
-from .task import TaskState
+from .task import CLOCKLESS_RESULT_WRITES, RESULT_NEUTRAL_EVENTS, TaskState
 
 __all__ = [
     "CHORD_PREFIX",
+    "CLOCKLESS_RESULT_WRITES",
+    "RESULT_NEUTRAL_EVENTS",
     "GROUP_PREFIX",
     "STATE_TYPES",
     "ChordState",

@@ -549,6 +549,19 @@ def _expire_result(command: ExpireResult, state: TaskState, now: float) -> list[
 # that claim (the first final outcome stands).
 
 
+#: The result writes a worker makes under its claim.  Each is decided by the
+#: claim it names and the stream's result state alone, never by the clock: a
+#: writer may decide one on the state its claim left, before it knows the time
+#: its events will be recorded at.
+CLOCKLESS_RESULT_WRITES = (Start, ScheduleRetry, Succeed, Fail, UpdateState)
+
+#: Events that change neither how a result write is decided (the claims each
+#: delivery had, the result state, the last outcome) nor the result or state
+#: it leaves: a write decided before them is decided as after them.  A worker's
+#: early ack and its lease renewals land between its claim and its result.
+RESULT_NEUTRAL_EVENTS = (Acked, LeaseRenewed)
+
+
 @rules.decides(Start)
 def _start(command: Start, state: TaskState, now: float) -> list[Event]:
     started = Started(command.worker, command.result)

@@ -473,5 +473,6 @@ def _claimed_messages(
             priority=d.priority,
             lease_until=d.lease_until or now,
             redelivered=d.redelivered,
+            state=final[stream],
         ))
     return out

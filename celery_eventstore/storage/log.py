@@ -29,7 +29,7 @@ from .projection import project
 from .queries import Queries
 from .records import LogFilter, RecordedEvent
 from .set_writes import SetWrites
-from .single_append import POSITIONED, SingleAppend
+from .single_append import POSITIONED, STATEMENT_TIME, SingleAppend
 from .single_publish import derived_rows, publish_parameters, publish_statement, recorded_after
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class EventLog:
         #: One event after a read, with its derived rows and wake-up, in one
         #: statement (None where the database cannot: see :mod:`.single_append`).
         self._single_append = (
-            SingleAppend(queries, notifier.expression if notifier.sends else None)
+            SingleAppend(queries, notifier.expression if notifier.sends else None, clock)
             if db.dialect.writes_in_with else None
         )
         #: A round's events and their derived rows in one statement, without
@@ -488,11 +488,14 @@ class EventLog:
         *,
         metadata: Mapping[str, Any] | None = None,
         connection: sa.Connection | None = None,
+        known: lc.JobState | None = None,
     ) -> list[RecordedEvent]:
         """Decide ``command`` on the stream's current state and append the result.
 
         Lost races are retried from a fresh read; an illegal command raises
-        :class:`~celery_eventstore.exceptions.InvalidTransition`.
+        :class:`~celery_eventstore.exceptions.InvalidTransition`.  ``known``:
+        the stream's state as a claim of it left it (a worker's result write),
+        decided on without a read where it can be (see :meth:`_execute_known`).
         """
         durable = not isinstance(command, (lc.Start, lc.UpdateState))
         if (
@@ -500,6 +503,13 @@ class EventLog:
             and self.db.one_statement_commits and not self.partitioned
             and lc.stream_kind(stream) is lc.StreamKind.TASK
         ):
+            if known is not None and known.stream == stream:
+                try:
+                    appended = self._execute_known(command, known, metadata)
+                except ConcurrencyConflict:
+                    appended = None  # the stream moved on since: read it
+                if appended is not None:
+                    return appended
             return self.db.retrying(lambda: self._execute_apart(stream, command, metadata))
 
         def attempt() -> list[RecordedEvent]:
@@ -537,6 +547,55 @@ class EventLog:
         with self.db.write() as tx:
             tx.clock_read(now)
             return self.append_pending(tx, [(state, events, metadata)])[0]
+
+    def _execute_known(
+        self, command: lc.Command, known: lc.JobState, metadata: Mapping[str, Any] | None
+    ) -> list[RecordedEvent] | None:
+        """A worker's result write decided on ``known`` -- its stream's state as
+        the worker's claim left it -- and appended in one statement, with no read.
+
+        The decision needs no clock (:data:`~.lifecycle.CLOCKLESS_RESULT_WRITES`),
+        and the statement takes the time itself.  The events go after those
+        appended since ``known`` if all of those are result-neutral (the
+        worker's early ack, lease renewals: the decision is the same after
+        them); after anything else (a takeover, a revoke, a retry's publish)
+        they go after ``known``'s version, lose on the ``(stream, version)``
+        key, and :class:`ConcurrencyConflict` sends the caller to a read.  None
+        where this cannot be done in one statement, or decides nothing (which a
+        read then confirms)."""
+        if (not isinstance(command, lc.CLOCKLESS_RESULT_WRITES) or known.version == 0
+                or known.born is None or self._single_append is None):
+            return None
+        events = lc.decide(command, known, STATEMENT_TIME)
+        if not events:
+            return None
+        rows = _stream_rows(known, events, metadata, STATEMENT_TIME, known.born)
+        state = lc.replace(evolve_all(known, events), recorded_until=STATEMENT_TIME)
+        recorded = [
+            RecordedEvent(position=0, stream=known.stream, version=row["version"], event=event,
+                          metadata=row["metadata"], recorded_at=STATEMENT_TIME, born=known.born)
+            for row, event in zip(rows, events, strict=True)
+        ]
+        if newly_queued(recorded, {known.stream: state}):
+            return None
+        wake = (self.channels.result(known.stream) if self.notifier.sends
+                and any(isinstance(e, _FINISHING) for e in events) else None)
+        prepared = self._single_append.prepare(
+            rows, recorded, {known.stream: state}, wake,
+            decided_at=known, now=self.db.injected_now(),
+        )
+        if prepared is None:
+            return None
+        with self.db.one_statement() as tx:
+            row = tx.conn.execute(*prepared).one()
+            recorded_at, shift = float(row[len(rows)]), int(row[len(rows) + 1])
+            appended = [
+                dataclasses.replace(r, position=p, recorded_at=recorded_at,
+                                    version=r.version + shift)
+                for r, p in zip(recorded, row[:len(rows)], strict=True)
+            ]
+            tx.appended.extend(appended)
+        return appended
 
     def _chord_state(self, conn: sa.Connection, stream: str, task_id: str) -> lc.JobState:
         """A chord's state from its read model (a few rows whatever its size), or
@@ -632,14 +691,22 @@ def _rows(
     for state, decided_events, metadata in pending:
         at = recorded_time(state, now)
         born = birth_day(at) if state.born is None else state.born
-        for offset, event in enumerate(decided_events, start=1):
-            rows.append(
-                _event_row(state.stream, state.version + offset, event, metadata, at, born)
-            )
-            events.append(event)
+        rows += _stream_rows(state, decided_events, metadata, at, born)
+        events.extend(decided_events)
         after = evolve_all(state, decided_events) if folded is None else folded[state.stream]
         states[state.stream] = lc.replace(after, recorded_until=at, born=born)
     return rows, events, states
+
+
+def _stream_rows(
+    state: lc.JobState, events: Sequence[lc.Event], metadata: Mapping[str, Any] | None,
+    at: float, born: int,
+) -> list[dict[str, Any]]:
+    """The log rows of ``events``, appended to ``state``'s stream after its version."""
+    return [
+        _event_row(state.stream, state.version + offset, event, metadata, at, born)
+        for offset, event in enumerate(events, start=1)
+    ]
 
 
 def recorded_time(state: lc.JobState, now: float) -> float:

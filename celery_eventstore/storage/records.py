@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ..lifecycle import Event
+from ..lifecycle import Event, JobState
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class ClaimedMessage:
     priority: int
     lease_until: float
     redelivered: bool
+    #: Its stream's state as the claim left it: what the worker's result write
+    #: may be decided on (:meth:`EventStore.execute`'s ``known``).
+    state: JobState | None = field(default=None, compare=False, repr=False)
 
     @property
     def ref(self) -> ClaimRef:

@@ -27,6 +27,7 @@ that nothing has it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -182,6 +183,15 @@ class EventStore:
 
     def __repr__(self) -> str:
         return f"<EventStore {redact(self.url)} prefix={self.table_prefix!r}>"
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """Which event log this store writes: the database (its URL, with no
+        driver nor password) and the tables' namespace.  Two stores with one
+        identity append to the same streams; the same database spelt another
+        way merely looks like another (a claim's state then goes unused)."""
+        where = self.url.set(drivername=self.db.dialect.name, password=None)
+        return f"{where.render_as_string()}|{self.schema or ''}|{self.table_prefix}"
 
     @property
     def dialect_name(self) -> str:
@@ -461,10 +471,18 @@ class EventStore:
         *,
         metadata: Mapping[str, Any] | None = None,
         connection: sa.Connection | None = None,
+        known: lc.JobState | None = None,
     ) -> list[RecordedEvent]:
-        """Decide ``command`` on the stream's current state and append the result."""
+        """Decide ``command`` on the stream's current state and append the result.
+
+        ``known``: the stream's state as a claim in this store left it
+        (:attr:`ClaimedMessage.state`).  A worker's result write is then decided
+        on it and appended without reading the stream, unless the stream moved
+        on since (then it is read, as without it)."""
         self.names.stream.check(stream)
-        return self.log.execute(stream, command, metadata=metadata, connection=connection)
+        return self.log.execute(
+            stream, command, metadata=metadata, connection=connection, known=known
+        )
 
     # -- deliveries --------------------------------------------------------------
 

@@ -318,6 +318,82 @@ class StoreContract:
         assert store.ack([m.ref for m in claimed]) == {claimed[0].delivery: Outcome.DONE}
         assert decoded == ["a", "a"]
 
+    def test_a_result_decided_on_its_claims_state_is_the_one_a_read_decides(
+        self, make_store, clock, monkeypatch
+    ):
+        """A worker's result write given the state its claim left: recorded as
+        a read would record it -- the same events, results row and task row --
+        with the recorded time of the database (or the test's) clock, never
+        before the stream's last; after the worker's early ack and renewals;
+        fenced out where the claim was taken over.  Where the database takes
+        the write in one statement (PostgreSQL, log not partitioned), nothing
+        of the stream is read unless something other than an ack or a renewal
+        was appended since the claim."""
+        store, other = make_store(clock=clock), make_store(clock=clock)
+        store.publish([msg("quiet"), msg("acked"), msg("started"), msg("taken")])
+        short = store.claim(["q"], 1, "w", 1)  # "quiet", oldest first
+        rest = {m.stream: m for m in store.claim(["q"], 3, "w", 300)}
+        held = {"quiet": short[0], **rest}
+        assert sorted(held) == ["acked", "quiet", "started", "taken"]
+        unread = store.db.dialect.writes_in_with and not store.log.partitioned
+        decoded = []
+        recorded = store.log.recorded
+        monkeypatch.setattr(store.log, "recorded",
+                            lambda row: decoded.append(row.stream_id) or recorded(row))
+        clock.advance(0.5)
+
+        [done] = store.execute("quiet", lc.Succeed(result={"r": 1}, claim=held["quiet"].claim),
+                               known=held["quiet"].state)
+        assert done.event == lc.Succeeded({"r": 1}, delivery=held["quiet"].delivery)
+        assert done.version == 3
+        assert done.recorded_at == clock.now
+        assert done.recorded_at >= held["quiet"].state.recorded_until
+        assert decoded == ([] if unread else ["quiet"] * 2)
+        assert store.read_stream("quiet")[-1] == done
+        assert store.results(["quiet"])["quiet"] == ("SUCCESS", {"r": 1}, done.recorded_at)
+        assert store.tasks(TaskFilter(state="SUCCESS"))[0].task_id == "quiet"
+
+        # Renewed and acked early since its claim (result-neutral): after them.
+        store.renew([held["acked"].ref], 300)
+        store.ack([held["acked"].ref])
+        decoded.clear()
+        [failed] = store.execute(
+            "acked", lc.Fail(exc="E", result={"e": 1}, claim=held["acked"].claim),
+            known=held["acked"].state,
+        )
+        assert ("acked" in decoded) != unread
+        assert types(store, "acked") == ["Published", "Claimed", "LeaseRenewed", "Acked",
+                                         "Failed"]
+        assert failed == store.read_stream("acked")[-1] and failed.version == 5
+        assert store.results(["acked"])["acked"][:2] == ("FAILURE", {"e": 1})
+
+        # The stream moved on otherwise (its STARTED): read, then appended.
+        store.execute("started", lc.Start(worker="w", claim=held["started"].claim))
+        decoded.clear()
+        store.execute("started", lc.Succeed(result={"r": 2}, claim=held["started"].claim),
+                      known=held["started"].state)
+        assert "started" in decoded
+        assert types(store, "started") == ["Published", "Claimed", "Started", "Succeeded"]
+        assert store.results(["started"])["started"][:2] == ("SUCCESS", {"r": 2})
+
+        # Taken over by another worker: fenced out, whatever the claim's state said.
+        clock.advance(300)
+        [steal] = other.claim(["q"], 5, "thief", 300)
+        assert steal.stream == "taken"
+        [fenced] = store.execute(
+            "taken", lc.Succeed(result={"r": 3}, claim=held["taken"].claim),
+            known=held["taken"].state,
+        )
+        assert isinstance(fenced.event, lc.ResultFenced)
+        assert store.results(["taken"]) == {}
+        # A state from another stream is not used for this one.
+        assert store.execute(
+            "taken", lc.Succeed(result={"r": 4}, claim=steal.claim), known=held["quiet"].state
+        )[0].event == lc.Succeeded({"r": 4}, delivery=steal.delivery)
+        live = store.projection_rows()
+        store.rebuild()
+        assert store.projection_rows() == live
+
     def test_a_scheduled_publish_wakes_listeners_of_its_queue(self, make_store, clock):
         consumer, producer = make_store(), make_store()
         listener = consumer.listener()

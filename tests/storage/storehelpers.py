@@ -108,12 +108,14 @@ def settle_in_rounds(
 
 
 def run_and_record_results(
-    url: str, options: dict[str, Any], queue: str, seed: int, out: Any
+    url: str, options: dict[str, Any], queue: str, from_claim_state: bool, seed: int, out: Any
 ) -> None:
     """A racing worker that never acks: it claims one message under a lease
     short enough to lose, runs it for a random while (often past the lease, so
     another worker takes it over) and records its result with the claim it ran
-    under.  Reports the ``(stream, claim)`` whose result the store recorded."""
+    under -- ``from_claim_state``: decided on the state the claim left, as a
+    Celery worker's result backend does.  Reports the ``(stream, claim)`` whose
+    result the store recorded."""
     import random
     import time
 
@@ -136,7 +138,8 @@ def run_and_record_results(
             empty_rounds = 0
             m = claimed[0]
             time.sleep(rng.choice([0.0, 0.0, 0.02, 0.08]))
-            events = store.execute(m.stream, lc.Succeed(result={"by": seed}, claim=m.claim))
+            events = store.execute(m.stream, lc.Succeed(result={"by": seed}, claim=m.claim),
+                                   known=m.state if from_claim_state else None)
             if any(isinstance(e.event, lc.Succeeded) for e in events):
                 recorded.append((m.stream, m.claim))
     except Exception as exc:  # reported to the test instead of hanging it

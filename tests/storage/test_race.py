@@ -105,13 +105,21 @@ def test_racing_rounds_settle_each_claim_once_while_leases_are_stolen(db):
     store.close()
 
 
-def test_racing_workers_record_one_result_per_task_each_under_its_current_claim(db):
+@pytest.mark.parametrize("from_claim_state", [False, True], ids=["read", "claim-state"])
+def test_racing_workers_record_one_result_per_task_each_under_its_current_claim(
+    db, from_claim_state
+):
     """Workers that run past their leases while others take their messages over
     record results from racing processes: each task gets one result, written
     under the claim that was current when it was recorded (a result read
-    before a takeover and written after it is fenced out, never appended)."""
+    before a takeover and written after it is fenced out, never appended).
+    ``claim-state``: each result is decided on the state its claim left, with
+    no read, as a Celery worker's are -- one decided on a state a takeover has
+    since overtaken must lose, read, and be fenced out all the same."""
     tasks = 150
-    store, reports = race_on_a_queue(db, "results", tasks, run_and_record_results)
+    store, reports = race_on_a_queue(
+        db, "results", tasks, run_and_record_results, from_claim_state
+    )
 
     said = [pair for report in reports for pair in report]
     events = store.read_all(limit=20 * tasks)

@@ -67,6 +67,26 @@ def test_a_result_write_costs_its_read_and_one_statement_on_postgresql(store, co
     assert store.projection_rows() == live
 
 
+#: Statements a result write decided on its claim's state sends, by dialect:
+#: the append alone on PostgreSQL (it takes its time from the clock itself);
+#: SQLite reads as without the state.
+RESULT_FROM_CLAIM_STATEMENTS = {"postgresql": 1, "sqlite": RESULT_STATEMENTS["sqlite"]}
+
+
+@pytest.mark.parametrize("command", ["fail", "retry", "succeed"])
+def test_a_result_from_its_claims_state_is_one_statement_on_postgresql(store, command):
+    held = claimed(store, "t1")
+    with executed_statements() as sent:
+        (recorded,) = store.execute("t1", RESULT_COMMANDS[command](held.claim), known=held.state)
+    assert len(writes(sent)) == RESULT_FROM_CLAIM_STATEMENTS[store.db.dialect.name], sent
+    assert recorded.position == store.last_position() and recorded.version == 3
+    assert store.read_stream("t1")[-1] == recorded
+    assert recorded.recorded_at >= store.read_stream("t1")[-2].recorded_at
+    live = store.projection_rows()
+    store.rebuild()
+    assert store.projection_rows() == live
+
+
 @pytest.mark.parametrize("db", ["psycopg2", "psycopg"], indirect=True)
 @pytest.mark.parametrize("command", ["succeed", "fail"])
 def test_a_result_is_a_read_and_a_write_each_committing_as_it_runs(store, command):
@@ -171,13 +191,14 @@ def test_a_result_in_one_statement_wakes_its_waiter(store):
     assert "t1" in woken
 
 
-def write_results(url: str, options: dict[str, Any], writes: list[tuple[str, str, str]],
-                  out: Any) -> None:
-    """A racing worker: writes each (stream, claim, result) as a Succeed."""
+def write_results(url: str, options: dict[str, Any],
+                  writes: list[tuple[str, str, str, lc.JobState | None]], out: Any) -> None:
+    """A racing worker: writes each (stream, claim, result, state its claim
+    left or None) as a Succeed."""
     store = EventStore(url, **options)
     try:
-        for stream, claim, result in writes:
-            store.execute(stream, lc.Succeed({"r": result}, claim=claim))
+        for stream, claim, result, known in writes:
+            store.execute(stream, lc.Succeed({"r": result}, claim=claim), known=known)
         out.put(len(writes))
     except Exception as exc:  # reported to the test instead of hanging it
         out.put(repr(exc))
@@ -186,20 +207,26 @@ def write_results(url: str, options: dict[str, Any], writes: list[tuple[str, str
 
 
 @pytest.mark.parametrize("db", ["sqlite", "psycopg2"], indirect=True)
-def test_racing_result_writes_record_one_outcome_and_fence_the_old_claim(store):
+@pytest.mark.parametrize("from_claim_state", [False, True], ids=["read", "claim-state"])
+def test_racing_result_writes_record_one_outcome_and_fence_the_old_claim(
+    store, from_claim_state
+):
     """Each of 60 tasks was claimed, lost its lease and was claimed again; four
     processes write results for all of them at once, two under the old claim
     and two under the new one.  Each task ends with one Succeeded (the new
     claim's), the old claim's writes fenced, and the read models as a rebuild
-    makes them."""
+    makes them.  ``claim-state``: each write is decided on the state its claim
+    left (the old claim's is stale by then; the new claim's two writers race
+    from one state)."""
     streams = [f"race-{i}" for i in range(60)]
     store.publish([NewMessage(stream=s, queue="rq", message={"n": s}) for s in streams])
-    old = {m.stream: m.claim for m in store.claim(["rq"], 100, "old", 0.2)}
+    old = {m.stream: m for m in store.claim(["rq"], 100, "old", 0.2)}
     time.sleep(0.5)
-    new = {m.stream: m.claim for m in store.claim(["rq"], 100, "new", 60)}
+    new = {m.stream: m for m in store.claim(["rq"], 100, "new", 60)}
     assert set(old) == set(new) == set(streams)
     plans = [
-        [(s, claims[s], name) for s in streams[::direction]]
+        [(s, claims[s].claim, name, claims[s].state if from_claim_state else None)
+         for s in streams[::direction]]
         for name, claims in (("old", old), ("new", new))
         for direction in (1, -1)
     ]

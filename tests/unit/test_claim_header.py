@@ -35,3 +35,16 @@ def test_the_backend_reads_the_claim_of_the_requests_own_task() -> None:
     assert backend._claim_of(request, "t2") is None
     assert backend._claim_of(Context({"id": "t1"}), "t1") is None  # another broker
     assert backend._claim_of(None, "t1") is None  # mark_as_done, eager calls
+
+
+def test_a_task_delivery_hands_its_claims_state_to_the_pool_in_a_property() -> None:
+    """The claim's state goes in a property: Celery passes properties to the pool
+    process on the request, and a retry copies headers, never properties."""
+    stored = {"headers": {"id": "t1", "task": "x"}, "properties": {}}
+    given = ("store-identity", object())
+    payload = transport._for_delivery(stored, "claim-2", False, given)
+    assert payload["properties"][backend.CLAIM_STATE] is given
+    assert backend.CLAIM_STATE not in payload["headers"]
+    assert stored["properties"] == {}  # the stored message is kept
+    plain = transport._for_delivery({"headers": {"k": "v"}}, "c", False, given)
+    assert backend.CLAIM_STATE not in plain["properties"]  # not a task: no result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import Counter
 from typing import Any
 
@@ -25,6 +26,8 @@ from hypothesis.stateful import (
 
 from celery_eventstore.exceptions import InvalidTransition, NotClaimable, StaleClaim
 from celery_eventstore.lifecycle import (
+    CLOCKLESS_RESULT_WRITES,
+    RESULT_NEUTRAL_EVENTS,
     Ack,
     Acked,
     Claim,
@@ -109,6 +112,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         super().__init__()
         self.now = START
         self.state = JobState(stream=STREAM)
+        #: The state after the last event that is not result-neutral.
+        self.unneutral = self.state
         self.events: list[Event] = []
         self.finished: dict[str, Delivery] = {}  # final deliveries, as first seen final
         self.claim_ids: dict[str, list[str]] = {}  # every claim id used, per delivery
@@ -136,9 +141,18 @@ class LifecycleMachine(RuleBasedStateMachine):
             return None
         # What a store would write and read back is the same log (so folds the same).
         assert stored(events) == events
+        if isinstance(command, CLOCKLESS_RESULT_WRITES):
+            # A worker's result write decides the same at any time, or none: the
+            # store may decide it before its statement reads the clock -- and
+            # the same on the state before the last result-neutral events.
+            assert decide(command, before, math.nan) == events
+            assert decide(command, before, self.now + 86400) == events
+            assert decide(command, self.unneutral, self.now) == events
         state = self.state
         for new in events:
             state = evolve(state, new)
+            if not isinstance(new, RESULT_NEUTRAL_EVENTS):
+                self.unneutral = state
         self.state = state
         self.events.extend(events)
         return events
@@ -538,6 +552,15 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.now += seconds
 
     # -- invariants -----------------------------------------------------------
+
+    @invariant()
+    def result_neutral_events_leave_the_result_as_it_was(self) -> None:
+        """What a result write derives (the results row, the task's state) is
+        the same before and after the result-neutral events since."""
+        fields = ("result_state", "result", "custom_state", "forgotten", "revoked",
+                  "outcome_version")
+        before, now = self.unneutral, self.state
+        assert [getattr(before, f, None) for f in fields] == [getattr(now, f, None) for f in fields]
 
     @invariant()
     def folding_the_log_reproduces_the_state(self) -> None:
