@@ -8,6 +8,7 @@ test's own, so other tests' connections never count.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.exceptions import DatabaseUnavailable
 from celery_eventstore.storage import ANY_QUEUE, EventStore, NewMessage
-from celery_eventstore.storage.notifiers import READY_WINDOW
+from celery_eventstore.storage.notifiers import READY_BURST_GAP, READY_WINDOW
 
 DRIVERS = ["psycopg2", "psycopg"]
 
@@ -140,13 +141,19 @@ def test_a_burst_of_publishes_sends_a_bounded_number_of_notifies(
 ) -> None:
     """Publishing one message per transaction as fast as possible sends one NOTIFY
     per window, not one per publish -- and one after the last publish, so the
-    last message is not left to the poll."""
+    last message is not left to the poll.  (A publish after a pause of
+    READY_BURST_GAP is no burst and notifies at once: four threads publishing
+    at once pause now and then, so those are counted, generously.)"""
     store = named_store
     raw = _raw_listener(store, postgresql_url)
     counts = [0] * 4
+    starts: list[float] = []
+    lock = threading.Lock()
 
     def publish(n: int) -> None:
         while time.monotonic() - started < 1.0:
+            with lock:
+                starts.append(time.monotonic())
             store.publish([NewMessage(stream=uuid.uuid4().hex, queue="burst", message={})])
             counts[n] += 1
 
@@ -163,10 +170,34 @@ def test_a_burst_of_publishes_sends_a_bounded_number_of_notifies(
     finally:
         raw.close()
     elapsed = last_publish - started
+    # The store's clock is read inside the publish, after this one: a pause it
+    # saw can look up to a millisecond shorter here.
+    pauses = sum(b - a >= READY_BURST_GAP - 0.001 for a, b in itertools.pairwise(starts))
     assert {payload for _, payload in got} == {"burst"}
-    assert len(got) <= elapsed / READY_WINDOW + 2, (len(got), publishes, elapsed)
+    assert len(got) <= elapsed / READY_WINDOW + pauses + 2, (len(got), publishes, pauses)
     assert len(got) < publishes / 2, (len(got), publishes)
     assert got[-1][0] >= last_publish - 0.01, "nothing told the consumers of the last publish"
+
+
+def test_publishes_after_pauses_each_notify_at_once(
+    named_store: EventStore, postgresql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publisher that waits between publishes (for each task's result, as
+    ``delay().get()`` in a loop or a chain's next step) is no burst: each of its
+    publishes notifies with its commit, none waits for the window to close
+    (made a second long here, so a held one would show)."""
+    store = named_store
+    assert store.log.throttle is not None
+    monkeypatch.setattr(store.log.throttle, "window", 1.0)
+    raw = _raw_listener(store, postgresql_url)
+    try:
+        for _ in range(10):
+            store.publish([NewMessage(stream=uuid.uuid4().hex, queue="paced", message={})])
+            time.sleep(READY_BURST_GAP * 2.5)
+        got = _drain(raw, 0.3)  # well before the window closes
+    finally:
+        raw.close()
+    assert [payload for _, payload in got] == ["paced"] * 10
 
 
 def test_the_listen_connection_comes_back_by_itself(

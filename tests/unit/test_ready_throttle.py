@@ -4,6 +4,7 @@ when it closes, unless a later commit's own NOTIFY already covers it."""
 from __future__ import annotations
 
 import threading
+import time
 
 from celery_eventstore.storage.notifiers import ReadyThrottle
 
@@ -61,3 +62,16 @@ def test_one_sender_thread_sends_every_windows_held_wake_ups() -> None:
         assert flushed.acquire(timeout=2)
     assert len(senders) == 3 and len(set(senders)) == 1
     assert senders[0] is not threading.current_thread()
+
+
+def test_a_publish_after_a_pause_notifies_at_once_inside_the_window() -> None:
+    """A caller that waits for each task before publishing the next is no burst:
+    its publishes are each notified at once, not paced at one per window."""
+    flushes = Flushes()
+    throttle = ReadyThrottle(flushes, window=10.0, burst_gap=0.05)
+    assert throttle.now(["a"]) == ({"a"}, set())
+    for _ in range(3):
+        time.sleep(0.06)  # the task ran, its result came back: the next publish
+        assert throttle.now(["a"]) == ({"a"}, set())
+    # A burst inside the same window is still held back.
+    assert throttle.now(["a"]) == (set(), {"a"})

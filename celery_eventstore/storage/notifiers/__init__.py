@@ -48,9 +48,15 @@ POLL = "poll"
 
 #: PostgreSQL keeps 63 bytes of a channel name and silently cuts the rest.
 MAX_CHANNEL = 63
-#: A process sends at most one "ready" NOTIFY per queue in this many seconds; what
-#: the window holds back is sent once, as it closes.
+#: A process sends at most one "ready" NOTIFY per queue in this many seconds while
+#: it publishes to the queue in a burst; what the window holds back is sent once,
+#: as it closes.
 READY_WINDOW = 0.01
+#: Publishes to one queue at least this far apart are no burst: each notifies at
+#: once, whatever the window.  A caller that waits for each task's result before
+#: publishing the next must not wait for a window on every task (it would be
+#: paced at one task per window).
+READY_BURST_GAP = 0.004
 
 
 def _digest(text: str, size: int) -> str:
@@ -169,18 +175,26 @@ class ReadyThrottle:
     publishes sends one at once and one as the window closes, not one each.
 
     :meth:`now` says which of a transaction's queues to notify in it: those not
-    notified within :data:`READY_WINDOW`.  The others are handed to
+    notified within :data:`READY_WINDOW`, and those whose last publish was at
+    least ``burst_gap`` before (no burst: at most one NOTIFY per gap).  The others
+    are handed to
     :meth:`later` once the transaction committed (never before: a consumer woken
     early would find nothing), and ``flush`` -- one transaction of its own --
     sends them when their window closes, on a thread of the throttle's.
     """
 
-    def __init__(self, flush: Callable[[set[str]], None], window: float = READY_WINDOW) -> None:
+    def __init__(
+        self, flush: Callable[[set[str]], None], window: float = READY_WINDOW,
+        burst_gap: float = READY_BURST_GAP,
+    ) -> None:
         self._flush = flush
         self.window = window
+        self.burst_gap = burst_gap
         self._lock = threading.Lock()
         self._owing = threading.Condition(self._lock)
         self._sent: dict[str, float] = {}
+        #: When each queue was last published to (notified or held).
+        self._published: dict[str, float] = {}
         #: Queues held back, and when their transaction committed.
         self._owed: dict[str, float] = {}
         #: When the owed wake-ups are to go (None: nothing owed).
@@ -199,13 +213,20 @@ class ReadyThrottle:
             self._forked()
             for queue in queues:
                 last = self._sent.get(queue)
-                if last is None or clock - last >= self.window:
+                previous = self._published.get(queue)
+                self._published[queue] = clock
+                if (last is None or clock - last >= self.window
+                        or previous is None or clock - previous >= self.burst_gap):
                     self._sent[queue] = clock
                     send.add(queue)
                 else:
                     hold.add(queue)
             if len(self._sent) > 10_000:  # a bound, not a history
                 self._sent = {q: t for q, t in self._sent.items() if clock - t < self.window}
+            if len(self._published) > 10_000:
+                self._published = {
+                    q: t for q, t in self._published.items() if clock - t < self.burst_gap
+                }
         return send, hold
 
     def later(self, queues: set[str]) -> None:
@@ -254,4 +275,5 @@ class ReadyThrottle:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._sent, self._owed, self._due, self._sender = {}, {}, None, None
+            self._published = {}
             self._owing = threading.Condition(self._lock)
