@@ -644,7 +644,8 @@ def _for_delivery(
     props = dict(payload.get("properties") or {})
     if "task" in headers:  # Celery's task protocol 2 names the task in a header
         payload["headers"] = {**headers, "eventstore_claim": tag}
-        if claim_state is not None:
+        # A task that ignores its result writes none: no state to carry to it.
+        if claim_state is not None and headers.get("ignore_result") is not True:
             props["eventstore_claim_state"] = claim_state
     info = dict(props.get("delivery_info") or {})
     info["redelivered"] = redelivered

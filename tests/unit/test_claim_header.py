@@ -48,3 +48,6 @@ def test_a_task_delivery_hands_its_claims_state_to_the_pool_in_a_property() -> N
     assert stored["properties"] == {}  # the stored message is kept
     plain = transport._for_delivery({"headers": {"k": "v"}}, "c", False, given)
     assert backend.CLAIM_STATE not in plain["properties"]  # not a task: no result
+    ignored = {"headers": {"id": "t2", "task": "x", "ignore_result": True}}
+    unpickled = transport._for_delivery(ignored, "c", False, given)
+    assert backend.CLAIM_STATE not in unpickled["properties"]  # no result to write
