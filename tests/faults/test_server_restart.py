@@ -50,10 +50,14 @@ def test_server_crash_and_restart_during_a_drain(
     print(counts.line("postgresql restart -m immediate"), f"(window {faults.windows})")
     if counts.no_result:  # a result write refused while the server was down
         print(counts.stories(counts.no_result))
-    for worker in workers:
-        assert worker.proc.poll() is None, f"worker {worker.name} exited:\n{worker.tail()}"
-        assert "Connection to broker lost" in worker.log()
     assert counts.lost == [], (
         f"settled: {settled}, window: {faults.windows}\n{counts.stories(counts.lost)}"
     )
     assert counts.unexplained == [], counts.unexplained[:3]
+    for worker in workers:
+        assert worker.proc.poll() is None, f"worker {worker.name} exited:\n{worker.tail()}"
+    # The crash reached the workers' consumers -- at least one; a worker whose
+    # main process spends the two seconds in its pool's failed result writes
+    # may never ask the broker for anything meanwhile (4 runs in 10 on a fast
+    # machine), and carries on as if nothing had happened.
+    assert any("Connection to broker lost" in worker.log() for worker in workers)
