@@ -34,10 +34,12 @@ class Peer:
     cleanup: Any = None
 
 
-def scratch_schema(prefix: str) -> tuple[sa.URL, str, Callable[[], None]]:
-    """A new schema on the test PostgreSQL: its server's URL (psycopg2), its name,
-    and the function that drops it."""
-    url = sa.make_url(PG).set(drivername="postgresql+psycopg2")
+def scratch_schema(
+    prefix: str, server: str | None = None
+) -> tuple[sa.URL, str, Callable[[], None]]:
+    """A new schema on ``server`` (the test PostgreSQL unless given): its
+    server's URL (psycopg2), its name, and the function that drops it."""
+    url = sa.make_url(server or PG).set(drivername="postgresql+psycopg2")
     schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
     engine = sa.create_engine(url)
     with engine.begin() as conn:

@@ -27,13 +27,13 @@ import io
 import pstats
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from celery import Celery
+from e2e_rig import scratch_schema
 from kombu import Consumer, Queue
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     else:
         url = f"eventstore+{args.url}"
         if sa.make_url(args.url).get_backend_name() == "postgresql":
-            options["schema"], drop = scratch_schema(args.url)
+            _, options["schema"], drop = scratch_schema("profile", args.url)
     app = Celery("profile", broker=url, backend=url)
     app.conf.task_default_queue = "celery"
     app.conf.broker_transport_options = options
@@ -79,21 +79,6 @@ def main() -> None:
     finally:
         app.close()
         drop()
-
-
-def scratch_schema(url: str) -> tuple[str, Callable[[], None]]:
-    """A new schema on that PostgreSQL server, and the function that drops it."""
-    schema = f"profile_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.schema.CreateSchema(schema))
-
-    def drop() -> None:
-        with engine.begin() as conn:
-            conn.execute(sa.schema.DropSchema(schema, cascade=True))
-        engine.dispose()
-
-    return schema, drop
 
 
 def run_profile(app: Celery, args: argparse.Namespace) -> None:
