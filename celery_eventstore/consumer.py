@@ -212,6 +212,8 @@ class QoS(virtual.QoS):
         """Write the buffered acks and claim up to ``limit`` messages from
         ``queues``, in one transaction, and hold the claims (those from the
         ``noack`` queues are acked at once instead)."""
+        with self._lock:
+            self._filled = False  # until this round says otherwise
         if not queues:
             self.flush_acks()
             return []
@@ -229,9 +231,10 @@ class QoS(virtual.QoS):
             raise
         outcomes, claimed = done.outcomes, done.claimed
         filled = done.nominated >= limit
-        with self._lock:
-            self._filled = filled
-        if not filled and consuming:
+        if filled:
+            with self._lock:
+                self._filled = True
+        elif consuming:
             # Nothing more is due now: the round brought when the next one is.
             self._set_due(done.next_due)
         self._warn_stale(outcomes, "ack")

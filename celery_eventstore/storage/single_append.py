@@ -201,7 +201,9 @@ class SingleAppend:
         ev = self.queries.tables.events
         at = ev.c.recorded_at.type
         not_before = sa.bindparam("not_before", type_=at)
-        neutral = [cls.__name__ for cls in lc.RESULT_NEUTRAL_EVENTS]
+        neutral = sorted(
+            name for name, cls in lc.EVENT_TYPES.items() if cls in lc.RESULT_NEUTRAL_EVENTS
+        )
         return (
             sa.select(
                 sa.func.greatest(
