@@ -20,6 +20,7 @@ from celery import Celery
 from celery.app.task import Context
 
 from celery_eventstore import backend
+from celery_eventstore import lifecycle as lc
 
 Database = tuple[str, dict[str, Any]]
 
@@ -86,7 +87,14 @@ def test_a_second_write_under_the_claim_reads(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After the claim's first write (STARTED, with ``task_track_started``) the
-    claim's state is behind the stream: the next write reads."""
+    claim's state is behind the stream: the backend no longer offers it (a
+    write decided on it would only lose on the version key), and the next
+    write reads."""
+    store = app.backend.store
+    offered: list[Any] = []
+    execute = store.execute
+    monkeypatch.setattr(store, "execute", lambda stream, command, **kw: (
+        offered.append(kw.get("known")) or execute(stream, command, **kw)))
     with app.connection() as conn:
         _, request = delivered(app, conn)
         task_id = request.id
@@ -94,6 +102,7 @@ def test_a_second_write_under_the_claim_reads(
         reads = reads_of(app, monkeypatch)
         app.backend.mark_as_failure(task_id, ValueError("no"), request=request)
         assert task_id in reads
+    assert [type(known) for known in offered[:2]] == [lc.TaskState, type(None)]
     types = [e.type for e in app.backend.store.read_stream(task_id)]
     assert types[:4] == ["Published", "Claimed", "Started", "Failed"]
 
