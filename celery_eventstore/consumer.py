@@ -47,6 +47,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,30 @@ SWEEP_INTERVAL = 10.0
 
 #: What a claim hands to the consumers: kombu payloads and the queue of each.
 Batch = list[tuple[dict[str, Any], str]]
+
+#: Acks a closing channel could not write, by store.  Celery reconnects by
+#: closing its connection and opening another on the same (process-wide) store:
+#: the new channel's QoS adopts them and writes them with its first claim round,
+#: so a task that finished under the old connection is not run again when its
+#: lease runs out.  An ack is fenced by its claim, so whoever writes it decides
+#: it as the closing channel would have.
+_unwritten_acks: weakref.WeakKeyDictionary[EventStore, list[ClaimRef]] = (
+    weakref.WeakKeyDictionary()
+)
+_unwritten_lock = threading.Lock()
+
+
+def leave_acks(store: EventStore, refs: Sequence[ClaimRef]) -> None:
+    """Leave acks for the next channel on ``store`` (see :data:`_unwritten_acks`)."""
+    if refs:
+        with _unwritten_lock:
+            _unwritten_acks.setdefault(store, []).extend(refs)
+
+
+def adopt_acks(store: EventStore) -> list[ClaimRef]:
+    """The acks closed channels left for ``store``, once."""
+    with _unwritten_lock:
+        return _unwritten_acks.pop(store, [])
 
 
 class QoS(virtual.QoS):
@@ -93,8 +118,10 @@ class QoS(virtual.QoS):
         self._held: dict[str, tuple[ClaimRef, float]] = {}
         #: Deliveries already reported as taken over: reported once, not per call.
         self._reported_stale: set[str] = set()
-        self._acks: list[ClaimRef] = []
-        self._acks_since: float | None = None  # when the oldest buffered ack came
+        #: Acks not yet written; first those a closed channel could not write.
+        self._acks: list[ClaimRef] = adopt_acks(self.store)
+        #: When the oldest buffered ack came.
+        self._acks_since: float | None = time.monotonic() if self._acks else None
         #: The limit of the claim in flight (0: none); it counts against the credit.
         self._claiming = 0
         #: A wake-up came while a claim was in flight: claim again after it.
@@ -361,6 +388,22 @@ class QoS(virtual.QoS):
             self._return_acks(refs)
             raise
         self._warn_stale(outcomes, "ack")
+
+    def flush_acks_at_close(self) -> None:
+        """Write the buffered acks as the channel closes; leave those it cannot
+        write (the database is away) to the next channel on the same store."""
+        try:
+            self.flush_acks()
+            return
+        except Exception as exc:
+            error = exc
+        left = self._take_acks()
+        if left:
+            leave_acks(self.store, left)
+            logger.warning(
+                "could not write %d ack(s) as the channel closed (%s): the next "
+                "connection writes them", len(left), error,
+            )
 
     def _warn_stale(self, outcomes: Mapping[str, Outcome], what: str) -> None:
         """Say which claims were fenced out -- once per delivery, whatever asks next."""

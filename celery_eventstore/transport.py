@@ -482,11 +482,8 @@ class Channel(virtual.Channel):
     _restore_at_beginning = _restore
 
     def close(self) -> None:
-        try:
-            if self._qos is not None:
-                self._qos.flush_acks()
-        except Exception:
-            logger.exception("could not write pending acks; their leases will bring them back")
+        if self._qos is not None:
+            self._qos.flush_acks_at_close()
         super().close()
 
 

@@ -236,9 +236,13 @@ class TcpProxy(threading.Thread):
 
     def _listen(self, port: int) -> socket.socket:
         server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", port))
-        server.listen(16)
+        try:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1", port))
+            server.listen(16)
+        except OSError:
+            server.close()
+            raise
         return server
 
     def url(self, url: str) -> str:
@@ -304,9 +308,20 @@ class TcpProxy(threading.Thread):
             sock.close()
 
     def restore(self) -> None:
-        with self._lock:
-            if self._server is None:
-                self._server = self._listen(self.port)
+        # The listening socket cut() closed may take a moment to free its port
+        # (the forwarding thread can be inside select() on it).
+        deadline = time.monotonic() + 5
+        while True:
+            with self._lock:
+                if self._server is not None:
+                    return
+                try:
+                    self._server = self._listen(self.port)
+                    return
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.01)
 
     def stop(self) -> None:
         self.cut()

@@ -395,6 +395,31 @@ def test_acks_pending_when_the_connection_is_lost_are_written_once_it_is_back(
     no_stale_writes(caplog)
 
 
+def test_acks_a_closing_channel_cannot_write_are_written_by_the_next_connection(
+    proxied_rig: tuple[Rig, TcpProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig, proxy = proxied_rig
+    ids = rig.publish(2)
+    rig.claim_cycle()
+    for message in rig.delivered:
+        message.ack()  # buffered: QUIET leaves them to the next claim
+
+    proxy.cut()
+    rig.connection.close()  # Celery reconnects by closing and connecting again
+    assert "the next connection writes them" in caplog.text
+    assert [rig.count(i, "Acked") for i in ids] == [0, 0]
+
+    proxy.restore()
+    again = Rig(rig.url, rig.options, prefetch=2)  # the same store, as in a worker
+    try:
+        again.claim_cycle()  # its first round writes them
+        assert [rig.count(i, "Acked") for i in ids] == [1, 1]
+        assert [rig.count(i, "LeaseExpired") for i in ids] == [0, 0]
+    finally:
+        again.close()
+    no_stale_writes(caplog)
+
+
 # -- ETAs ------------------------------------------------------------------------
 
 
