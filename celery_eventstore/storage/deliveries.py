@@ -18,7 +18,7 @@ from .. import lifecycle as lc
 from ..exceptions import InvalidTransition, MessageTooLarge, StaleClaim
 from .database import Database, Tx
 from .log import EventLog, Pending, decided, decode_json, evolve_all, fold
-from .records import ClaimedMessage, ClaimRef, ClaimRound, NewMessage, Outcome
+from .records import ClaimedMessage, ClaimRef, ClaimRound, NewMessage, Outcome, RecordedEvent
 
 #: Default largest message, as stored JSON, that publish accepts.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -280,19 +280,40 @@ class Deliveries:
     ) -> ClaimRound:
         """Decide claim-fenced commands for ``refs``, then claim, in one transaction:
         one nomination (which brings the clock and the next ETA), one read of every
-        stream involved, one append.
+        stream involved that it cannot fold unread, one append.
 
-        Nothing is locked for the refs: a racing re-claim of the same delivery
-        makes one of the two appends lose on the ``(stream, version)`` key, and the
-        loser is retried from a fresh read.
+        A consumer's steady round reads nothing: the streams it settles are
+        carried on from the states its claims left, once the nomination found
+        none has moved since, and a fresh message's stream is its one publish,
+        which the nomination brings.  Nothing is locked for the refs: a racing
+        re-claim of the same delivery makes one of the two appends lose on the
+        ``(stream, version)`` key, and the loser is retried from a fresh read.
         """
-        candidates, next_due = self._nominate(tx, request)
+        nominating = request is not None and request.limit > 0 and bool(request.queues)
+        # The nomination brings the clock, so a round that reads nothing has it.
+        known = self._known(refs) if nominating else {}
+        candidates, next_due, unmoved = self._nominate(tx, request, known)
         nominated = len(candidates)
-        known = self._known(tx, refs, candidates) if request is not None else {}
+        claimed = {c.stream_id for c in candidates}
+        known = {stream: state for stream, state in known.items() if stream not in claimed}
+        unread: dict[str, list[RecordedEvent]] = {}
+        if unmoved:
+            unread.update((stream, []) for stream in known)
+        bodies: dict[str, Any] = {}  # delivery -> the message, decoded once
+        settled = {r.stream for r in refs}
+        for candidate in candidates:
+            if self._fresh(candidate) and candidate.stream_id not in settled:
+                published = self.log.recorded_publish(candidate)
+                if published is not None:
+                    unread[candidate.stream_id] = [published[0]]
+                    bodies[candidate.delivery_id] = published[1]
         streams = self.log.read_streams(
-            tx, [r.stream for r in refs] + [c.stream_id for c in candidates],
-            after={stream: state.version for stream, state in known.items()},
+            tx,
+            [r.stream for r in refs if r.stream not in unread]
+            + [c.stream_id for c in candidates if c.stream_id not in unread],
+            after={s: state.version for s, state in known.items() if s not in unread},
         )
+        streams.update(unread)
         states, unreadable = self.log.fold_readable(tx, streams, known)
         # A claim on a stream that cannot be read can only be fenced out.
         fenced = {r.delivery: Outcome.STALE for r in refs if r.stream in unreadable}
@@ -309,30 +330,38 @@ class Deliveries:
             tx, decided(pending), read_positions=False, folded=states
         )
         self._hold(refs, claims, final)
-        bodies = {c.delivery_id: c.data for c in candidates}
+        data = {c.delivery_id: c.data for c in candidates}
+        for _, delivery, _ in claims:
+            if delivery not in bodies:
+                bodies[delivery] = decode_json(data[delivery])["message"]
         return ClaimRound(
             {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now), next_due,
             nominated,
         )
 
-    def _known(
-        self, tx: Tx, refs: Sequence[ClaimRef], candidates: Sequence[Any]
-    ) -> dict[str, lc.JobState]:
+    def _fresh(self, candidate: Any) -> bool:
+        """Whether a nominated delivery's stream is its one publish, so that the
+        nomination's row is all there is to fold (not on a partitioned log,
+        where a read holds the stream against a prune's move first)."""
+        return (
+            candidate.version == 1 and candidate.last_version == 1
+            and not self.log.partitioned
+        )
+
+    def _known(self, refs: Sequence[ClaimRef]) -> dict[str, lc.JobState]:
         """The held states of the refs' streams that need no whole read in a
-        consumer's round: a stream settled once in it and not claimed in it.
-        Only once the round has its clock (a read that may return no rows cannot
-        bring it).  A plain settle (:meth:`ack`, :meth:`renew`...) reads whole
-        streams, and so finds a row corrupted under its holder."""
-        if tx.clock_wanted or not self._held or self.log.partitioned:
+        consumer's round: a stream settled once in it (and, the caller sees to
+        it, not claimed in it).  A plain settle (:meth:`ack`, :meth:`renew`...)
+        reads whole streams, and so finds a row corrupted under its holder."""
+        if not self._held or self.log.partitioned:
             return {}  # on a partitioned log, a stream may have moved since
         settled: dict[str, int] = {}
         for ref in refs:
             settled[ref.stream] = settled.get(ref.stream, 0) + 1
-        claimed = {c.stream_id for c in candidates}
         known = {}
         for ref in refs:
             state = self._held.get(ref.claim)
-            if state is not None and settled[ref.stream] == 1 and ref.stream not in claimed:
+            if state is not None and settled[ref.stream] == 1:
                 known[ref.stream] = state
         return known
 
@@ -357,24 +386,29 @@ class Deliveries:
                 break
 
     def _nominate(
-        self, tx: Tx, request: ClaimRequest | None
-    ) -> tuple[Sequence[Any], float | None]:
-        """The due deliveries to try to claim, and the next ETA if the request
-        asks for it; the transaction's clock comes with them."""
+        self, tx: Tx, request: ClaimRequest | None, known: Mapping[str, lc.JobState]
+    ) -> tuple[Sequence[Any], float | None, bool]:
+        """The due deliveries to try to claim, the next ETA if the request asks
+        for it, and whether none of the ``known`` streams has moved past the
+        state held for it; the transaction's clock comes with them."""
         if request is None or request.limit <= 0 or not request.queues:
-            return (), None
+            return (), None, False
         clock_wanted = tx.clock_wanted
         rows = self._nominate_rows(
             tx.conn, request, None if clock_wanted else tx.now, request.limit,
-            relaxed=clock_wanted and tx.relaxed,
+            relaxed=clock_wanted and tx.relaxed, known=list(known),
         )
         if clock_wanted:
             tx.clock_read(float(rows[0].tx_clock))
-        return [r for r in rows if r.delivery_id is not None], _next_due(rows)
+        held = sum(state.version for state in known.values())
+        unmoved = bool(known) and rows[0].known_last is not None and (
+            int(rows[0].known_last) == held
+        )
+        return [r for r in rows if r.delivery_id is not None], _next_due(rows), unmoved
 
     def _nominate_rows(
         self, conn: sa.Connection, request: ClaimRequest, now: float | None, limit: int,
-        *, relaxed: bool = False,
+        *, relaxed: bool = False, known: Sequence[str] = (),
     ) -> Sequence[Any]:
         """The nomination's rows: at least one (the clock's)."""
         queries = self.log.queries
@@ -382,7 +416,7 @@ class Deliveries:
         return conn.execute(
             queries.nominate(len(queues)),
             queries.nominate_params(
-                queues, now, limit, relaxed=relaxed, next_due=request.next_due
+                queues, now, limit, relaxed=relaxed, next_due=request.next_due, known=known
             ),
         ).all()
 
@@ -456,11 +490,11 @@ def _decide_claims(
 def _claimed_messages(
     claims: Sequence[tuple[str, str, str]],
     final: Mapping[str, lc.JobState],
-    published: Mapping[str, Any],
+    bodies: Mapping[str, Any],
     now: float,
 ) -> list[ClaimedMessage]:
-    """The claimed deliveries with their bodies, from ``published``: delivery ->
-    the data of the publish that made it, as the nomination read it."""
+    """The claimed deliveries with their ``bodies`` (delivery -> the message its
+    publish holds, as the nomination read it)."""
     out = []
     for stream, delivery, claim_id in claims:
         d = final[stream].delivery(delivery)
@@ -469,7 +503,7 @@ def _claimed_messages(
             claim=claim_id,
             stream=stream,
             queue=d.queue,
-            message=decode_json(published[delivery])["message"],
+            message=bodies[delivery],
             priority=d.priority,
             lease_until=d.lease_until or now,
             redelivered=d.redelivered,

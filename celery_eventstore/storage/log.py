@@ -109,6 +109,23 @@ class EventLog:
             born=getattr(row, "born", None),
         )
 
+    def recorded_publish(self, row: Any) -> tuple[RecordedEvent, Any] | None:
+        """A publish as a claim's nomination returns it, with its body: the
+        event as a decision reads it (body None, no metadata) and the body.  None
+        for a row that does not decode: a read of its stream says what it is."""
+        try:
+            data = decode_json(row.data)
+            if row.type != "Published" or not isinstance(data, dict):
+                return None
+            event = lc.event_from(row.type, {**data, "message": None})
+        except (ValueError, TypeError, CorruptStream):
+            return None
+        recorded = RecordedEvent(
+            position=row.position, stream=row.stream_id, version=row.version, event=event,
+            metadata=None, recorded_at=row.recorded_at, born=row.born,
+        )
+        return recorded, data.get("message")
+
     def read_streams(
         self, conn: sa.Connection | Tx, streams: Iterable[str], *, bodies: bool = False,
         hold: bool = True, after: Mapping[str, int] | None = None,

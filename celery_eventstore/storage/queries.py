@@ -246,7 +246,11 @@ class Queries:
         ETA in the queues later than that time (as :meth:`earliest_due`), read in
         the same snapshot -- any earlier one is due, so nominated here or held by
         another claimer.  Without a due delivery the one row's ``delivery_id`` is
-        NULL.
+        NULL.  A delivery's row also carries its publish as an event (``position``,
+        ``version``, ``type``, ``recorded_at``, ``born``) and its stream's ``last_version``;
+        every row carries ``known_last``, the sum of the last versions of the
+        streams listed in ``known`` (NULL for none): what a round needs to fold
+        the streams that have not moved without reading them.
 
         Each queue is read through two bounded index ranges, whatever the planner
         knows: the first ``limit`` claimable messages without an ETA in claim order
@@ -292,6 +296,7 @@ class Queries:
                 arms.append(sa.select(locked))
         candidates = sa.union_all(*arms).subquery()
         ev = self.tables.events
+        later = ev.alias("later")
         picked = (
             sa.select(
                 candidates.c.delivery_id, candidates.c.stream_id,
@@ -299,6 +304,12 @@ class Queries:
                 # The body to deliver, from the publish the row was made by:
                 # folding the streams reads them without bodies.
                 sa.type_coerce(ev.c.data, sa.Text).label("data"),
+                # That publish as an event, and the stream's last version: a
+                # stream whose one event it is needs no read to be folded.
+                ev.c.version, ev.c.type, ev.c.recorded_at, ev.c.born,
+                sa.select(sa.func.max(later.c.version))
+                .where(later.c.stream_id == candidates.c.stream_id)
+                .scalar_subquery().label("last_version"),
             )
             .join(ev, ev.c.position == candidates.c.seq)
             .order_by(candidates.c.priority.desc(), candidates.c.seq)
@@ -309,12 +320,23 @@ class Queries:
         next_due = self._first_etas(
             queues, sa.case((sa.bindparam("next_due", type_=sa.Boolean), now))
         )
+        # The sum of the last versions of the ``known`` streams: equal to the
+        # sum of the versions the caller holds them at, none has moved since.
+        lasts = (
+            sa.select(sa.func.max(ev.c.version).label("last"))
+            .where(self.dialect.one_of(ev.c.stream_id, "known"))
+            .group_by(ev.c.stream_id)
+            .subquery()
+        )
         return (
             sa.select(
                 clock.c.now.label("tx_clock"),
                 *[c for c in clock.c if c.name != "now"],
                 next_due.scalar_subquery().label("next_due"),
+                sa.select(sa.func.sum(lasts.c.last)).scalar_subquery().label("known_last"),
                 picked.c.delivery_id, picked.c.stream_id, picked.c.data,
+                picked.c.seq.label("position"), picked.c.version, picked.c.type,
+                picked.c.recorded_at, picked.c.born, picked.c.last_version,
             )
             .select_from(clock)
             .outerjoin(picked, sa.true())
@@ -353,12 +375,12 @@ class Queries:
     @staticmethod
     def nominate_params(
         queues: Sequence[str], now: float | None, limit: int, *, relaxed: bool = False,
-        next_due: bool = False,
+        next_due: bool = False, known: Sequence[str] = (),
     ) -> dict[str, Any]:
         """The parameters of :meth:`nominate` for ``queues``."""
         return {
             "now": now, "limit": limit, "relaxed": relaxed, "next_due": next_due,
-            **{f"queue_{i}": q for i, q in enumerate(queues)},
+            "known": list(known), **{f"queue_{i}": q for i, q in enumerate(queues)},
         }
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of column sets

@@ -306,6 +306,48 @@ class StoreContract:
         assert types(consumer, "stolen") == ["Published", "Claimed", "LeaseExpired", "Claimed"]
         assert other.ack([steal.ref]) == {steal.delivery: Outcome.DONE}
 
+    def test_a_steady_round_reads_no_stream_and_decides_as_a_read_would(
+        self, make_store, clock, monkeypatch
+    ):
+        """A consumer's round whose settled streams have not moved since their
+        claims, and whose nominees are fresh (their publish is all their stream
+        holds), folds them from what it holds and what the nomination brings:
+        no stream is read, and every state is the one a whole read folds.  A
+        stream that moved (another store's write), or one with more than its
+        publish (a message published again to it), is read."""
+        consumer, other = make_store(clock=clock), make_store(clock=clock)
+        consumer.publish([msg("one"), msg("two")])
+        [first] = consumer.claim_round([], ["q"], 1, "w", 300).claimed
+        asked = []
+        read_streams = consumer.deliveries.log.read_streams
+
+        def reading(tx, streams, **kw):
+            streams = list(streams)
+            asked.append(sorted(streams))
+            return read_streams(tx, streams, **kw)
+
+        monkeypatch.setattr(consumer.deliveries.log, "read_streams", reading)
+
+        round_ = consumer.claim_round([first.ref], ["q"], 5, "w", 300)
+        [second] = round_.claimed
+        assert round_.outcomes == {first.delivery: Outcome.DONE}
+        partitioned = consumer.deliveries.log.partitioned
+        assert asked == ([["one", "two"]] if partitioned else [[]])
+        assert second.state == consumer.load("two")
+        assert types(consumer, "one") == ["Published", "Claimed", "Acked"]
+
+        # Another store moves the claimed stream; a message is published again
+        # to the acked one: both are read, and decided as a read decides.
+        other.deliveries.renew([second.ref], 300)
+        consumer.publish([msg("one", delivery="again")])
+        asked.clear()  # the publish read its stream
+        round_ = consumer.claim_round([second.ref], ["q"], 5, "w", 300)
+        assert round_.outcomes == {second.delivery: Outcome.DONE}
+        [again] = round_.claimed
+        assert asked == [["one", "two"]]
+        assert again.delivery == "again" and again.state == consumer.load("one")
+        assert types(consumer, "two") == ["Published", "Claimed", "LeaseRenewed", "Acked"]
+
     def test_a_plain_ack_reads_whole_streams(self, make_store, clock, monkeypatch):
         """Outside a consumer's round, settling reads the streams whole."""
         store = make_store(clock=clock)

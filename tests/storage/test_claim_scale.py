@@ -5,6 +5,7 @@ messages still become claimable exactly when due, in priority order."""
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -98,7 +99,12 @@ def _sqlite_steps(store: EventStore, statement: Any, params: dict[str, Any]) -> 
     sql = str(statement.compile(store.engine))
     compiled = statement.compile(store.engine)
     bound = compiled.construct_params(params)
-    values = [bound[name] for name in compiled.positiontup or ()]
+    # A list parameter (the nomination's ``known``) goes as one JSON array, as
+    # the dialect's bind processing sends it.
+    values = [
+        json.dumps(bound[name]) if isinstance(bound[name], list) else bound[name]
+        for name in compiled.positiontup or ()
+    ]
     raw = store.engine.raw_connection()
     try:
         steps = [0]

@@ -247,11 +247,14 @@ class TestNoRelaxedSettingOutlivesItsTransaction:
             assert not [s for s in sent if s.lstrip().startswith("SELECT extract")], sent
         assert seen == {"start": "off", "ack": "off", "result": "on"}
 
-    def test_a_claim_round_is_its_nomination_one_read_and_its_writes(self, store, commits):
-        """A consumer's round -- ack one, claim one, look up the next ETA -- sends no
-        clock statement and no ETA lookup of its own: the nomination brings the
-        transaction's clock (and its relaxed commit) and the next ETA; its writes
+    def test_a_claim_round_is_its_nomination_and_its_writes(self, store, commits):
+        """A consumer's steady round -- ack one, claim a fresh one, look up the
+        next ETA -- sends no read, no clock statement and no ETA lookup of its
+        own: the nomination brings the transaction's clock (and its relaxed
+        commit), the next ETA, the fresh stream's one event, and finds that the
+        acked stream has not moved past the state its claim left; its writes
         (events and derived rows) are one statement."""
+        from celery_eventstore import lifecycle as lc
         from celery_eventstore.storage import NewMessage
 
         store.publish([NewMessage(stream="a", queue="cq", message={}),
@@ -264,14 +267,25 @@ class TestNoRelaxedSettingOutlivesItsTransaction:
             done = store.claim_round([held.ref], ["cq"], 4, "c", 30, next_due=True)
         assert [m.stream for m in done.claimed] == ["b"] and done.next_due is not None
         verbs = [s.lstrip().split(None, 1)[0].upper() for s in sent]
-        # nomination (WITH clock ...), the streams' read, and one statement of
-        # the writes: the events, the claimed row's update, the acked row's delete
-        assert verbs == ["WITH", "SELECT", "WITH"], sent
-        writes = sent[2]
+        # nomination (WITH clock ...) and one statement of the writes: the
+        # events, the claimed row's update, the acked row's delete
+        assert verbs == ["WITH", "WITH"], sent
+        writes = sent[1]
         assert [writes.count(verb) for verb in ("INSERT INTO", "UPDATE", "DELETE FROM")] == [
             1, 1, 1
         ], writes
         assert commits == ["off"]
+
+        # A stream that moved since its claim (the task's result) is read.
+        [taken] = done.claimed
+        store.execute("b", lc.Succeed(result={"status": "SUCCESS"}, claim=taken.claim))
+        store.publish([NewMessage(stream="c", queue="cq", message={})])
+        with executed_statements() as sent:
+            done = store.claim_round([taken.ref], ["cq"], 4, "c", 30, next_due=True)
+        assert [m.stream for m in done.claimed] == ["c"]
+        verbs = [s.lstrip().split(None, 1)[0].upper() for s in sent]
+        assert verbs == ["WITH", "SELECT", "WITH"], sent
+        assert store.read_stream("b")[-1].event == lc.Acked(taken.delivery, taken.claim)
 
     def test_durable_commits_after_relaxed_and_rolled_back_ones(
         self, store, commits, autocommitted
