@@ -565,12 +565,16 @@ class Queries:
                 ).label(c.name)
                 for c in columns
             )).subquery("t")
-        #: Transient messages (``queue``, ``payload``, ``priority``, ``expires_at``).
+        #: Transient messages (``queue``, ``payload``, ``priority``, ``expires_at``),
+        #: for declared queues only.  Each queue's row is held (``FOR SHARE``) until
+        #: the insert commits, so a sweep deleting the queue meanwhile either
+        #: waits, then deletes the messages with it (it deletes the queue first),
+        #: or wins, and the insert finds no queue: no message outlives its queue.
         self.insert_transient = tm.insert().from_select(
             [c.name for c in columns],
-            sa.select(*(rows.c[c.name] for c in columns)).where(
-                sa.exists().where(q.c.name == rows.c.queue)
-            ),
+            sa.select(*(rows.c[c.name] for c in columns))
+            .join(q, q.c.name == rows.c.queue)
+            .with_for_update(read=True, of=q),
         )
         #: ``queues``, ``limit``: transient messages to take, highest priority first.
         self.nominate_transient = dialect.nominate(
@@ -587,12 +591,14 @@ class Queries:
             tm.c.queue == sa.bindparam("queue")
         )
         #: ``queue``: a queue's declaration, bindings and transient messages.
+        # The queue first: it waits for the inserts holding its row, so the
+        # messages they commit are there for the statements after it.
         self.forget_queue = [
-            tm.delete().where(tm.c.queue == sa.bindparam("queue")),
-            b.delete().where(b.c.queue == sa.bindparam("queue")),
             q.delete().where(q.c.name == sa.bindparam("queue")),
+            b.delete().where(b.c.queue == sa.bindparam("queue")),
+            tm.delete().where(tm.c.queue == sa.bindparam("queue")),
         ]
-        self.purge_transient = self.forget_queue[0]
+        self.purge_transient = self.forget_queue[2]
         now = sa.bindparam("now", type_=tm.c.expires_at.type)
         #: ``now``.
         self.delete_expired_transient = tm.delete().where(
@@ -603,10 +609,11 @@ class Queries:
             q.c.expires.is_not(None), q.c.last_active + q.c.expires <= now
         )
         #: ``names``: what dies with idle queues.
+        #: The queues first, as :attr:`forget_queue`.
         self.delete_idle_queues = [
-            tm.delete().where(tm.c.queue.in_(names)),
-            b.delete().where(b.c.queue.in_(names)),
             q.delete().where(q.c.name.in_(names)),
+            b.delete().where(b.c.queue.in_(names)),
+            tm.delete().where(tm.c.queue.in_(names)),
         ]
 
     # -- the task index -------------------------------------------------------------

@@ -136,9 +136,15 @@ class Routing:
         params: Any = rows
         if self.queries.transient_as_lists:
             params = {f"t_{key}": [row[key] for row in rows] for key in rows[0]}
-        with self.db.write(durable=False) as tx:
-            tx.conn.execute(self.queries.insert_transient, params)
-            self.notifier.send(tx.conn, self.ready_channel, (q for q, _, _, _ in messages))
+
+        def attempt() -> None:
+            with self.db.write(durable=False) as tx:
+                tx.conn.execute(self.queries.insert_transient, params)
+                self.notifier.send(tx.conn, self.ready_channel, (q for q, _, _, _ in messages))
+
+        # A broadcast holds its queues' rows and a sweep deletes them, each in
+        # its own order: the rare deadlock between them is a race to run again.
+        self.db.retrying(attempt)
 
     def take_transient(self, queues: Sequence[str], limit: int) -> list[tuple[str, dict[str, Any]]]:
         """Remove and return up to ``limit`` live transient messages, highest priority first."""
@@ -175,10 +181,14 @@ class Routing:
 
         Returns how many queues were removed.  Any process may run it, any time.
         """
-        with self.db.write(durable=False) as tx:
-            tx.conn.execute(self.queries.delete_expired_transient, {"now": tx.now})
-            idle = list(tx.conn.execute(self.queries.idle_queues, {"now": tx.now}).scalars())
-            if idle:
-                for statement in self.queries.delete_idle_queues:
-                    tx.conn.execute(statement, {"names": idle})
-            return len(idle)
+
+        def attempt() -> int:
+            with self.db.write(durable=False) as tx:
+                tx.conn.execute(self.queries.delete_expired_transient, {"now": tx.now})
+                idle = list(tx.conn.execute(self.queries.idle_queues, {"now": tx.now}).scalars())
+                if idle:
+                    for statement in self.queries.delete_idle_queues:
+                        tx.conn.execute(statement, {"names": idle})
+                return len(idle)
+
+        return self.db.retrying(attempt)

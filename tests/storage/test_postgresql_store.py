@@ -336,3 +336,50 @@ def test_a_broadcast_to_many_queues_is_one_insert(driver_db):
     assert [many for _, many in inserts] == [False], inserts
     assert [store.transient_size(queue) for queue in queues] == [1] * 29 + [0]
     next(factory, None)
+
+
+def test_no_transient_message_outlives_its_swept_queue(driver_db):
+    """A sweep and a broadcast to the queue it deletes, each caught half way by
+    the other, with real transactions: whichever commits first, the message
+    goes with its queue, never left behind for a queue that is gone (a worker's
+    heartbeat to a monitor's idle event queue)."""
+    import threading
+
+    from storehelpers import FakeClock
+
+    from celery_eventstore.storage import QueueInfo
+
+    clock = FakeClock()
+    factory = make_factory(driver_db)
+    store = next(factory)(clock=clock)
+    for queue in ("swept-first", "broadcast-first"):
+        store.declare_queue(QueueInfo(queue, transient=True, expires=10))
+    clock.advance(11)
+
+    def in_thread(work):
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(0.5)  # it waits for the other transaction's locks
+        return thread
+
+    # The sweep has deleted the queue and not committed; the broadcast comes.
+    with store.engine.connect() as sweep:
+        for statement in store.queries.forget_queue:
+            sweep.execute(statement, {"queue": "swept-first"})
+        thread = in_thread(lambda: store.put_transient([("swept-first", {"n": 1}, 0, None)]))
+        sweep.commit()
+    thread.join(10)
+    assert store.transient_size("swept-first") == 0
+
+    # The broadcast has inserted and not committed; the sweep comes.
+    with store.engine.connect() as broadcast:
+        broadcast.execute(store.queries.insert_transient, {
+            "t_queue": ["broadcast-first"], "t_payload": [{"n": 2}], "t_priority": [0],
+            "t_expires_at": [None],
+        })
+        thread = in_thread(store.sweep)
+        broadcast.commit()
+    thread.join(10)
+    assert store.queue_info(["broadcast-first"]) == {}
+    assert store.transient_size("broadcast-first") == 0
+    next(factory, None)
