@@ -10,6 +10,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -292,13 +293,13 @@ class Deliveries:
         nominating = request is not None and request.limit > 0 and bool(request.queues)
         # The nomination brings the clock, so a round that reads nothing has it.
         known = self._known(refs) if nominating else {}
-        candidates, next_due, unmoved = self._nominate(tx, request, known)
+        candidates, next_due, tails = self._nominate(tx, request, known)
         nominated = len(candidates)
         claimed = {c.stream_id for c in candidates}
         known = {stream: state for stream, state in known.items() if stream not in claimed}
         unread: dict[str, list[RecordedEvent]] = {}
-        if unmoved:
-            unread.update((stream, []) for stream in known)
+        if tails is not None:
+            unread.update((stream, tails.get(stream, [])) for stream in known)
         bodies: dict[str, Any] = {}  # delivery -> the message, decoded once
         settled = {r.stream for r in refs}
         for candidate in candidates:
@@ -387,28 +388,47 @@ class Deliveries:
 
     def _nominate(
         self, tx: Tx, request: ClaimRequest | None, known: Mapping[str, lc.JobState]
-    ) -> tuple[Sequence[Any], float | None, bool]:
+    ) -> tuple[Sequence[Any], float | None, dict[str, list[RecordedEvent]] | None]:
         """The due deliveries to try to claim, the next ETA if the request asks
-        for it, and whether none of the ``known`` streams has moved past the
-        state held for it; the transaction's clock comes with them."""
+        for it, and the events appended to the ``known`` streams past the states
+        held for them, by stream (None: unknown, they must be read); the
+        transaction's clock comes with them."""
         if request is None or request.limit <= 0 or not request.queues:
-            return (), None, False
+            return (), None, None
         clock_wanted = tx.clock_wanted
         rows = self._nominate_rows(
             tx.conn, request, None if clock_wanted else tx.now, request.limit,
-            relaxed=clock_wanted and tx.relaxed, known=list(known),
+            relaxed=clock_wanted and tx.relaxed,
+            known={stream: state.version for stream, state in known.items()},
         )
         if clock_wanted:
             tx.clock_read(float(rows[0].tx_clock))
+        candidates = [r for r in rows if r.delivery_id is not None]
+        return candidates, _next_due(rows), self._tails(rows[0], known)
+
+    def _tails(
+        self, row: Any, known: Mapping[str, lc.JobState]
+    ) -> dict[str, list[RecordedEvent]] | None:
+        """The tails of the ``known`` streams from a nomination's row: the events
+        it brought (``known_tails``), or none at all when it found that no
+        stream moved (``known_last``); None when they must be read."""
+        if not known:
+            return None
+        if self.log.queries.tails_in_nomination:
+            tails: dict[str, list[RecordedEvent]] = {}
+            for event in decode_json(row.known_tails) or ():
+                tails.setdefault(event["stream_id"], []).append(
+                    self.log.recorded(SimpleNamespace(metadata=None, **event))
+                )
+            return tails
         held = sum(state.version for state in known.values())
-        unmoved = bool(known) and rows[0].known_last is not None and (
-            int(rows[0].known_last) == held
-        )
-        return [r for r in rows if r.delivery_id is not None], _next_due(rows), unmoved
+        if row.known_last is not None and int(row.known_last) == held:
+            return {}
+        return None
 
     def _nominate_rows(
         self, conn: sa.Connection, request: ClaimRequest, now: float | None, limit: int,
-        *, relaxed: bool = False, known: Sequence[str] = (),
+        *, relaxed: bool = False, known: Mapping[str, int] | None = None,
     ) -> Sequence[Any]:
         """The nomination's rows: at least one (the clock's)."""
         queries = self.log.queries

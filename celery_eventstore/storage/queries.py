@@ -10,7 +10,7 @@ upsert) comes from the dialect, here and nowhere else.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -247,10 +247,10 @@ class Queries:
         the same snapshot -- any earlier one is due, so nominated here or held by
         another claimer.  Without a due delivery the one row's ``delivery_id`` is
         NULL.  A delivery's row also carries its publish as an event (``position``,
-        ``version``, ``type``, ``recorded_at``, ``born``) and its stream's ``last_version``;
-        every row carries ``known_last``, the sum of the last versions of the
-        streams listed in ``known`` (NULL for none): what a round needs to fold
-        the streams that have not moved without reading them.
+        ``version``, ``type``, ``recorded_at``, ``born``) and its stream's
+        ``last_version``, and every row carries what became of the streams the
+        round settles from held states (see :meth:`_known_streams`): what a round
+        needs to fold its streams without reading them.
 
         Each queue is read through two bounded index ranges, whatever the planner
         knows: the first ``limit`` claimable messages without an ETA in claim order
@@ -320,20 +320,12 @@ class Queries:
         next_due = self._first_etas(
             queues, sa.case((sa.bindparam("next_due", type_=sa.Boolean), now))
         )
-        # The sum of the last versions of the ``known`` streams: equal to the
-        # sum of the versions the caller holds them at, none has moved since.
-        lasts = (
-            sa.select(sa.func.max(ev.c.version).label("last"))
-            .where(self.dialect.one_of(ev.c.stream_id, "known"))
-            .group_by(ev.c.stream_id)
-            .subquery()
-        )
         return (
             sa.select(
                 clock.c.now.label("tx_clock"),
                 *[c for c in clock.c if c.name != "now"],
                 next_due.scalar_subquery().label("next_due"),
-                sa.select(sa.func.sum(lasts.c.last)).scalar_subquery().label("known_last"),
+                self._known_streams(),
                 picked.c.delivery_id, picked.c.stream_id, picked.c.data,
                 picked.c.seq.label("position"), picked.c.version, picked.c.type,
                 picked.c.recorded_at, picked.c.born, picked.c.last_version,
@@ -341,6 +333,57 @@ class Queries:
             .select_from(clock)
             .outerjoin(picked, sa.true())
             .order_by(picked.c.priority.desc(), picked.c.seq)
+        )
+
+    @property
+    def tails_in_nomination(self) -> bool:
+        """Whether :meth:`nominate` brings the tails of the ``known`` streams
+        (``known_tails``), or only says whether they moved (``known_last``)."""
+        return self._known_tails() is not None
+
+    def _known_streams(self) -> sa.ColumnElement[Any]:
+        """The nomination's column on the streams a round settles from held
+        states: ``known_tails``, where the database aggregates rows as JSON --
+        the events after the version held of each (``known_stream_id``,
+        ``known_version``), as a decision reads them -- else ``known_last``, the
+        sum of the last versions of the ``known`` streams: equal to the sum of
+        the versions held, none has moved."""
+        tails = self._known_tails()
+        if tails is not None:
+            return tails.label("known_tails")
+        ev = self.tables.events
+        lasts = (
+            sa.select(sa.func.max(ev.c.version).label("last"))
+            .where(self.dialect.one_of(ev.c.stream_id, "known"))
+            .group_by(ev.c.stream_id)
+            .subquery()
+        )
+        return sa.select(sa.func.sum(lasts.c.last)).scalar_subquery().label("known_last")
+
+    @functools.cache  # noqa: B019 - one Queries per store
+    def _known_tails(self) -> sa.ColumnElement[Any] | None:
+        ev = self.tables.events
+        tail = ev.alias("tail")
+        known = self.dialect.rows_of([ev.c.stream_id, ev.c.version], "known_")
+        aggregate = self.dialect.json_rows(
+            {
+                "position": tail.c.position, "stream_id": tail.c.stream_id,
+                "version": tail.c.version, "type": tail.c.type,
+                "data": self.dialect.blank_json_field(
+                    tail.c.data, "message", tail.c.type == "Published"
+                ),
+                "recorded_at": tail.c.recorded_at, "born": tail.c.born,
+            },
+            (tail.c.stream_id, tail.c.version),
+        )
+        if known is None or aggregate is None:
+            return None
+        return (
+            sa.select(sa.type_coerce(aggregate, sa.Text))
+            .select_from(known.join(tail, sa.and_(
+                tail.c.stream_id == known.c.stream_id, tail.c.version > known.c.version
+            )))
+            .scalar_subquery()
         )
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of queue counts
@@ -375,12 +418,16 @@ class Queries:
     @staticmethod
     def nominate_params(
         queues: Sequence[str], now: float | None, limit: int, *, relaxed: bool = False,
-        next_due: bool = False, known: Sequence[str] = (),
+        next_due: bool = False, known: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
-        """The parameters of :meth:`nominate` for ``queues``."""
+        """The parameters of :meth:`nominate` for ``queues``; ``known``: stream ->
+        the version held of it."""
+        known = known or {}
         return {
             "now": now, "limit": limit, "relaxed": relaxed, "next_due": next_due,
-            "known": list(known), **{f"queue_{i}": q for i, q in enumerate(queues)},
+            "known": list(known), "known_stream_id": list(known),
+            "known_version": list(known.values()),
+            **{f"queue_{i}": q for i, q in enumerate(queues)},
         }
 
     @functools.cache  # noqa: B019 - one Queries per store, a handful of column sets

@@ -10,7 +10,7 @@ not serving writes now".  Wake-ups are a seam of their own
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -119,6 +119,16 @@ class Dialect:
         name, equally long lists), as a subquery with those columns: a statement
         over many rows whose shape does not depend on how many.  None where the
         database has no such thing (then the rows go one by one, or in a batch)."""
+        return None
+
+    def json_rows(
+        self, fields: Mapping[str, sa.ColumnElement[Any]],
+        order_by: Sequence[sa.ColumnElement[Any]],
+    ) -> sa.ColumnElement[Any] | None:
+        """An aggregate of the rows it runs over as one JSON array of objects
+        (``fields``: member name -> value), in ``order_by`` order, NULL over no
+        row: many rows in one column of one row.  None where the database has
+        no such aggregate."""
         return None
 
     def one_of(self, column: sa.ColumnElement[Any], values: str) -> sa.ColumnElement[bool]:

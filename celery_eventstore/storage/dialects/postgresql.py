@@ -19,11 +19,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ..borrowed import ABORTED, NONE, OPEN, ConnectionInfo
@@ -209,6 +209,17 @@ class PostgreSQLDialect(Dialect):
         return (
             sa.func.unnest(*arrays).table_valued(*(c.name for c in columns))
             .render_derived(with_types=False)
+        )
+
+    def json_rows(
+        self, fields: Mapping[str, sa.ColumnElement[Any]],
+        order_by: Sequence[sa.ColumnElement[Any]],
+    ) -> sa.ColumnElement[Any] | None:
+        members = []
+        for name, value in fields.items():
+            members += [sa.literal_column(f"'{name}'"), value]
+        return sa.func.json_agg(
+            aggregate_order_by(sa.func.json_build_object(*members), *order_by)
         )
 
     def one_of(self, column: sa.ColumnElement[Any], values: str) -> sa.ColumnElement[bool]:
