@@ -417,9 +417,11 @@ class Deliveries:
         if self.log.queries.tails_in_nomination:
             tails: dict[str, list[RecordedEvent]] = {}
             for event in decode_json(row.known_tails) or ():
-                tails.setdefault(event["stream_id"], []).append(
-                    self.log.recorded(SimpleNamespace(metadata=None, **event))
-                )
+                stream = event["stream_id"]
+                if event["version"] > known[stream].version:  # the query's is the lowest
+                    tails.setdefault(stream, []).append(
+                        self.log.recorded(SimpleNamespace(metadata=None, **event))
+                    )
             return tails
         held = sum(state.version for state in known.values())
         if row.known_last is not None and int(row.known_last) == held:

@@ -344,13 +344,17 @@ class Queries:
     def _known_streams(self) -> sa.ColumnElement[Any]:
         """The nomination's column on the streams a round settles from held
         states: ``known_tails``, where the database aggregates rows as JSON --
-        the events after the version held of each (``known_stream_id``,
-        ``known_version``), as a decision reads them -- else ``known_last``, the
+        the events of the ``known`` streams after ``known_after`` (the lowest
+        version held), as a decision reads them -- else ``known_last``, the
         sum of the last versions of the ``known`` streams: equal to the sum of
         the versions held, none has moved."""
         tails = self._known_tails()
         if tails is not None:
             return tails.label("known_tails")
+        if self.dialect.prepares:
+            # Either column keeps the server from the nomination's generic plan,
+            # so that prepared, it would be planned on every run: read instead.
+            return sa.null().label("known_last")
         ev = self.tables.events
         lasts = (
             sa.select(sa.func.max(ev.c.version).label("last"))
@@ -362,9 +366,13 @@ class Queries:
 
     @functools.cache  # noqa: B019 - one Queries per store
     def _known_tails(self) -> sa.ColumnElement[Any] | None:
+        if self.dialect.prepares:
+            return None
+        # The lowest version held for all the streams, as read_streams' ``after``
+        # (the caller drops what it holds already): a plain index range, whose
+        # generic plan a prepared statement keeps, unlike a join on unnest().
         ev = self.tables.events
         tail = ev.alias("tail")
-        known = self.dialect.rows_of([ev.c.stream_id, ev.c.version], "known_")
         aggregate = self.dialect.json_rows(
             {
                 "position": tail.c.position, "stream_id": tail.c.stream_id,
@@ -376,13 +384,14 @@ class Queries:
             },
             (tail.c.stream_id, tail.c.version),
         )
-        if known is None or aggregate is None:
+        if aggregate is None:
             return None
         return (
             sa.select(sa.type_coerce(aggregate, sa.Text))
-            .select_from(known.join(tail, sa.and_(
-                tail.c.stream_id == known.c.stream_id, tail.c.version > known.c.version
-            )))
+            .where(
+                self.dialect.one_of(tail.c.stream_id, "known"),
+                tail.c.version > sa.bindparam("known_after", type_=sa.Integer),
+            )
             .scalar_subquery()
         )
 
@@ -425,8 +434,7 @@ class Queries:
         known = known or {}
         return {
             "now": now, "limit": limit, "relaxed": relaxed, "next_due": next_due,
-            "known": list(known), "known_stream_id": list(known),
-            "known_version": list(known.values()),
+            "known": list(known), "known_after": min(known.values(), default=0),
             **{f"queue_{i}": q for i, q in enumerate(queues)},
         }
 

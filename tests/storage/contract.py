@@ -333,7 +333,10 @@ class StoreContract:
         [second] = round_.claimed
         assert round_.outcomes == {first.delivery: Outcome.DONE}
         partitioned = consumer.deliveries.log.partitioned
-        assert asked == ([["one", "two"]] if partitioned else [[]])
+        # Where statements are prepared on the server, the settled streams are
+        # read (see Queries._known_streams).
+        prepares = consumer.db.dialect.prepares
+        assert asked == ([["one", "two"]] if partitioned else [["one"]] if prepares else [[]])
         assert second.state == consumer.load("two")
         assert types(consumer, "one") == ["Published", "Claimed", "Acked"]
 

@@ -268,9 +268,11 @@ class TestNoRelaxedSettingOutlivesItsTransaction:
         assert [m.stream for m in done.claimed] == ["b"] and done.next_due is not None
         verbs = [s.lstrip().split(None, 1)[0].upper() for s in sent]
         # nomination (WITH clock ...) and one statement of the writes: the
-        # events, the claimed row's update, the acked row's delete
-        assert verbs == ["WITH", "WITH"], sent
-        writes = sent[1]
+        # events, the claimed row's update, the acked row's delete (where
+        # statements are prepared, the acked stream's read between them)
+        read = ["SELECT"] if store.db.dialect.prepares else []
+        assert verbs == ["WITH", *read, "WITH"], sent
+        writes = sent[-1]
         assert [writes.count(verb) for verb in ("INSERT INTO", "UPDATE", "DELETE FROM")] == [
             1, 1, 1
         ], writes
@@ -286,7 +288,7 @@ class TestNoRelaxedSettingOutlivesItsTransaction:
             done = store.claim_round([taken.ref], ["cq"], 4, "c", 30, next_due=True)
         assert [m.stream for m in done.claimed] == ["c"]
         verbs = [s.lstrip().split(None, 1)[0].upper() for s in sent]
-        assert verbs == ["WITH", "WITH"], sent
+        assert verbs == ["WITH", *read, "WITH"], sent
         assert [e.type for e in store.read_stream("b")] == [
             "Published", "Claimed", "Succeeded", "Acked"
         ]

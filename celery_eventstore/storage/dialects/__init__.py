@@ -39,6 +39,10 @@ class Dialect:
     #: A statement can write in its ``WITH`` clauses (data-modifying CTEs): an
     #: event and its derived rows can then be one statement (:mod:`..single_append`).
     writes_in_with = False
+    #: Whether the engine's statements are prepared on the server (set by
+    #: :meth:`configure`): a statement whose generic plan the server would not
+    #: keep is then planned on every run, which costs more than it saves.
+    prepares = False
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         return url

@@ -123,10 +123,14 @@ class PostgreSQLDialect(Dialect):
         return options
 
     def configure(self, engine: sa.Engine, given: sa.URL) -> None:
-        if PREPARE_THRESHOLD in given.query and engine.url.get_driver_name() == "psycopg2":
-            threshold = _threshold(given.query[PREPARE_THRESHOLD])
-            if threshold is not None:  # psycopg 3 reads the parameter itself
-                ServerPrepared(threshold).install(engine)
+        threshold = (
+            _threshold(given.query[PREPARE_THRESHOLD]) if PREPARE_THRESHOLD in given.query
+            else None if engine.url.get_driver_name() == "psycopg2"
+            else 5  # psycopg 3's own default
+        )
+        self.prepares = threshold is not None
+        if threshold is not None and engine.url.get_driver_name() == "psycopg2":
+            ServerPrepared(threshold).install(engine)  # psycopg 3 reads the parameter itself
 
         @sa.event.listens_for(engine, "checkout")
         def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
