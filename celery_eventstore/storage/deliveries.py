@@ -284,9 +284,10 @@ class Deliveries:
         stream involved that it cannot fold unread, one append.
 
         A consumer's steady round reads nothing: the streams it settles are
-        carried on from the states its claims left, once the nomination found
-        none has moved since, and a fresh message's stream is its one publish,
-        which the nomination brings.  Nothing is locked for the refs: a racing
+        carried on from the states its claims left by the events the nomination
+        brings (where it only says whether they moved, only if none did), and a
+        fresh message's stream is its one publish, which the nomination brings
+        too.  Nothing is locked for the refs: a racing
         re-claim of the same delivery makes one of the two appends lose on the
         ``(stream, version)`` key, and the loser is retried from a fresh read.
         """

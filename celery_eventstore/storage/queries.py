@@ -368,9 +368,8 @@ class Queries:
     def _known_tails(self) -> sa.ColumnElement[Any] | None:
         if self.dialect.prepares:
             return None
-        # The lowest version held for all the streams, as read_streams' ``after``
-        # (the caller drops what it holds already): a plain index range, whose
-        # generic plan a prepared statement keeps, unlike a join on unnest().
+        # The lowest version held for all the streams, as read_streams' ``after``:
+        # the caller drops the events it holds already.
         ev = self.tables.events
         tail = ev.alias("tail")
         aggregate = self.dialect.json_rows(
