@@ -224,10 +224,16 @@ class QoS(virtual.QoS):
             self._due = None
             return True
 
-    def _set_due(self, due: float | None) -> None:
+    def _set_due(self, due: float | None, at: float | None) -> None:
         """Remember the next ETA (the store's clock) as a time on this host's
-        monotonic clock."""
-        when = None if due is None else time.monotonic() + (due - self.store.now())
+        monotonic clock: as far from now as it was from ``at``, the round's time
+        by the same clock.  Counted from after the round, the timer never fires
+        before the database finds the message due (an estimate of the host's
+        offset from the database's clock could be early by half a round trip,
+        and bring an empty claim)."""
+        if at is None:
+            at = self.store.now()
+        when = None if due is None else time.monotonic() + (due - at)
         with self._lock:
             self._due = when
 
@@ -263,7 +269,7 @@ class QoS(virtual.QoS):
                 self._filled = True
         elif consuming:
             # Nothing more is due now: the round brought when the next one is.
-            self._set_due(done.next_due)
+            self._set_due(done.next_due, done.at)
         self._warn_stale(outcomes, "ack")
         self._hold([m for m in claimed if m.queue not in noack], asked)
         at_once = [m.ref for m in claimed if m.queue in noack]

@@ -210,10 +210,11 @@ class Deliveries:
             # commit wakes consumers, and an empty claim holding the lock would
             # make publishers wait for nothing.  A message committed after the
             # look wakes them again.
+            now = self.db.now()
             with self.db.read() as conn:
-                idle = self._nominate_rows(conn, request, self.db.now(), 1)
+                idle = self._nominate_rows(conn, request, now, 1)
             if idle[0].delivery_id is None:
-                return ClaimRound({}, [], _next_due(idle))
+                return ClaimRound({}, [], _next_due(idle), at=now)
 
         def attempt() -> ClaimRound:
             with self.db.write(durable=False) as tx:
@@ -338,7 +339,7 @@ class Deliveries:
                 bodies[delivery] = decode_json(data[delivery])["message"]
         return ClaimRound(
             {**outcomes, **fenced}, _claimed_messages(claims, final, bodies, tx.now), next_due,
-            nominated,
+            nominated, at=tx.now,
         )
 
     def _fresh(self, candidate: Any) -> bool:

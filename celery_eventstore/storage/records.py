@@ -75,12 +75,16 @@ class ClaimRound:
     it did not ask), and ``nominated``, how many due messages it took up: those
     it claimed and those it settled instead (expired, dead-lettered, finished).
     A round that nominated its limit may have left more waiting, however few
-    it claimed."""
+    it claimed.  ``at`` is the time it claimed at (the store's clock, as the
+    nomination compared ETAs with): ``next_due - at`` is how long until the
+    next ETA is due by the same clock, with no estimate of this host's offset
+    from it."""
 
     outcomes: dict[str, Outcome]
     claimed: list[ClaimedMessage]
     next_due: float | None = None
     nominated: int = 0
+    at: float | None = None
 
 
 @dataclass(frozen=True)

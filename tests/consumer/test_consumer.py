@@ -460,3 +460,28 @@ def test_the_loop_wakes_for_the_next_eta_and_an_earlier_publish_moves_it_forward
     assert timer is not None and timer.when is not None
     assert timer.when - time.monotonic() == pytest.approx(59, abs=2)
     assert rig.types(late[0]) == ["Published"]
+
+
+def test_an_eta_timer_fires_when_the_database_finds_the_message_due(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """The host's estimate of its offset from the database's clock is only as
+    good as the round trip it was measured over.  The timer counts from the
+    claim round's own time, by the clock that compares ETAs, so an estimate
+    that runs ahead does not fire it early into an empty claim."""
+    rig = make_rig(prefetch=4)
+    db = rig.transport.store.db
+    if db.dialect.clock_query() is None:
+        pytest.skip("SQLite's clock is this host's: there is no offset to estimate")
+    soon = rig.publish(eta=db.now() + 1.0)
+    db._clock_offset = (db._clock_offset or 0.0) + 0.5  # as if measured over a slow trip
+    rig.claim_cycle()
+    assert rig.delivered == []
+    timer = rig.hub.next_at()
+    assert timer is not None and timer.when is not None
+    assert timer.when - time.monotonic() == pytest.approx(1.0, abs=0.3)
+
+    time.sleep(max(0.0, timer.when - time.monotonic()))
+    rig.hub.fire(timer)
+    rig.take_claim()
+    assert rig.ids() == soon
