@@ -544,6 +544,7 @@ class Poller:
         """Messages may be ready in ``woken`` queues: claim for the channels
         that consume them (and for those that know a backlog waits)."""
         woken = set(woken)
+        logger.debug("woken for %s", sorted(woken))
         for channel in list(self.transport.channels):
             queues = channel.consuming_queues()
             if queues and (
@@ -561,9 +562,11 @@ class Poller:
         error: BaseException | None = None
         for channel, outcome in self.claimer.take_done():
             if isinstance(outcome, BaseException):
+                logger.debug("claim failed: %r", outcome)
                 channel.qos.claim_failed()
                 error = outcome
             elif channel in self.transport.channels:
+                logger.debug("claim brought %d message(s)", len(outcome))
                 channel.qos.claim_done(len(outcome))
                 channel.deliver(outcome)
             else:
@@ -609,8 +612,12 @@ class Poller:
 
     def _claim(self, channel: Channel, queues: list[str]) -> None:
         limit = channel.qos.reserve()
-        if limit and not self.claimer.request(channel, queues, limit):
+        if not limit:
+            logger.debug("no claim now (one in flight, or no credit): remembered")
+        elif not self.claimer.request(channel, queues, limit):
             channel.qos.claim_failed()  # the claimer stopped: the transport is closing
+        else:
+            logger.debug("claim of up to %d asked from %s", limit, queues)
 
 
 class Claimer(threading.Thread):

@@ -16,6 +16,7 @@ the server itself is :class:`pgserver.EmbeddedPostgres`.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +28,19 @@ import sqlalchemy as sa
 from pgserver import CRASH_SAFE_SETTINGS, EmbeddedPostgres
 
 POSTGRESQL_URL_ENV = "CELERY_EVENTSTORE_TEST_POSTGRESQL_URL"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """A failure's captured log says when, and on which thread (the claimer, the
+    keeper...).  Set here, not in setup.cfg, whose parser reads ``%(...)`` as
+    its own interpolation and would break ``pip install``."""
+    plugin = config.pluginmanager.get_plugin("logging-plugin")
+    if plugin is not None:
+        plugin.report_handler.setFormatter(logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(threadName)s %(levelname)s %(name)s: %(message)s",
+            "%H:%M:%S",
+        ))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,6 +6,7 @@ gets a fresh SQLite file; each test class a fresh PostgreSQL schema, dropped aft
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,13 @@ try:
     common = kombu_suite.load_common()
 except kombu_suite.SuiteUnavailable as exc:
     common = kombu_suite.unavailable_suite(str(exc))
+
+
+@pytest.fixture(autouse=True)
+def _consumer_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A failing test shows the consumer's wake-ups and claims, with their times
+    (kombu's event-loop tests have a one-second deadline)."""
+    caplog.set_level(logging.DEBUG, logger="celery_eventstore")
 
 
 def _open(url: str, options: dict[str, Any]) -> Iterator[kombu.Connection]:
