@@ -65,6 +65,11 @@ logger = logging.getLogger(__name__)
 RENEW_INTERVAL = 1.0
 #: How often a consuming process sweeps expired transient queues and messages.
 SWEEP_INTERVAL = 10.0
+#: How long a closing connection waits for the claim round (or the keeper's ack
+#: flush) in flight: the acks it carries are written, or put back for the closing
+#: channel to write or leave to the next connection, not lost with the thread.
+#: Bounded: a database that no longer answers must not hold a reconnect for ever.
+CLOSE_WAIT_SECONDS = 5.0
 
 #: What a claim hands to the consumers: kombu payloads and the queue of each.
 Batch = list[tuple[dict[str, Any], str]]
@@ -700,6 +705,11 @@ class Claimer(threading.Thread):
         for channel, outcome in done:
             if not isinstance(outcome, BaseException):
                 channel.qos.give_back(outcome)
+        # The round in flight gives back what it claims and, should it fail,
+        # returns its acks to the channel's buffer: wait for it, so the channel
+        # (which closes next) finds them there.
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(CLOSE_WAIT_SECONDS)
 
 
 class Keeper(threading.Thread):
@@ -714,7 +724,10 @@ class Keeper(threading.Thread):
         self._stopped = threading.Event()
 
     def stop(self) -> None:
+        """Stop, once the flush or renewal in flight is done (as the claimer)."""
         self._stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(CLOSE_WAIT_SECONDS)
 
     def run(self) -> None:
         last_renew = last_sweep = time.monotonic()
