@@ -549,7 +549,7 @@ class Poller:
         """Messages may be ready in ``woken`` queues: claim for the channels
         that consume them (and for those that know a backlog waits)."""
         woken = set(woken)
-        logger.debug("woken for %s", sorted(woken))
+        logger.debug("woken for %s", woken)
         for channel in list(self.transport.channels):
             queues = channel.consuming_queues()
             if queues and (
