@@ -65,9 +65,9 @@ logger = logging.getLogger(__name__)
 RENEW_INTERVAL = 1.0
 #: How often a consuming process sweeps expired transient queues and messages.
 SWEEP_INTERVAL = 10.0
-#: How long a closing connection waits for the claim round (or the keeper's ack
-#: flush) in flight: the acks it carries are written, or put back for the closing
-#: channel to write or leave to the next connection, not lost with the thread.
+#: How long a closing channel (and its connection) waits for the claim round or
+#: the keeper's ack flush in flight: the acks it carries are written, or put back
+#: for the closing channel to write or leave to the next connection, not lost.
 #: Bounded: a database that no longer answers must not hold a reconnect for ever.
 CLOSE_WAIT_SECONDS = 5.0
 
@@ -127,6 +127,11 @@ class QoS(virtual.QoS):
         self._acks: list[ClaimRef] = adopt_acks(self.store)
         #: When the oldest buffered ack came.
         self._acks_since: float | None = time.monotonic() if self._acks else None
+        #: Writes in flight carrying acks taken from the buffer (a claim round on
+        #: the claimer thread, the keeper's flush); a failed one puts them back,
+        #: so a closing channel waits for them (:meth:`flush_acks_at_close`).
+        self._carrying = 0
+        self._carried = threading.Condition(self._lock)
         #: The limit of the claim in flight (0: none); it counts against the credit.
         self._claiming = 0
         #: A wake-up came while a claim was in flight: claim again after it.
@@ -255,18 +260,14 @@ class QoS(virtual.QoS):
         if not queues:
             self.flush_acks()
             return []
-        acks = self._take_acks()
         asked = time.monotonic()  # the leases start after this: renew early, not late
         # Consumers only ask for the next ETA: a basic_get does not wait for one.
         consuming = bool(self.channel._consumers)
-        try:
+        with self._carrying_acks() as acks:
             done = self.store.claim_round(
                 acks, queues, limit, self._consumer, self.channel.visibility_timeout,
                 max_claims=self.channel.max_claims, next_due=consuming,
             )
-        except Exception:
-            self._return_acks(acks)
-            raise
         outcomes, claimed = done.outcomes, done.claimed
         filled = done.nominated >= limit
         if filled:
@@ -369,14 +370,18 @@ class QoS(virtual.QoS):
                 self._acks_since = time.monotonic()
             return len(self._acks) >= self.channel.claim_batch
 
-    def _take_acks(self, older_than: float = 0.0) -> list[ClaimRef]:
-        """Empty the buffer (only once its oldest ack has waited ``older_than`` s)."""
+    def _take_acks(self, older_than: float = 0.0, *, carry: bool = False) -> list[ClaimRef]:
+        """Empty the buffer (only once its oldest ack has waited ``older_than`` s);
+        with ``carry``, count a write in flight for them, under the same lock (a
+        closing channel must never see the buffer empty and nothing in flight)."""
         with self._lock:
             since = self._acks_since
             if since is None or time.monotonic() - since < older_than:
                 return []
             refs, self._acks = self._acks, []
             self._acks_since = None
+            if carry and refs:
+                self._carrying += 1
         return refs
 
     def _return_acks(self, refs: list[ClaimRef]) -> None:
@@ -387,22 +392,44 @@ class QoS(virtual.QoS):
             self._acks[:0] = refs
             self._acks_since = self._acks_since or time.monotonic()
 
+    @contextlib.contextmanager
+    def _carrying_acks(self, older_than: float = 0.0) -> Iterator[list[ClaimRef]]:
+        """The buffered acks (once the oldest has waited ``older_than`` s), taken
+        for one write: put back should it fail, and waited for by a closing
+        channel meanwhile."""
+        refs = self._take_acks(older_than, carry=True)
+        if not refs:
+            yield refs
+            return
+        try:
+            yield refs
+        except BaseException:
+            self._return_acks(refs)
+            raise
+        finally:
+            with self._lock:
+                self._carrying -= 1
+                self._carried.notify_all()
+
     def flush_acks(self, *, older_than: float = 0.0) -> None:
         """Write the buffered acks in one transaction (only once the oldest has
         waited ``older_than`` seconds)."""
-        refs = self._take_acks(older_than)
-        if not refs:
-            return
-        try:
+        with self._carrying_acks(older_than) as refs:
+            if not refs:
+                return
             outcomes = self.store.ack(refs)
-        except Exception:
-            self._return_acks(refs)
-            raise
         self._warn_stale(outcomes, "ack")
 
     def flush_acks_at_close(self) -> None:
         """Write the buffered acks as the channel closes; leave those it cannot
-        write (the database is away) to the next channel on the same store."""
+        write (the database is away) to the next channel on the same store.
+
+        Celery closes the consuming channel first, whatever the claimer is doing:
+        acks a round in flight took from the buffer come back to it should the
+        round fail, so wait for it (bounded: a database that no longer answers
+        must not hold a reconnect for ever)."""
+        with self._lock:
+            self._carried.wait_for(lambda: not self._carrying, timeout=CLOSE_WAIT_SECONDS)
         try:
             self.flush_acks()
             return

@@ -420,14 +420,16 @@ def test_acks_a_closing_channel_cannot_write_are_written_by_the_next_connection(
     no_stale_writes(caplog)
 
 
-def test_a_round_in_flight_when_the_connection_closes_keeps_its_acks(
-    proxied_rig: tuple[Rig, TcpProxy], caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("closing", ["channel", "connection"])
+def test_a_round_in_flight_when_the_channel_closes_keeps_its_acks(
+    proxied_rig: tuple[Rig, TcpProxy], caplog: pytest.LogCaptureFixture, closing: str
 ) -> None:
     """Celery closes its connection (to reconnect, or to shut down) whatever the
-    claimer is doing.  A claim round in flight carries the buffered acks; should
-    it fail after the close began, it puts them back in the channel's buffer --
-    so the close waits for it, and the closing channel writes them or leaves
-    them to the next connection.  (A lock on the log parks the round.)"""
+    claimer is doing, the consuming channel first (its default channel).  A claim
+    round in flight carries the buffered acks; should it fail after the close
+    began, it puts them back in the channel's buffer -- so the closing channel
+    waits for it, then writes them or leaves them to the next connection.  (A
+    lock on the log parks the round.)"""
     rig, proxy = proxied_rig
     ids = rig.publish(3)
     rig.claim_cycle()
@@ -438,13 +440,16 @@ def test_a_round_in_flight_when_the_connection_closes_keeps_its_acks(
         conn.exec_driver_sql(f"LOCK TABLE {events} IN EXCLUSIVE MODE")
         rig.poller.on_tick()  # a round with the ack, waiting for the lock
         assert not rig.claim_finished(timeout=0.3)
-        closer = threading.Thread(target=rig.connection.close)
+        closer = threading.Thread(
+            target=rig.channel.close if closing == "channel" else rig.connection.close
+        )
         closer.start()
         closer.join(0.3)
         assert closer.is_alive(), "the close should wait for the round in flight"
         proxy.cut()  # the round fails; its ack goes back to the buffer
         closer.join(10)
         assert not closer.is_alive()
+    rig.connection.close()
     assert "the next connection writes them" in caplog.text
     assert rig.count(ids[0], "Acked") == 0
 
