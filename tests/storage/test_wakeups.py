@@ -175,7 +175,10 @@ def test_a_burst_of_publishes_sends_a_bounded_number_of_notifies(
     pauses = sum(b - a >= READY_BURST_GAP - 0.001 for a, b in itertools.pairwise(starts))
     assert {payload for _, payload in got} == {"burst"}
     assert len(got) <= elapsed / READY_WINDOW + pauses + 2, (len(got), publishes, pauses)
-    assert len(got) < publishes / 2, (len(got), publishes)
+    # Of the publishes that came in a burst (no pause before them), well under
+    # half notified.  Not of all publishes: on a slow day the threads' publishes
+    # are paced past READY_BURST_GAP, and each of those rightly notifies at once.
+    assert len(got) - pauses < (publishes - pauses) / 2, (len(got), publishes, pauses)
     assert got[-1][0] >= last_publish - 0.01, "nothing told the consumers of the last publish"
 
 
