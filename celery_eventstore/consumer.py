@@ -732,9 +732,9 @@ class Claimer(threading.Thread):
         for channel, outcome in done:
             if not isinstance(outcome, BaseException):
                 channel.qos.give_back(outcome)
-        # The round in flight gives back what it claims and, should it fail,
-        # returns its acks to the channel's buffer: wait for it, so the channel
-        # (which closes next) finds them there.
+        # The round in flight gives back what it claims once it sees the stop:
+        # wait for it, so that happens before the process may exit.  (Its acks
+        # are the closing channel's to wait for: see QoS.flush_acks_at_close.)
         if self.is_alive() and threading.current_thread() is not self:
             self.join(CLOSE_WAIT_SECONDS)
 
@@ -751,7 +751,7 @@ class Keeper(threading.Thread):
         self._stopped = threading.Event()
 
     def stop(self) -> None:
-        """Stop, once the flush or renewal in flight is done (as the claimer)."""
+        """Stop, once the flush, renewal or sweep in flight is done."""
         self._stopped.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(CLOSE_WAIT_SECONDS)
