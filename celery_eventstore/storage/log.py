@@ -89,6 +89,11 @@ class EventLog:
 
     # -- reading ---------------------------------------------------------------
 
+    def close(self) -> None:
+        """Send the wake-ups a window still holds and end the thread that sends them."""
+        if self.throttle is not None:
+            self.throttle.close()
+
     def recorded(self, row: Any) -> RecordedEvent:
         """A row of the log as a record; a row that cannot be decoded becomes an
         :class:`~celery_eventstore.lifecycle.Unreadable` event, so one bad row never

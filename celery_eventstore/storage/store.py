@@ -227,6 +227,7 @@ class EventStore:
     # -- connections and transactions -----------------------------------------
 
     def close(self) -> None:
+        self.log.close()  # before the engine goes: it sends what it still owes
         self.db.close()
         if self._listen_engine is not None:
             self._listen_engine.dispose()

@@ -204,6 +204,32 @@ def test_publishes_after_pauses_each_notify_at_once(
     assert [payload for _, payload in got] == ["paced"] * 10
 
 
+def test_closing_the_store_sends_the_held_wake_up_and_ends_the_sender(
+    named_store: EventStore, postgresql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wake-up the window holds back goes out when the store closes, not never,
+    and the thread that would have sent it ends: it kept every closed store (its
+    engine, its pool) alive for the life of the process."""
+    store = named_store
+    assert store.log.throttle is not None
+    monkeypatch.setattr(store.log.throttle, "window", 60.0)
+    monkeypatch.setattr(store.log.throttle, "burst_gap", 60.0)
+    raw = _raw_listener(store, postgresql_url)
+    before = set(threading.enumerate())
+    try:
+        for _ in range(2):  # the first notifies, the second is held for the window
+            store.publish([NewMessage(stream=uuid.uuid4().hex, queue="held", message={})])
+        assert [payload for _, payload in _drain(raw, 0.3)] == ["held"]
+        senders = [t for t in set(threading.enumerate()) - before
+                   if t.name == "eventstore-ready-wakeups"]
+        assert len(senders) == 1 and senders[0].is_alive()
+        store.close()
+        assert not senders[0].is_alive(), "the sender outlived its store"
+        assert [payload for _, payload in _drain(raw, 0.3)] == ["held"]
+    finally:
+        raw.close()
+
+
 def test_the_listen_connection_comes_back_by_itself(
     named_store: EventStore, postgresql_url: str
 ) -> None:

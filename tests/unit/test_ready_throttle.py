@@ -75,3 +75,28 @@ def test_a_publish_after_a_pause_notifies_at_once_inside_the_window() -> None:
         assert throttle.now(["a"]) == ({"a"}, set())
     # A burst inside the same window is still held back.
     assert throttle.now(["a"]) == (set(), {"a"})
+
+
+def test_close_sends_what_is_owed_ends_the_sender_and_a_later_hold_starts_another() -> None:
+    flushes = Flushes()
+    throttle = ReadyThrottle(flushes, window=60.0)
+    throttle.now(["a"])
+    _, hold = throttle.now(["a"])
+    throttle.later(hold)
+    sender = throttle._sender
+    assert sender is not None and sender.is_alive()
+    throttle.close()
+    assert flushes.sent == [{"a"}], "close did not send the held wake-up"
+    assert not sender.is_alive(), "the sender outlived close()"
+    # A store used again after close holds and sends as before.
+    throttle._sent["b"] = time.monotonic()
+    throttle._published["b"] = time.monotonic()
+    throttle.window = 0.05
+    _, hold = throttle.now(["b"])
+    assert hold == {"b"}
+    throttle.later(hold)
+    deadline = time.monotonic() + 2
+    while len(flushes.sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert flushes.sent == [{"a"}, {"b"}]
+    throttle.close()

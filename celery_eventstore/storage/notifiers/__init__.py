@@ -249,20 +249,46 @@ class ReadyThrottle:
                 else:
                     self._owing.notify()
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is owed now and end the sender thread (it would otherwise
+        keep the store alive for the life of the process).  A later publish
+        that holds a wake-up back starts a sender again."""
+        with self._lock:
+            self._forked()
+            sender, self._sender = self._sender, None
+            due = self._take_owed()
+            self._owing.notify_all()
+        if due:
+            self._send(due)
+        if sender is not None and sender is not threading.current_thread():
+            # Bounded: a send in flight ends within the store's connect and
+            # statement timeouts, and the thread is a daemon.
+            sender.join(timeout)
+
     def _send_when_due(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._lock:
-                while self._due is None or time.monotonic() < self._due:
+                while self._sender is me and (
+                    self._due is None or time.monotonic() < self._due
+                ):
                     self._owing.wait(None if self._due is None else self._due - time.monotonic())
-                owed, self._owed, self._due = self._owed, {}, None
-                clock = time.monotonic()
-                # A queue notified by a transaction decided after the held one
-                # committed is covered: that NOTIFY comes with a later commit.
-                due = {q for q, since in owed.items() if self._sent.get(q, 0.0) < since}
-                for queue in due:
-                    self._sent[queue] = clock
+                if self._sender is not me:
+                    return  # closed: close() sent what was owed
+                due = self._take_owed()
             if due:
                 self._send(due)
+
+    def _take_owed(self) -> set[str]:
+        """The owed queues still to notify, marked sent; the lock is held."""
+        owed, self._owed, self._due = self._owed, {}, None
+        clock = time.monotonic()
+        # A queue notified by a transaction decided after the held one
+        # committed is covered: that NOTIFY comes with a later commit.
+        due = {q for q, since in owed.items() if self._sent.get(q, 0.0) < since}
+        for queue in due:
+            self._sent[queue] = clock
+        return due
 
     def _send(self, due: set[str]) -> None:
         try:
