@@ -5,8 +5,11 @@ pragma ``data_version`` still decides whether anything changed."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import select
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,37 @@ def test_the_watch_reports_only_the_database_files(tmp_path: Path):
         assert watch.drain() is False  # drained
     finally:
         watch.close()
+
+
+def test_closing_the_listener_under_a_waiting_thread(sqlite_store):
+    """A consumer's listener closed by one thread (the connection's close) while
+    another waits on it: the waiter returns nothing at its timeout instead of
+    using the closed connection, and never reads the descriptor's number once
+    another open has taken it."""
+    store, _ = sqlite_store
+    listener = store.listener()
+    assert listener.fileno() is not None
+    listener.poll()
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(listener.wait(0.6))
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.15)  # in the watch's wait
+    listener.close()
+    read, write = os.pipe()  # likely the watch's old number
+    try:
+        os.write(write, b"x")
+        waiter.join(5)
+        assert not waiter.is_alive()
+        assert outcome == [set()], outcome
+        assert readable(read, 0), "the closed listener read another descriptor's data"
+        assert listener.poll() == set()
+    finally:
+        os.close(read)
+        os.close(write)

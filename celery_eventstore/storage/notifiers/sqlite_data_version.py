@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import struct
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -74,9 +75,18 @@ class FileWatch:
         self.fd = fd
         base = os.fsencode(os.path.basename(path))
         self._names = {base, base + b"-wal", base + b"-journal"}
+        #: Held while the descriptor is used and while it is closed: a number
+        #: closed under a waiting thread may be reused at once by another open,
+        #: whose data that thread would then read.
+        self._lock = threading.Lock()
 
     def drain(self) -> bool:
-        """Read the events waiting; whether any was about the database's files."""
+        """Read the events waiting; whether any was about the database's files
+        (False once closed)."""
+        with self._lock:
+            return self.fd >= 0 and self._drain()
+
+    def _drain(self) -> bool:
         touched = False
         # Read only what poll() says is there: eventlet's os.read waits for a
         # descriptor with nothing to read instead of failing with EAGAIN.
@@ -96,11 +106,17 @@ class FileWatch:
         return touched
 
     def wait(self, timeout: float) -> None:
-        """Block until an event arrives or ``timeout`` passes."""
-        readable(self.fd, max(timeout, 0.0))
+        """Block until an event arrives or ``timeout`` passes (at once once
+        closed).  A :meth:`close` meanwhile waits for it: keep ``timeout`` short."""
+        with self._lock:
+            if self.fd >= 0:
+                readable(self.fd, max(timeout, 0.0))
 
     def close(self) -> None:
-        os.close(self.fd)
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def watch_file(engine: sa.Engine) -> FileWatch | None:
@@ -142,6 +158,10 @@ class DataVersionListener(Listener):
         self._watch = watch_file(engine)
         #: The last poll saw the file written but no commit yet.
         self._in_flight = False
+        #: Held while the connection is used and while it is closed: a thread
+        #: waiting on the listener must not use a connection another closed.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def fileno(self) -> int | None:
         return None if self._watch is None else self._watch.fd
@@ -158,6 +178,10 @@ class DataVersionListener(Listener):
             raise DatabaseUnavailable(f"lost the database file: {exc}") from exc
 
     def poll(self) -> set[str]:
+        with self._lock:
+            return set() if self._closed else self._poll()
+
+    def _poll(self) -> set[str]:
         touched = self._watch is not None and self._watch.drain()
         version = self._read()
         # The pragma decides; the events only say when to look.  A commit writes
@@ -181,17 +205,27 @@ class DataVersionListener(Listener):
             remaining = deadline - time.monotonic()
             if woken or remaining <= 0:
                 return woken
-            if self._watch is not None:
+            if self._closed:  # by another thread: nothing will wake this one
+                time.sleep(remaining)
+                return set()
+            watch = self._watch
+            if watch is not None:
                 # A safety net beside the events: the pragma is read at least
                 # this often (a file system that sends no events, say).
                 pause = self.MIN_INTERVAL if self._in_flight else self.MAX_INTERVAL
-                self._watch.wait(min(pause, remaining))
+                watch.wait(min(pause, remaining))
                 continue
             time.sleep(min(self._interval, remaining))
             self._interval = min(self._interval * 2, self.MAX_INTERVAL)
 
     def close(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
-        self._conn.close()
+        """Stop listening; safe while another thread waits (it then returns
+        nothing at its timeout)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            watch, self._watch = self._watch, None
+            self._conn.close()
+        if watch is not None:
+            watch.close()  # after a wait in flight on it: at most MAX_INTERVAL
