@@ -46,6 +46,8 @@ class _Request:
         self.headers = message.headers
         self.delivery_info = message.delivery_info
         self.eventstore_claim = message.headers.get("eventstore_claim")
+        # The state the claim left travels in the properties, as to a pool process.
+        self.properties = message.properties
         self.children: list[Any] = []
 
     def __getattr__(self, name: str) -> None:
