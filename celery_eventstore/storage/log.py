@@ -87,12 +87,12 @@ class EventLog:
         #: :meth:`hold_streams`).
         self.partitioned = False
 
-    # -- reading ---------------------------------------------------------------
-
     def close(self) -> None:
         """Send the wake-ups a window still holds and end the thread that sends them."""
         if self.throttle is not None:
             self.throttle.close()
+
+    # -- reading ---------------------------------------------------------------
 
     def recorded(self, row: Any) -> RecordedEvent:
         """A row of the log as a record; a row that cannot be decoded becomes an
