@@ -79,7 +79,7 @@ def test_a_publish_after_a_pause_notifies_at_once_inside_the_window() -> None:
 
 def test_close_sends_what_is_owed_ends_the_sender_and_a_later_hold_starts_another() -> None:
     flushes = Flushes()
-    throttle = ReadyThrottle(flushes, window=60.0)
+    throttle = ReadyThrottle(flushes, window=60.0, burst_gap=60.0)  # every later one held
     throttle.now(["a"])
     _, hold = throttle.now(["a"])
     throttle.later(hold)
