@@ -72,6 +72,7 @@ BASELINE_CPU_US = 4440 + 1592
 PRODUCERS = 8
 ATOMIC_BLOCK = 1000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CPUS = os.cpu_count() or 1
 RESULT_MARK = "E2E-RESULT "
 #: A Celery message is about this big; the raw commit writes as much.
 PAYLOAD = json.dumps({"body": "x" * 900, "headers": {"task": "e2e.fire"}})
@@ -570,14 +571,24 @@ for _ in range({n}):
     fire.delay()
 result = [begin, time.time()]
 """
+        # Where the CPU goes: is the machine busy (bound by CPU per publish) or
+        # waiting (bound by a lock or the flush)?  Taken before the clients close:
+        # their server backends end with them.
+        client_pids = [client.proc.pid for client in clients]
+        clients_before, server_before = cpu_snapshot(client_pids), cpu_snapshot(peer.server_pids())
         for client in clients:
             client.send(code)
         spans = [client.result(300) for client in clients]
+        clients_after = cpu_snapshot(client_pids)
+        server_after = cpu_snapshot(sorted(set(server_before) | set(peer.server_pids())))
     finally:
         for client in clients:
             client.close()
     begin, end = min(s[0] for s in spans), max(s[1] for s in spans)
-    return {"producers/s": n * PRODUCERS / (end - begin)}
+    cpu = cpu_seconds(clients_before, clients_after) + cpu_seconds(server_before, server_after)
+    return {"producers/s": n * PRODUCERS / (end - begin),
+            "producers cpu us": cpu / (n * PRODUCERS) * 1e6,
+            "producers busy %": 100 * cpu / (end - begin) / CPUS}
 
 
 def atomic_blocks(client: Client, peer: Peer, blocks: int) -> dict[str, float]:
@@ -634,18 +645,26 @@ def drain(peer: Peer, client: Client, worker: Worker, trace: Path, task: str, qu
     the last of ``count`` tasks ended."""
     worker_pids, server_pids = worker.pids(), peer.server_pids()
     worker_before = cpu_snapshot(worker_pids, with_reaped=worker.proc.pid)
+    main_before = cpu_snapshot([worker.proc.pid])
     server_before = cpu_snapshot(server_pids)
     since = time.time()
     set_consuming(client, worker, "add_consumer", queue_name)
     rows = wait_traces(trace, task, since, count, 60 + count / 20)
     worker_after = cpu_snapshot(worker.pids(), with_reaped=worker.proc.pid)
+    main_after = cpu_snapshot([worker.proc.pid])
     server_after = cpu_snapshot(sorted(set(server_pids) | set(peer.server_pids())))
     worker_us = cpu_seconds(worker_before, worker_after) / len(rows) * 1e6
+    # The consumer's own process (claims, deliveries, acks) apart from the pool's.
+    main_us = cpu_seconds(main_before, main_after) / len(rows) * 1e6
     server_us = cpu_seconds(server_before, server_after) / len(rows) * 1e6
     span = max(r.end for r in rows) - rows[0].start
-    return {f"drain {label}/s": len(rows) / span,
+    rate = len(rows) / span
+    return {f"drain {label}/s": rate,
             f"cpu {label} worker us": worker_us, f"cpu {label} server us": server_us,
-            f"cpu {label} total us": worker_us + server_us}
+            f"cpu {label} total us": worker_us + server_us,
+            f"cpu {label} main us": main_us,
+            # Near 100: bound by CPU per task; well under: by waiting (round trips, locks).
+            f"busy {label} %": 100 * (worker_us + server_us) * rate / 1e6 / CPUS}
 
 
 def start_latency(client: Client, trace: Path, queue_name: str, n: int) -> dict[str, float]:
@@ -836,6 +855,8 @@ FIGURES: list[tuple[str, list[Metric]]] = [
     ]),
     (f"2. publish from {PRODUCERS} producer processes at once", [
         Metric("producers/s", "aggregate delay() /s"),
+        Metric("producers cpu us", "CPU per publish, clients+server, µs", False),
+        Metric("producers busy %", "CPU busy, % of all cores", ratio=False),
     ]),
     (f"3. {ATOMIC_BLOCK} publishes in one atomic() block (event store only)", [
         Metric("atomic/s", "messages/s", ratio=False),
@@ -851,6 +872,10 @@ FIGURES: list[tuple[str, list[Metric]]] = [
         Metric("cpu results server us", "with results: server", False),
         Metric("cpu results total us", "with results: total", False),
         Metric("cpu ignored total us", "results ignored: total", False),
+        Metric("cpu results main us", "with results: worker main process", False),
+        Metric("cpu ignored main us", "results ignored: worker main process", False),
+        Metric("busy results %", "with results: CPU busy, % of all cores", ratio=False),
+        Metric("busy ignored %", "results ignored: CPU busy, % of cores", ratio=False),
     ]),
     ("6. latency to an idle worker", [
         Metric("start p50 ms", "publish->start p50 ms", False),
