@@ -144,6 +144,9 @@ class Peer:
     #: Event store: the SQLAlchemy URL an application's atomic() block uses.
     atomic_url: str | None = None
     server_pids: Callable[[], list[int]] = list
+    #: The 8 producers' broker URL where it differs: on PostgreSQL it carries an
+    #: application_name of its own, so that their backends count in figure 2.
+    producer_broker: str | None = None
     raw_commit: Callable[[int], list[float]] | None = None
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
@@ -152,11 +155,12 @@ class Peer:
         return {"fill": q, "results": f"{q}-results", "idle": f"{q}-idle",
                 "atomic": f"{q}-atomic"}
 
-    def env(self, trace: Path | None) -> dict[str, str]:
+    def env(self, trace: Path | None, producer: bool = False) -> dict[str, str]:
         worker = trace is not None
+        broker = (self.producer_broker if producer else None) or self.broker
         env = dict(os.environ)
         env.update(
-            E2E_BROKER=self.worker_broker if worker else self.broker,
+            E2E_BROKER=self.worker_broker if worker else broker,
             E2E_BACKEND=(self.worker_backend if worker else self.backend) or "",
             E2E_TRANSPORT_OPTIONS=json.dumps(self.options),
             E2E_QUEUE=self.queue,
@@ -187,10 +191,11 @@ class Client:
     """A process with the peer's Celery app that runs the snippets it is sent (one
     process for a peer's client side: no interpreter start per figure)."""
 
-    def __init__(self, peer: Peer, workdir: Path) -> None:
+    def __init__(self, peer: Peer, workdir: Path, producer: bool = False) -> None:
         self.log = workdir / f"client-{uuid.uuid4().hex[:6]}.log"
         with open(self.log, "wb") as err:
-            self.proc = spawn([sys.executable, "-c", REPL], env=peer.env(None), text=True,
+            self.proc = spawn([sys.executable, "-c", REPL], env=peer.env(None, producer),
+                              text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -382,13 +387,17 @@ def eventstore_postgresql(
         store_url = store_url.update_query_dict({"prepare_threshold": "0"})
     url = _url(store_url)
     worker_url = _url(store_url.update_query_dict({"application_name": tag}))
+    producers_tag = f"e2e_producer_{run}"
+    producer_url = _url(store_url.update_query_dict({"application_name": producers_tag}))
 
     def server_pids() -> list[int]:
-        # The worker's backends, and the processes that write and flush for everyone.
-        query = sa.text("SELECT pid FROM pg_stat_activity WHERE application_name = :tag OR"
+        # The worker's backends, the 8 producers' (figure 2; gone before the
+        # drains), and the processes that write and flush for everyone.
+        query = sa.text("SELECT pid FROM pg_stat_activity WHERE application_name IN"
+                        " (:tag, :producers) OR"
                         " backend_type IN ('walwriter', 'checkpointer', 'background writer')")
         with engine.connect() as conn:
-            return list(conn.execute(query, {"tag": tag}).scalars())
+            return list(conn.execute(query, {"tag": tag, "producers": producers_tag}).scalars())
 
     def raw_commit(n: int) -> list[float]:
         conn = engine.raw_connection()  # the driver's own connection: no SQLAlchemy per row
@@ -413,6 +422,7 @@ def eventstore_postgresql(
     return Peer(name, f"eventstore+{url}", f"eventstore+{url}",
                 f"eventstore+{worker_url}", f"eventstore+{worker_url}", f"e2e-{run}",
                 {"schema": schema}, atomic_url=_url(_pg_url(driver)), server_pids=server_pids,
+                producer_broker=f"eventstore+{producer_url}",
                 raw_commit=raw_commit, cleanups=cleanups)
 
 
@@ -559,7 +569,7 @@ def producers(first: Client, peer: Peer, workdir: Path, n: int) -> dict[str, flo
     # Declared once before they start: 8 first declarations at once race in kombu's
     # SQL transport (a unique violation on its queue table).
     first.run(f"fire.apply_async(queue={idle!r})")
-    clients = [Client(peer, workdir) for _ in range(PRODUCERS)]
+    clients = [Client(peer, workdir, producer=True) for _ in range(PRODUCERS)]
     try:
         for client in clients:
             client.send(f"fire.apply_async(queue={idle!r})")
