@@ -65,7 +65,7 @@ PG = os.environ.get("CELERY_EVENTSTORE_TEST_POSTGRESQL_URL",
                     "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("E2E_REDIS_URL", "redis://127.0.0.1:6379/15")
 AMQP = os.environ.get("E2E_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-PEERS = ("eventstore+postgresql", "eventstore+prepared", "eventstore+psycopg",
+PEERS = ("eventstore+postgresql", "eventstore+unprepared", "eventstore+psycopg",
          "eventstore+sqlite", "redis", "rabbitmq", "sqla+postgresql")
 #: The issue's worker + database CPU per task with results on PostgreSQL, µs.
 BASELINE_CPU_US = 4440 + 1592
@@ -373,18 +373,19 @@ def _timed(n: int, once: Callable[[], None]) -> list[float]:
 
 
 def eventstore_postgresql(
-    run: str, workdir: Path, driver: str = "psycopg2", prepared: bool = False
+    run: str, workdir: Path, driver: str = "psycopg2", prepared: bool = True
 ) -> Peer:
     """The event store on PostgreSQL through ``driver``: psycopg2, what a plain
-    ``postgresql://`` URL picks, or psycopg (3), which prepares a statement on the
-    server once it has run a few times on a connection.  ``prepared``: psycopg2
-    with the store preparing every statement (``?prepare_threshold=0``)."""
+    ``postgresql://`` URL picks, or psycopg (3); with either a statement is
+    prepared on the server once it has run five times on a connection.  Not
+    ``prepared``: psycopg2 with nothing prepared (``?prepare_threshold=none``),
+    the default before, to show what preparing saves."""
     cleanups: list[Callable[[], None]] = []
     engine, schema = _pg_schema("e2e", cleanups, driver)
     tag = f"e2e_worker_{run}"
     store_url = _pg_url(driver)
-    if prepared:
-        store_url = store_url.update_query_dict({"prepare_threshold": "0"})
+    if not prepared:
+        store_url = store_url.update_query_dict({"prepare_threshold": "none"})
     url = _url(store_url)
     worker_url = _url(store_url.update_query_dict({"application_name": tag}))
     producers_tag = f"e2e_producer_{run}"
@@ -417,8 +418,8 @@ def eventstore_postgresql(
             conn.close()
 
     name = "eventstore+postgresql" if driver == "psycopg2" else f"eventstore+{driver}"
-    if prepared:
-        name = "eventstore+prepared"
+    if not prepared:
+        name = "eventstore+unprepared"
     return Peer(name, f"eventstore+{url}", f"eventstore+{url}",
                 f"eventstore+{worker_url}", f"eventstore+{worker_url}", f"e2e-{run}",
                 {"schema": schema}, atomic_url=_url(_pg_url(driver)), server_pids=server_pids,
@@ -498,8 +499,8 @@ def sqla_postgresql(run: str, workdir: Path) -> Peer:
 
 MAKERS: dict[str, Callable[[str, Path], Peer]] = {
     "eventstore+postgresql": eventstore_postgresql,
-    "eventstore+prepared": lambda run, workdir: eventstore_postgresql(run, workdir,
-                                                                      prepared=True),
+    "eventstore+unprepared": lambda run, workdir: eventstore_postgresql(run, workdir,
+                                                                        prepared=False),
     "eventstore+psycopg": lambda run, workdir: eventstore_postgresql(run, workdir, "psycopg"),
     "eventstore+sqlite": eventstore_sqlite,
     "redis": redis_peer,

@@ -139,6 +139,9 @@ def check(ctx: click.Context) -> None:
     store.ping()
     click.echo(f"database   {store!r}")
     click.echo(f"driver     {store.driver()}")
+    preparing = store.statement_preparing()
+    if preparing is not None:
+        click.echo(f"statements {preparing}")
     click.echo(f"schema     version {store.schema_version()}")
     skew = store.clock_skew()
     click.echo(f"clock skew {skew * 1000:+.1f} ms (database minus this host)")

@@ -203,6 +203,11 @@ class EventStore:
         without a driver resolves to (``postgresql://`` is psycopg2 here)."""
         return self.db.describe_driver()
 
+    def statement_preparing(self) -> str | None:
+        """Whether and when the store's statements are prepared on the server, once
+        a connection has been made (a pooler turns it off); None on SQLite."""
+        return self.db.dialect.describe_preparing()
+
     @property
     def single_writer(self) -> bool:
         """One writer at a time for the whole database (SQLite): a caller must not keep

@@ -61,12 +61,13 @@ def _close_app(app: Any) -> None:
     app.close()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql", "postgresql-prepared"])
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "postgresql-unprepared"])
 def results(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Results]:
     """A broker, one ``resultproj`` worker on it, and the test process's app.
-    ``postgresql-prepared``: psycopg2 with every statement prepared on the server."""
+    ``postgresql`` (psycopg2) prepares statements on the server after five runs,
+    ``postgresql-unprepared`` never."""
     dialect = "sqlite" if request.param == "sqlite" else "postgresql"
     reaper = reaper_for(request, dialect)
     tmp_path = tmp_path_factory.mktemp(f"results-{request.param}")
@@ -74,9 +75,9 @@ def results(
         url = f"sqlite:///{tmp_path / 'broker.db'}"
     else:
         url = request.getfixturevalue("postgresql_url")
-        if request.param == "postgresql-prepared":
+        if request.param == "postgresql-unprepared":
             url = sa.make_url(url).set(drivername="postgresql+psycopg2").update_query_dict(
-                {"prepare_threshold": "0"}).render_as_string(hide_password=False)
+                {"prepare_threshold": "none"}).render_as_string(hide_password=False)
     broker, cleanup = make_broker(url, tmp_path, prefix="accr")
 
     app = None

@@ -97,12 +97,16 @@ def test_migrate_creates_a_missing_schema(data: Data, tmp_path: Path) -> None:
 def test_check_reports_schema_wakeups_and_clock_skew(data: Data) -> None:
     lines = data.celery("check").stdout.splitlines()
     # PostgreSQL with autovacuum off gets a warning line (CI's server has it off).
-    autovacuum_off = data.broker.dialect == "postgresql" and _autovacuum_off(data)
+    postgresql = data.broker.dialect == "postgresql"
+    autovacuum_off = postgresql and _autovacuum_off(data)
     assert [line.split()[0] for line in lines] == [
-        "database", "driver", "schema", "clock", "wake-ups",
-        *(["warning"] if autovacuum_off else []),
+        "database", "driver", *(["statements"] if postgresql else []), "schema", "clock",
+        "wake-ups", *(["warning"] if autovacuum_off else []),
         "log",
     ]
+    if postgresql:  # a connection straight to the server, no prepare_threshold
+        assert lines.pop(2) == (
+            "statements prepared on the server, each after 5 runs on a connection")
     assert lines[-1] == "log        0 unreadable stream(s)"
     if autovacuum_off:
         assert "autovacuum is off" in lines[5]

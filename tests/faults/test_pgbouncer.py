@@ -3,9 +3,10 @@ transaction pooling mode (issue 11, item 1).
 
 PgBouncer hands each transaction to whichever server connection is free, so
 nothing may rely on session state: durability is set per transaction, advisory
-locks are transaction-scoped, psycopg 3 is told not to prepare statements
-(``?prepare_threshold=none``).  LISTEN cannot work through it: wake-ups come
-through ``listen_url``, a connection straight to the server.
+locks are transaction-scoped, and the store prepares no statement on a
+connection it finds reaching a pooler (its URLs here say nothing of
+``prepare_threshold``).  LISTEN cannot work through it: wake-ups come through
+``listen_url``, a connection straight to the server.
 
 Each test starts a private PostgreSQL (:func:`pg_server`) and a PgBouncer of its
 own in front of it (:mod:`pgbouncer`), on free ports.
@@ -31,7 +32,6 @@ from tally import Faults, count, finished, settle
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore, NewMessage
 
-DRIVER_URL_SUFFIX = {"psycopg2": "", "psycopg": "?prepare_threshold=none"}
 #: Long enough that a task reached within it was woken, not found by the poll.
 SLOW_POLL = 8.0
 TIMEOUT = 60.0
@@ -47,7 +47,7 @@ def bouncer(pg_server: EmbeddedPostgres) -> Iterator[PgBouncer]:
 
 
 def bounced_url(bouncer: PgBouncer, driver: str) -> str:
-    return bouncer.url(driver) + DRIVER_URL_SUFFIX[driver]
+    return bouncer.url(driver)
 
 
 @pytest.fixture(params=["psycopg2", "psycopg"])
@@ -104,6 +104,49 @@ def test_a_relaxed_transaction_never_leaks_into_the_next_clients(
         one.stop()
 
 
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_store_reaching_a_pooler_prepares_no_statement(
+    pg_server: EmbeddedPostgres, driver: str
+) -> None:
+    """Straight to the server both drivers prepare a statement after five runs;
+    through PgBouncer's transaction pooling, where the next transaction may run on
+    another server session that never saw the PREPARE, the store finds the pooler
+    and prepares nothing, unless the URL asks (``prepare_threshold``)."""
+    one = PgBouncer.start(pg_server, pool_size=1)  # one server session sees all
+    stores = {
+        "default": EventStore(bounced_url(one, driver)),
+        "asked": EventStore(sa.make_url(bounced_url(one, "psycopg2")).update_query_dict(
+            {"prepare_threshold": "0"})),
+    }
+    probe = sa.create_engine(one.url(), poolclass=sa.pool.NullPool)
+
+    def prepared_on_the_server() -> int:
+        with probe.connect() as conn:
+            return int(conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_prepared_statements").scalar_one())
+
+    def cycles(store: EventStore, tag: str) -> None:
+        for n in range(8):  # more runs of each statement than the default threshold
+            stream = f"{tag}-{n}"
+            store.publish([NewMessage(stream=stream, queue="q", message={"n": n})])
+            (claimed,) = store.claim(["q"], 1, "w", 30)
+            store.execute(stream, lc.Succeed(result={"r": n}, claim=claimed.ref.claim))
+            assert store.ack([claimed.ref]) == {claimed.delivery: "done"}
+
+    try:
+        stores["default"].migrate()
+        cycles(stores["default"], "default")
+        assert not stores["default"].db.dialect.prepares
+        assert prepared_on_the_server() == 0
+        cycles(stores["asked"], "asked")  # psycopg2 asked to prepare: it does
+        assert prepared_on_the_server() > 0
+    finally:
+        for store in stores.values():
+            store.close()
+        probe.dispose()
+        one.stop()
+
+
 def test_tasks_results_retries_and_chords_through_pgbouncer(
     broker: Broker, start_worker: Any, result_app: Any, pg_server: EmbeddedPostgres
 ) -> None:
@@ -151,6 +194,9 @@ def test_the_cli_works_through_pgbouncer(broker: Broker) -> None:
         assert done.returncode == 0, (command, done.stdout, done.stderr)
     queues = subprocess.run([*base, "queues"], capture_output=True, text=True, check=True)
     assert "cliq" in queues.stdout
+    check = subprocess.run([*base, "check"], capture_output=True, text=True, check=False)
+    assert ("statements not prepared: connections reach a pooler (prepare_threshold decides)"
+            in check.stdout.splitlines()), check.stdout
 
 
 @pytest.mark.slow

@@ -12,16 +12,20 @@ from storehelpers import executed_statements, make_factory
 from celery_eventstore.exceptions import ConfigurationError, SchemaOutdated
 from celery_eventstore.storage import SCHEMA_VERSION
 
+#: ``prepare_threshold`` of each variant: every statement prepared on the server
+#: by the store (at its first run), or none (the claims' nomination then brings
+#: the settled streams' tails); without one, after five runs.
+THRESHOLDS = {"prepared": "0", "unprepared": "none"}
 
-@pytest.fixture(params=["psycopg2", "psycopg", "psycopg2-prepared"])
+
+@pytest.fixture(params=["psycopg2", "psycopg", "psycopg2-prepared", "psycopg2-unprepared"])
 def driver_db(request, postgresql_db):
-    """Each driver; ``psycopg2-prepared``: psycopg2 with every statement prepared
-    on the server by the store (``?prepare_threshold=0``)."""
+    """Each driver, and psycopg2 with each other ``prepare_threshold`` (THRESHOLDS)."""
     url, options = postgresql_db
-    driver, _, prepared = request.param.partition("-")
+    driver, _, variant = request.param.partition("-")
     url = sa.make_url(url).set(drivername=f"postgresql+{driver}")
-    if prepared:
-        url = url.update_query_dict({"prepare_threshold": "0"})
+    if variant:
+        url = url.update_query_dict({"prepare_threshold": THRESHOLDS[variant]})
     return url, options
 
 

@@ -21,18 +21,19 @@ MESSAGES = 2000
 PROCESSES = 8
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "postgresql_partitioned", "postgresql_prepared"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql_partitioned", "postgresql_unprepared"])
 def db(request):
     """A database; ``postgresql_partitioned``: stores on it create the log
     partitioned by day, where ``(stream_id, version, born)`` arbitrates;
-    ``postgresql_prepared``: every statement prepared on the server (psycopg2)."""
+    ``postgresql`` prepares statements on the server after five runs (psycopg2's
+    default), ``postgresql_unprepared`` never (the nomination then brings tails)."""
     if request.param == "postgresql_partitioned":
         url, options = request.getfixturevalue("postgresql_db")
         return url, {**options, "partitioned_log": True}
-    if request.param == "postgresql_prepared":
+    if request.param == "postgresql_unprepared":
         url, options = request.getfixturevalue("postgresql_db")
-        prepared = sa.make_url(url).set(drivername="postgresql+psycopg2")
-        return prepared.update_query_dict({"prepare_threshold": "0"}), options
+        unprepared = sa.make_url(url).set(drivername="postgresql+psycopg2")
+        return unprepared.update_query_dict({"prepare_threshold": "none"}), options
     return request.getfixturevalue(f"{request.param}_db")
 
 

@@ -64,10 +64,10 @@ def held(store: EventStore) -> set[str]:
     return names
 
 
-def one_cycle(store: EventStore) -> None:
-    store.publish([NewMessage(stream="t1", queue="q", message={"n": 1}, new_stream=True)])
+def one_cycle(store: EventStore, stream: str = "t1") -> None:
+    store.publish([NewMessage(stream=stream, queue="q", message={"n": 1}, new_stream=True)])
     (claimed,) = store.claim_round([], ["q"], 1, "w", 30, next_due=True).claimed
-    store.execute("t1", lc.Succeed(result={"r": 1}, claim=claimed.ref.claim))
+    store.execute(stream, lc.Succeed(result={"r": 1}, claim=claimed.ref.claim))
     store.claim_round([claimed.ref], ["q"], 1, "w", 30)
 
 
@@ -93,11 +93,27 @@ def test_with_a_threshold_of_2_a_statement_runs_twice_as_it_is_first(make_store)
     assert kinds == ["SELECT", "SELECT", "EXECUTE", "EXECUTE"]  # (PREPARE goes by the driver)
 
 
-def test_without_a_threshold_psycopg2_prepares_nothing(make_store):
+def test_without_a_threshold_a_statement_is_prepared_after_five_runs(make_store):
+    """psycopg 3's default, which the store follows for psycopg2 on a connection
+    straight to the server."""
     store = make_store(None)
+    assert store.db.dialect.prepares
     seen = sent(store)
-    one_cycle(store)
-    assert not any(s.startswith(("PREPARE", "EXECUTE")) for s in seen)
+    with store.engine.connect() as conn:
+        answers = [conn.exec_driver_sql("SELECT %(n)s::int * 3", {"n": n}).scalar()
+                   for n in range(7)]
+    assert answers == [n * 3 for n in range(7)]
+    assert [s.split()[0] for s in seen] == ["SELECT"] * 5 + ["EXECUTE"] * 2
+    assert {s.split()[1] for s in seen if s.startswith("EXECUTE")} <= held(store)
+
+
+def test_with_a_threshold_of_none_psycopg2_prepares_nothing(make_store):
+    store = make_store("none")
+    assert not store.db.dialect.prepares
+    seen = sent(store)
+    for n in range(7):  # more runs of each statement than the default threshold
+        one_cycle(store, f"t{n}")
+    assert seen and not any(s.startswith(("PREPARE", "EXECUTE")) for s in seen)
     assert held(store) == set()
 
 

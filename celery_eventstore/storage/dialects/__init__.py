@@ -44,6 +44,11 @@ class Dialect:
     #: keep is then planned on every run, which costs more than it saves.
     prepares = False
 
+    def describe_preparing(self) -> str | None:
+        """Whether and when statements are prepared on the server, as ``check``
+        prints it (None: the database has no server)."""
+        return None
+
     def normalize_url(self, url: sa.URL) -> sa.URL:
         return url
 

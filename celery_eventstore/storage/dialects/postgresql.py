@@ -4,20 +4,23 @@ A plain ``postgresql://`` URL is pinned to psycopg2, the driver this package
 depends on (SQLAlchemy 2.1 would otherwise pick psycopg 3, which is optional
 here).  Name the driver to choose: ``postgresql+psycopg://`` works as well.
 
-Nothing here keeps state on a session, so every statement works through
+Statements are prepared on the server after five runs on a connection (planning
+costs the server more than running the store's hottest statements): psycopg 3
+does it by itself, and for psycopg2 the store does it with SQL
+(:mod:`.server_prepared`); ``?prepare_threshold=N`` (``none``: never) in the URL
+says otherwise.  A prepared statement lives on one server session, which a pooler
+in transaction mode does not keep for a client, so where the URL does not ask,
+a connection that reaches a pooler (:func:`_through_pooler`) prepares nothing.
+Nothing else here keeps state on a session, so every statement works through
 PgBouncer's transaction pooling: durability is set per transaction, advisory
-locks are transaction-scoped.  psycopg 3 prepares statements on the server after
-five runs, which a pooler that moves the session between server connections
-breaks (PgBouncer before 1.21): ``?prepare_threshold=none`` in the URL turns
-that off.  psycopg2 never prepares by itself; ``?prepare_threshold=N`` in the
-URL makes the store prepare with SQL (:mod:`.server_prepared`), which no
-transaction pooler can follow, so it is off unless asked for.
+locks are transaction-scoped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -29,7 +32,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from ..borrowed import ABORTED, NONE, OPEN, ConnectionInfo
 from ..notifiers.postgresql_notify import readable
 from . import Dialect
-from .server_prepared import ServerPrepared
+from .server_prepared import ServerPrepared, never_prepare
+
+logger = logging.getLogger(__name__)
 
 #: SQLSTATEs that mean "another transaction got there first": retry.
 _RETRYABLE = {
@@ -72,6 +77,9 @@ _RELAXED_BEGIN = (
 #: psycopg 3's connection parameter: statements run this many times are prepared
 #: on the server; None never prepares.
 PREPARE_THRESHOLD = "prepare_threshold"
+#: Runs before a statement is prepared when the URL does not say: psycopg 3's own
+#: default, which the store follows for psycopg2.
+DEFAULT_PREPARE_THRESHOLD = 5
 
 
 def _threshold(value: str | tuple[str, ...]) -> int | None:
@@ -80,6 +88,21 @@ def _threshold(value: str | tuple[str, ...]) -> int | None:
     if text.strip().lower() in ("", "none", "null", "off"):
         return None
     return int(text)
+
+
+def _through_pooler(dbapi_conn: Any) -> bool:
+    """Whether a new connection reaches the server through a pooler, which may run
+    each transaction on another server session: the session that answers is not
+    the one whose cancel key the connection was given (PgBouncer hands out keys of
+    its own).  One round trip, once per connection."""
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    finally:
+        cursor.close()
+    dbapi_conn.rollback()
+    return bool(pid != dbapi_conn.info.backend_pid)
 
 
 def _lock_key(key: str) -> int:
@@ -92,6 +115,10 @@ class PostgreSQLDialect(Dialect):
     clock_in_reads = True
     can_partition = True
     writes_in_with = True
+    #: Runs before a statement is prepared (None: never), and whether the
+    #: connections were found to reach a pooler (set by :meth:`configure`).
+    _prepare_after: int | None = None
+    _pooled = False
 
     def normalize_url(self, url: sa.URL) -> sa.URL:
         if url.drivername == "postgresql":
@@ -99,6 +126,15 @@ class PostgreSQLDialect(Dialect):
         if url.get_driver_name() == "psycopg2" and PREPARE_THRESHOLD in url.query:
             url = url.difference_update_query([PREPARE_THRESHOLD])
         return url
+
+    def describe_preparing(self) -> str | None:
+        if self._pooled:
+            return "not prepared: connections reach a pooler (prepare_threshold decides)"
+        if self._prepare_after is None:
+            return "not prepared (prepare_threshold=none)"
+        after = self._prepare_after
+        runs = "at its first run" if after == 0 else f"after {after} runs"
+        return f"prepared on the server, each {runs} on a connection"
 
     def same_database(self, a: sa.URL, b: sa.URL) -> bool:
         def where(url: sa.URL) -> tuple[str, int, str | None]:
@@ -123,14 +159,35 @@ class PostgreSQLDialect(Dialect):
         return options
 
     def configure(self, engine: sa.Engine, given: sa.URL) -> None:
+        driver = engine.url.get_driver_name()
+        asked = PREPARE_THRESHOLD in given.query
         threshold = (
-            _threshold(given.query[PREPARE_THRESHOLD]) if PREPARE_THRESHOLD in given.query
-            else None if engine.url.get_driver_name() == "psycopg2"
-            else 5  # psycopg 3's own default
+            _threshold(given.query[PREPARE_THRESHOLD]) if asked else DEFAULT_PREPARE_THRESHOLD
         )
         self.prepares = threshold is not None
-        if threshold is not None and engine.url.get_driver_name() == "psycopg2":
+        self._prepare_after, self._pooled = threshold, False
+        if threshold is not None and driver == "psycopg2":
             ServerPrepared(threshold).install(engine)  # psycopg 3 reads the parameter itself
+        if threshold is not None and not asked:
+            noticed: list[bool] = []
+
+            @sa.event.listens_for(engine, "connect")
+            def _unless_pooled(dbapi_conn: Any, record: Any) -> None:
+                # Runs after ServerPrepared's own "connect" listener (added first).
+                if not _through_pooler(dbapi_conn):
+                    return
+                self.prepares, self._pooled = False, True
+                if driver == "psycopg2":
+                    never_prepare(record)
+                else:
+                    dbapi_conn.prepare_threshold = None
+                if not noticed:
+                    noticed.append(True)
+                    logger.info(
+                        "%s reaches a pooler, not one server session: statements are"
+                        " not prepared on the server (a prepare_threshold in the URL"
+                        " decides otherwise)", engine.url.render_as_string(hide_password=True),
+                    )
 
         @sa.event.listens_for(engine, "checkout")
         def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:

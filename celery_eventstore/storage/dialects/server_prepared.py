@@ -5,7 +5,8 @@ hottest statements the planning costs more than the execution (a claim's
 nomination: about 0.46 ms of planning for 0.18 ms of execution, measured on a
 2-core machine).  psycopg 3 prepares statements by itself after
 ``prepare_threshold`` runs; this does the same for psycopg2, with SQL's
-``PREPARE`` and ``EXECUTE``, when the URL asks for it (``?prepare_threshold=N``).
+``PREPARE`` and ``EXECUTE``, after five runs unless the URL says another number
+(``?prepare_threshold=N``, ``none`` for never).
 
 Each statement text the engine runs is counted per connection; on its N-th run
 (the first with 0) it is prepared under a name derived from its text, and that
@@ -15,10 +16,11 @@ statement gave it.  A statement the server will not prepare runs as it is.
 
 A prepared statement lives on one server connection, so this cannot work through
 a pooler that moves a client between server connections at each transaction
-(PgBouncer's transaction pooling, at every version for SQL-level ``PREPARE``);
-it is off unless the URL asks.  A new DB-API connection starts with nothing
-prepared, and an ``EXECUTE`` the server no longer knows (SQLSTATE 26000) makes
-the connection forget them all, so the retry prepares again.
+(PgBouncer's transaction pooling, at every version for SQL-level ``PREPARE``):
+a connection the dialect finds reaching a pooler is told never to prepare
+(:func:`never_prepare`), unless the URL asked.  A new DB-API connection starts
+with nothing prepared, and an ``EXECUTE`` the server no longer knows (SQLSTATE
+26000) makes the connection forget them all, so the retry prepares again.
 """
 
 from __future__ import annotations
@@ -127,10 +129,17 @@ def _forget(dbapi_connection: Any, record: Any) -> None:
     record.info[_KEY] = {}
 
 
+def never_prepare(record: Any) -> None:
+    """Send a new DB-API connection's statements as they are, always."""
+    record.info[_KEY] = None
+
+
 def _on_error(context: Any) -> None:
     if getattr(context.original_exception, "pgcode", None) != _UNKNOWN_STATEMENT:
         return
     connection = context.connection
     if connection is not None and not connection.invalidated:
         with contextlib.suppress(Exception):  # a connection on its way out
-            connection.connection.info[_KEY] = {}
+            info = connection.connection.info
+            if info.get(_KEY) is not None:  # never one told not to prepare
+                info[_KEY] = {}
