@@ -201,9 +201,13 @@ class SingleAppend:
         ev = self.queries.tables.events
         at = ev.c.recorded_at.type
         not_before = sa.bindparam("not_before", type_=at)
-        neutral = sorted(
-            name for name, cls in lc.EVENT_TYPES.items() if cls in lc.RESULT_NEUTRAL_EVENTS
-        )
+        # The names are written into the statement: a list bound as a parameter
+        # would be expanded into the text again at every execution.
+        neutral = [
+            sa.literal_column(f"'{name}'", ev.c.type.type)
+            for name, cls in sorted(lc.EVENT_TYPES.items())
+            if cls in lc.RESULT_NEUTRAL_EVENTS and name.isidentifier()
+        ]
         return (
             sa.select(
                 sa.func.greatest(

@@ -87,6 +87,28 @@ def test_a_result_from_its_claims_state_is_one_statement_on_postgresql(store, co
     assert store.projection_rows() == live
 
 
+@pytest.mark.parametrize("command", ["fail", "retry", "succeed"])
+def test_a_result_write_is_rendered_once_not_at_every_execution(store, command):
+    """Its statement holds no list bound as a parameter, which SQLAlchemy would
+    expand into the text again at every execution (and which, prepared on the
+    server, would be a new statement for each length)."""
+    held = claimed(store, "t1")
+    expanded: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+               executemany: bool) -> None:
+        compiled = getattr(context, "compiled", None)
+        if compiled is not None and compiled.post_compile_params:
+            expanded.append(compiled.string)
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        store.execute("t1", RESULT_COMMANDS[command](held.claim), known=held.state)
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+    assert expanded == []
+
+
 @pytest.mark.parametrize("db", ["psycopg2", "psycopg"], indirect=True)
 @pytest.mark.parametrize("command", ["succeed", "fail"])
 def test_a_result_is_a_read_and_a_write_each_committing_as_it_runs(store, command):
