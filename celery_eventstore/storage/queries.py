@@ -297,21 +297,33 @@ class Queries:
         candidates = sa.union_all(*arms).subquery()
         ev = self.tables.events
         later = ev.alias("later")
+        # The publish the row was made by -- the body to deliver (folding the
+        # streams reads them without bodies) and the publish as an event.
+        publish_of: sa.FromClause = ev
+        publish: list[sa.ColumnElement[Any]] = [
+            sa.type_coerce(ev.c.data, sa.Text).label("data"),
+            ev.c.version, ev.c.type, ev.c.recorded_at, ev.c.born,
+        ]
+        onclause: sa.ColumnElement[bool] = ev.c.position == candidates.c.seq
+        if self.dialect.lateral_joins:
+            # Looked up by its position for each candidate: as a join, a plan
+            # made while the log was small (a prepared statement's generic plan)
+            # would go on hashing the whole log.
+            publish_of = (
+                sa.select(*publish).where(onclause).limit(1).lateral("publish")
+            )
+            publish, onclause = list(publish_of.c), sa.true()
         picked = (
             sa.select(
                 candidates.c.delivery_id, candidates.c.stream_id,
-                candidates.c.priority, candidates.c.seq,
-                # The body to deliver, from the publish the row was made by:
-                # folding the streams reads them without bodies.
-                sa.type_coerce(ev.c.data, sa.Text).label("data"),
-                # That publish as an event, and the stream's last version: a
-                # stream whose one event it is needs no read to be folded.
-                ev.c.version, ev.c.type, ev.c.recorded_at, ev.c.born,
+                candidates.c.priority, candidates.c.seq, *publish,
+                # The stream's last version: a stream whose one event is that
+                # publish needs no read to be folded.
                 sa.select(sa.func.max(later.c.version))
                 .where(later.c.stream_id == candidates.c.stream_id)
                 .scalar_subquery().label("last_version"),
             )
-            .join(ev, ev.c.position == candidates.c.seq)
+            .join(publish_of, onclause)
             .order_by(candidates.c.priority.desc(), candidates.c.seq)
             .limit(limit)
             .subquery("picked")

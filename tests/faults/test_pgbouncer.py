@@ -137,6 +137,8 @@ def test_a_store_reaching_a_pooler_prepares_no_statement(
         stores["default"].migrate()
         cycles(stores["default"], "default")
         assert not stores["default"].db.dialect.prepares
+        assert stores["default"].statement_preparing() == (
+            "not prepared: connections reach a pooler (prepare_threshold decides)")
         assert prepared_on_the_server() == 0
         cycles(stores["asked"], "asked")  # psycopg2 asked to prepare: it does
         assert prepared_on_the_server() > 0

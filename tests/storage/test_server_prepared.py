@@ -105,6 +105,8 @@ def test_without_a_threshold_a_statement_is_prepared_after_five_runs(make_store)
     assert answers == [n * 3 for n in range(7)]
     assert [s.split()[0] for s in seen] == ["SELECT"] * 5 + ["EXECUTE"] * 2
     assert {s.split()[1] for s in seen if s.startswith("EXECUTE")} <= held(store)
+    assert store.statement_preparing() == (
+        "prepared on the server, each after 5 runs on a connection")
 
 
 def test_with_a_threshold_of_none_psycopg2_prepares_nothing(make_store):
@@ -115,6 +117,7 @@ def test_with_a_threshold_of_none_psycopg2_prepares_nothing(make_store):
         one_cycle(store, f"t{n}")
     assert seen and not any(s.startswith(("PREPARE", "EXECUTE")) for s in seen)
     assert held(store) == set()
+    assert store.statement_preparing() == "not prepared (prepare_threshold=none)"
 
 
 @pytest.mark.parametrize("in_transaction", [False, True])
@@ -175,3 +178,50 @@ def test_a_statement_still_prepared_in_the_session_is_used_again(make_store):
         seen = sent(store)
         assert conn.exec_driver_sql("SELECT %(a)s::int + 1", {"a": 2}).scalar() == 3
     assert [s.split()[0] for s in seen] == ["EXECUTE"]
+
+
+def test_statements_prepared_on_small_tables_use_the_indexes_once_they_grow(make_store):
+    """A consumer prepares its claim round's statements while the tables are
+    small; thousands of messages later each must still look rows up by index.
+    The server keeps a statement's generic plan once chosen (until the tables'
+    statistics change): one made on a small log must not hash all of it."""
+    store = make_store("0")
+    captured: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if statement.startswith("EXECUTE") and isinstance(parameters, dict):
+            captured[statement.split()[1]] = (statement, dict(parameters))
+
+    refs: list[Any] = []
+
+    def rounds(count: int) -> None:
+        nonlocal refs
+        for _ in range(count):
+            refs = [m.ref for m in store.claim_round(refs, ["q"], 4, "w", 30,
+                                                     next_due=True).claimed]
+
+    store.publish([NewMessage(stream=f"s{n}", queue="q", message={}, new_stream=True)
+                   for n in range(12)])
+    rounds(8)  # prepared now, on a dozen rows
+    for batch in range(10):
+        store.publish([NewMessage(stream=f"b{batch}-{n}", queue="q", message={},
+                                  new_stream=True) for n in range(500)])
+    sa.event.listen(store.engine, "after_cursor_execute", capture)
+    rounds(4)
+    sa.event.remove(store.engine, "after_cursor_execute", capture)
+    assert captured
+    scans = {}
+    with store.engine.connect() as conn:
+        dbapi = conn.connection.dbapi_connection
+        for name, (statement, parameters) in captured.items():
+            cursor = dbapi.cursor()
+            try:  # the plan the statement runs with now, without running it
+                cursor.execute("EXPLAIN (COSTS OFF) " + statement, parameters)
+            except Exception:  # prepared on another pooled connection only
+                dbapi.rollback()
+                continue
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            dbapi.rollback()
+            scans[name] = [line.strip() for line in plan.splitlines()
+                           if "Seq Scan on eventstore_" in line]
+    assert scans and all(found == [] for found in scans.values()), scans

@@ -36,6 +36,8 @@ class Dialect:
     writer_pause = 0.0
     #: The log can be partitioned by day (``partitioned_log``).
     can_partition = False
+    #: A subquery in ``FROM`` can refer to the tables before it (``LATERAL``).
+    lateral_joins = False
     #: A statement can write in its ``WITH`` clauses (data-modifying CTEs): an
     #: event and its derived rows can then be one statement (:mod:`..single_append`).
     writes_in_with = False

@@ -115,6 +115,7 @@ class PostgreSQLDialect(Dialect):
     clock_in_reads = True
     can_partition = True
     writes_in_with = True
+    lateral_joins = True
     #: Runs before a statement is prepared (None: never), and whether the
     #: connections were found to reach a pooler (set by :meth:`configure`).
     _prepare_after: int | None = None
