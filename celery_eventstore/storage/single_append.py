@@ -201,13 +201,14 @@ class SingleAppend:
         ev = self.queries.tables.events
         at = ev.c.recorded_at.type
         not_before = sa.bindparam("not_before", type_=at)
-        # The names are written into the statement: a list bound as a parameter
-        # would be expanded into the text again at every execution.
-        neutral = [
-            sa.literal_column(f"'{name}'", ev.c.type.type)
-            for name, cls in sorted(lc.EVENT_TYPES.items())
-            if cls in lc.RESULT_NEUTRAL_EVENTS and name.isidentifier()
-        ]
+        # The names are written into the statement, quoted as they are (class
+        # names): a list bound as a parameter would be expanded into the text
+        # again at every execution.
+        names = sorted(
+            name for name, cls in lc.EVENT_TYPES.items() if cls in lc.RESULT_NEUTRAL_EVENTS
+        )
+        assert all(name.isidentifier() for name in names), names
+        neutral = [sa.literal_column(f"'{name}'", ev.c.type.type) for name in names]
         return (
             sa.select(
                 sa.func.greatest(

@@ -202,7 +202,9 @@ def test_statements_prepared_on_small_tables_use_the_indexes_once_they_grow(make
 
     store.publish([NewMessage(stream=f"s{n}", queue="q", message={}, new_stream=True)
                    for n in range(12)])
-    rounds(8)  # prepared now, on a dozen rows
+    # Prepared now, on a dozen rows, and run more than five times on each pooled
+    # connection (the server may choose the generic plan after five).
+    rounds(16)
     for batch in range(10):
         store.publish([NewMessage(stream=f"b{batch}-{n}", queue="q", message={},
                                   new_stream=True) for n in range(500)])
@@ -211,17 +213,22 @@ def test_statements_prepared_on_small_tables_use_the_indexes_once_they_grow(make
     sa.event.remove(store.engine, "after_cursor_execute", capture)
     assert captured
     scans = {}
-    with store.engine.connect() as conn:
-        dbapi = conn.connection.dbapi_connection
-        for name, (statement, parameters) in captured.items():
-            cursor = dbapi.cursor()
-            try:  # the plan the statement runs with now, without running it
-                cursor.execute("EXPLAIN (COSTS OFF) " + statement, parameters)
-            except Exception:  # prepared on another pooled connection only
-                dbapi.rollback()
-                continue
-            plan = "\n".join(row[0] for row in cursor.fetchall())
-            dbapi.rollback()
-            scans[name] = [line.strip() for line in plan.splitlines()
-                           if "Seq Scan on eventstore_" in line]
+    pool = store.engine.pool
+    connections = [pool.connect() for _ in range(pool.checkedin())]
+    try:
+        for number, connection in enumerate(connections):
+            for name, (statement, parameters) in captured.items():
+                cursor = connection.cursor()
+                try:  # the plan the statement runs with now, without running it
+                    cursor.execute("EXPLAIN (COSTS OFF) " + statement, parameters)
+                except Exception:  # not prepared on this connection
+                    connection.rollback()
+                    continue
+                plan = [row[0] for row in cursor.fetchall()]
+                connection.rollback()
+                scans[(number, name)] = [line.strip() for line in plan
+                                         if "Seq Scan on eventstore_" in line]
+    finally:
+        for connection in connections:
+            connection.close()
     assert scans and all(found == [] for found in scans.values()), scans
