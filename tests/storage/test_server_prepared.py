@@ -7,15 +7,20 @@ contract cannot see: what is sent, what the server holds, and the fallbacks.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg2
 import pytest
 import sqlalchemy as sa
 from storehelpers import make_factory
 
 from celery_eventstore import lifecycle as lc
 from celery_eventstore.storage import EventStore, NewMessage
+
+#: SQLSTATE invalid_sql_statement_name: EXECUTE of a name the session does not hold.
+UNKNOWN_STATEMENT = "26000"
 
 
 @pytest.fixture
@@ -48,19 +53,27 @@ def sent(store: EventStore) -> list[str]:
     return seen
 
 
-def held(store: EventStore) -> set[str]:
-    """Names of the statements prepared on every pooled connection of the store."""
-    names: set[str] = set()
+@contextlib.contextmanager
+def pooled_connections(store: EventStore) -> Iterator[list[Any]]:
+    """Every connection idle in the store's pool, as the driver's (with its
+    server session: what it holds prepared)."""
     pool = store.engine.pool
     connections = [pool.connect() for _ in range(pool.checkedin())]
     try:
+        yield connections
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def held(store: EventStore) -> set[str]:
+    """Names of the statements prepared on every pooled connection of the store."""
+    names: set[str] = set()
+    with pooled_connections(store) as connections:
         for connection in connections:
             cursor = connection.cursor()
             cursor.execute("SELECT name FROM pg_prepared_statements")
             names.update(name for (name,) in cursor.fetchall())
-    finally:
-        for connection in connections:
-            connection.close()
     return names
 
 
@@ -213,22 +226,19 @@ def test_statements_prepared_on_small_tables_use_the_indexes_once_they_grow(make
     sa.event.remove(store.engine, "after_cursor_execute", capture)
     assert captured
     scans = {}
-    pool = store.engine.pool
-    connections = [pool.connect() for _ in range(pool.checkedin())]
-    try:
+    with pooled_connections(store) as connections:
         for number, connection in enumerate(connections):
             for name, (statement, parameters) in captured.items():
                 cursor = connection.cursor()
                 try:  # the plan the statement runs with now, without running it
                     cursor.execute("EXPLAIN (COSTS OFF) " + statement, parameters)
-                except Exception:  # not prepared on this connection
+                except psycopg2.Error as error:
                     connection.rollback()
-                    continue
+                    if error.pgcode == UNKNOWN_STATEMENT:  # not prepared on this one
+                        continue
+                    raise
                 plan = [row[0] for row in cursor.fetchall()]
                 connection.rollback()
                 scans[(number, name)] = [line.strip() for line in plan
                                          if "Seq Scan on eventstore_" in line]
-    finally:
-        for connection in connections:
-            connection.close()
     assert scans and all(found == [] for found in scans.values()), scans

@@ -41,10 +41,13 @@ class Dialect:
     #: A statement can write in its ``WITH`` clauses (data-modifying CTEs): an
     #: event and its derived rows can then be one statement (:mod:`..single_append`).
     writes_in_with = False
-    #: Whether the engine's statements are prepared on the server (set by
-    #: :meth:`configure`): a statement whose generic plan the server would not
-    #: keep is then planned on every run, which costs more than it saves.
-    prepares = False
+    @property
+    def prepares(self) -> bool:
+        """Whether the engine's statements are prepared on the server (known once
+        :meth:`configure` ran, and where it depends on them, a connection was
+        made): a statement whose generic plan the server would not keep is then
+        planned on every run, which costs more than it saves."""
+        return False
 
     def describe_preparing(self) -> str | None:
         """Whether and when statements are prepared on the server, as ``check``

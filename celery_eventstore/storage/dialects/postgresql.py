@@ -128,6 +128,10 @@ class PostgreSQLDialect(Dialect):
             url = url.difference_update_query([PREPARE_THRESHOLD])
         return url
 
+    @property
+    def prepares(self) -> bool:
+        return self._prepare_after is not None and not self._pooled
+
     def describe_preparing(self) -> str | None:
         if self._pooled:
             return "not prepared: connections reach a pooler (prepare_threshold decides)"
@@ -165,25 +169,22 @@ class PostgreSQLDialect(Dialect):
         threshold = (
             _threshold(given.query[PREPARE_THRESHOLD]) if asked else DEFAULT_PREPARE_THRESHOLD
         )
-        self.prepares = threshold is not None
         self._prepare_after, self._pooled = threshold, False
         if threshold is not None and driver == "psycopg2":
             ServerPrepared(threshold).install(engine)  # psycopg 3 reads the parameter itself
         if threshold is not None and not asked:
-            noticed: list[bool] = []
 
             @sa.event.listens_for(engine, "connect")
             def _unless_pooled(dbapi_conn: Any, record: Any) -> None:
                 # Runs after ServerPrepared's own "connect" listener (added first).
                 if not _through_pooler(dbapi_conn):
                     return
-                self.prepares, self._pooled = False, True
                 if driver == "psycopg2":
                     never_prepare(record)
                 else:
                     dbapi_conn.prepare_threshold = None
-                if not noticed:
-                    noticed.append(True)
+                if not self._pooled:  # said once per store
+                    self._pooled = True
                     logger.info(
                         "%s reaches a pooler, not one server session: statements are"
                         " not prepared on the server (a prepare_threshold in the URL"
